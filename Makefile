@@ -1,0 +1,97 @@
+# moeserve -- see README.md. Variants: `make` (release), `make SAN=1` (ASan+UBSan,
+# into build-san/), `make test`, `make bench`, `make run`.
+
+CC       ?= cc
+SAN      ?= 0
+PYTHON   ?= /usr/bin/python3
+ARCHFLAGS ?= -march=native
+PKGS     := openblas jansson libuv libmicrohttpd check
+
+ifeq ($(SAN),1)
+BUILD    := build-san
+OPTFLAGS := -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+else
+BUILD    := build
+OPTFLAGS := -O3 -g
+endif
+
+# Recursive (=) so pkg-config runs after `make deps` has installed the packages.
+PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   = $(shell pkg-config --libs openblas jansson libuv libmicrohttpd 2>/dev/null)
+CHECK_LIBS = $(shell pkg-config --libs check 2>/dev/null)
+
+CFLAGS  = -std=c11 -Wall -Wextra -Werror -D_DEFAULT_SOURCE -D_POSIX_C_SOURCE=200809L \
+          $(OPTFLAGS) $(ARCHFLAGS) -I. $(PKG_CFLAGS) -MMD -MP
+LDFLAGS = $(OPTFLAGS)
+LIBS    = $(PKG_LIBS) -lpthread -lm
+
+CORE_SRC   := $(wildcard core/*.c)
+MODELS_SRC := $(wildcard models/*.c)
+SERVER_SRC := $(filter-out server/main.c,$(wildcard server/*.c))
+TEST_SRC   := $(wildcard tests/test_*.c)
+
+LIB_OBJ    := $(patsubst %.c,$(BUILD)/obj/%.o,$(CORE_SRC) $(MODELS_SRC))
+SERVER_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(SERVER_SRC))
+TEST_BIN   := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
+
+PROGRAMS :=
+ifneq ($(wildcard cli/moe.c),)
+PROGRAMS += $(BUILD)/moe
+endif
+ifneq ($(wildcard server/main.c),)
+PROGRAMS += $(BUILD)/moeserve
+endif
+
+.PHONY: all deps test tests bench bench-server run clean
+.SECONDARY:
+
+all: $(BUILD)/libmoe.a $(PROGRAMS)
+
+deps:
+	@sh deploy/debian-deps.sh
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/libmoe.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/libmoeserver.a: $(SERVER_OBJ) $(BUILD)/libmoe.a
+	@rm -f $@
+	ar rcs $@ $(SERVER_OBJ)
+
+$(BUILD)/moe: $(BUILD)/obj/cli/moe.o $(BUILD)/libmoe.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+$(BUILD)/moeserve: $(BUILD)/obj/server/main.o $(BUILD)/libmoeserver.a $(BUILD)/libmoe.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+$(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(BUILD)/libmoeserver.a $(BUILD)/libmoe.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS) $(CHECK_LIBS)
+
+tests: all $(TEST_BIN)
+
+# Installs missing Debian packages first (as root), then builds in a fresh make so
+# pkg-config sees them, then runs every suite. SAN=1 runs the same under sanitizers.
+test:
+	@$(MAKE) --no-print-directory deps
+	@$(MAKE) --no-print-directory tests
+	@PYTHON=$(PYTHON) sh tests/run.sh $(BUILD)
+
+bench:
+	@$(MAKE) --no-print-directory deps
+	@$(MAKE) --no-print-directory all
+	@sh tests/bench.sh $(BUILD)
+
+run:
+	@$(MAKE) --no-print-directory deps
+	@$(MAKE) --no-print-directory all
+	@sh deploy/run.sh $(BUILD)
+
+clean:
+	rm -rf build build-san
+
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

@@ -1,0 +1,70 @@
+/* engine.h -- the batched forward pass.
+ *
+ *   moe_engine *e; moe_engine_create(&weights, &params, &e, err, sizeof err);
+ *   moe_engine_seq_reserve(e, seq, n_positions, err, sizeof err);
+ *   moe_engine_forward(e, &batch, logits, err, sizeof err);
+ *   moe_engine_seq_release(e, seq);
+ *   moe_engine_free(e);
+ *
+ * A batch is ragged: tokens of many sequences at once, each with its position and
+ * sequence slot, in any mix of prompt chunks and single decode tokens (continuous
+ * batching). Within one sequence the batch's positions must be consecutive and
+ * continue what the cache holds. One forward at a time per engine; the engine is
+ * not thread-safe, it uses its own pool for parallelism.
+ */
+#ifndef MOE_CORE_ENGINE_H
+#define MOE_CORE_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/model.h"
+
+typedef struct moe_engine moe_engine;
+
+typedef struct {
+    int n_threads;           /* compute threads including the caller (>= 1) */
+    int max_seqs;            /* sequence slots */
+    int max_batch_tokens;    /* largest batch forward accepts (scratch sized once) */
+    int kv_block_size;       /* positions per KV block (e.g. 16) */
+    int kv_n_blocks;         /* blocks in the pool */
+    int max_seq_len;         /* longest sequence (<= context length) */
+    float capacity_factor;   /* <= 0: dropless (default) */
+} moe_engine_params;
+
+/* Defaults for a model: 1 thread, 8 seqs, 512 tokens, KV for 8 full contexts. */
+moe_engine_params moe_engine_default_params(const moe_hparams *hp);
+
+typedef struct {
+    int n_tokens;
+    const int32_t *token;        /* (n_tokens) ids, checked against n_vocab */
+    const int32_t *pos;          /* (n_tokens) position within its sequence */
+    const int32_t *seq;          /* (n_tokens) sequence slot */
+    const uint8_t *want_logits;  /* (n_tokens) nonzero: write a logits row */
+    int32_t *trace_expert;       /* optional (n_tokens, n_layer, n_expert_used) */
+    float *trace_weight;         /* optional, same shape */
+} moe_batch;
+
+int moe_engine_create(const moe_weights *w, const moe_engine_params *p,
+                      moe_engine **out, char *err, size_t errlen);
+void moe_engine_free(moe_engine *e);
+
+int moe_engine_seq_reserve(moe_engine *e, int seq, int n_pos, char *err, size_t errlen);
+void moe_engine_seq_release(moe_engine *e, int seq);
+
+/* logits: (number of rows with want_logits, n_vocab), in batch order.
+ * Returns 0, or -1 with a message (bad id, position not reserved, batch too big,
+ * ...) and no state changed except KV positions of this batch. */
+int moe_engine_forward(moe_engine *e, const moe_batch *b, float *logits,
+                       char *err, size_t errlen);
+
+const moe_hparams *moe_engine_hparams(const moe_engine *e);
+/* Cumulative rows routed to / dropped by each (layer, expert): (n_layer, n_expert). */
+const uint64_t *moe_engine_expert_routed(const moe_engine *e);
+const uint64_t *moe_engine_expert_dropped(const moe_engine *e);
+int moe_engine_kv_blocks_free(const moe_engine *e);
+int moe_engine_kv_blocks_total(const moe_engine *e);
+int moe_engine_kv_block_size(const moe_engine *e);
+size_t moe_engine_kv_bytes(const moe_engine *e);
+
+#endif

@@ -1,0 +1,38 @@
+/* kv_cache.h -- a fixed pool of KV memory handed to sequences in blocks.
+ *
+ * Sized once at create (n_blocks of block_size positions, every layer); nothing is
+ * allocated per token. A sequence slot (0..max_seqs-1) reserves blocks for the
+ * positions it will write, and releases them when it leaves. Memory per block:
+ * 2 * n_layer * n_head_kv * head_dim * block_size floats (K and V, F32).
+ */
+#ifndef MOE_CORE_KV_CACHE_H
+#define MOE_CORE_KV_CACHE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct kv_cache kv_cache;
+
+int kv_cache_create(int n_layer, int n_head_kv, int head_dim, int block_size, int n_blocks,
+                    int max_seqs, int max_seq_len, kv_cache **out, char *err, size_t errlen);
+void kv_cache_free(kv_cache *kv);
+
+/* Make positions [0, n_pos) of seq writable; 0, or -1 (pool exhausted, bad seq,
+ * n_pos > max_seq_len) with a message and nothing changed. */
+int kv_cache_seq_reserve(kv_cache *kv, int seq, int n_pos, char *err, size_t errlen);
+/* Give all of seq's blocks back. */
+void kv_cache_seq_release(kv_cache *kv, int seq);
+/* Positions reserved for seq. */
+int kv_cache_seq_capacity(const kv_cache *kv, int seq);
+
+/* Pointer to the K (or V) vector (n_head_kv * head_dim floats) of seq at pos in
+ * layer; pos must be reserved. */
+float *kv_cache_k(kv_cache *kv, int layer, int seq, int pos);
+float *kv_cache_v(kv_cache *kv, int layer, int seq, int pos);
+
+int kv_cache_blocks_total(const kv_cache *kv);
+int kv_cache_blocks_free(const kv_cache *kv);
+int kv_cache_block_size(const kv_cache *kv);
+size_t kv_cache_bytes(const kv_cache *kv);
+
+#endif

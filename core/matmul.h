@@ -1,0 +1,26 @@
+/* matmul.h -- y = x W^T, the one kernel everything heavy goes through.
+ *
+ * x (m, k) row-major, W (n, k) row-major (GGUF layout: one row per output), y (m, n).
+ * Few rows (decode, small expert queues): a kernel that streams each weight row
+ * once for all m rows of x. Many rows (prefill): OpenBLAS cblas_sgemm on slices of
+ * n. Either way every y element is a dot product computed by one thread in a fixed
+ * order, so results do not depend on the number of threads.
+ */
+#ifndef MOE_CORE_MATMUL_H
+#define MOE_CORE_MATMUL_H
+
+#include "core/pool.h"
+
+/* Serial, on the calling thread: y[i][j] = sum_t x[i][t] * W[j][t] for j in [n0, n1). */
+void matmul_range(const float *x, int m, int k, const float *w, int n0, int n1, float *y, int ldy);
+
+/* Parallel over slices of n on the pool (p may be NULL: serial). */
+void matmul(pool *p, const float *x, int m, int k, const float *w, int n, float *y);
+
+/* Plain triple loop, the reference the tests compare both paths against. */
+void matmul_ref(const float *x, int m, int k, const float *w, int n, float *y);
+
+/* Rows at or above which matmul_range uses sgemm (measured, see docs/PERFORMANCE.md). */
+int matmul_sgemm_min_rows(void);
+
+#endif

@@ -1,0 +1,127 @@
+/* model.h -- what the engine knows about a model: architecture, hyperparameters
+ * and plain float weight pointers.
+ *
+ * core/ never reads files: models/ maps a GGUF file, converts what needs converting
+ * and fills a moe_weights whose pointers stay valid while the moe_model that owns
+ * them lives. Every matrix is row-major with the *output* dimension first, as GGUF
+ * stores it (ne[0] is the row length): W (n_out, n_in) and y = W x is a dot product
+ * of x with each row.
+ */
+#ifndef MOE_CORE_MODEL_H
+#define MOE_CORE_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Architectures ---------------------------------------------------------- */
+
+typedef enum {
+    MOE_ARCH_LLAMA = 0,   /* Mixtral-style when n_expert > 0, dense otherwise */
+    MOE_ARCH_QWEN2MOE,
+    MOE_ARCH_OLMOE,
+    MOE_ARCH_QWEN3MOE,
+    MOE_ARCH_COUNT
+} moe_arch;
+
+typedef enum {
+    MOE_ROPE_NORMAL = 0,  /* rotate pairs (x[2i], x[2i+1]) */
+    MOE_ROPE_NEOX         /* rotate pairs (x[i], x[i + d/2]) */
+} moe_rope_mode;
+
+typedef enum {
+    MOE_QK_NORM_NONE = 0,
+    MOE_QK_NORM_FULL,     /* olmoe: RMS norm over the whole q / k vector, weight (n_head*head_dim) */
+    MOE_QK_NORM_HEAD      /* qwen3moe: RMS norm per head, weight (head_dim) */
+} moe_qk_norm;
+
+typedef enum {
+    MOE_SCORE_SOFTMAX = 0 /* p = softmax(router logits over all experts) */
+} moe_score_fn;
+
+/* One row per architecture: everything that differs between them lives here, so a
+ * new architecture is a new row, not a new code path. */
+typedef struct {
+    const char *name;          /* GGUF general.architecture */
+    moe_rope_mode rope;
+    moe_qk_norm qk_norm;
+    int qkv_bias;              /* attn_q/k/v.bias present */
+    moe_score_fn score;
+    int renorm_topk;           /* weights = p_top / sum(p_top) */
+    float expert_weight_scale; /* multiplies the final expert weights (1 for all so far) */
+    int shared_expert;         /* qwen2moe: + sigmoid(gate_shexp . x) * shared FFN(x) */
+} moe_arch_info;
+
+/* The table (core/arch.c). Read-only. */
+const moe_arch_info *moe_arch_get(moe_arch arch);
+/* Look up by GGUF name; returns MOE_ARCH_COUNT when unknown. */
+moe_arch moe_arch_from_name(const char *name);
+
+/* Hyperparameters -------------------------------------------------------- */
+
+typedef struct {
+    moe_arch arch;
+    int n_vocab;
+    int n_embd;
+    int n_layer;
+    int n_head;
+    int n_head_kv;
+    int head_dim;        /* key_length == value_length (checked at load) */
+    int n_ctx_train;     /* context_length */
+    int n_ff;            /* width of the dense FFN, or of one expert when n_expert > 0 */
+    int n_expert;        /* 0 = dense */
+    int n_expert_used;   /* k of top-k */
+    int n_ff_shexp;      /* qwen2moe shared expert width, 0 otherwise */
+    int rope_dim;        /* dimensions rotated per head (== head_dim unless the file says) */
+    float rope_base;
+    float rms_eps;
+} moe_hparams;
+
+/* Weights (all F32, row-major, shapes as (rows, cols)) -------------------- */
+
+typedef struct {
+    const float *attn_norm;   /* (n_embd) */
+    const float *wq;          /* (n_head*head_dim, n_embd) */
+    const float *wk;          /* (n_head_kv*head_dim, n_embd) */
+    const float *wv;          /* (n_head_kv*head_dim, n_embd) */
+    const float *wo;          /* (n_embd, n_head*head_dim) */
+    const float *bq, *bk, *bv;/* optional biases (n_head*head_dim), (n_head_kv*head_dim) x2 */
+    const float *q_norm;      /* optional: (n_head*head_dim) FULL, (head_dim) HEAD */
+    const float *k_norm;      /* optional: (n_head_kv*head_dim) FULL, (head_dim) HEAD */
+    const float *ffn_norm;    /* (n_embd) */
+
+    /* dense FFN, n_expert == 0 */
+    const float *ffn_gate;    /* (n_ff, n_embd) */
+    const float *ffn_up;      /* (n_ff, n_embd) */
+    const float *ffn_down;    /* (n_embd, n_ff) */
+
+    /* MoE FFN, n_expert > 0 */
+    const float *router;      /* (n_expert, n_embd) */
+    const float *exp_gate;    /* (n_expert, n_ff, n_embd) */
+    const float *exp_up;      /* (n_expert, n_ff, n_embd) */
+    const float *exp_down;    /* (n_expert, n_embd, n_ff) */
+
+    /* shared expert (qwen2moe) */
+    const float *shexp_gate_inp; /* (n_embd): one gate logit */
+    const float *shexp_gate;  /* (n_ff_shexp, n_embd) */
+    const float *shexp_up;    /* (n_ff_shexp, n_embd) */
+    const float *shexp_down;  /* (n_embd, n_ff_shexp) */
+} moe_layer_weights;
+
+typedef struct {
+    moe_hparams hp;
+    const float *tok_embd;    /* (n_vocab, n_embd) */
+    const float *output_norm; /* (n_embd) */
+    const float *output;      /* (n_vocab, n_embd); == tok_embd when tied */
+    moe_layer_weights *layers;/* (n_layer), owned by whoever filled this struct */
+} moe_weights;
+
+/* Checks that every pointer the architecture needs is set and the hyperparameters
+ * are consistent (positive sizes, k <= n_expert, n_head % n_head_kv == 0, even
+ * rope_dim <= head_dim, ...). Returns 0 or -1 with a message. */
+int moe_weights_validate(const moe_weights *w, char *err, size_t errlen);
+
+/* Parameter counts: total, and active for one token (k of n experts). */
+uint64_t moe_hparams_n_params(const moe_hparams *hp, int tied_output);
+uint64_t moe_hparams_n_params_active(const moe_hparams *hp, int tied_output);
+
+#endif

@@ -1,0 +1,128 @@
+/* gguf.h -- read (mmap, fully validated) and write GGUF v3 files.
+ *
+ *   gguf_file *f; if (gguf_open(path, &f, err, sizeof err)) { puts(err); ... }
+ *   uint32_t n; gguf_get_u32(f, "llama.block_count", &n);
+ *   const gguf_tensor *t = gguf_find_tensor(f, "token_embd.weight");
+ *   gguf_close(f);
+ *
+ * Everything in a file is hostile until checked: gguf_open validates magic, version,
+ * every count, string and array length, key type, tensor dims, type, offset,
+ * alignment and size against the file size (and that tensors do not overlap)
+ * before any of it is used, so the accessors below never read out of bounds.
+ * Strings returned point into the mapping and are NOT NUL-terminated.
+ */
+#ifndef MOE_MODELS_GGUF_H
+#define MOE_MODELS_GGUF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum {
+    GGUF_TYPE_UINT8 = 0, GGUF_TYPE_INT8 = 1, GGUF_TYPE_UINT16 = 2, GGUF_TYPE_INT16 = 3,
+    GGUF_TYPE_UINT32 = 4, GGUF_TYPE_INT32 = 5, GGUF_TYPE_FLOAT32 = 6, GGUF_TYPE_BOOL = 7,
+    GGUF_TYPE_STRING = 8, GGUF_TYPE_ARRAY = 9, GGUF_TYPE_UINT64 = 10, GGUF_TYPE_INT64 = 11,
+    GGUF_TYPE_FLOAT64 = 12, GGUF_TYPE_COUNT
+} gguf_type;
+
+/* Tensor element types we understand (ggml numbering). */
+typedef enum { GGML_TYPE_F32 = 0, GGML_TYPE_F16 = 1, GGML_TYPE_BF16 = 30 } ggml_type;
+
+#define GGUF_MAX_DIMS 4
+#define GGUF_DEFAULT_ALIGNMENT 32
+
+typedef struct {
+    const char *data;   /* not NUL-terminated */
+    uint64_t len;
+} gguf_str;
+
+typedef struct {
+    gguf_str name;
+    uint32_t n_dims;
+    uint64_t ne[GGUF_MAX_DIMS]; /* ne[0] innermost (row length); unused dims are 1 */
+    ggml_type type;
+    uint64_t n_elements;
+    uint64_t nbytes;
+    uint64_t offset;            /* from the start of the data section */
+    const void *data;           /* into the mapping, aligned to the file's alignment */
+} gguf_tensor;
+
+typedef struct gguf_file gguf_file;
+
+/* Reading ---------------------------------------------------------------- */
+
+int gguf_open(const char *path, gguf_file **out, char *err, size_t errlen);
+/* Parse a buffer the caller keeps alive (tests, fuzzing). */
+int gguf_open_memory(const void *data, size_t size, gguf_file **out, char *err, size_t errlen);
+void gguf_close(gguf_file *f);
+
+uint32_t gguf_version(const gguf_file *f);
+size_t gguf_file_size(const gguf_file *f);
+uint64_t gguf_alignment(const gguf_file *f);
+
+/* Key/values: index lookup and typed getters. Getters return 0 on success, -1 when
+ * the key is absent, -2 when it has another type or the value does not fit. Integer
+ * getters accept any integer type whose value fits. */
+int64_t gguf_n_kv(const gguf_file *f);
+int64_t gguf_find_key(const gguf_file *f, const char *key);       /* -1 absent */
+gguf_str gguf_kv_key(const gguf_file *f, int64_t i);
+gguf_type gguf_kv_type(const gguf_file *f, int64_t i);
+
+int gguf_get_u32(const gguf_file *f, const char *key, uint32_t *out);
+int gguf_get_i32(const gguf_file *f, const char *key, int32_t *out);
+int gguf_get_u64(const gguf_file *f, const char *key, uint64_t *out);
+int gguf_get_f32(const gguf_file *f, const char *key, float *out);  /* f32 or f64 */
+int gguf_get_bool(const gguf_file *f, const char *key, int *out);
+int gguf_get_str(const gguf_file *f, const char *key, gguf_str *out);
+/* Copies a string value NUL-terminated into buf (truncation is an error: -2). */
+int gguf_get_cstr(const gguf_file *f, const char *key, char *buf, size_t cap);
+
+/* Arrays: element type and length; numeric element i copied out (no alignment
+ * assumptions), string element i by reference. */
+int gguf_get_arr_info(const gguf_file *f, const char *key, gguf_type *elem_type, uint64_t *n);
+int gguf_get_arr_f32(const gguf_file *f, const char *key, float *out, uint64_t n);   /* exactly n elems */
+int gguf_get_arr_i32(const gguf_file *f, const char *key, int32_t *out, uint64_t n); /* any int type that fits */
+/* Fills out[0..n) with all string elements (n must equal the array length). */
+int gguf_get_arr_strs(const gguf_file *f, const char *key, gguf_str *out, uint64_t n);
+
+/* Tensors ---------------------------------------------------------------- */
+
+int64_t gguf_n_tensors(const gguf_file *f);
+const gguf_tensor *gguf_get_tensor(const gguf_file *f, int64_t i);
+const gguf_tensor *gguf_find_tensor(const gguf_file *f, const char *name); /* NULL absent */
+const char *ggml_type_name(ggml_type t);
+size_t ggml_type_size(ggml_type t); /* bytes per element, 0 unknown */
+
+/* Writing ---------------------------------------------------------------- */
+
+typedef struct gguf_writer gguf_writer;
+
+gguf_writer *gguf_writer_create(void);
+void gguf_writer_free(gguf_writer *w);
+
+/* Keys are written in the order set; setting a key twice replaces it. Values are
+ * copied. Return 0 or -1 (out of memory). */
+int gguf_writer_set_u32(gguf_writer *w, const char *key, uint32_t v);
+int gguf_writer_set_i32(gguf_writer *w, const char *key, int32_t v);
+int gguf_writer_set_u64(gguf_writer *w, const char *key, uint64_t v);
+int gguf_writer_set_f32(gguf_writer *w, const char *key, float v);
+int gguf_writer_set_bool(gguf_writer *w, const char *key, int v);
+int gguf_writer_set_str(gguf_writer *w, const char *key, const char *v);
+int gguf_writer_set_arr_str(gguf_writer *w, const char *key, const char *const *v, uint64_t n);
+int gguf_writer_set_arr_f32(gguf_writer *w, const char *key, const float *v, uint64_t n);
+int gguf_writer_set_arr_i32(gguf_writer *w, const char *key, const int32_t *v, uint64_t n);
+/* Copy key `key` (any type) from an open file. -1 when absent there. */
+int gguf_writer_copy_kv(gguf_writer *w, const gguf_file *src, const char *key);
+
+/* The data is NOT copied: it must stay valid until gguf_writer_write returns.
+ * ne[0] is the row length. */
+int gguf_writer_add_tensor(gguf_writer *w, const char *name, ggml_type type,
+                           uint32_t n_dims, const uint64_t *ne, const void *data);
+int gguf_writer_write(gguf_writer *w, const char *path, char *err, size_t errlen);
+
+/* F16 / BF16 <-> F32 conversion. */
+float gguf_f16_to_f32(uint16_t h);
+uint16_t gguf_f32_to_f16(float f);
+float gguf_bf16_to_f32(uint16_t h);
+uint16_t gguf_f32_to_bf16(float f);
+
+#endif

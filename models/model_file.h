@@ -1,0 +1,33 @@
+/* model_file.h -- a model loaded from a GGUF file, ready for the engine.
+ *
+ *   moe_model *m; if (moe_model_load(path, &m, err, sizeof err)) ...
+ *   moe_engine_create(&m->weights, ...);
+ *   moe_model_free(m);
+ *
+ * F32 tensors are used in place from the mapping (no copy); F16/BF16 are converted
+ * to F32 once at load (converted_bytes says what that costs).
+ */
+#ifndef MOE_MODELS_MODEL_FILE_H
+#define MOE_MODELS_MODEL_FILE_H
+
+#include <stddef.h>
+
+#include "core/model.h"
+#include "models/gguf.h"
+#include "models/tokenizer.h"
+
+typedef struct {
+    moe_weights weights;       /* points into the mapping or into converted buffers */
+    gguf_file *gguf;           /* owned */
+    moe_tokenizer *tokenizer;  /* owned; NULL when the file has no tokenizer */
+    int tied_output;           /* output.weight absent: token_embd used */
+    size_t mapped_bytes;       /* file size */
+    size_t converted_bytes;    /* heap used for F16/BF16 -> F32 */
+    double load_ms;
+    char name[128];            /* general.name, or the file stem */
+} moe_model;
+
+int moe_model_load(const char *path, moe_model **out, char *err, size_t errlen);
+void moe_model_free(moe_model *m);
+
+#endif

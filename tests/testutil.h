@@ -1,0 +1,50 @@
+/* testutil.h -- helpers shared by the Check suites. */
+#ifndef MOE_TESTS_TESTUTIL_H
+#define MOE_TESTS_TESTUTIL_H
+
+#include <check.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* Path of ../shared (beside the project root), or NULL when absent. Tests that
+ * need it print why they skip. */
+static inline const char *tu_shared_dir(void)
+{
+    static const char *candidates[] = {"../shared", NULL};
+    const char *env = getenv("MOE_SHARED");
+    if (env && access(env, R_OK) == 0) return env;
+    for (int i = 0; candidates[i]; i++)
+        if (access(candidates[i], R_OK) == 0) return candidates[i];
+    return NULL;
+}
+
+/* The build directory the tests run from (build or build-san). */
+static inline const char *tu_build_dir(void)
+{
+    const char *b = getenv("MOE_BUILD");
+    return b ? b : "build";
+}
+
+/* A fresh temporary directory for one test (removed by the OS tmp cleaner; tests
+ * remove what they create). Returns a static buffer. */
+static inline const char *tu_tmpdir(void)
+{
+    static char dir[64];
+    snprintf(dir, sizeof dir, "/tmp/moetest.XXXXXX");
+    if (!mkdtemp(dir)) return "/tmp";
+    return dir;
+}
+
+/* Runs a suite, prints Check's summary line, returns the process exit code. */
+static inline int tu_run_suite(Suite *s)
+{
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
+
+#endif
