@@ -1,0 +1,120 @@
+"""gguf_read.py -- a minimal, independent GGUF v2/v3 reader for the reference.
+
+Written from the GGUF format description only (it shares nothing with the C reader):
+header, key/values, tensor infos, aligned data section. Tensors come back as
+numpy float64 arrays shaped with the OUTERMOST dimension first, i.e. a GGUF tensor
+with ne = [n_embd, n_out] becomes an array of shape (n_out, n_embd).
+"""
+import struct
+
+import numpy as np
+
+# GGUF value type ids
+U8, I8, U16, I16, U32, I32, F32, BOOL, STR, ARR, U64, I64, F64 = range(13)
+
+_SCALAR = {
+    U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i",
+    F32: "<f", BOOL: "<?", U64: "<Q", I64: "<q", F64: "<d",
+}
+
+# ggml tensor types we read: id -> (numpy dtype, bytes per element)
+_TENSOR_TYPES = {0: (np.float32, 4), 1: (np.float16, 2), 30: (None, 2)}  # 30 = BF16
+
+
+class GGUFError(Exception):
+    pass
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads from a bytes object."""
+
+    def __init__(self, buf):
+        self.buf = buf
+        self.pos = 0
+
+    def take(self, n):
+        if n < 0 or self.pos + n > len(self.buf):
+            raise GGUFError("truncated file at offset %d (need %d bytes)" % (self.pos, n))
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, fmt):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self):
+        n = self.scalar("<Q")
+        return self.take(n).decode("utf-8", errors="surrogateescape")
+
+    def value(self, vtype):
+        if vtype in _SCALAR:
+            return self.scalar(_SCALAR[vtype])
+        if vtype == STR:
+            return self.string()
+        if vtype == ARR:
+            etype = self.scalar("<I")
+            n = self.scalar("<Q")
+            if etype in _SCALAR:
+                fmt = _SCALAR[etype]
+                size = struct.calcsize(fmt)
+                raw = self.take(size * n)
+                return list(struct.unpack("<%d%s" % (n, fmt[1]), raw))
+            return [self.value(etype) for _ in range(n)]
+        raise GGUFError("unknown value type %d" % vtype)
+
+
+class GGUF:
+    """A parsed GGUF file: .kv (dict key -> python value) and .tensors (name -> info)."""
+
+    def __init__(self, path):
+        with open(path, "rb") as fh:
+            self.buf = fh.read()
+        cur = _Cursor(self.buf)
+        if cur.take(4) != b"GGUF":
+            raise GGUFError("not a GGUF file")
+        self.version = cur.scalar("<I")
+        if self.version not in (2, 3):
+            raise GGUFError("unsupported GGUF version %d" % self.version)
+        n_tensors = cur.scalar("<Q")
+        n_kv = cur.scalar("<Q")
+        self.kv = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            vtype = cur.scalar("<I")
+            self.kv[key] = cur.value(vtype)
+        self.tensors = {}
+        for _ in range(n_tensors):
+            name = cur.string()
+            n_dims = cur.scalar("<I")
+            ne = [cur.scalar("<Q") for _ in range(n_dims)]
+            ttype = cur.scalar("<I")
+            offset = cur.scalar("<Q")
+            self.tensors[name] = (ne, ttype, offset)
+        align = self.kv.get("general.alignment", 32)
+        self.data_start = (cur.pos + align - 1) // align * align
+
+    def shape(self, name):
+        """GGUF ne (innermost first) of a tensor, or None when absent."""
+        t = self.tensors.get(name)
+        return None if t is None else list(t[0])
+
+    def tensor(self, name):
+        """The tensor as float64, outermost dimension first."""
+        ne, ttype, offset = self.tensors[name]
+        if ttype not in _TENSOR_TYPES:
+            raise GGUFError("%s: unsupported tensor type %d" % (name, ttype))
+        dtype, size = _TENSOR_TYPES[ttype]
+        count = 1
+        for d in ne:
+            count *= d
+        start = self.data_start + offset
+        end = start + count * size
+        if end > len(self.buf):
+            raise GGUFError("%s: data past end of file" % name)
+        raw = self.buf[start:end]
+        if dtype is None:  # BF16: the high half of an IEEE float32
+            bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+            arr = bits.view(np.float32)
+        else:
+            arr = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
+        return arr.astype(np.float64).reshape(list(reversed(ne)))
