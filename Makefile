@@ -27,6 +27,7 @@ LIBS    = $(PKG_LIBS) -lpthread -lm
 
 CORE_SRC   := $(wildcard core/*.c)
 MODELS_SRC := $(wildcard models/*.c)
+CLI_SRC    := $(wildcard cli/*.c)
 SERVER_SRC := $(filter-out server/main.c,$(wildcard server/*.c))
 TEST_SRC   := $(wildcard tests/test_*.c)
 
@@ -62,7 +63,7 @@ $(BUILD)/libmoeserver.a: $(SERVER_OBJ) $(BUILD)/libmoe.a
 	@rm -f $@
 	ar rcs $@ $(SERVER_OBJ)
 
-$(BUILD)/moe: $(BUILD)/obj/cli/moe.o $(BUILD)/libmoe.a
+$(BUILD)/moe: $(patsubst %.c,$(BUILD)/obj/%.o,$(CLI_SRC)) $(BUILD)/libmoe.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
 
 $(BUILD)/moeserve: $(BUILD)/obj/server/main.o $(BUILD)/libmoeserver.a $(BUILD)/libmoe.a
