@@ -87,6 +87,11 @@ bench:
 	@$(MAKE) --no-print-directory all
 	@sh tests/bench.sh $(BUILD)
 
+bench-server:
+	@$(MAKE) --no-print-directory deps
+	@$(MAKE) --no-print-directory all
+	@sh tests/bench_server.sh $(BUILD)
+
 run:
 	@$(MAKE) --no-print-directory deps
 	@$(MAKE) --no-print-directory all
