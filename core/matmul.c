@@ -1,0 +1,202 @@
+/* matmul.c -- y = x W^T for row-major x (m, k) and W (n, k).
+ *
+ * Two paths, one decision (matmul_sgemm_min_rows):
+ *  - few rows (decode, small expert queues): the cost is reading W from memory, so
+ *    a register-blocked kernel reads each block of 4 weight rows once and dots it
+ *    with every row of x while it is in cache. OpenBLAS sgemm packs W for every
+ *    call and reaches a fraction of DRAM bandwidth on such skinny shapes.
+ *  - many rows (prefill, big queues): OpenBLAS cblas_sgemm, compute-bound.
+ *
+ * Determinism: in the kernel every y element is one dot product whose order
+ * (vector lanes over k, masked tail, fixed horizontal reduction) does not depend on
+ * the tile it falls in, on m, or on the thread; matmul() cuts n into slices of a
+ * fixed width, so sgemm calls see the same shapes whatever the thread count. */
+#include "core/matmul.h"
+
+#include <cblas.h>
+#include <pthread.h>
+#include <stddef.h>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+/* Measured on the 2-core Zen 4 machines (docs/PERFORMANCE.md). */
+#define SGEMM_MIN_ROWS 16
+/* Output columns per task: fixed, never derived from the thread count. */
+#define SLICE_KERNEL 64
+#define SLICE_SGEMM 256
+
+/* Vector primitives ------------------------------------------------------- */
+
+#if defined(__AVX512F__)
+typedef __m512 vf;
+#define VL 16
+#define vzero() _mm512_setzero_ps()
+#define vload(p) _mm512_loadu_ps(p)
+#define vload_n(p, r) _mm512_maskz_loadu_ps((__mmask16)((1u << (r)) - 1u), (p))
+#define vfma(a, b, c) _mm512_fmadd_ps((a), (b), (c))
+#define vsum(v) _mm512_reduce_add_ps(v)
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 vf;
+#define VL 8
+#define vzero() _mm256_setzero_ps()
+#define vload(p) _mm256_loadu_ps(p)
+#define vload_n(p, r) _mm256_maskload_ps((p), \
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)))
+#define vfma(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+static inline float vsum(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#else
+typedef float vf;
+#define VL 1
+#define vzero() 0.0f
+#define vload(p) (*(p))
+#define vload_n(p, r) ((void)(r), *(p))   /* never used: VL 1 leaves no tail */
+#define vfma(a, b, c) ((a) * (b) + (c))
+#define vsum(v) (v)
+#endif
+
+/* Few-rows kernel --------------------------------------------------------- */
+
+#define TILE_W 4   /* weight rows per tile */
+#define TILE_X 4   /* x rows per tile */
+
+/* y[b * ldy + a] = x[b] . w[a] for a < nw, b < nx (both compile-time after
+ * inlining, so acc lives in registers). */
+static inline __attribute__((always_inline))
+void tile(const float *x, int k, const float *w, float *y, int ldy, const int nw, const int nx)
+{
+    vf acc[TILE_W][TILE_X];
+    for (int a = 0; a < nw; a++)
+        for (int b = 0; b < nx; b++) acc[a][b] = vzero();
+    int t = 0;
+    for (; t + VL <= k; t += VL) {
+        vf wv[TILE_W];
+        for (int a = 0; a < nw; a++) wv[a] = vload(w + (size_t)a * k + t);
+        for (int b = 0; b < nx; b++) {
+            vf xv = vload(x + (size_t)b * k + t);
+            for (int a = 0; a < nw; a++) acc[a][b] = vfma(wv[a], xv, acc[a][b]);
+        }
+    }
+#if VL > 1
+    if (t < k) {
+        int r = k - t;
+        vf wv[TILE_W];
+        for (int a = 0; a < nw; a++) wv[a] = vload_n(w + (size_t)a * k + t, r);
+        for (int b = 0; b < nx; b++) {
+            vf xv = vload_n(x + (size_t)b * k + t, r);
+            for (int a = 0; a < nw; a++) acc[a][b] = vfma(wv[a], xv, acc[a][b]);
+        }
+    }
+#endif
+    for (int a = 0; a < nw; a++)
+        for (int b = 0; b < nx; b++) y[(size_t)b * ldy + a] = vsum(acc[a][b]);
+}
+
+#define TILE_CASES(NW)                                                        \
+    switch (nx) {                                                             \
+    case 1: tile(x, k, w, y, ldy, NW, 1); break;                              \
+    case 2: tile(x, k, w, y, ldy, NW, 2); break;                              \
+    case 3: tile(x, k, w, y, ldy, NW, 3); break;                              \
+    default: tile(x, k, w, y, ldy, NW, 4); break;                             \
+    }
+
+static void tile_full(const float *x, int nx, int k, const float *w, float *y, int ldy)
+{
+    TILE_CASES(TILE_W)
+}
+
+static void tile_one(const float *x, int nx, int k, const float *w, float *y, int ldy)
+{
+    TILE_CASES(1)
+}
+
+/* Each block of TILE_W weight rows is read from memory once and dotted with all m
+ * rows of x, TILE_X at a time, while it sits in L1/L2. */
+static void matmul_few_rows(const float *x, int m, int k, const float *w, int n0, int n1,
+                            float *y, int ldy)
+{
+    int j = n0;
+    for (; j + TILE_W <= n1; j += TILE_W)
+        for (int i = 0; i < m; i += TILE_X) {
+            int nx = m - i < TILE_X ? m - i : TILE_X;
+            tile_full(x + (size_t)i * k, nx, k, w + (size_t)j * k, y + (size_t)i * ldy + j, ldy);
+        }
+    for (; j < n1; j++)
+        for (int i = 0; i < m; i += TILE_X) {
+            int nx = m - i < TILE_X ? m - i : TILE_X;
+            tile_one(x + (size_t)i * k, nx, k, w + (size_t)j * k, y + (size_t)i * ldy + j, ldy);
+        }
+}
+
+/* Many rows: OpenBLAS ---------------------------------------------------- */
+
+static pthread_once_t blas_once = PTHREAD_ONCE_INIT;
+
+/* We parallelise above BLAS (slices on our pool), so BLAS must not start its own
+ * threads: a process-wide setting of the library, made once. */
+static void blas_single_thread(void)
+{
+    openblas_set_num_threads(1);
+}
+
+static void matmul_sgemm(const float *x, int m, int k, const float *w, int n0, int n1,
+                         float *y, int ldy)
+{
+    pthread_once(&blas_once, blas_single_thread);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n1 - n0, k, 1.0f, x, k,
+                w + (size_t)n0 * k, k, 0.0f, y + n0, ldy);
+}
+
+/* API --------------------------------------------------------------------- */
+
+int matmul_sgemm_min_rows(void)
+{
+    return SGEMM_MIN_ROWS;
+}
+
+void matmul_range(const float *x, int m, int k, const float *w, int n0, int n1, float *y, int ldy)
+{
+    if (m <= 0 || n1 <= n0) return;
+    if (m >= SGEMM_MIN_ROWS && k > 0) matmul_sgemm(x, m, k, w, n0, n1, y, ldy);
+    else matmul_few_rows(x, m, k, w, n0, n1, y, ldy);
+}
+
+typedef struct {
+    const float *x, *w;
+    float *y;
+    int m, k, n, slice;
+} matmul_job;
+
+static void matmul_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    const matmul_job *j = ctx;
+    int n0 = task * j->slice;
+    int n1 = n0 + j->slice < j->n ? n0 + j->slice : j->n;
+    matmul_range(j->x, j->m, j->k, j->w, n0, n1, j->y, j->n);
+}
+
+void matmul(pool *p, const float *x, int m, int k, const float *w, int n, float *y)
+{
+    if (m <= 0 || n <= 0) return;
+    int slice = m >= SGEMM_MIN_ROWS ? SLICE_SGEMM : SLICE_KERNEL;
+    matmul_job j = {x, w, y, m, k, n, slice};
+    pool_run(p, (n + slice - 1) / slice, matmul_task, &j);
+}
+
+void matmul_ref(const float *x, int m, int k, const float *w, int n, float *y)
+{
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++) {
+            double s = 0.0;
+            for (int t = 0; t < k; t++) s += (double)x[(size_t)i * k + t] * (double)w[(size_t)j * k + t];
+            y[(size_t)i * n + j] = (float)s;
+        }
+}

@@ -1,0 +1,174 @@
+/* test_matmul.c -- both matmul paths against the plain reference, and
+ * bit-identical results whatever the number of threads. */
+#include "core/matmul.h"
+#include "tests/testutil.h"
+
+#include <math.h>
+
+static uint32_t rng_state;
+
+static float frand(void)
+{
+    rng_state = rng_state * 1664525u + 1013904223u;
+    return (float)((rng_state >> 8) & 0xffff) / 32768.0f - 1.0f;
+}
+
+static float *rand_array(size_t n)
+{
+    float *a = malloc(n * sizeof *a);
+    ck_assert_ptr_nonnull(a);
+    for (size_t i = 0; i < n; i++) a[i] = frand();
+    return a;
+}
+
+/* |y - ref| within a relative bound of the sum of |x_t w_t| (the scale rounding
+ * errors of a float dot product grow with). */
+static void check_close(const float *x, int m, int k, const float *w, int n, const float *y,
+                        int ldy, const float *ref)
+{
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++) {
+            double mag = 0.0;
+            for (int t = 0; t < k; t++)
+                mag += fabs((double)x[(size_t)i * k + t] * (double)w[(size_t)j * k + t]);
+            double d = fabs((double)y[(size_t)i * ldy + j] - (double)ref[(size_t)i * n + j]);
+            if (d > 2e-6 * mag + 1e-30)
+                ck_abort_msg("m=%d k=%d n=%d y[%d][%d]=%g ref=%g", m, k, n, i, j,
+                             (double)y[(size_t)i * ldy + j], (double)ref[(size_t)i * n + j]);
+        }
+}
+
+static void compare_shape(pool *p, int m, int k, int n)
+{
+    float *x = rand_array((size_t)m * k), *w = rand_array((size_t)n * k);
+    float *y = malloc((size_t)m * n * sizeof *y), *ref = malloc((size_t)m * n * sizeof *ref);
+    ck_assert(y && ref);
+    matmul_ref(x, m, k, w, n, ref);
+    matmul(p, x, m, k, w, n, y);
+    check_close(x, m, k, w, n, y, n, ref);
+    free(x); free(w); free(y); free(ref);
+}
+
+START_TEST(few_rows_and_sgemm_match_reference)
+{
+    rng_state = 1;
+    static const int ks[] = {1, 3, 8, 15, 16, 17, 33, 100, 257};
+    static const int ns[] = {1, 3, 4, 5, 63, 64, 65, 130};
+    int ms[40], nm = 0;
+    for (int m = 1; m <= 20; m++) ms[nm++] = m;
+    ms[nm++] = matmul_sgemm_min_rows() - 1;
+    ms[nm++] = matmul_sgemm_min_rows();
+    ms[nm++] = 33;
+    ms[nm++] = 64;
+    char err[128];
+    pool *p = NULL;
+    ck_assert_int_eq(pool_create(2, &p, err, sizeof err), 0);
+    for (int a = 0; a < nm; a++)
+        for (size_t b = 0; b < sizeof ks / sizeof ks[0]; b++)
+            for (size_t c = 0; c < sizeof ns / sizeof ns[0]; c++)
+                compare_shape((a + b + c) % 2 ? p : NULL, ms[a], ks[b], ns[c]);
+    pool_free(p);
+}
+END_TEST
+
+/* matmul_range writes exactly columns [n0, n1) of y with stride ldy. */
+START_TEST(range_writes_only_its_columns)
+{
+    rng_state = 7;
+    int k = 37, n = 50, ldy = 61;
+    int rows[] = {1, 3, 6, matmul_sgemm_min_rows() + 3};
+    for (size_t r = 0; r < sizeof rows / sizeof rows[0]; r++) {
+        int m = rows[r];
+        float *x = rand_array((size_t)m * k), *w = rand_array((size_t)n * k);
+        float *y = malloc((size_t)m * ldy * sizeof *y), *ref = malloc((size_t)m * n * sizeof *ref);
+        ck_assert(y && ref);
+        for (int i = 0; i < m * ldy; i++) y[i] = 12345.0f;
+        matmul_ref(x, m, k, w, n, ref);
+        int n0 = 9, n1 = 43;
+        matmul_range(x, m, k, w, n0, n1, y, ldy);
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < ldy; j++) {
+                float v = y[(size_t)i * ldy + j];
+                int ok = (j < n0 || j >= n1) ? v == 12345.0f : fabsf(v - ref[(size_t)i * n + j]) < 1e-4f;
+                if (!ok) ck_abort_msg("m=%d: y[%d][%d] = %g", m, i, j, (double)v);
+            }
+        free(x); free(w); free(y); free(ref);
+    }
+}
+END_TEST
+
+START_TEST(bit_identical_across_thread_counts)
+{
+    rng_state = 3;
+    int k = 129, n = 517;
+    int rows[] = {1, 2, 5, 11, matmul_sgemm_min_rows(), 40};
+    char err[128];
+    pool *pools[3];
+    for (int t = 0; t < 3; t++) ck_assert_int_eq(pool_create(t + 1, &pools[t], err, sizeof err), 0);
+    for (size_t r = 0; r < sizeof rows / sizeof rows[0]; r++) {
+        int m = rows[r];
+        float *x = rand_array((size_t)m * k), *w = rand_array((size_t)n * k);
+        float *y[3];
+        for (int t = 0; t < 3; t++) {
+            y[t] = malloc((size_t)m * n * sizeof(float));
+            ck_assert_ptr_nonnull(y[t]);
+            matmul(pools[t], x, m, k, w, n, y[t]);
+        }
+        ck_assert(memcmp(y[0], y[1], (size_t)m * n * sizeof(float)) == 0);
+        ck_assert(memcmp(y[0], y[2], (size_t)m * n * sizeof(float)) == 0);
+        /* and again on the same pool: no state carried between runs */
+        matmul(pools[1], x, m, k, w, n, y[1]);
+        ck_assert(memcmp(y[0], y[1], (size_t)m * n * sizeof(float)) == 0);
+        for (int t = 0; t < 3; t++) free(y[t]);
+        free(x); free(w);
+    }
+    for (int t = 0; t < 3; t++) pool_free(pools[t]);
+}
+END_TEST
+
+/* In the few-rows kernel a row's result does not depend on the other rows of x. */
+START_TEST(few_rows_result_independent_of_m)
+{
+    rng_state = 11;
+    int k = 77, n = 23, m = matmul_sgemm_min_rows() - 1;
+    ck_assert_int_ge(m, 2);
+    float *x = rand_array((size_t)m * k), *w = rand_array((size_t)n * k);
+    float *y = malloc((size_t)m * n * sizeof *y), *y1 = malloc((size_t)n * sizeof *y1);
+    ck_assert(y && y1);
+    matmul(NULL, x, m, k, w, n, y);
+    for (int i = 0; i < m; i++) {
+        matmul(NULL, x + (size_t)i * k, 1, k, w, n, y1);
+        ck_assert(memcmp(y + (size_t)i * n, y1, (size_t)n * sizeof(float)) == 0);
+    }
+    free(x); free(w); free(y); free(y1);
+}
+END_TEST
+
+START_TEST(empty_shapes_do_nothing)
+{
+    float x[4] = {1, 2, 3, 4}, w[4] = {1, 1, 1, 1}, y[4] = {9, 9, 9, 9};
+    matmul(NULL, x, 0, 4, w, 1, y);
+    matmul(NULL, x, 1, 4, w, 0, y);
+    matmul_range(x, 1, 4, w, 1, 1, y, 1);
+    ck_assert_float_eq(y[0], 9.0f);
+    /* k == 0: an empty dot product is 0 */
+    matmul(NULL, x, 1, 0, w, 2, y);
+    ck_assert_float_eq(y[0], 0.0f);
+    ck_assert_float_eq(y[1], 0.0f);
+    ck_assert_int_ge(matmul_sgemm_min_rows(), 2);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("matmul");
+    TCase *tc = tcase_create("matmul");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, few_rows_and_sgemm_match_reference);
+    tcase_add_test(tc, range_writes_only_its_columns);
+    tcase_add_test(tc, bit_identical_across_thread_counts);
+    tcase_add_test(tc, few_rows_result_independent_of_m);
+    tcase_add_test(tc, empty_shapes_do_nothing);
+    suite_add_tcase(s, tc);
+    return tu_run_suite(s);
+}
