@@ -173,6 +173,37 @@ START_TEST(top_p_and_min_p_exclude_the_tail)
 }
 END_TEST
 
+/* A 3000-token vocabulary (the nucleus search partitions rather than sorts at
+ * this size): p_r ~ exp(-0.05 r) over a shuffled rank r, so top_p 0.9 keeps the
+ * 47 best, each drawn about 100 times in 20000 draws; nothing else may appear. */
+START_TEST(top_p_on_a_large_vocabulary)
+{
+    enum { V = 3000, N = 20000 };
+    static float logits[V];
+    static int seen[V];
+    int rank_of[V];
+    for (int i = 0; i < V; i++) {
+        rank_of[i] = (int)(((long)i * 7919) % V);
+        logits[i] = -0.05f * (float)rank_of[i];
+    }
+    double total = 0, acc = 0;
+    for (int r = 0; r < V; r++) total += exp(-0.05 * r);
+    int keep = 0;
+    while (acc < 0.9 * total) acc += exp(-0.05 * keep++);
+    ck_assert_int_eq(keep, 47);
+    sampler_params p = plain(1.0f, 99);
+    p.top_p = 0.9f;
+    sampler *s = make(V, p);
+    memset(seen, 0, sizeof seen);
+    for (int i = 0; i < N; i++) seen[sampler_sample(s, logits, NULL, 0)]++;
+    for (int i = 0; i < V; i++) {
+        if (rank_of[i] < keep) ck_assert_msg(seen[i] > 0, "rank %d never drawn", rank_of[i]);
+        else ck_assert_msg(seen[i] == 0, "rank %d drawn", rank_of[i]);
+    }
+    sampler_free(s);
+}
+END_TEST
+
 START_TEST(repetition_penalty_lowers_repeated_tokens)
 {
     /* tokens 0 and 1 lead; both appear in the history, so with a strong penalty
@@ -276,6 +307,7 @@ int main(void)
     tcase_add_test(tc, draws_follow_the_distribution);
     tcase_add_test(tc, top_k_keeps_only_k_best);
     tcase_add_test(tc, top_p_and_min_p_exclude_the_tail);
+    tcase_add_test(tc, top_p_on_a_large_vocabulary);
     tcase_add_test(tc, repetition_penalty_lowers_repeated_tokens);
     tcase_add_test(tc, stop_matcher_holds_back_partial_matches);
     tcase_add_test(tc, stop_matcher_earliest_match_and_edge_cases);
