@@ -1,0 +1,691 @@
+/* test_engine.c -- the batched forward pass against a naive reference written here.
+ *
+ * Small random models are built in memory for each architecture (llama MoE, dense
+ * llama, qwen2moe, olmoe, qwen3moe). The reference is a whole-sequence forward pass
+ * with plain loops in double, written from ../shared/guides/GGUF-MOE-FACTS.md, not
+ * from the engine. Logits are compared at every position with
+ *   max_i |engine_i - ref_i| / max(1, max_i |ref_i|) <= 1e-4   (per position).
+ * Also: batch composition does not change a row's logits, 1 thread == 2 threads
+ * bit for bit, bad batches fail without harm, expert counters add up. */
+#include <math.h>
+#include <stdint.h>
+
+#include "core/engine.h"
+#include "core/matmul.h"
+#include "tests/testutil.h"
+
+static char err[256];
+
+/* Test models ------------------------------------------------------------- */
+
+enum { CFG_LLAMA_MOE, CFG_LLAMA_DENSE, CFG_QWEN2MOE, CFG_OLMOE, CFG_QWEN3MOE, CFG_COUNT };
+#define MAX_LAYERS 4
+
+typedef struct {
+    moe_weights w;
+    moe_layer_weights L[MAX_LAYERS];
+    float *arena;
+    size_t used, cap;
+    uint64_t rng;
+    int tied;
+} tmodel;
+
+static double urand(uint64_t *s)   /* uniform in [-1, 1) */
+{
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return (double)(*s >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+}
+
+static const float *fill(tmodel *m, size_t n, double offset, double scale)
+{
+    ck_assert(m->used + n <= m->cap);
+    float *p = m->arena + m->used;
+    m->used += n;
+    for (size_t i = 0; i < n; i++) p[i] = (float)(offset + scale * urand(&m->rng));
+    return p;
+}
+
+static moe_hparams cfg_hparams(int cfg)
+{
+    moe_hparams hp = {.arch = MOE_ARCH_LLAMA, .n_vocab = 61, .n_embd = 32, .n_layer = 2,
+                      .n_head = 4, .n_head_kv = 2, .head_dim = 8, .n_ctx_train = 64,
+                      .n_ff = 24, .n_expert = 6, .n_expert_used = 2, .n_ff_shexp = 0,
+                      .rope_dim = 8, .rope_base = 10000.0f, .rms_eps = 1e-5f};
+    switch (cfg) {
+    case CFG_LLAMA_DENSE: hp.n_expert = 0; hp.n_expert_used = 0; hp.n_ff = 40; break;
+    case CFG_QWEN2MOE: hp.arch = MOE_ARCH_QWEN2MOE; hp.n_ff_shexp = 16; hp.rope_base = 1e6f; break;
+    case CFG_OLMOE: hp.arch = MOE_ARCH_OLMOE; hp.n_head_kv = 4; hp.n_expert = 8; hp.n_expert_used = 3; break;
+    case CFG_QWEN3MOE:  /* head_dim * n_head != n_embd, as in the real models */
+        hp.arch = MOE_ARCH_QWEN3MOE; hp.head_dim = 12; hp.rope_dim = 12; hp.n_layer = 3;
+        hp.n_expert = 8; hp.n_expert_used = 3; hp.rms_eps = 1e-6f; break;
+    default: break;
+    }
+    return hp;
+}
+
+static tmodel *model_make(int cfg, uint64_t seed)
+{
+    tmodel *m = calloc(1, sizeof *m);
+    ck_assert_ptr_nonnull(m);
+    moe_hparams hp = cfg_hparams(cfg);
+    const moe_arch_info *a = moe_arch_get(hp.arch);
+    m->rng = seed * 0x9E3779B97F4A7C15ull + 1;
+    m->tied = cfg == CFG_OLMOE;
+    m->cap = 1u << 20;
+    m->arena = malloc(m->cap * sizeof(float));
+    ck_assert_ptr_nonnull(m->arena);
+    size_t E = (size_t)hp.n_embd, V = (size_t)hp.n_vocab, hd = (size_t)hp.head_dim;
+    size_t qd = (size_t)hp.n_head * hd, kvd = (size_t)hp.n_head_kv * hd;
+    size_t ff = (size_t)hp.n_ff, ne = (size_t)hp.n_expert;
+    double sE = 1.7 / sqrt((double)E);
+    m->w.hp = hp;
+    m->w.tok_embd = fill(m, V * E, 0, 1);
+    m->w.output_norm = fill(m, E, 1, 0.2);
+    m->w.output = m->tied ? m->w.tok_embd : fill(m, V * E, 0, sE);
+    m->w.layers = m->L;
+    for (int l = 0; l < hp.n_layer; l++) {
+        moe_layer_weights *L = &m->L[l];
+        L->attn_norm = fill(m, E, 1, 0.2);
+        L->wq = fill(m, qd * E, 0, sE);
+        L->wk = fill(m, kvd * E, 0, sE);
+        L->wv = fill(m, kvd * E, 0, sE);
+        L->wo = fill(m, E * qd, 0, 1.7 / sqrt((double)qd));
+        L->ffn_norm = fill(m, E, 1, 0.2);
+        if (a->qkv_bias) {
+            L->bq = fill(m, qd, 0, 0.3);
+            L->bk = fill(m, kvd, 0, 0.3);
+            L->bv = fill(m, kvd, 0, 0.3);
+        }
+        if (a->qk_norm == MOE_QK_NORM_FULL) {
+            L->q_norm = fill(m, qd, 1, 0.2);
+            L->k_norm = fill(m, kvd, 1, 0.2);
+        } else if (a->qk_norm == MOE_QK_NORM_HEAD) {
+            L->q_norm = fill(m, hd, 1, 0.2);
+            L->k_norm = fill(m, hd, 1, 0.2);
+        }
+        if (ne == 0) {
+            L->ffn_gate = fill(m, ff * E, 0, sE);
+            L->ffn_up = fill(m, ff * E, 0, sE);
+            L->ffn_down = fill(m, E * ff, 0, 1.7 / sqrt((double)ff));
+        } else {
+            L->router = fill(m, ne * E, 0, 3 * sE);   /* spread scores: no near-ties */
+            L->exp_gate = fill(m, ne * ff * E, 0, sE);
+            L->exp_up = fill(m, ne * ff * E, 0, sE);
+            L->exp_down = fill(m, ne * E * ff, 0, 1.7 / sqrt((double)ff));
+        }
+        if (a->shared_expert) {
+            size_t fs = (size_t)hp.n_ff_shexp;
+            L->shexp_gate_inp = fill(m, E, 0, sE);
+            L->shexp_gate = fill(m, fs * E, 0, sE);
+            L->shexp_up = fill(m, fs * E, 0, sE);
+            L->shexp_down = fill(m, E * fs, 0, 1.7 / sqrt((double)fs));
+        }
+    }
+    ck_assert_msg(moe_weights_validate(&m->w, err, sizeof err) == 0, "%s", err);
+    return m;
+}
+
+static void model_free(tmodel *m)
+{
+    free(m->arena);
+    free(m);
+}
+
+/* Naive reference (double, whole sequence) --------------------------------- */
+
+static void ref_rmsnorm(double *o, const double *x, const float *w, int n, double eps)
+{
+    double ss = 0;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    double r = 1.0 / sqrt(ss / n + eps);
+    for (int i = 0; i < n; i++) o[i] = x[i] * r * w[i];
+}
+
+/* y (n_out) = W (n_out, n_in) x */
+static void ref_matvec(double *y, const float *W, const double *x, int n_out, int n_in)
+{
+    for (int o = 0; o < n_out; o++) {
+        double s = 0;
+        for (int i = 0; i < n_in; i++) s += (double)W[(size_t)o * n_in + i] * x[i];
+        y[o] = s;
+    }
+}
+
+static void ref_rope(double *h, int rd, int pos, double base, int neox)
+{
+    for (int i = 0; i < rd / 2; i++) {
+        double th = pos * pow(base, -2.0 * i / rd);
+        int a = neox ? i : 2 * i, b = neox ? i + rd / 2 : 2 * i + 1;
+        double x0 = h[a], x1 = h[b];
+        h[a] = x0 * cos(th) - x1 * sin(th);
+        h[b] = x0 * sin(th) + x1 * cos(th);
+    }
+}
+
+static void ref_swiglu(double *out, const float *G, const float *U, const float *D,
+                       const double *x, int E, int ff)
+{
+    double g[64], u[64];
+    ck_assert_int_le(ff, 64);
+    ref_matvec(g, G, x, ff, E);
+    ref_matvec(u, U, x, ff, E);
+    for (int i = 0; i < ff; i++) g[i] = g[i] / (1.0 + exp(-g[i])) * u[i];
+    ref_matvec(out, D, g, E, ff);
+}
+
+/* logits (T, V) for tokens[0..T) */
+static void ref_forward(const tmodel *m, const int32_t *tok, int T, double *logits)
+{
+    const moe_hparams *hp = &m->w.hp;
+    const moe_arch_info *a = moe_arch_get(hp->arch);
+    int E = hp->n_embd, hd = hp->head_dim, H = hp->n_head, KH = hp->n_head_kv;
+    int qd = H * hd, kvd = KH * hd, ne = hp->n_expert, k = hp->n_expert_used;
+    double eps = hp->rms_eps;
+    double *x = calloc((size_t)T * E, sizeof *x), *xn = malloc(sizeof(double) * E);
+    double *q = malloc(sizeof(double) * T * qd), *K = malloc(sizeof(double) * T * kvd);
+    double *Vv = malloc(sizeof(double) * T * kvd), *att = malloc(sizeof(double) * qd);
+    double *o = malloc(sizeof(double) * E), *y = malloc(sizeof(double) * E);
+    double sc[64], p[16];
+    ck_assert_int_le(T, 64);
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < E; i++) x[t * E + i] = m->w.tok_embd[(size_t)tok[t] * E + i];
+    for (int l = 0; l < hp->n_layer; l++) {
+        const moe_layer_weights *L = &m->w.layers[l];
+        for (int t = 0; t < T; t++) {
+            double *qt = q + t * qd, *kt = K + t * kvd, *vt = Vv + t * kvd;
+            ref_rmsnorm(xn, x + t * E, L->attn_norm, E, eps);
+            ref_matvec(qt, L->wq, xn, qd, E);
+            ref_matvec(kt, L->wk, xn, kvd, E);
+            ref_matvec(vt, L->wv, xn, kvd, E);
+            if (a->qkv_bias) {
+                for (int i = 0; i < qd; i++) qt[i] += L->bq[i];
+                for (int i = 0; i < kvd; i++) { kt[i] += L->bk[i]; vt[i] += L->bv[i]; }
+            }
+            if (a->qk_norm == MOE_QK_NORM_FULL) {
+                ref_rmsnorm(qt, qt, L->q_norm, qd, eps);
+                ref_rmsnorm(kt, kt, L->k_norm, kvd, eps);
+            } else if (a->qk_norm == MOE_QK_NORM_HEAD) {
+                for (int h = 0; h < H; h++) ref_rmsnorm(qt + h * hd, qt + h * hd, L->q_norm, hd, eps);
+                for (int h = 0; h < KH; h++) ref_rmsnorm(kt + h * hd, kt + h * hd, L->k_norm, hd, eps);
+            }
+            int neox = a->rope == MOE_ROPE_NEOX;
+            for (int h = 0; h < H; h++) ref_rope(qt + h * hd, hp->rope_dim, t, hp->rope_base, neox);
+            for (int h = 0; h < KH; h++) ref_rope(kt + h * hd, hp->rope_dim, t, hp->rope_base, neox);
+        }
+        for (int t = 0; t < T; t++) {
+            for (int h = 0; h < H; h++) {
+                int kh = h / (H / KH);
+                double mx = -INFINITY, sum = 0;
+                for (int s = 0; s <= t; s++) {
+                    double d = 0;
+                    for (int i = 0; i < hd; i++) d += q[t * qd + h * hd + i] * K[s * kvd + kh * hd + i];
+                    sc[s] = d / sqrt((double)hd);
+                    if (sc[s] > mx) mx = sc[s];
+                }
+                for (int s = 0; s <= t; s++) { sc[s] = exp(sc[s] - mx); sum += sc[s]; }
+                for (int i = 0; i < hd; i++) {
+                    double acc = 0;
+                    for (int s = 0; s <= t; s++) acc += sc[s] / sum * Vv[s * kvd + kh * hd + i];
+                    att[h * hd + i] = acc;
+                }
+            }
+            ref_matvec(o, L->wo, att, E, qd);
+            for (int i = 0; i < E; i++) x[t * E + i] += o[i];
+        }
+        for (int t = 0; t < T; t++) {
+            double *xt = x + t * E;
+            ref_rmsnorm(xn, xt, L->ffn_norm, E, eps);
+            if (ne == 0) {
+                ref_swiglu(o, L->ffn_gate, L->ffn_up, L->ffn_down, xn, E, hp->n_ff);
+                for (int i = 0; i < E; i++) xt[i] += o[i];
+                continue;
+            }
+            ref_matvec(p, L->router, xn, ne, E);
+            double mx = -INFINITY, sum = 0;
+            for (int e = 0; e < ne; e++) if (p[e] > mx) mx = p[e];
+            for (int e = 0; e < ne; e++) { p[e] = exp(p[e] - mx); sum += p[e]; }
+            for (int e = 0; e < ne; e++) p[e] /= sum;
+            int ids[16];
+            double w[16], wsum = 0;
+            int taken[16] = {0};
+            for (int j = 0; j < k; j++) {   /* largest remaining, lowest id on ties */
+                int best = -1;
+                for (int e = 0; e < ne; e++)
+                    if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;
+                taken[best] = 1;
+                ids[j] = best;
+                w[j] = p[best];
+                wsum += p[best];
+            }
+            for (int j = 0; j < k; j++) {
+                double wj = (a->renorm_topk ? w[j] / wsum : w[j]) * a->expert_weight_scale;
+                size_t ge = (size_t)ids[j] * hp->n_ff * E;
+                ref_swiglu(o, L->exp_gate + ge, L->exp_up + ge, L->exp_down + ge, xn, E, hp->n_ff);
+                for (int i = 0; i < E; i++) xt[i] += wj * o[i];
+            }
+            if (a->shared_expert) {
+                double g = 0;
+                for (int i = 0; i < E; i++) g += L->shexp_gate_inp[i] * xn[i];
+                double sg = 1.0 / (1.0 + exp(-g));
+                ref_swiglu(o, L->shexp_gate, L->shexp_up, L->shexp_down, xn, E, hp->n_ff_shexp);
+                for (int i = 0; i < E; i++) xt[i] += sg * o[i];
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        ref_rmsnorm(y, x + t * E, m->w.output_norm, E, eps);
+        ref_matvec(logits + (size_t)t * hp->n_vocab, m->w.output, y, hp->n_vocab, E);
+    }
+    free(x); free(xn); free(q); free(K); free(Vv); free(att); free(o); free(y);
+}
+
+/* Engine helpers ---------------------------------------------------------- */
+
+static moe_engine *engine_make(const tmodel *m, int threads, float cf)
+{
+    moe_engine_params p = moe_engine_default_params(&m->w.hp);
+    p.n_threads = threads;
+    p.max_seqs = 4;
+    p.max_batch_tokens = 32;
+    p.kv_block_size = 4;
+    p.kv_n_blocks = 4 * 16;
+    p.max_seq_len = 64;
+    p.capacity_factor = cf;
+    moe_engine *e = NULL;
+    ck_assert_msg(moe_engine_create(&m->w, &p, &e, err, sizeof err) == 0, "%s", err);
+    return e;
+}
+
+/* One batch row. */
+typedef struct { int32_t tok, pos, seq; uint8_t want; } row;
+
+static int run_batch(moe_engine *e, const row *r, int n, float *logits)
+{
+    int32_t tok[64], pos[64], seq[64];
+    uint8_t want[64];
+    ck_assert_int_le(n, 64);
+    for (int i = 0; i < n; i++) { tok[i] = r[i].tok; pos[i] = r[i].pos; seq[i] = r[i].seq; want[i] = r[i].want; }
+    moe_batch b = {.n_tokens = n, .token = tok, .pos = pos, .seq = seq, .want_logits = want};
+    return moe_engine_forward(e, &b, logits, err, sizeof err);
+}
+
+static void random_tokens(int32_t *t, int n, int V, uint64_t seed)
+{
+    uint64_t s = seed * 2654435761u + 7;
+    for (int i = 0; i < n; i++) t[i] = (int32_t)((urand(&s) + 1.0) * 0.5 * V) % V;
+}
+
+static double rel_err(const float *a, const double *ref, int n)
+{
+    double md = 0, mr = 1;
+    for (int i = 0; i < n; i++) {
+        double d = fabs(a[i] - ref[i]);
+        if (!(d <= md)) md = d;   /* NaN propagates */
+        if (fabs(ref[i]) > mr) mr = fabs(ref[i]);
+    }
+    return md / mr;
+}
+
+/* Reference match --------------------------------------------------------- */
+
+/* A 7-token prompt chunk then 9 single decode steps; every position compared. */
+static void check_against_reference(int cfg)
+{
+    enum { T = 16, CHUNK = 7 };
+    tmodel *m = model_make(cfg, 100 + cfg);
+    int V = m->w.hp.n_vocab;
+    int32_t tok[T];
+    random_tokens(tok, T, V, 5 + cfg);
+    double *ref = malloc(sizeof(double) * T * V);
+    float *got = malloc(sizeof(float) * T * V);
+    ref_forward(m, tok, T, ref);
+
+    moe_engine *e = engine_make(m, 2, 0.0f);
+    ck_assert_int_eq(moe_engine_seq_reserve(e, 1, T, err, sizeof err), 0);
+    row r[T];
+    for (int i = 0; i < T; i++) r[i] = (row){tok[i], i, 1, 1};
+    ck_assert_msg(run_batch(e, r, CHUNK, got) == 0, "%s", err);
+    for (int i = CHUNK; i < T; i++)
+        ck_assert_msg(run_batch(e, r + i, 1, got + (size_t)i * V) == 0, "%s", err);
+    double worst = 0, spread = 0;
+    for (int t = 0; t < T; t++) {
+        double re = rel_err(got + (size_t)t * V, ref + (size_t)t * V, V);
+        ck_assert_msg(re <= 1e-4, "cfg %d position %d: relative error %g", cfg, t, re);
+        if (re > worst) worst = re;
+        double lo = INFINITY, hi = -INFINITY;
+        for (int i = 0; i < V; i++) { lo = fmin(lo, ref[t * V + i]); hi = fmax(hi, ref[t * V + i]); }
+        spread += hi - lo;
+    }
+    ck_assert_msg(spread / T > 1.0, "cfg %d: logits are flat (mean spread %g)", cfg, spread / T);
+    printf("engine vs reference, %s%s: max relative error %.2e\n",
+           moe_arch_get(m->w.hp.arch)->name, m->w.hp.n_expert ? "" : " (dense)", worst);
+    moe_engine_free(e);
+    free(ref);
+    free(got);
+    model_free(m);
+}
+
+START_TEST(matches_reference)
+{
+    check_against_reference(_i);
+}
+END_TEST
+
+/* Batch composition --------------------------------------------------------- */
+
+/* Three sequences (9, 5 and 13 tokens) in interleaved batches of prompt chunks and
+ * decode steps, against each sequence alone as one chunk. While every batch stays
+ * below the sgemm row threshold all matmuls run the row-independent kernel, so the
+ * rows must be bit-identical; otherwise within 1e-6. */
+START_TEST(batch_composition_does_not_matter)
+{
+    tmodel *m = model_make(_i, 200 + _i);
+    int V = m->w.hp.n_vocab;
+    enum { NA = 9, NB = 5, NC = 13 };
+    int len[3] = {NA, NB, NC};
+    int32_t toks[3][16];
+    for (int s = 0; s < 3; s++) random_tokens(toks[s], len[s], V, 40 + s);
+
+    /* batches of (seq, count) chunks, in this order */
+    static const int plan[][3][2] = {
+        {{0, 3}, {1, 2}, {2, 4}},
+        {{2, 4}, {0, 2}, {-1, 0}},
+        {{1, 3}, {0, 1}, {2, 1}},
+        {{0, 1}, {2, 1}, {-1, 0}},
+        {{2, 1}, {0, 1}, {-1, 0}},
+        {{0, 1}, {2, 2}, {-1, 0}},
+    };
+    float *mixed = calloc((size_t)(NA + NB + NC) * V, sizeof(float));
+    float *alone = calloc((size_t)16 * V, sizeof(float));
+    float *out = calloc((size_t)32 * V, sizeof(float));
+    int done[3] = {0, 0, 0}, max_rows = 0;
+    moe_engine *e = engine_make(m, 2, 0.0f);
+    /* slots 3, 0, 2 so slot numbers differ from the alone runs */
+    int slot[3] = {3, 0, 2};
+    for (int s = 0; s < 3; s++) ck_assert_int_eq(moe_engine_seq_reserve(e, slot[s], len[s], err, sizeof err), 0);
+    for (size_t b = 0; b < sizeof plan / sizeof plan[0]; b++) {
+        row r[32];
+        int n = 0, src[32][2];
+        for (int c = 0; c < 3; c++) {
+            int s = plan[b][c][0];
+            if (s < 0) continue;
+            for (int j = 0; j < plan[b][c][1]; j++) {
+                int p = done[s]++;
+                r[n] = (row){toks[s][p], p, slot[s], (uint8_t)(p % 3 != 1)};   /* some rows want none */
+                src[n][0] = s;
+                src[n][1] = p;
+                n++;
+            }
+        }
+        if (n > max_rows) max_rows = n;
+        ck_assert_msg(run_batch(e, r, n, out) == 0, "%s", err);
+        int o = 0;
+        for (int i = 0; i < n; i++) {
+            if (!r[i].want) continue;
+            int off = (src[i][0] == 0 ? 0 : src[i][0] == 1 ? NA : NA + NB) + src[i][1];
+            memcpy(mixed + (size_t)off * V, out + (size_t)o++ * V, sizeof(float) * V);
+        }
+    }
+    for (int s = 0; s < 3; s++) ck_assert_int_eq(done[s], len[s]);
+    int bitexact = max_rows < matmul_sgemm_min_rows() && len[2] < matmul_sgemm_min_rows();
+    for (int s = 0; s < 3; s++) {
+        moe_engine *a = engine_make(m, 1, 0.0f);
+        ck_assert_int_eq(moe_engine_seq_reserve(a, 0, len[s], err, sizeof err), 0);
+        row r[16];
+        for (int p = 0; p < len[s]; p++) r[p] = (row){toks[s][p], p, 0, 1};
+        ck_assert_msg(run_batch(a, r, len[s], alone) == 0, "%s", err);
+        int base = s == 0 ? 0 : s == 1 ? NA : NA + NB;
+        for (int p = 0; p < len[s]; p++) {
+            if (p % 3 == 1) continue;
+            const float *x = mixed + (size_t)(base + p) * V, *y = alone + (size_t)p * V;
+            if (bitexact) {
+                ck_assert_msg(memcmp(x, y, sizeof(float) * V) == 0, "seq %d pos %d differs", s, p);
+            } else {
+                for (int i = 0; i < V; i++) ck_assert_double_eq_tol(x[i], y[i], 1e-6 * fmax(1, fabs(y[i])));
+            }
+        }
+        moe_engine_free(a);
+    }
+    moe_engine_free(e);
+    free(mixed);
+    free(alone);
+    free(out);
+    model_free(m);
+}
+END_TEST
+
+/* Threads ----------------------------------------------------------------- */
+
+/* A 20-row prefill (the sgemm path) plus decode steps of three sequences. */
+static void thread_run(const tmodel *m, int threads, float *logits)
+{
+    moe_engine *e = engine_make(m, threads, 0.0f);
+    int V = m->w.hp.n_vocab;
+    int32_t t[3][24];
+    for (int s = 0; s < 3; s++) {
+        random_tokens(t[s], 24, V, 70 + s);
+        ck_assert_int_eq(moe_engine_seq_reserve(e, s, 24, err, sizeof err), 0);
+    }
+    row r[32];
+    for (int p = 0; p < 20; p++) r[p] = (row){t[0][p], p, 0, 1};
+    ck_assert_msg(run_batch(e, r, 20, logits) == 0, "%s", err);
+    logits += (size_t)20 * V;
+    for (int step = 0; step < 4; step++) {
+        int n = 0;
+        for (int s = 0; s < 3; s++) {
+            int p = s == 0 ? 20 + step : step;
+            r[n++] = (row){t[s][p], p, s, 1};
+        }
+        ck_assert_msg(run_batch(e, r, n, logits) == 0, "%s", err);
+        logits += (size_t)n * V;
+    }
+    moe_engine_free(e);
+}
+
+START_TEST(one_thread_equals_two)
+{
+    tmodel *m = model_make(_i, 300 + _i);
+    size_t n = (size_t)(20 + 12) * m->w.hp.n_vocab;
+    float *a = calloc(n, sizeof(float)), *b = calloc(n, sizeof(float));
+    thread_run(m, 1, a);
+    thread_run(m, 2, b);
+    ck_assert(memcmp(a, b, n * sizeof(float)) == 0);
+    free(a);
+    free(b);
+    model_free(m);
+}
+END_TEST
+
+/* Errors ------------------------------------------------------------------ */
+
+START_TEST(bad_batches_fail_and_change_nothing)
+{
+    tmodel *m = model_make(CFG_QWEN2MOE, 400);
+    int V = m->w.hp.n_vocab;
+    int32_t t[8];
+    random_tokens(t, 8, V, 9);
+    float *ok = calloc((size_t)8 * V, sizeof(float)), *got = calloc((size_t)40 * V, sizeof(float));
+
+    /* the expected logits: an engine that sees only good batches */
+    moe_engine *e = engine_make(m, 1, 0.0f);
+    ck_assert_int_eq(moe_engine_seq_reserve(e, 0, 8, err, sizeof err), 0);
+    row r[40];
+    for (int p = 0; p < 8; p++) r[p] = (row){t[p], p, 0, 1};
+    ck_assert_int_eq(run_batch(e, r, 3, ok), 0);
+    ck_assert_int_eq(run_batch(e, r + 3, 5, ok + (size_t)3 * V), 0);
+    moe_engine_free(e);
+
+    e = engine_make(m, 2, 0.0f);
+    ck_assert_int_eq(moe_engine_seq_reserve(e, 0, 8, err, sizeof err), 0);
+    ck_assert_int_eq(run_batch(e, r, 3, got), 0);
+    row bad[3];
+#define EXPECT_FAIL(n_rows, what)                                            \
+    do {                                                                     \
+        err[0] = '\0';                                                       \
+        ck_assert_int_eq(run_batch(e, bad, n_rows, got), -1);                \
+        ck_assert_msg(strstr(err, what) != NULL, "'%s' lacks '%s'", err, what); \
+    } while (0)
+    bad[0] = (row){V, 3, 0, 1};                       EXPECT_FAIL(1, "token");
+    bad[0] = (row){-1, 3, 0, 1};                      EXPECT_FAIL(1, "token");
+    bad[0] = (row){t[3], 0, 1, 1};                    EXPECT_FAIL(1, "reserved");   /* unreserved slot */
+    bad[0] = (row){t[3], 3, 4, 1};                    EXPECT_FAIL(1, "slot");       /* no such slot */
+    bad[0] = (row){t[3], 3, -1, 1};                   EXPECT_FAIL(1, "slot");
+    bad[0] = (row){t[3], 4, 0, 1};                    EXPECT_FAIL(1, "position");   /* gap */
+    bad[0] = (row){t[3], 2, 0, 1};                    EXPECT_FAIL(1, "position");   /* rewrite */
+    bad[0] = (row){t[3], 3, 0, 1}; bad[1] = bad[0];   EXPECT_FAIL(2, "position");   /* duplicate */
+    bad[1] = (row){t[4], 4, 0, 1}; bad[2] = (row){1, 0, 2, 0};
+    EXPECT_FAIL(3, "reserved");   /* first two rows fine, the third is not */
+    for (int i = 0; i < 40; i++) r[i] = (row){1, 3 + i, 0, 1};
+    err[0] = '\0';
+    ck_assert_int_eq(run_batch(e, r, 33, got), -1);  /* > max_batch_tokens */
+    ck_assert(strstr(err, "max_batch_tokens") != NULL);
+    ck_assert_int_eq(run_batch(e, r, 6, got), -1);   /* positions 3..8, only 8 reserved */
+    ck_assert(strstr(err, "reserved") != NULL);
+    int32_t one = t[3], p3 = 3, s0 = 0;
+    uint8_t w1 = 1;
+    moe_batch nolog = {.n_tokens = 1, .token = &one, .pos = &p3, .seq = &s0, .want_logits = &w1};
+    ck_assert_int_eq(moe_engine_forward(e, &nolog, NULL, err, sizeof err), -1);
+    moe_batch neg = {.n_tokens = -1};
+    ck_assert_int_eq(moe_engine_forward(e, &neg, got, err, sizeof err), -1);
+    moe_batch empty = {.n_tokens = 0};
+    ck_assert_int_eq(moe_engine_forward(e, &empty, NULL, err, sizeof err), 0);
+
+    /* after all that, the sequence continues exactly as if nothing happened */
+    for (int p = 0; p < 8; p++) r[p] = (row){t[p], p, 0, 1};
+    ck_assert_int_eq(run_batch(e, r + 3, 5, got + (size_t)3 * V), 0);
+    ck_assert(memcmp(got + (size_t)3 * V, ok + (size_t)3 * V, sizeof(float) * 5 * V) == 0);
+
+    /* release and reuse the slot: starts again at position 0 */
+    int free_before = moe_engine_kv_blocks_free(e);
+    moe_engine_seq_release(e, 0);
+    ck_assert_int_eq(moe_engine_kv_blocks_free(e), free_before + 2);
+    bad[0] = (row){t[0], 0, 0, 1};
+    EXPECT_FAIL(1, "reserved");
+    ck_assert_int_eq(moe_engine_seq_reserve(e, 0, 8, err, sizeof err), 0);
+    ck_assert_int_eq(run_batch(e, r, 8, got), 0);
+    ck_assert(memcmp(got, ok, sizeof(float) * 8 * V) == 0);
+#undef EXPECT_FAIL
+    moe_engine_free(e);
+    free(ok);
+    free(got);
+    model_free(m);
+}
+END_TEST
+
+START_TEST(create_rejects_bad_input)
+{
+    tmodel *m = model_make(CFG_LLAMA_MOE, 500);
+    moe_engine_params p = moe_engine_default_params(&m->w.hp);
+    ck_assert_int_eq(p.n_threads, 1);
+    ck_assert_int_eq(p.max_seqs, 8);
+    ck_assert_int_eq(p.max_batch_tokens, 512);
+    ck_assert_int_ge(p.kv_n_blocks * p.kv_block_size, 8 * p.max_seq_len);
+    ck_assert_int_le(p.max_seq_len, m->w.hp.n_ctx_train);
+    moe_engine *e = (moe_engine *)1;
+    moe_engine_params q = p;
+    q.n_threads = 0;
+    ck_assert_int_eq(moe_engine_create(&m->w, &q, &e, err, sizeof err), -1);
+    ck_assert_ptr_null(e);
+    q = p;
+    q.max_seq_len = m->w.hp.n_ctx_train + 1;
+    ck_assert_int_eq(moe_engine_create(&m->w, &q, &e, err, sizeof err), -1);
+    q = p;
+    q.max_batch_tokens = 0;
+    ck_assert_int_eq(moe_engine_create(&m->w, &q, &e, err, sizeof err), -1);
+    m->L[1].exp_up = NULL;   /* weights that do not validate */
+    ck_assert_int_eq(moe_engine_create(&m->w, &p, &e, err, sizeof err), -1);
+    ck_assert(strstr(err, "layer 1") != NULL);
+    model_free(m);
+}
+END_TEST
+
+/* Expert counters and trace ------------------------------------------------ */
+
+static void counters_run(int cfg, float cf, int *n_out, uint64_t *routed_sum, uint64_t *dropped_sum)
+{
+    tmodel *m = model_make(cfg, 600);
+    const moe_hparams *hp = &m->w.hp;
+    int V = hp->n_vocab, k = hp->n_expert_used, ne = hp->n_expert, nl = hp->n_layer;
+    enum { N = 12 };
+    int32_t t[N];
+    random_tokens(t, N, V, 3);
+    moe_engine *e = engine_make(m, 2, cf);
+    ck_assert_int_eq(moe_engine_seq_reserve(e, 0, N, err, sizeof err), 0);
+    int32_t tok[N], pos[N], seq[N], tr_e[N * MAX_LAYERS * 4];
+    uint8_t want[N];
+    float tr_w[N * MAX_LAYERS * 4], *logits = malloc(sizeof(float) * N * V);
+    for (int i = 0; i < N; i++) { tok[i] = t[i]; pos[i] = i; seq[i] = 0; want[i] = 1; }
+    moe_batch b = {N, tok, pos, seq, want, tr_e, tr_w};
+    ck_assert_msg(moe_engine_forward(e, &b, logits, err, sizeof err) == 0, "%s", err);
+    for (int i = 0; i < N * V; i++) ck_assert(isfinite(logits[i]));
+    const uint64_t *ro = moe_engine_expert_routed(e), *dr = moe_engine_expert_dropped(e);
+    for (int l = 0; l < nl; l++) {
+        uint64_t r = 0, d = 0;
+        for (int x = 0; x < ne; x++) { r += ro[l * ne + x]; d += dr[l * ne + x]; }
+        ck_assert_uint_eq(r + d, (uint64_t)N * k);
+        routed_sum[l] = r;
+        dropped_sum[l] = d;
+        if (cf <= 0) ck_assert_uint_eq(d, 0);
+    }
+    /* trace: (token, layer, k) distinct valid ids, positive weights */
+    for (int i = 0; i < N; i++)
+        for (int l = 0; l < nl; l++) {
+            const int32_t *id = tr_e + ((size_t)i * nl + l) * k;
+            const float *w = tr_w + ((size_t)i * nl + l) * k;
+            double ws = 0;
+            for (int j = 0; j < k; j++) {
+                ck_assert(id[j] >= 0 && id[j] < ne);
+                for (int j2 = 0; j2 < j; j2++) ck_assert_int_ne(id[j], id[j2]);
+                ck_assert(w[j] > 0.0f && w[j] <= 1.0f);
+                ws += w[j];
+            }
+            if (moe_arch_get(hp->arch)->renorm_topk) ck_assert_double_eq_tol(ws, 1.0, 1e-5);
+        }
+    *n_out = N * k;
+    free(logits);
+    moe_engine_free(e);
+    model_free(m);
+}
+
+START_TEST(routed_counters_sum_to_tokens_times_k)
+{
+    int nk;
+    uint64_t r[MAX_LAYERS], d[MAX_LAYERS];
+    counters_run(CFG_QWEN3MOE, 0.0f, &nk, r, d);
+    for (int l = 0; l < 3; l++) ck_assert_uint_eq(r[l], (uint64_t)nk);
+    counters_run(CFG_LLAMA_MOE, 0.0f, &nk, r, d);
+    for (int l = 0; l < 2; l++) ck_assert_uint_eq(r[l], (uint64_t)nk);
+}
+END_TEST
+
+/* capacity factor 0.5 with 12 tokens, k 2, 6 experts: each queue keeps at most
+ * ceil(0.5 * 24 / 6) = 2 rows, so at most 12 of the 24 pairs survive. */
+START_TEST(capacity_factor_drops_are_counted)
+{
+    int nk;
+    uint64_t r[MAX_LAYERS], d[MAX_LAYERS];
+    counters_run(CFG_LLAMA_MOE, 0.5f, &nk, r, d);
+    for (int l = 0; l < 2; l++) {
+        ck_assert_uint_le(r[l], 12);
+        ck_assert_uint_ge(d[l], 12);
+    }
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("engine");
+    TCase *tc = tcase_create("engine");
+    tcase_set_timeout(tc, 120);
+    tcase_add_loop_test(tc, matches_reference, 0, CFG_COUNT);
+    tcase_add_loop_test(tc, batch_composition_does_not_matter, 0, CFG_COUNT);
+    tcase_add_loop_test(tc, one_thread_equals_two, 0, CFG_COUNT);
+    tcase_add_test(tc, bad_batches_fail_and_change_nothing);
+    tcase_add_test(tc, create_rejects_bad_input);
+    tcase_add_test(tc, routed_counters_sum_to_tokens_times_k);
+    tcase_add_test(tc, capacity_factor_drops_are_counted);
+    suite_add_tcase(s, tc);
+    return tu_run_suite(s);
+}
