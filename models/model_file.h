@@ -22,6 +22,7 @@ typedef struct {
     moe_tokenizer *tokenizer;  /* owned; NULL when the file has no tokenizer */
     int tied_output;           /* output.weight absent: token_embd used */
     size_t mapped_bytes;       /* file size */
+    float *converted;          /* owned: every F16/BF16 tensor converted to F32, one buffer */
     size_t converted_bytes;    /* heap used for F16/BF16 -> F32 */
     double load_ms;
     char name[128];            /* general.name, or the file stem */

@@ -1,0 +1,436 @@
+/* model_file.c -- a GGUF file mapped, checked and turned into moe_weights.
+ *
+ * Loading is three steps: read and range-check the hyperparameters of the file's
+ * architecture (so a hostile header fails with the name of the bad key before any
+ * size is trusted), locate every tensor the architecture needs and check its type
+ * and exact shape, then point the weights at the mapping (F32) or at one buffer of
+ * F16/BF16 tensors converted to F32. moe_weights_validate has the last word.
+ */
+#include "models/model_file.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* Limits far above any real model, so absurd values are rejected before they are
+ * multiplied into sizes. */
+#define MAX_LAYERS   1024
+#define MAX_EMBD     65536
+#define MAX_HEADS    4096
+#define MAX_HEAD_DIM 8192
+#define MAX_FF       (1 << 20)
+#define MAX_EXPERTS  4096
+#define MAX_CTX      (1 << 24)
+#define MAX_VOCAB    (1 << 24)
+
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* Hyperparameters --------------------------------------------------------- */
+
+typedef struct {
+    const gguf_file *f;
+    const char *arch;  /* key prefix */
+    char *err;
+    size_t errlen;
+} kv_reader;
+
+/* "<arch>.<suffix>" as an integer in [lo, hi]; def when absent and not required.
+ * Returns 0, or -1 with a message naming the key. */
+static int kv_int(const kv_reader *r, const char *suffix, int required, long def,
+                  long lo, long hi, int *out)
+{
+    char key[128];
+    snprintf(key, sizeof key, "%s.%s", r->arch, suffix);
+    uint64_t v;
+    int rc = gguf_get_u64(r->f, key, &v);
+    if (rc == -1) {
+        if (required) return fail(r->err, r->errlen, "missing key %s", key);
+        *out = (int)def;
+        return 0;
+    }
+    if (rc != 0) return fail(r->err, r->errlen, "%s is not a non-negative integer", key);
+    if (v < (uint64_t)lo || v > (uint64_t)hi)
+        return fail(r->err, r->errlen, "%s = %llu is out of range [%ld, %ld]", key,
+                    (unsigned long long)v, lo, hi);
+    *out = (int)v;
+    return 0;
+}
+
+static int kv_float(const kv_reader *r, const char *suffix, int required, float def,
+                    float lo, float hi, float *out)
+{
+    char key[128];
+    snprintf(key, sizeof key, "%s.%s", r->arch, suffix);
+    float v;
+    int rc = gguf_get_f32(r->f, key, &v);
+    if (rc == -1) {
+        if (required) return fail(r->err, r->errlen, "missing key %s", key);
+        *out = def;
+        return 0;
+    }
+    if (rc != 0) return fail(r->err, r->errlen, "%s is not a float", key);
+    if (!(v >= lo && v <= hi))
+        return fail(r->err, r->errlen, "%s = %g is out of range [%g, %g]", key, (double)v,
+                    (double)lo, (double)hi);
+    *out = v;
+    return 0;
+}
+
+/* The attention geometry: heads, KV heads, head size, rotated dims. */
+static int hparams_attention(const kv_reader *r, moe_hparams *hp)
+{
+    if (kv_int(r, "attention.head_count", 1, 0, 1, MAX_HEADS, &hp->n_head)) return -1;
+    if (kv_int(r, "attention.head_count_kv", 0, hp->n_head, 1, MAX_HEADS, &hp->n_head_kv)) return -1;
+    if (hp->n_head % hp->n_head_kv)
+        return fail(r->err, r->errlen, "%s.attention.head_count (%d) is not a multiple of "
+                    "head_count_kv (%d)", r->arch, hp->n_head, hp->n_head_kv);
+    int def_hd = hp->n_embd / hp->n_head, vdim;
+    if (kv_int(r, "attention.key_length", 0, 0, 1, MAX_HEAD_DIM, &hp->head_dim)) return -1;
+    if (hp->head_dim == 0) {
+        if (hp->n_embd % hp->n_head)
+            return fail(r->err, r->errlen, "%s.embedding_length (%d) is not a multiple of "
+                        "attention.head_count (%d) and no key_length is given",
+                        r->arch, hp->n_embd, hp->n_head);
+        hp->head_dim = def_hd;
+    }
+    if (kv_int(r, "attention.value_length", 0, hp->head_dim, 1, MAX_HEAD_DIM, &vdim)) return -1;
+    if (vdim != hp->head_dim)
+        return fail(r->err, r->errlen, "%s.attention.value_length (%d) differs from key_length (%d)",
+                    r->arch, vdim, hp->head_dim);
+    if (kv_int(r, "rope.dimension_count", 0, hp->head_dim, 2, hp->head_dim, &hp->rope_dim)) return -1;
+    if (hp->rope_dim % 2)
+        return fail(r->err, r->errlen, "%s.rope.dimension_count (%d) must be even", r->arch, hp->rope_dim);
+    return 0;
+}
+
+/* The FFN: dense width or expert count, k and expert width per architecture. */
+static int hparams_ffn(const kv_reader *r, const moe_arch_info *a, moe_hparams *hp)
+{
+    if (kv_int(r, "expert_count", 0, 0, 0, MAX_EXPERTS, &hp->n_expert)) return -1;
+    if (hp->n_expert == 0 && hp->arch != MOE_ARCH_LLAMA)
+        return fail(r->err, r->errlen, "%s.expert_count is missing or 0: only llama may be dense", r->arch);
+    if (kv_int(r, "expert_used_count", hp->n_expert > 0, 0, 0, MAX_EXPERTS, &hp->n_expert_used)) return -1;
+    if (hp->n_expert > 0 && (hp->n_expert_used < 1 || hp->n_expert_used > hp->n_expert))
+        return fail(r->err, r->errlen, "%s.expert_used_count (%d) must be in [1, expert_count = %d]",
+                    r->arch, hp->n_expert_used, hp->n_expert);
+    if (hp->n_expert == 0 && hp->n_expert_used != 0)
+        return fail(r->err, r->errlen, "%s.expert_used_count (%d) without experts", r->arch,
+                    hp->n_expert_used);
+    /* Qwen MoE files give the expert width its own key; feed_forward_length there
+     * is a dense width no layer uses. llama (Mixtral) and OLMoE use the plain key. */
+    int own_key = hp->arch == MOE_ARCH_QWEN2MOE || hp->arch == MOE_ARCH_QWEN3MOE;
+    if (kv_int(r, own_key ? "expert_feed_forward_length" : "feed_forward_length", 1, 0, 1, MAX_FF,
+               &hp->n_ff))
+        return -1;
+    if (a->shared_expert &&
+        kv_int(r, "expert_shared_feed_forward_length", 1, 0, 1, MAX_FF, &hp->n_ff_shexp))
+        return -1;
+    return 0;
+}
+
+static int hparams_read(const gguf_file *f, moe_hparams *hp, char *err, size_t errlen)
+{
+    char arch[64];
+    int rc = gguf_get_cstr(f, "general.architecture", arch, sizeof arch);
+    if (rc == -1) return fail(err, errlen, "missing key general.architecture");
+    if (rc != 0) return fail(err, errlen, "general.architecture is not a short string");
+    memset(hp, 0, sizeof *hp);
+    hp->arch = moe_arch_from_name(arch);
+    if (hp->arch == MOE_ARCH_COUNT) {
+        char list[128] = "";
+        for (int i = 0; i < MOE_ARCH_COUNT; i++)
+            snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", i ? ", " : "",
+                     moe_arch_get((moe_arch)i)->name);
+        return fail(err, errlen, "unsupported architecture '%s' (supported: %s)", arch, list);
+    }
+    const moe_arch_info *a = moe_arch_get(hp->arch);
+    kv_reader r = {f, a->name, err, errlen};
+    if (kv_int(&r, "block_count", 1, 0, 1, MAX_LAYERS, &hp->n_layer)) return -1;
+    if (kv_int(&r, "embedding_length", 1, 0, 1, MAX_EMBD, &hp->n_embd)) return -1;
+    if (kv_int(&r, "context_length", 1, 0, 1, MAX_CTX, &hp->n_ctx_train)) return -1;
+    if (hparams_attention(&r, hp) || hparams_ffn(&r, a, hp)) return -1;
+    if (kv_float(&r, "attention.layer_norm_rms_epsilon", 1, 0.0f, 1e-12f, 1.0f, &hp->rms_eps)) return -1;
+    if (kv_float(&r, "rope.freq_base", 0, 10000.0f, 1.0f, 1e12f, &hp->rope_base)) return -1;
+    return 0;
+}
+
+/* Tensors ------------------------------------------------------------------ */
+
+/* Each weight the model needs: where its pointer goes and the file's tensor. */
+typedef struct {
+    const float **slot;
+    const gguf_tensor *t;
+} tensor_ref;
+
+typedef struct {
+    const gguf_file *f;
+    tensor_ref *refs;
+    int n_refs, cap_refs;
+    size_t convert_floats;  /* F32 floats needed for conversions (64-byte padded) */
+    char *err;
+    size_t errlen;
+} tensor_loader;
+
+static void shape_str(char *buf, size_t cap, uint32_t n_dims, const uint64_t *ne)
+{
+    size_t k = 0;
+    k += (size_t)snprintf(buf + k, cap - k, "[");
+    for (uint32_t d = 0; d < n_dims && k < cap; d++)
+        k += (size_t)snprintf(buf + k, cap - k, "%s%llu", d ? ", " : "", (unsigned long long)ne[d]);
+    if (k < cap) snprintf(buf + k, cap - k, "]");
+}
+
+/* F32 used in place needs float alignment; anything else is converted. */
+static int needs_copy(const gguf_tensor *t)
+{
+    return t->type != GGML_TYPE_F32 || ((uintptr_t)t->data % sizeof(float)) != 0;
+}
+
+/* Finds tensor `name`, checks its type and exact shape (n_dims dims from ne) and
+ * queues it for *slot. Absent: error when required, else *slot stays NULL. */
+static int tensor_want(tensor_loader *L, const char *name, int required, const float **slot,
+                       uint32_t n_dims, uint64_t ne0, uint64_t ne1, uint64_t ne2)
+{
+    const gguf_tensor *t = gguf_find_tensor(L->f, name);
+    if (!t) {
+        if (required) return fail(L->err, L->errlen, "missing tensor %s", name);
+        return 0;
+    }
+    if (t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_BF16)
+        return fail(L->err, L->errlen, "tensor %s has type %s (%d): supported are F32, F16, BF16",
+                    name, ggml_type_name(t->type) ? ggml_type_name(t->type) : "?", (int)t->type);
+    uint64_t want[3] = {ne0, ne1, ne2};
+    int same = t->n_dims == n_dims;
+    for (uint32_t d = 0; same && d < n_dims; d++) same = t->ne[d] == want[d];
+    if (!same) {
+        char a[96], b[96];
+        shape_str(a, sizeof a, n_dims, want);
+        shape_str(b, sizeof b, t->n_dims, t->ne);
+        return fail(L->err, L->errlen, "tensor %s: expected shape %s, found %s", name, a, b);
+    }
+    if (L->n_refs == L->cap_refs) {
+        int cap = L->cap_refs ? 2 * L->cap_refs : 64;
+        tensor_ref *r = realloc(L->refs, (size_t)cap * sizeof *r);
+        if (!r) return fail(L->err, L->errlen, "out of memory");
+        L->refs = r;
+        L->cap_refs = cap;
+    }
+    L->refs[L->n_refs++] = (tensor_ref){slot, t};
+    if (needs_copy(t)) L->convert_floats += (size_t)((t->n_elements + 15) / 16 * 16);
+    return 0;
+}
+
+static int layer_want(tensor_loader *L, const moe_hparams *hp, int il, moe_layer_weights *w)
+{
+    const moe_arch_info *a = moe_arch_get(hp->arch);
+    uint64_t e = (uint64_t)hp->n_embd, hd = (uint64_t)hp->head_dim;
+    uint64_t q = (uint64_t)hp->n_head * hd, kv = (uint64_t)hp->n_head_kv * hd;
+    uint64_t ff = (uint64_t)hp->n_ff, ne = (uint64_t)hp->n_expert, sh = (uint64_t)hp->n_ff_shexp;
+    char nm[96];
+    int rc = 0;
+#define WANT(suffix, slot, nd, a0, a1, a2) \
+    (snprintf(nm, sizeof nm, "blk.%d.%s", il, suffix), rc = rc ? rc : tensor_want(L, nm, 1, slot, nd, a0, a1, a2))
+    WANT("attn_norm.weight", &w->attn_norm, 1, e, 1, 1);
+    WANT("attn_q.weight", &w->wq, 2, e, q, 1);
+    WANT("attn_k.weight", &w->wk, 2, e, kv, 1);
+    WANT("attn_v.weight", &w->wv, 2, e, kv, 1);
+    WANT("attn_output.weight", &w->wo, 2, q, e, 1);
+    if (a->qkv_bias) {
+        WANT("attn_q.bias", &w->bq, 1, q, 1, 1);
+        WANT("attn_k.bias", &w->bk, 1, kv, 1, 1);
+        WANT("attn_v.bias", &w->bv, 1, kv, 1, 1);
+    }
+    if (a->qk_norm != MOE_QK_NORM_NONE) {
+        int full = a->qk_norm == MOE_QK_NORM_FULL;
+        WANT("attn_q_norm.weight", &w->q_norm, 1, full ? q : hd, 1, 1);
+        WANT("attn_k_norm.weight", &w->k_norm, 1, full ? kv : hd, 1, 1);
+    }
+    WANT("ffn_norm.weight", &w->ffn_norm, 1, e, 1, 1);
+    if (hp->n_expert == 0) {
+        WANT("ffn_gate.weight", &w->ffn_gate, 2, e, ff, 1);
+        WANT("ffn_up.weight", &w->ffn_up, 2, e, ff, 1);
+        WANT("ffn_down.weight", &w->ffn_down, 2, ff, e, 1);
+    } else {
+        WANT("ffn_gate_inp.weight", &w->router, 2, e, ne, 1);
+        WANT("ffn_gate_exps.weight", &w->exp_gate, 3, e, ff, ne);
+        WANT("ffn_up_exps.weight", &w->exp_up, 3, e, ff, ne);
+        WANT("ffn_down_exps.weight", &w->exp_down, 3, ff, e, ne);
+    }
+    if (a->shared_expert) {
+        WANT("ffn_gate_inp_shexp.weight", &w->shexp_gate_inp, 1, e, 1, 1);
+        WANT("ffn_gate_shexp.weight", &w->shexp_gate, 2, e, sh, 1);
+        WANT("ffn_up_shexp.weight", &w->shexp_up, 2, e, sh, 1);
+        WANT("ffn_down_shexp.weight", &w->shexp_down, 2, sh, e, 1);
+    }
+#undef WANT
+    return rc;
+}
+
+/* Every tensor of the model; n_vocab comes from token_embd's shape. */
+static int tensors_want(tensor_loader *L, moe_model *m)
+{
+    moe_weights *w = &m->weights;
+    moe_hparams *hp = &w->hp;
+    uint64_t e = (uint64_t)hp->n_embd;
+    const gguf_tensor *te = gguf_find_tensor(L->f, "token_embd.weight");
+    if (!te) return fail(L->err, L->errlen, "missing tensor token_embd.weight");
+    if (te->n_dims != 2 || te->ne[0] != e || te->ne[1] < 1 || te->ne[1] > MAX_VOCAB) {
+        char b[96];
+        shape_str(b, sizeof b, te->n_dims, te->ne);
+        return fail(L->err, L->errlen, "tensor token_embd.weight: expected shape [%llu, n_vocab "
+                    "in 1..%d], found %s", (unsigned long long)e, MAX_VOCAB, b);
+    }
+    hp->n_vocab = (int)te->ne[1];
+    uint64_t v = (uint64_t)hp->n_vocab;
+    if (tensor_want(L, "token_embd.weight", 1, &w->tok_embd, 2, e, v, 1)) return -1;
+    if (tensor_want(L, "output_norm.weight", 1, &w->output_norm, 1, e, 1, 1)) return -1;
+    if (tensor_want(L, "output.weight", 0, &w->output, 2, e, v, 1)) return -1;
+    m->tied_output = gguf_find_tensor(L->f, "output.weight") == NULL;
+    w->layers = calloc((size_t)hp->n_layer, sizeof *w->layers);
+    if (!w->layers) return fail(L->err, L->errlen, "out of memory");
+    for (int il = 0; il < hp->n_layer; il++)
+        if (layer_want(L, hp, il, &w->layers[il])) return -1;
+    return 0;
+}
+
+/* Points every slot at its data: in place for F32, else converted into one buffer. */
+static int tensors_resolve(tensor_loader *L, moe_model *m)
+{
+    if (L->convert_floats) {
+        m->converted = aligned_alloc(64, L->convert_floats * sizeof(float));
+        if (!m->converted)
+            return fail(L->err, L->errlen, "out of memory converting %zu MiB of F16/BF16 to F32",
+                        L->convert_floats * sizeof(float) >> 20);
+        m->converted_bytes = L->convert_floats * sizeof(float);
+    }
+    size_t at = 0;
+    for (int i = 0; i < L->n_refs; i++) {
+        const gguf_tensor *t = L->refs[i].t;
+        if (!needs_copy(t)) { *L->refs[i].slot = t->data; continue; }
+        float *dst = m->converted + at;
+        const unsigned char *src = t->data;
+        for (uint64_t j = 0; j < t->n_elements; j++) {
+            if (t->type == GGML_TYPE_F32) {
+                memcpy(&dst[j], src + 4 * j, 4);
+                continue;
+            }
+            uint16_t h;
+            memcpy(&h, src + 2 * j, 2);
+            dst[j] = t->type == GGML_TYPE_F16 ? gguf_f16_to_f32(h) : gguf_bf16_to_f32(h);
+        }
+        *L->refs[i].slot = dst;
+        at += (size_t)((t->n_elements + 15) / 16 * 16);
+    }
+    if (m->tied_output) m->weights.output = m->weights.tok_embd;
+    return 0;
+}
+
+/* Name, tokenizer ----------------------------------------------------------- */
+
+/* general.name (truncated at a character boundary, control bytes replaced), else
+ * the file name without directory and .gguf. */
+static void model_name(const gguf_file *f, const char *path, char *out, size_t cap)
+{
+    gguf_str s;
+    size_t n = 0;
+    if (gguf_get_str(f, "general.name", &s) == 0 && s.len > 0) {
+        n = s.len < cap - 1 ? (size_t)s.len : cap - 1;
+        while (n > 0 && n < s.len && ((unsigned char)s.data[n] & 0xC0) == 0x80) n--;
+        memcpy(out, s.data, n);
+    } else {
+        const char *base = strrchr(path, '/');
+        base = base ? base + 1 : path;
+        n = strlen(base);
+        if (n > 5 && !strcmp(base + n - 5, ".gguf")) n -= 5;
+        if (n > cap - 1) n = cap - 1;
+        memcpy(out, base, n);
+    }
+    out[n] = 0;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)out[i] < 0x20 || out[i] == 0x7f) out[i] = '?';
+}
+
+static int model_tokenizer(moe_model *m, char *err, size_t errlen)
+{
+    if (gguf_find_key(m->gguf, "tokenizer.ggml.model") < 0) return 0;
+    char why[256];
+    if (tokenizer_load(m->gguf, &m->tokenizer, why, sizeof why))
+        return fail(err, errlen, "tokenizer: %s", why);
+    int nt = tokenizer_n_vocab(m->tokenizer);
+    if (nt > m->weights.hp.n_vocab)
+        return fail(err, errlen, "the tokenizer has %d tokens but token_embd.weight only %d rows",
+                    nt, m->weights.hp.n_vocab);
+    return 0;
+}
+
+/* Loading ------------------------------------------------------------------- */
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static int model_fill(moe_model *m, const char *path, char *err, size_t errlen)
+{
+    if (hparams_read(m->gguf, &m->weights.hp, err, errlen)) return -1;
+    tensor_loader L = {.f = m->gguf, .err = err, .errlen = errlen};
+    int rc = tensors_want(&L, m);
+    if (rc == 0) rc = tensors_resolve(&L, m);
+    free(L.refs);
+    if (rc) return -1;
+    int vocab_key;
+    char key[96];
+    snprintf(key, sizeof key, "%s.vocab_size", moe_arch_get(m->weights.hp.arch)->name);
+    kv_reader r = {m->gguf, moe_arch_get(m->weights.hp.arch)->name, err, errlen};
+    if (kv_int(&r, "vocab_size", 0, m->weights.hp.n_vocab, 1, MAX_VOCAB, &vocab_key)) return -1;
+    if (vocab_key != m->weights.hp.n_vocab)
+        return fail(err, errlen, "%s = %d but token_embd.weight has %d rows", key, vocab_key,
+                    m->weights.hp.n_vocab);
+    if (moe_weights_validate(&m->weights, err, errlen)) return -1;
+    if (model_tokenizer(m, err, errlen)) return -1;
+    model_name(m->gguf, path, m->name, sizeof m->name);
+    return 0;
+}
+
+int moe_model_load(const char *path, moe_model **out, char *err, size_t errlen)
+{
+    double t0 = now_ms();
+    *out = NULL;
+    moe_model *m = calloc(1, sizeof *m);
+    if (!m) return fail(err, errlen, "out of memory");
+    if (gguf_open(path, &m->gguf, err, errlen)) {
+        free(m);
+        return -1;
+    }
+    m->mapped_bytes = gguf_file_size(m->gguf);
+    if (model_fill(m, path, err, errlen)) {
+        moe_model_free(m);
+        return -1;
+    }
+    m->load_ms = now_ms() - t0;
+    *out = m;
+    return 0;
+}
+
+void moe_model_free(moe_model *m)
+{
+    if (!m) return;
+    if (m->tokenizer) tokenizer_free(m->tokenizer);
+    free(m->weights.layers);
+    free(m->converted);
+    if (m->gguf) gguf_close(m->gguf);
+    free(m);
+}
