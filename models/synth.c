@@ -13,6 +13,7 @@
  */
 #include "models/synth.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -112,7 +113,7 @@ typedef struct {
 static void list_add(synth_list *l, const char *name, float mean, float std,
                      uint32_t n_dims, uint64_t ne0, uint64_t ne1, uint64_t ne2)
 {
-    if (l->n == l->cap) return; /* capacity computed from the shape: cannot happen */
+    assert(l->n < l->cap); /* capacity is computed from the shape */
     synth_tensor *t = &l->t[l->n++];
     snprintf(t->name, sizeof t->name, "%s", name);
     t->n_dims = n_dims;
