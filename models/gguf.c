@@ -1,0 +1,1255 @@
+/* gguf.c -- GGUF v2/v3 reader (memory-mapped, validated before use) and writer.
+ *
+ * File layout (little-endian):
+ *   "GGUF" u32 version, u64 n_tensors, u64 n_kv
+ *   n_kv x    { str key, u32 type, value }
+ *   n_tensors x { str name, u32 n_dims, u64 ne[n_dims], u32 type, u64 offset }
+ *   padding to the alignment (general.alignment, default 32), then the data section;
+ *   each tensor's offset is relative to the data section and aligned.
+ * str = u64 length + bytes (no NUL). An array value = u32 element type, u64 count,
+ * elements.
+ *
+ * The reader walks the whole header once with a bounds-checked cursor, recording
+ * where every key's value and every tensor lies; nothing is used before all of it
+ * has been checked, so the accessors can read the mapping without further checks.
+ * Keys and tensor names are found through an open-addressing hash index.
+ */
+#include "models/gguf.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <float.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "gguf.c reads and writes little-endian GGUF with memcpy: port it for big-endian hosts"
+#endif
+
+#define GGUF_MAGIC        "GGUF"
+#define GGUF_VERSION      3
+#define GGUF_KEY_ALIGN    "general.alignment"
+/* Smallest encodings, used to bound counts by the bytes left in the file:
+ * a key/value is at least key length (8) + type (4) + a 1-byte value; a tensor
+ * info at least name length (8) + n_dims (4) + one dim (8) + type (4) + offset (8). */
+#define GGUF_MIN_KV_BYTES     13
+#define GGUF_MIN_TENSOR_BYTES 32
+
+/* ---------------------------------------------------------------- types ---- */
+
+typedef struct {
+    gguf_str key;           /* first member: the name index reads it */
+    gguf_type type;
+    gguf_type elem_type;    /* arrays: element type */
+    uint64_t n;             /* arrays: element count */
+    const uint8_t *val;     /* the value's encoding (for arrays: from the element type on) */
+    uint64_t val_len;       /* bytes of that encoding */
+    const uint8_t *payload; /* arrays: first element; scalars and strings: == val */
+} gguf_kv;
+
+/* Open-addressing hash of names -> entry index; slot -1 is empty. */
+typedef struct {
+    int64_t *slot;
+    uint64_t mask;          /* capacity - 1 (capacity a power of two) */
+} name_index;
+
+struct gguf_file {
+    const uint8_t *base;
+    size_t size;
+    int mapped;             /* base came from mmap: munmap at close */
+    uint32_t version;
+    uint64_t alignment;
+    uint64_t data_start;    /* file offset of the data section */
+    gguf_kv *kv;            /* (n_kv) */
+    int64_t n_kv;
+    gguf_tensor *tensors;   /* (n_tensors) */
+    int64_t n_tensors;
+    name_index kv_index;
+    name_index tensor_index;
+};
+
+static const uint64_t scalar_size[GGUF_TYPE_COUNT] = {
+    [GGUF_TYPE_UINT8] = 1, [GGUF_TYPE_INT8] = 1, [GGUF_TYPE_UINT16] = 2,
+    [GGUF_TYPE_INT16] = 2, [GGUF_TYPE_UINT32] = 4, [GGUF_TYPE_INT32] = 4,
+    [GGUF_TYPE_FLOAT32] = 4, [GGUF_TYPE_BOOL] = 1, [GGUF_TYPE_UINT64] = 8,
+    [GGUF_TYPE_INT64] = 8, [GGUF_TYPE_FLOAT64] = 8,
+};
+
+static const char *const gguf_type_names[GGUF_TYPE_COUNT] = {
+    "uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "bool",
+    "string", "array", "uint64", "int64", "float64",
+};
+
+static const char *type_name(uint32_t t)
+{
+    return t < GGUF_TYPE_COUNT ? gguf_type_names[t] : "unknown";
+}
+
+const char *ggml_type_name(ggml_type t)
+{
+    /* ggml's numbering, so an unsupported type is named in errors */
+    static const char *const names[] = {
+        "f32", "f16", "q4_0", "q4_1", "type 4 (removed)", "type 5 (removed)", "q5_0", "q5_1",
+        "q8_0", "q8_1", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q8_K", "iq2_xxs", "iq2_xs",
+        "iq3_xxs", "iq1_s", "iq4_nl", "iq3_s", "iq2_s", "iq4_xs", "i8", "i16", "i32", "i64",
+        "f64", "iq1_m", "bf16", "type 31 (removed)", "type 32 (removed)", "type 33 (removed)",
+        "tq1_0", "tq2_0",
+    };
+    unsigned u = (unsigned)t;
+    return u < sizeof names / sizeof names[0] ? names[u] : "unknown";
+}
+
+size_t ggml_type_size(ggml_type t)
+{
+    switch (t) {
+    case GGML_TYPE_F32: return 4;
+    case GGML_TYPE_F16: return 2;
+    case GGML_TYPE_BF16: return 2;
+    }
+    return 0;
+}
+
+static uint64_t align_up(uint64_t x, uint64_t a) /* a a power of two; caller checks overflow */
+{
+    return (x + a - 1) & ~(a - 1);
+}
+
+/* ------------------------------------------------------- name index ---- */
+
+static uint64_t hash_bytes(const char *s, uint64_t n)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (uint64_t i = 0; i < n; i++) h = (h ^ (uint8_t)s[i]) * 1099511628211ull;
+    return h;
+}
+
+static const gguf_str *entry_name(const void *entries, size_t stride, int64_t i)
+{
+    return (const gguf_str *)((const char *)entries + (size_t)i * stride);
+}
+
+static int str_eq(gguf_str a, const char *s, uint64_t n)
+{
+    return a.len == n && memcmp(a.data, s, n) == 0;
+}
+
+static int64_t index_find(const name_index *ix, const void *entries, size_t stride,
+                          const char *s, uint64_t n)
+{
+    if (!ix->slot) return -1;
+    for (uint64_t h = hash_bytes(s, n) & ix->mask;; h = (h + 1) & ix->mask) {
+        int64_t e = ix->slot[h];
+        if (e < 0) return -1;
+        if (str_eq(*entry_name(entries, stride, e), s, n)) return e;
+    }
+}
+
+/* Builds the index over n entries whose first member is a gguf_str. Returns 0,
+ * -1 out of memory, or 1 with *dup = an entry whose name repeats an earlier one. */
+static int index_build(name_index *ix, const void *entries, size_t stride, int64_t n,
+                       int64_t *dup)
+{
+    uint64_t cap = 16;
+    while (cap < 2 * (uint64_t)n) cap *= 2;
+    ix->slot = malloc(cap * sizeof *ix->slot);
+    if (!ix->slot) return -1;
+    memset(ix->slot, 0xff, cap * sizeof *ix->slot); /* all -1 */
+    ix->mask = cap - 1;
+    for (int64_t i = 0; i < n; i++) {
+        const gguf_str *name = entry_name(entries, stride, i);
+        uint64_t h = hash_bytes(name->data, name->len) & ix->mask;
+        while (ix->slot[h] >= 0) {
+            if (str_eq(*entry_name(entries, stride, ix->slot[h]), name->data, name->len)) {
+                *dup = i;
+                return 1;
+            }
+            h = (h + 1) & ix->mask;
+        }
+        ix->slot[h] = i;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ parsing ---- */
+
+/* A bounds-checked read position in the file. */
+typedef struct {
+    const uint8_t *p;
+    uint64_t size;
+    uint64_t pos;
+    char *err;
+    size_t errlen;
+} cursor;
+
+static int fail(cursor *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int fail(cursor *c, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    if (c->errlen) vsnprintf(c->err, c->errlen, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+static uint64_t left(const cursor *c) { return c->size - c->pos; }
+
+static int need(cursor *c, uint64_t n, const char *where, const char *what)
+{
+    if (n <= left(c)) return 0;
+    return fail(c, "%s: %s at offset %llu needs %llu bytes, file ends after %llu (size %llu)",
+                where, what, (unsigned long long)c->pos, (unsigned long long)n,
+                (unsigned long long)left(c), (unsigned long long)c->size);
+}
+
+static int rd_u32(cursor *c, const char *where, const char *what, uint32_t *v)
+{
+    if (need(c, 4, where, what)) return -1;
+    memcpy(v, c->p + c->pos, 4);
+    c->pos += 4;
+    return 0;
+}
+
+static int rd_u64(cursor *c, const char *where, const char *what, uint64_t *v)
+{
+    if (need(c, 8, where, what)) return -1;
+    memcpy(v, c->p + c->pos, 8);
+    c->pos += 8;
+    return 0;
+}
+
+static int rd_str(cursor *c, const char *where, const char *what, gguf_str *s)
+{
+    uint64_t len;
+    if (rd_u64(c, where, what, &len)) return -1;
+    if (len > left(c))
+        return fail(c, "%s: %s length %llu at offset %llu exceeds the %llu bytes left in the file",
+                    where, what, (unsigned long long)len, (unsigned long long)(c->pos - 8),
+                    (unsigned long long)left(c));
+    s->data = (const char *)c->p + c->pos;
+    s->len = len;
+    c->pos += len;
+    return 0;
+}
+
+/* A hostile name made printable and short, for error messages. */
+static const char *printable(gguf_str s, char *buf, size_t cap)
+{
+    size_t n = 0;
+    for (uint64_t i = 0; i < s.len && n + 4 < cap; i++) {
+        unsigned char ch = (unsigned char)s.data[i];
+        buf[n++] = (ch >= 0x20 && ch < 0x7f) ? (char)ch : '?';
+    }
+    if (n + 4 >= cap && s.len > n) { memcpy(buf + n, "...", 3); n += 3; }
+    buf[n] = '\0';
+    return buf;
+}
+
+static int check_bools(cursor *c, const char *where, const uint8_t *p, uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++)
+        if (p[i] > 1)
+            return fail(c, "%s: bool value %u at offset %llu is neither 0 nor 1", where, p[i],
+                        (unsigned long long)(p + i - c->p));
+    return 0;
+}
+
+static int parse_array(cursor *c, const char *where, gguf_kv *kv)
+{
+    uint32_t et;
+    if (rd_u32(c, where, "array element type", &et)) return -1;
+    if (et >= GGUF_TYPE_COUNT)
+        return fail(c, "%s: array element type %u at offset %llu is not a GGUF type", where, et,
+                    (unsigned long long)(c->pos - 4));
+    if (et == GGUF_TYPE_ARRAY)
+        return fail(c, "%s: nested arrays (at offset %llu) are not supported", where,
+                    (unsigned long long)(c->pos - 4));
+    if (rd_u64(c, where, "array length", &kv->n)) return -1;
+    kv->elem_type = (gguf_type)et;
+    kv->payload = c->p + c->pos;
+    uint64_t n = kv->n;
+    if (et == GGUF_TYPE_STRING) {
+        if (n > left(c) / 8)
+            return fail(c, "%s: array of %llu strings at offset %llu cannot fit in the %llu bytes "
+                        "left in the file", where, (unsigned long long)n,
+                        (unsigned long long)(c->pos - 8), (unsigned long long)left(c));
+        char what[64];
+        for (uint64_t i = 0; i < n; i++) {
+            gguf_str s;
+            snprintf(what, sizeof what, "string %llu", (unsigned long long)i);
+            if (rd_str(c, where, what, &s)) return -1;
+        }
+        return 0;
+    }
+    uint64_t sz = scalar_size[et];
+    if (n > left(c) / sz)
+        return fail(c, "%s: array of %llu %s at offset %llu needs more than the %llu bytes left "
+                    "in the file", where, (unsigned long long)n, type_name(et),
+                    (unsigned long long)(c->pos - 8), (unsigned long long)left(c));
+    if (et == GGUF_TYPE_BOOL && check_bools(c, where, kv->payload, n)) return -1;
+    c->pos += n * sz;
+    return 0;
+}
+
+static int parse_value(cursor *c, const char *where, gguf_kv *kv)
+{
+    uint64_t start = c->pos;
+    kv->val = kv->payload = c->p + c->pos;
+    if (kv->type == GGUF_TYPE_STRING) {
+        gguf_str s;
+        if (rd_str(c, where, "string value", &s)) return -1;
+    } else if (kv->type == GGUF_TYPE_ARRAY) {
+        if (parse_array(c, where, kv)) return -1;
+    } else {
+        if (need(c, scalar_size[kv->type], where, type_name(kv->type))) return -1;
+        if (kv->type == GGUF_TYPE_BOOL && check_bools(c, where, kv->val, 1)) return -1;
+        c->pos += scalar_size[kv->type];
+    }
+    kv->val_len = c->pos - start;
+    return 0;
+}
+
+/* Grows *arr (of elements of size elem) to hold at least n+1; doubling keeps
+ * memory proportional to what the file really contains, not to its claims. */
+static int grow(void **arr, int64_t *cap, int64_t n, size_t elem)
+{
+    if (n < *cap) return 0;
+    int64_t nc = *cap ? *cap * 2 : 64;
+    void *p = realloc(*arr, (size_t)nc * elem);
+    if (!p) return -1;
+    *arr = p;
+    *cap = nc;
+    return 0;
+}
+
+static int parse_kvs(cursor *c, gguf_file *f, uint64_t n_kv)
+{
+    int64_t cap = 0;
+    char where[160], name[80];
+    for (uint64_t i = 0; i < n_kv; i++) {
+        if (grow((void **)&f->kv, &cap, f->n_kv, sizeof *f->kv))
+            return fail(c, "out of memory reading key/value %llu", (unsigned long long)i);
+        gguf_kv *kv = &f->kv[f->n_kv];
+        memset(kv, 0, sizeof *kv);
+        snprintf(where, sizeof where, "key/value %llu", (unsigned long long)i);
+        if (rd_str(c, where, "key", &kv->key)) return -1;
+        if (kv->key.len == 0) return fail(c, "%s: empty key", where);
+        snprintf(where, sizeof where, "key/value %llu '%s'", (unsigned long long)i,
+                 printable(kv->key, name, sizeof name));
+        uint32_t t;
+        if (rd_u32(c, where, "value type", &t)) return -1;
+        if (t >= GGUF_TYPE_COUNT)
+            return fail(c, "%s: value type %u at offset %llu is not a GGUF type", where, t,
+                        (unsigned long long)(c->pos - 4));
+        kv->type = (gguf_type)t;
+        if (parse_value(c, where, kv)) return -1;
+        f->n_kv++;
+    }
+    int64_t dup = -1;
+    int rc = index_build(&f->kv_index, f->kv, sizeof *f->kv, f->n_kv, &dup);
+    if (rc < 0) return fail(c, "out of memory indexing %lld keys", (long long)f->n_kv);
+    if (rc > 0)
+        return fail(c, "key/value %lld: duplicate key '%s'", (long long)dup,
+                    printable(f->kv[dup].key, name, sizeof name));
+    return 0;
+}
+
+static int read_alignment(cursor *c, gguf_file *f)
+{
+    f->alignment = GGUF_DEFAULT_ALIGNMENT;
+    uint32_t a;
+    int rc = gguf_get_u32(f, GGUF_KEY_ALIGN, &a);
+    if (rc == -1) return 0;
+    if (rc == -2)
+        return fail(c, "%s: must be an unsigned 32-bit integer (type is %s)", GGUF_KEY_ALIGN,
+                    type_name(f->kv[gguf_find_key(f, GGUF_KEY_ALIGN)].type));
+    if (a == 0 || (a & (a - 1)) != 0)
+        return fail(c, "%s: %u is not a power of two", GGUF_KEY_ALIGN, a);
+    f->alignment = a;
+    return 0;
+}
+
+static int parse_tensor_info(cursor *c, const gguf_file *f, int64_t i, gguf_tensor *t)
+{
+    char where[160], name[80];
+    snprintf(where, sizeof where, "tensor %lld", (long long)i);
+    if (rd_str(c, where, "name", &t->name)) return -1;
+    if (t->name.len == 0) return fail(c, "%s: empty name", where);
+    snprintf(where, sizeof where, "tensor %lld '%s'", (long long)i,
+             printable(t->name, name, sizeof name));
+    if (rd_u32(c, where, "n_dims", &t->n_dims)) return -1;
+    if (t->n_dims < 1 || t->n_dims > GGUF_MAX_DIMS)
+        return fail(c, "%s: n_dims %u at offset %llu (must be 1..%d)", where, t->n_dims,
+                    (unsigned long long)(c->pos - 4), GGUF_MAX_DIMS);
+    uint64_t n_el = 1;
+    for (uint32_t d = 0; d < GGUF_MAX_DIMS; d++) t->ne[d] = 1;
+    for (uint32_t d = 0; d < t->n_dims; d++) {
+        if (rd_u64(c, where, "dimension", &t->ne[d])) return -1;
+        if (t->ne[d] == 0 || t->ne[d] > (uint64_t)INT64_MAX)
+            return fail(c, "%s: dimension %u is %llu (must be 1..2^63-1)", where, d,
+                        (unsigned long long)t->ne[d]);
+        if (n_el > (uint64_t)INT64_MAX / t->ne[d])
+            return fail(c, "%s: element count overflows (dimension %u = %llu)", where, d,
+                        (unsigned long long)t->ne[d]);
+        n_el *= t->ne[d];
+    }
+    uint32_t type;
+    if (rd_u32(c, where, "type", &type)) return -1;
+    t->type = (ggml_type)type;
+    size_t esz = ggml_type_size(t->type);
+    if (esz == 0)
+        return fail(c, "%s: tensor type %u (%s) is not supported (only f32, f16 and bf16 are)",
+                    where, type, ggml_type_name(t->type));
+    if (n_el > UINT64_MAX / esz)
+        return fail(c, "%s: byte size overflows (%llu elements)", where,
+                    (unsigned long long)n_el);
+    t->n_elements = n_el;
+    t->nbytes = n_el * esz;
+    if (rd_u64(c, where, "data offset", &t->offset)) return -1;
+    if (t->offset % f->alignment)
+        return fail(c, "%s: data offset %llu is not a multiple of the alignment %llu", where,
+                    (unsigned long long)t->offset, (unsigned long long)f->alignment);
+    return 0;
+}
+
+typedef struct { uint64_t begin, end; int64_t i; } extent;
+
+static uint64_t sat_add(uint64_t a, uint64_t b) { return a > UINT64_MAX - b ? UINT64_MAX : a + b; }
+
+static int extent_cmp(const void *a, const void *b)
+{
+    const extent *x = a, *y = b;
+    if (x->begin != y->begin) return x->begin < y->begin ? -1 : 1;
+    return x->i < y->i ? -1 : x->i > y->i;
+}
+
+/* Every tensor's bytes lie inside the file and no two tensors share a byte. */
+static int check_data_ranges(cursor *c, gguf_file *f)
+{
+    char a[80], b[80];
+    uint64_t room = c->size - f->data_start; /* data_start <= size checked by the caller */
+    extent *ex = malloc((size_t)f->n_tensors * sizeof *ex);
+    if (!ex) return fail(c, "out of memory checking %lld tensors", (long long)f->n_tensors);
+    for (int64_t i = 0; i < f->n_tensors; i++) {
+        const gguf_tensor *t = &f->tensors[i];
+        if (t->offset > room || t->nbytes > room - t->offset) {
+            uint64_t begin = sat_add(f->data_start, t->offset), end = sat_add(begin, t->nbytes);
+            free(ex);
+            return fail(c, "tensor '%s': data [%llu, %llu) beyond file size %llu",
+                        printable(t->name, a, sizeof a), (unsigned long long)begin,
+                        (unsigned long long)end, (unsigned long long)c->size);
+        }
+        ex[i] = (extent){t->offset, t->offset + t->nbytes, i};
+    }
+    qsort(ex, (size_t)f->n_tensors, sizeof *ex, extent_cmp);
+    for (int64_t k = 1; k < f->n_tensors; k++) {
+        if (ex[k].begin < ex[k - 1].end) {
+            const gguf_tensor *p = &f->tensors[ex[k - 1].i], *q = &f->tensors[ex[k].i];
+            int rc = fail(c, "tensor '%s' data [%llu, %llu) overlaps tensor '%s' [%llu, %llu)",
+                          printable(q->name, a, sizeof a),
+                          (unsigned long long)(f->data_start + ex[k].begin),
+                          (unsigned long long)(f->data_start + ex[k].end),
+                          printable(p->name, b, sizeof b),
+                          (unsigned long long)(f->data_start + ex[k - 1].begin),
+                          (unsigned long long)(f->data_start + ex[k - 1].end));
+            free(ex);
+            return rc;
+        }
+    }
+    free(ex);
+    return 0;
+}
+
+static int parse_tensors(cursor *c, gguf_file *f, uint64_t n_tensors)
+{
+    int64_t cap = 0;
+    for (uint64_t i = 0; i < n_tensors; i++) {
+        if (grow((void **)&f->tensors, &cap, f->n_tensors, sizeof *f->tensors))
+            return fail(c, "out of memory reading tensor %llu", (unsigned long long)i);
+        gguf_tensor *t = &f->tensors[f->n_tensors];
+        memset(t, 0, sizeof *t);
+        if (parse_tensor_info(c, f, (int64_t)i, t)) return -1;
+        f->n_tensors++;
+    }
+    char name[80];
+    int64_t dup = -1;
+    int rc = index_build(&f->tensor_index, f->tensors, sizeof *f->tensors, f->n_tensors, &dup);
+    if (rc < 0) return fail(c, "out of memory indexing %lld tensors", (long long)f->n_tensors);
+    if (rc > 0)
+        return fail(c, "tensor %lld: duplicate name '%s'", (long long)dup,
+                    printable(f->tensors[dup].name, name, sizeof name));
+
+    /* The data section starts at the next multiple of the alignment. A file
+     * without tensors may end right after its metadata. */
+    if (c->pos > UINT64_MAX - f->alignment)
+        return fail(c, "data section offset overflows");
+    f->data_start = align_up(c->pos, f->alignment);
+    if (f->n_tensors == 0) return 0;
+    if (f->data_start > c->size)
+        return fail(c, "data section starts at %llu (tensor infos end at %llu, alignment %llu), "
+                    "beyond file size %llu", (unsigned long long)f->data_start,
+                    (unsigned long long)c->pos, (unsigned long long)f->alignment,
+                    (unsigned long long)c->size);
+    if (check_data_ranges(c, f)) return -1;
+    for (int64_t i = 0; i < f->n_tensors; i++)
+        f->tensors[i].data = f->base + f->data_start + f->tensors[i].offset;
+    return 0;
+}
+
+static int parse_header(cursor *c, gguf_file *f, uint64_t *n_tensors, uint64_t *n_kv)
+{
+    if (c->size < 4 || memcmp(c->p, GGUF_MAGIC, 4) != 0)
+        return fail(c, "not a GGUF file (bad magic at offset 0)");
+    c->pos = 4;
+    if (rd_u32(c, "header", "version", &f->version)) return -1;
+    if (f->version == 0x03000000u || f->version == 0x02000000u)
+        return fail(c, "header: big-endian GGUF is not supported");
+    if (f->version != 2 && f->version != 3)
+        return fail(c, "header: GGUF version %u is not supported (2 and 3 are)", f->version);
+    if (rd_u64(c, "header", "tensor count", n_tensors)) return -1;
+    if (rd_u64(c, "header", "key/value count", n_kv)) return -1;
+    if (*n_kv > left(c) / GGUF_MIN_KV_BYTES)
+        return fail(c, "header: key/value count %llu cannot fit in the %llu bytes after the "
+                    "header", (unsigned long long)*n_kv, (unsigned long long)left(c));
+    if (*n_tensors > left(c) / GGUF_MIN_TENSOR_BYTES)
+        return fail(c, "header: tensor count %llu cannot fit in the %llu bytes after the "
+                    "header", (unsigned long long)*n_tensors, (unsigned long long)left(c));
+    return 0;
+}
+
+static int parse(gguf_file *f, char *err, size_t errlen)
+{
+    cursor c = {f->base, f->size, 0, err, errlen};
+    uint64_t n_tensors = 0, n_kv = 0;
+    if (parse_header(&c, f, &n_tensors, &n_kv)) return -1;
+    if (parse_kvs(&c, f, n_kv)) return -1;
+    if (read_alignment(&c, f)) return -1;
+    return parse_tensors(&c, f, n_tensors);
+}
+
+/* ------------------------------------------------------ open / close ---- */
+
+static void release(gguf_file *f)
+{
+    if (!f) return;
+    if (f->mapped && f->base) munmap((void *)f->base, f->size);
+    free(f->kv);
+    free(f->tensors);
+    free(f->kv_index.slot);
+    free(f->tensor_index.slot);
+    free(f);
+}
+
+int gguf_open_memory(const void *data, size_t size, gguf_file **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    if (!data || size == 0) {
+        snprintf(err, errlen, "empty GGUF buffer");
+        return -1;
+    }
+    gguf_file *f = calloc(1, sizeof *f);
+    if (!f) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    f->base = data;
+    f->size = size;
+    if (parse(f, err, errlen)) {
+        release(f);
+        return -1;
+    }
+    *out = f;
+    return 0;
+}
+
+int gguf_open(const char *path, gguf_file **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot open: %s", strerror(errno));
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        snprintf(err, errlen, "cannot stat: %s", strerror(errno));
+        close(fd);
+        return -1;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        snprintf(err, errlen, "not a regular file");
+        close(fd);
+        return -1;
+    }
+    if (st.st_size == 0) {
+        snprintf(err, errlen, "empty file (not a GGUF file)");
+        close(fd);
+        return -1;
+    }
+    size_t size = (size_t)st.st_size;
+    void *base = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    int map_errno = errno;
+    close(fd); /* the mapping keeps the file */
+    if (base == MAP_FAILED) {
+        snprintf(err, errlen, "cannot map %zu bytes: %s", size, strerror(map_errno));
+        return -1;
+    }
+    gguf_file *f = calloc(1, sizeof *f);
+    if (!f) {
+        munmap(base, size);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    f->base = base;
+    f->size = size;
+    f->mapped = 1;
+    if (parse(f, err, errlen)) {
+        release(f);
+        return -1;
+    }
+    *out = f;
+    return 0;
+}
+
+void gguf_close(gguf_file *f) { release(f); }
+
+uint32_t gguf_version(const gguf_file *f) { return f->version; }
+size_t gguf_file_size(const gguf_file *f) { return f->size; }
+uint64_t gguf_alignment(const gguf_file *f) { return f->alignment; }
+
+/* ---------------------------------------------------------- key/values ---- */
+
+int64_t gguf_n_kv(const gguf_file *f) { return f->n_kv; }
+
+int64_t gguf_find_key(const gguf_file *f, const char *key)
+{
+    return index_find(&f->kv_index, f->kv, sizeof *f->kv, key, strlen(key));
+}
+
+gguf_str gguf_kv_key(const gguf_file *f, int64_t i)
+{
+    if (i < 0 || i >= f->n_kv) return (gguf_str){NULL, 0};
+    return f->kv[i].key;
+}
+
+gguf_type gguf_kv_type(const gguf_file *f, int64_t i)
+{
+    if (i < 0 || i >= f->n_kv) return GGUF_TYPE_COUNT;
+    return f->kv[i].type;
+}
+
+static const gguf_kv *kv_lookup(const gguf_file *f, const char *key)
+{
+    int64_t i = gguf_find_key(f, key);
+    return i < 0 ? NULL : &f->kv[i];
+}
+
+/* An integer of any GGUF integer type, as sign + magnitude-safe parts. */
+typedef struct { int neg; int64_t s; uint64_t u; } int_val;
+
+static int read_int(gguf_type t, const uint8_t *p, int_val *v)
+{
+    int64_t s = 0;
+    uint64_t u = 0;
+    int is_signed = 1;
+    switch (t) {
+    case GGUF_TYPE_UINT8: { uint8_t x; memcpy(&x, p, 1); u = x; is_signed = 0; break; }
+    case GGUF_TYPE_UINT16: { uint16_t x; memcpy(&x, p, 2); u = x; is_signed = 0; break; }
+    case GGUF_TYPE_UINT32: { uint32_t x; memcpy(&x, p, 4); u = x; is_signed = 0; break; }
+    case GGUF_TYPE_UINT64: { memcpy(&u, p, 8); is_signed = 0; break; }
+    case GGUF_TYPE_INT8: { int8_t x; memcpy(&x, p, 1); s = x; break; }
+    case GGUF_TYPE_INT16: { int16_t x; memcpy(&x, p, 2); s = x; break; }
+    case GGUF_TYPE_INT32: { int32_t x; memcpy(&x, p, 4); s = x; break; }
+    case GGUF_TYPE_INT64: { memcpy(&s, p, 8); break; }
+    default: return -1;
+    }
+    v->neg = is_signed && s < 0;
+    v->s = s;
+    v->u = is_signed ? (s < 0 ? 0 : (uint64_t)s) : u;
+    return 0;
+}
+
+static int int_to_i32(const int_val *v, int32_t *out)
+{
+    if (v->neg ? v->s < INT32_MIN : v->u > INT32_MAX) return -2;
+    *out = v->neg ? (int32_t)v->s : (int32_t)v->u;
+    return 0;
+}
+
+int gguf_get_u32(const gguf_file *f, const char *key, uint32_t *out)
+{
+    const gguf_kv *kv = kv_lookup(f, key);
+    if (!kv) return -1;
+    int_val v = {0, 0, 0};
+    if (read_int(kv->type, kv->val, &v) || v.neg || v.u > UINT32_MAX) return -2;
+    *out = (uint32_t)v.u;
+    return 0;
+}
+
+int gguf_get_i32(const gguf_file *f, const char *key, int32_t *out)
+{
+    const gguf_kv *kv = kv_lookup(f, key);
+    if (!kv) return -1;
+    int_val v = {0, 0, 0};
+    if (read_int(kv->type, kv->val, &v)) return -2;
+    return int_to_i32(&v, out);
+}
+
+int gguf_get_u64(const gguf_file *f, const char *key, uint64_t *out)
+{
+    const gguf_kv *kv = kv_lookup(f, key);
+    if (!kv) return -1;
+    int_val v = {0, 0, 0};
+    if (read_int(kv->type, kv->val, &v) || v.neg) return -2;
+    *out = v.u;
+    return 0;
+}
+
+/* f32, or f64 within float range (NaN and infinities pass as they are). */
+static int read_float(gguf_type t, const uint8_t *p, float *out)
+{
+    if (t == GGUF_TYPE_FLOAT32) {
+        memcpy(out, p, 4);
+        return 0;
+    }
+    if (t == GGUF_TYPE_FLOAT64) {
+        double d;
+        memcpy(&d, p, 8);
+        if (!isinf(d) && (d > FLT_MAX || d < -FLT_MAX)) return -2;
+        *out = (float)d;
+        return 0;
+    }
+    return -2;
+}
+
+int gguf_get_f32(const gguf_file *f, const char *key, float *out)
+{
+    const gguf_kv *kv = kv_lookup(f, key);
+    if (!kv) return -1;
+    return read_float(kv->type, kv->val, out);
+}
+
+int gguf_get_bool(const gguf_file *f, const char *key, int *out)
+{
+    const gguf_kv *kv = kv_lookup(f, key);
+    if (!kv) return -1;
+    if (kv->type != GGUF_TYPE_BOOL) return -2;
+    *out = kv->val[0] != 0;
+    return 0;
+}
+
+static gguf_str str_at(const uint8_t *p) /* p: a validated u64 length + bytes */
+{
+    gguf_str s;
+    memcpy(&s.len, p, 8);
+    s.data = (const char *)p + 8;
+    return s;
+}
+
+int gguf_get_str(const gguf_file *f, const char *key, gguf_str *out)
+{
+    const gguf_kv *kv = kv_lookup(f, key);
+    if (!kv) return -1;
+    if (kv->type != GGUF_TYPE_STRING) return -2;
+    *out = str_at(kv->val);
+    return 0;
+}
+
+int gguf_get_cstr(const gguf_file *f, const char *key, char *buf, size_t cap)
+{
+    gguf_str s;
+    int rc = gguf_get_str(f, key, &s);
+    if (rc) return rc;
+    /* an embedded NUL would silently shorten the string: refuse it too */
+    if (s.len >= cap || memchr(s.data, '\0', s.len)) return -2;
+    memcpy(buf, s.data, s.len);
+    buf[s.len] = '\0';
+    return 0;
+}
+
+int gguf_get_arr_info(const gguf_file *f, const char *key, gguf_type *elem_type, uint64_t *n)
+{
+    const gguf_kv *kv = kv_lookup(f, key);
+    if (!kv) return -1;
+    if (kv->type != GGUF_TYPE_ARRAY) return -2;
+    *elem_type = kv->elem_type;
+    *n = kv->n;
+    return 0;
+}
+
+static const gguf_kv *array_lookup(const gguf_file *f, const char *key, uint64_t n, int *rc)
+{
+    const gguf_kv *kv = kv_lookup(f, key);
+    *rc = !kv ? -1 : (kv->type != GGUF_TYPE_ARRAY || kv->n != n) ? -2 : 0;
+    return *rc ? NULL : kv;
+}
+
+int gguf_get_arr_f32(const gguf_file *f, const char *key, float *out, uint64_t n)
+{
+    int rc;
+    const gguf_kv *kv = array_lookup(f, key, n, &rc);
+    if (!kv) return rc;
+    if (kv->elem_type != GGUF_TYPE_FLOAT32 && kv->elem_type != GGUF_TYPE_FLOAT64) return -2;
+    uint64_t sz = scalar_size[kv->elem_type];
+    for (uint64_t i = 0; i < n; i++)
+        if (read_float(kv->elem_type, kv->payload + i * sz, &out[i])) return -2;
+    return 0;
+}
+
+int gguf_get_arr_i32(const gguf_file *f, const char *key, int32_t *out, uint64_t n)
+{
+    int rc;
+    const gguf_kv *kv = array_lookup(f, key, n, &rc);
+    if (!kv) return rc;
+    if (kv->elem_type == GGUF_TYPE_STRING || kv->elem_type == GGUF_TYPE_BOOL ||
+        kv->elem_type == GGUF_TYPE_FLOAT32 || kv->elem_type == GGUF_TYPE_FLOAT64)
+        return -2;
+    uint64_t sz = scalar_size[kv->elem_type];
+    for (uint64_t i = 0; i < n; i++) {
+        int_val v = {0, 0, 0};
+        read_int(kv->elem_type, kv->payload + i * sz, &v);
+        if (int_to_i32(&v, &out[i])) return -2;
+    }
+    return 0;
+}
+
+int gguf_get_arr_strs(const gguf_file *f, const char *key, gguf_str *out, uint64_t n)
+{
+    int rc;
+    const gguf_kv *kv = array_lookup(f, key, n, &rc);
+    if (!kv) return rc;
+    if (kv->elem_type != GGUF_TYPE_STRING) return -2;
+    const uint8_t *p = kv->payload;
+    for (uint64_t i = 0; i < n; i++) {
+        out[i] = str_at(p);
+        p += 8 + out[i].len;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------- tensors ---- */
+
+int64_t gguf_n_tensors(const gguf_file *f) { return f->n_tensors; }
+
+const gguf_tensor *gguf_get_tensor(const gguf_file *f, int64_t i)
+{
+    return i < 0 || i >= f->n_tensors ? NULL : &f->tensors[i];
+}
+
+const gguf_tensor *gguf_find_tensor(const gguf_file *f, const char *name)
+{
+    int64_t i = index_find(&f->tensor_index, f->tensors, sizeof *f->tensors, name, strlen(name));
+    return i < 0 ? NULL : &f->tensors[i];
+}
+
+/* -------------------------------------------------------------- writer ---- */
+
+typedef struct {
+    char *key;
+    gguf_type type;
+    uint8_t *val;           /* the value's encoding, as in the file */
+    size_t len;
+} writer_kv;
+
+typedef struct {
+    char *name;
+    ggml_type type;
+    uint32_t n_dims;
+    uint64_t ne[GGUF_MAX_DIMS];
+    const void *data;       /* borrowed until gguf_writer_write returns */
+    uint64_t nbytes;
+} writer_tensor;
+
+struct gguf_writer {
+    writer_kv *kv;
+    int64_t n_kv, cap_kv;
+    writer_tensor *tensors;
+    int64_t n_tensors, cap_tensors;
+    char err[256];          /* first add_tensor failure, reported by gguf_writer_write */
+};
+
+gguf_writer *gguf_writer_create(void) { return calloc(1, sizeof(gguf_writer)); }
+
+void gguf_writer_free(gguf_writer *w)
+{
+    if (!w) return;
+    for (int64_t i = 0; i < w->n_kv; i++) {
+        free(w->kv[i].key);
+        free(w->kv[i].val);
+    }
+    for (int64_t i = 0; i < w->n_tensors; i++) free(w->tensors[i].name);
+    free(w->kv);
+    free(w->tensors);
+    free(w);
+}
+
+/* Adopts val (malloc'd, len bytes) as the value of key; replaces an earlier one. */
+static int set_value(gguf_writer *w, const char *key, gguf_type type, uint8_t *val, size_t len)
+{
+    if (!val || !key || !*key) {
+        free(val);
+        return -1;
+    }
+    for (int64_t i = 0; i < w->n_kv; i++) {
+        if (strcmp(w->kv[i].key, key) == 0) {
+            free(w->kv[i].val);
+            w->kv[i].type = type;
+            w->kv[i].val = val;
+            w->kv[i].len = len;
+            return 0;
+        }
+    }
+    char *k = strdup(key);
+    if (!k || grow((void **)&w->kv, &w->cap_kv, w->n_kv, sizeof *w->kv)) {
+        free(k);
+        free(val);
+        return -1;
+    }
+    w->kv[w->n_kv++] = (writer_kv){k, type, val, len};
+    return 0;
+}
+
+static int set_scalar(gguf_writer *w, const char *key, gguf_type type, const void *v)
+{
+    size_t n = (size_t)scalar_size[type];
+    uint8_t *val = malloc(n);
+    if (val) memcpy(val, v, n);
+    return set_value(w, key, type, val, n);
+}
+
+int gguf_writer_set_u32(gguf_writer *w, const char *key, uint32_t v)
+{
+    return set_scalar(w, key, GGUF_TYPE_UINT32, &v);
+}
+
+int gguf_writer_set_i32(gguf_writer *w, const char *key, int32_t v)
+{
+    return set_scalar(w, key, GGUF_TYPE_INT32, &v);
+}
+
+int gguf_writer_set_u64(gguf_writer *w, const char *key, uint64_t v)
+{
+    return set_scalar(w, key, GGUF_TYPE_UINT64, &v);
+}
+
+int gguf_writer_set_f32(gguf_writer *w, const char *key, float v)
+{
+    return set_scalar(w, key, GGUF_TYPE_FLOAT32, &v);
+}
+
+int gguf_writer_set_bool(gguf_writer *w, const char *key, int v)
+{
+    uint8_t b = v != 0;
+    return set_scalar(w, key, GGUF_TYPE_BOOL, &b);
+}
+
+int gguf_writer_set_str(gguf_writer *w, const char *key, const char *v)
+{
+    uint64_t n = strlen(v);
+    uint8_t *val = malloc(8 + n);
+    if (val) {
+        memcpy(val, &n, 8);
+        memcpy(val + 8, v, n);
+    }
+    return set_value(w, key, GGUF_TYPE_STRING, val, 8 + n);
+}
+
+/* An array value's encoding: element type, count, then payload bytes. */
+static uint8_t *array_head(gguf_type et, uint64_t n, size_t payload, size_t *len)
+{
+    if (payload > SIZE_MAX - 12) return NULL;
+    *len = 12 + payload;
+    uint8_t *val = malloc(*len);
+    if (!val) return NULL;
+    uint32_t t = et;
+    memcpy(val, &t, 4);
+    memcpy(val + 4, &n, 8);
+    return val;
+}
+
+int gguf_writer_set_arr_str(gguf_writer *w, const char *key, const char *const *v, uint64_t n)
+{
+    size_t payload = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        size_t l = strlen(v[i]);
+        if (l > SIZE_MAX - 8 - payload) return -1;
+        payload += 8 + l;
+    }
+    size_t len = 0;
+    uint8_t *val = array_head(GGUF_TYPE_STRING, n, payload, &len);
+    if (val) {
+        uint8_t *p = val + 12;
+        for (uint64_t i = 0; i < n; i++) {
+            uint64_t l = strlen(v[i]);
+            memcpy(p, &l, 8);
+            memcpy(p + 8, v[i], l);
+            p += 8 + l;
+        }
+    }
+    return set_value(w, key, GGUF_TYPE_ARRAY, val, len);
+}
+
+static int set_arr_scalar(gguf_writer *w, const char *key, gguf_type et, const void *v,
+                          uint64_t n)
+{
+    if (n > SIZE_MAX / 8) return -1;
+    size_t bytes = (size_t)n * (size_t)scalar_size[et], len = 0;
+    uint8_t *val = array_head(et, n, bytes, &len);
+    if (val && bytes) memcpy(val + 12, v, bytes);
+    return set_value(w, key, GGUF_TYPE_ARRAY, val, len);
+}
+
+int gguf_writer_set_arr_f32(gguf_writer *w, const char *key, const float *v, uint64_t n)
+{
+    return set_arr_scalar(w, key, GGUF_TYPE_FLOAT32, v, n);
+}
+
+int gguf_writer_set_arr_i32(gguf_writer *w, const char *key, const int32_t *v, uint64_t n)
+{
+    return set_arr_scalar(w, key, GGUF_TYPE_INT32, v, n);
+}
+
+int gguf_writer_copy_kv(gguf_writer *w, const gguf_file *src, const char *key)
+{
+    const gguf_kv *kv = kv_lookup(src, key);
+    if (!kv) return -1;
+    uint8_t *val = malloc(kv->val_len ? (size_t)kv->val_len : 1);
+    if (val) memcpy(val, kv->val, (size_t)kv->val_len);
+    return set_value(w, key, kv->type, val, (size_t)kv->val_len);
+}
+
+static int writer_fail(gguf_writer *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int writer_fail(gguf_writer *w, const char *fmt, ...)
+{
+    if (w->err[0]) return -1; /* keep the first */
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(w->err, sizeof w->err, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+int gguf_writer_add_tensor(gguf_writer *w, const char *name, ggml_type type,
+                           uint32_t n_dims, const uint64_t *ne, const void *data)
+{
+    if (!name || !*name) return writer_fail(w, "add_tensor: empty name");
+    if (n_dims < 1 || n_dims > GGUF_MAX_DIMS)
+        return writer_fail(w, "add_tensor '%s': n_dims %u (must be 1..%d)", name, n_dims,
+                           GGUF_MAX_DIMS);
+    size_t esz = ggml_type_size(type);
+    if (esz == 0)
+        return writer_fail(w, "add_tensor '%s': type %s not supported", name,
+                           ggml_type_name(type));
+    if (!data) return writer_fail(w, "add_tensor '%s': no data", name);
+    writer_tensor t = {NULL, type, n_dims, {1, 1, 1, 1}, data, esz};
+    for (uint32_t d = 0; d < n_dims; d++) {
+        if (ne[d] == 0 || t.nbytes > (uint64_t)INT64_MAX / ne[d])
+            return writer_fail(w, "add_tensor '%s': dimension %u = %llu is zero or too large",
+                               name, d, (unsigned long long)ne[d]);
+        t.ne[d] = ne[d];
+        t.nbytes *= ne[d];
+    }
+    for (int64_t i = 0; i < w->n_tensors; i++)
+        if (strcmp(w->tensors[i].name, name) == 0)
+            return writer_fail(w, "add_tensor '%s': duplicate name", name);
+    t.name = strdup(name);
+    if (!t.name || grow((void **)&w->tensors, &w->cap_tensors, w->n_tensors, sizeof *w->tensors)) {
+        free(t.name);
+        return writer_fail(w, "add_tensor '%s': out of memory", name);
+    }
+    w->tensors[w->n_tensors++] = t;
+    return 0;
+}
+
+/* --- serialising --- */
+
+typedef struct {
+    FILE *fp;
+    int failed;
+} sink;
+
+static void put(sink *s, const void *p, size_t n)
+{
+    if (!s->failed && n && fwrite(p, 1, n, s->fp) != n) s->failed = 1;
+}
+
+static void put_u32(sink *s, uint32_t v) { put(s, &v, 4); }
+static void put_u64(sink *s, uint64_t v) { put(s, &v, 8); }
+
+static void put_str(sink *s, const char *str)
+{
+    uint64_t n = strlen(str);
+    put_u64(s, n);
+    put(s, str, n);
+}
+
+static void put_zeros(sink *s, uint64_t n)
+{
+    static const uint8_t zeros[64];
+    while (n > 0) {
+        size_t k = n < sizeof zeros ? (size_t)n : sizeof zeros;
+        put(s, zeros, k);
+        n -= k;
+    }
+}
+
+/* The alignment the file will declare: general.alignment when set (u32, a power
+ * of two), else the default. */
+static int writer_alignment(const gguf_writer *w, uint64_t *align, char *err, size_t errlen)
+{
+    *align = GGUF_DEFAULT_ALIGNMENT;
+    for (int64_t i = 0; i < w->n_kv; i++) {
+        if (strcmp(w->kv[i].key, GGUF_KEY_ALIGN) != 0) continue;
+        uint32_t a = 0;
+        if (w->kv[i].type == GGUF_TYPE_UINT32) memcpy(&a, w->kv[i].val, 4);
+        if (a == 0 || (a & (a - 1))) {
+            snprintf(err, errlen, "%s must be a power of two stored as uint32", GGUF_KEY_ALIGN);
+            return -1;
+        }
+        *align = a;
+    }
+    return 0;
+}
+
+static void write_all(const gguf_writer *w, sink *s, uint64_t align)
+{
+    put(s, GGUF_MAGIC, 4);
+    put_u32(s, GGUF_VERSION);
+    put_u64(s, (uint64_t)w->n_tensors);
+    put_u64(s, (uint64_t)w->n_kv);
+    uint64_t pos = 24;
+    for (int64_t i = 0; i < w->n_kv; i++) {
+        put_str(s, w->kv[i].key);
+        put_u32(s, w->kv[i].type);
+        put(s, w->kv[i].val, w->kv[i].len);
+        pos += 8 + strlen(w->kv[i].key) + 4 + w->kv[i].len;
+    }
+    uint64_t off = 0;
+    for (int64_t i = 0; i < w->n_tensors; i++) {
+        const writer_tensor *t = &w->tensors[i];
+        put_str(s, t->name);
+        put_u32(s, t->n_dims);
+        for (uint32_t d = 0; d < t->n_dims; d++) put_u64(s, t->ne[d]);
+        put_u32(s, (uint32_t)t->type);
+        put_u64(s, off);
+        pos += 8 + strlen(t->name) + 4 + 8 * t->n_dims + 4 + 8;
+        off += align_up(t->nbytes, align);
+    }
+    put_zeros(s, align_up(pos, align) - pos);
+    for (int64_t i = 0; i < w->n_tensors; i++) {
+        const writer_tensor *t = &w->tensors[i];
+        put(s, t->data, (size_t)t->nbytes);
+        put_zeros(s, align_up(t->nbytes, align) - t->nbytes);
+    }
+}
+
+/* Writes to "<path>.tmp" and renames, so a failed write never leaves a
+ * half-written file under the final name. */
+int gguf_writer_write(gguf_writer *w, const char *path, char *err, size_t errlen)
+{
+    if (w->err[0]) {
+        snprintf(err, errlen, "%s", w->err);
+        return -1;
+    }
+    uint64_t align;
+    if (writer_alignment(w, &align, err, errlen)) return -1;
+    size_t plen = strlen(path);
+    char *tmp = malloc(plen + 5);
+    if (!tmp) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    memcpy(tmp, path, plen);
+    memcpy(tmp + plen, ".tmp", 5);
+    sink s = {fopen(tmp, "wb"), 0};
+    if (!s.fp) {
+        snprintf(err, errlen, "cannot create %s: %s", tmp, strerror(errno));
+        free(tmp);
+        return -1;
+    }
+    write_all(w, &s, align);
+    int saved = errno;
+    if (fclose(s.fp) != 0 && !s.failed) {
+        s.failed = 1;
+        saved = errno;
+    }
+    if (!s.failed && rename(tmp, path) != 0) {
+        s.failed = 1;
+        saved = errno;
+    }
+    if (s.failed) {
+        snprintf(err, errlen, "cannot write %s: %s", path, strerror(saved));
+        unlink(tmp);
+    }
+    free(tmp);
+    return s.failed ? -1 : 0;
+}
+
+/* ---------------------------------------------------- f16 / bf16 ---- */
+
+static uint32_t f32_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static float bits_f32(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+float gguf_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    if (e == 0x1f) return bits_f32(sign | 0x7f800000u | (m << 13)); /* inf, nan (payload kept) */
+    if (e != 0) return bits_f32(sign | ((e + 112) << 23) | (m << 13));
+    if (m == 0) return bits_f32(sign);
+    /* subnormal m * 2^-24: normalise into an f32 exponent */
+    e = 113;
+    while (!(m & 0x400)) {
+        m <<= 1;
+        e--;
+    }
+    return bits_f32(sign | (e << 23) | ((m & 0x3ff) << 13));
+}
+
+/* Round to nearest, ties to even; overflow to infinity; NaN stays a (quiet) NaN. */
+uint16_t gguf_f32_to_f16(float f)
+{
+    uint32_t x = f32_bits(f);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    uint32_t a = x & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00 | (uint16_t)((a >> 13) & 0x3ff);
+    if (a >= 0x477ff000u) return sign | 0x7c00;       /* >= 65520 rounds to inf */
+    if (a >= 0x38800000u) {                           /* >= 2^-14: normal half */
+        uint32_t r = a - 0x38000000u;                 /* rebias exponent 127 -> 15 */
+        r += 0x0fff + ((r >> 13) & 1);
+        return sign | (uint16_t)(r >> 13);
+    }
+    if (a < 0x33000000u) return sign;                 /* < 2^-25: rounds to zero */
+    /* subnormal half: count units of 2^-24 */
+    uint32_t e = a >> 23, m = (a & 0x7fffffu) | 0x800000u;
+    uint32_t shift = 126 - e;                         /* 14..24 */
+    uint32_t q = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (q & 1))) q++;
+    return sign | (uint16_t)q;
+}
+
+float gguf_bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
+
+uint16_t gguf_f32_to_bf16(float f)
+{
+    uint32_t x = f32_bits(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40); /* quiet NaN */
+    x += 0x7fff + ((x >> 16) & 1);
+    return (uint16_t)(x >> 16);
+}
