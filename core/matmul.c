@@ -22,7 +22,9 @@
 #endif
 
 /* Measured on the 2-core Zen 4 machines (docs/PERFORMANCE.md). */
-#define SGEMM_MIN_ROWS 16
+#ifndef SGEMM_MIN_ROWS
+#define SGEMM_MIN_ROWS 64
+#endif
 /* Output columns per task: fixed, never derived from the thread count. */
 #define SLICE_KERNEL 64
 #define SLICE_SGEMM 256
@@ -62,6 +64,14 @@ typedef float vf;
 #define vsum(v) (v)
 #endif
 
+/* Keeps a loaded vector in a register: without it GCC folds the load into every
+ * FMA that uses it (4x the loads), and the kernel becomes bound by L1 loads. */
+#if VL > 1
+#define VREG(v) __asm__("" : "+v"(v))
+#else
+#define VREG(v) ((void)0)
+#endif
+
 /* Few-rows kernel --------------------------------------------------------- */
 
 #define TILE_W 4   /* weight rows per tile */
@@ -78,9 +88,13 @@ void tile(const float *x, int k, const float *w, float *y, int ldy, const int nw
     int t = 0;
     for (; t + VL <= k; t += VL) {
         vf wv[TILE_W];
-        for (int a = 0; a < nw; a++) wv[a] = vload(w + (size_t)a * k + t);
+        for (int a = 0; a < nw; a++) {
+            wv[a] = vload(w + (size_t)a * k + t);
+            VREG(wv[a]);
+        }
         for (int b = 0; b < nx; b++) {
             vf xv = vload(x + (size_t)b * k + t);
+            VREG(xv);
             for (int a = 0; a < nw; a++) acc[a][b] = vfma(wv[a], xv, acc[a][b]);
         }
     }

@@ -60,6 +60,7 @@ START_TEST(few_rows_and_sgemm_match_reference)
     ms[nm++] = matmul_sgemm_min_rows();
     ms[nm++] = 33;
     ms[nm++] = 64;
+    ms[nm++] = matmul_sgemm_min_rows() + 7;
     char err[128];
     pool *p = NULL;
     ck_assert_int_eq(pool_create(2, &p, err, sizeof err), 0);
@@ -101,7 +102,7 @@ START_TEST(bit_identical_across_thread_counts)
 {
     rng_state = 3;
     int k = 129, n = 517;
-    int rows[] = {1, 2, 5, 11, matmul_sgemm_min_rows(), 40};
+    int rows[] = {1, 2, 5, 11, 40, matmul_sgemm_min_rows(), matmul_sgemm_min_rows() + 5};
     char err[128];
     pool *pools[3];
     for (int t = 0; t < 3; t++) ck_assert_int_eq(pool_create(t + 1, &pools[t], err, sizeof err), 0);

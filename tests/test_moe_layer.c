@@ -1,6 +1,7 @@
 /* test_moe_layer.c -- routing, expert queues, capacity, and the MoE FFN against a
  * naive per-token reference for every architecture row. */
 #include "core/moe_layer.h"
+#include "core/matmul.h"
 #include "tests/testutil.h"
 
 #include <math.h>
@@ -346,8 +347,8 @@ static double rel_err(const float *a, const float *b, size_t n)
     return num / (den > 0 ? den : 1.0);
 }
 
-/* Runs one architecture at two batch sizes (40 rows puts some queues on the
- * sgemm path), with 1, 2 and 3 threads. */
+/* Runs one architecture at several batch sizes (200 rows puts some queues on the
+ * sgemm path, checked below), with 1, 2 and 3 threads. */
 static void check_arch(moe_arch arch, int k)
 {
     const moe_arch_info *a = moe_arch_get(arch);
@@ -358,16 +359,16 @@ static void check_arch(moe_arch arch, int k)
     pool *pools[3];
     for (int i = 0; i < 3; i++) ck_assert_int_eq(pool_create(i + 1, &pools[i], err, sizeof err), 0);
     moe_ffn *f = NULL;
-    int max_rows = 40;
+    int max_rows = 200;
     ck_assert_msg(moe_ffn_create(&t.hp, max_rows, 3, &f, err, sizeof err) == 0, "%s", err);
     float *x = tl_array(&t, (size_t)max_rows * d, 1.0f);
     float *ref = malloc((size_t)max_rows * d * sizeof *ref);
     float *out[3];
     for (int i = 0; i < 3; i++) out[i] = malloc((size_t)max_rows * d * sizeof(float));
-    int32_t ref_ids[40 * 8], trace[40 * 8];
+    int32_t ref_ids[200 * 8], trace[200 * 8];
     ck_assert(ref && out[0] && out[1] && out[2]);
-    int sizes[] = {1, 7, 40};
-    for (size_t si = 0; si < 3; si++) {
+    int sizes[] = {1, 7, 40, 200};
+    for (size_t si = 0; si < 4; si++) {
         int n = sizes[si];
         ref_moe(&t, a, x, n, -1, ref, ref_ids);
         uint64_t routed[6] = {0}, dropped[6] = {0};
@@ -380,12 +381,14 @@ static void check_arch(moe_arch arch, int k)
         ck_assert(memcmp(out[0], out[1], (size_t)n * d * sizeof(float)) == 0);
         ck_assert(memcmp(out[0], out[2], (size_t)n * d * sizeof(float)) == 0);
         ck_assert(memcmp(trace, ref_ids, (size_t)n * k * sizeof(int32_t)) == 0);
-        uint64_t sum = 0;
+        uint64_t sum = 0, longest = 0;
         for (int e = 0; e < E; e++) {
             sum += routed[e];
+            longest = routed[e] > longest ? routed[e] : longest;
             ck_assert_uint_eq(dropped[e], 0);
         }
         ck_assert_uint_eq(sum, 3ull * n * k);   /* three forwards */
+        if (n == 200) ck_assert_uint_ge(longest / 3, (uint64_t)matmul_sgemm_min_rows());
     }
     for (int i = 0; i < 3; i++) free(out[i]);
     free(ref);
