@@ -1,0 +1,1244 @@
+/* tokenizer.c -- text <-> token ids from a GGUF file's tokenizer.ggml.* metadata.
+ *
+ * Two encoders, both llama.cpp-compatible token for token:
+ *   SPM ("llama"):  the text (with a leading space when add_space_prefix, spaces as
+ *                   U+2581) starts as one symbol per character; adjacent pairs whose
+ *                   concatenation is a token are merged best score first (ties: the
+ *                   leftmost) through a priority queue; characters that never became
+ *                   a token fall back to their <0xNN> byte tokens (or unk).
+ *   BPE ("gpt2"):   a pre-tokenizer (chosen by tokenizer.ggml.pre from pretok_table)
+ *                   cuts the text into words; each word's bytes start as byte-level
+ *                   tokens and merge lowest merge rank first (ties: the leftmost).
+ *
+ * Invalid UTF-8 in the input is kept byte for byte, never replaced: each invalid
+ * byte is a character of its own that no token matches, so SPM encodes it with its
+ * byte-fallback token <0xNN> and byte-level BPE with that byte's token (in the
+ * pre-tokenizer it counts as neither letter, number nor space). decode() gives those
+ * bytes back, so decode(encode(s)) == s holds for invalid input as well; the
+ * streaming detokenizer, whose output goes to clients, turns them into U+FFFD.
+ *
+ * Special tokens: the text of user-defined tokens always becomes that token (as in
+ * llama.cpp and HF "added tokens"); with TOKENIZE_PARSE_SPECIAL the text of control
+ * and unknown tokens does too. The leftmost match wins, the longest at a position.
+ */
+#include "models/tokenizer.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "models/unicode.h"
+
+/* llama.cpp's token types (tokenizer.ggml.token_type). */
+enum {
+    TOKEN_UNDEFINED = 0, TOKEN_NORMAL = 1, TOKEN_UNKNOWN = 2, TOKEN_CONTROL = 3,
+    TOKEN_USER_DEFINED = 4, TOKEN_UNUSED = 5, TOKEN_BYTE = 6, TOKEN_TYPE_COUNT
+};
+
+#define TOKENIZER_MAX_VOCAB     (1 << 24)
+#define TOKENIZER_MAX_TOKEN_LEN 65536
+#define TOKENIZER_MAX_MERGES    (1 << 24)
+
+typedef struct moe_tokenizer_pretok pretok;
+
+/* Splits n code points (with their unicode_flags) into words: writes each word's
+ * end index into ends[] (at most n entries) and returns the number of words. */
+typedef size_t (*pretok_split_fn)(const uint32_t *cp, const uint8_t *fl, size_t n,
+                                  uint32_t *ends);
+
+struct moe_tokenizer_pretok {
+    const char *name;        /* tokenizer.ggml.pre */
+    pretok_split_fn split;
+};
+
+/* One merge: the pair (left id, right id) becomes `result` with priority `rank`. */
+typedef struct {
+    uint64_t key;            /* left << 32 | right; MERGE_EMPTY for a free slot */
+    int32_t rank;
+    int32_t result;
+} merge_slot;
+#define MERGE_EMPTY UINT64_MAX
+
+struct moe_tokenizer {
+    tokenizer_kind kind;
+    int32_t n_vocab;
+    char *text;              /* all token strings, each NUL-terminated */
+    uint32_t *text_off;      /* (n_vocab + 1) offsets into text; length = off[i+1]-off[i]-1 */
+    char *piece;             /* each token's output bytes (see token_piece_build) */
+    uint32_t *piece_off;     /* (n_vocab + 1) */
+    uint32_t max_piece;      /* longest piece or special text, bytes */
+    uint32_t *score_key;     /* SPM: per token, smaller = merged first */
+    uint8_t *type;           /* TOKEN_* per token */
+    uint8_t *eog;            /* 1 for end-of-generation tokens */
+
+    int32_t *index;          /* open-addressing hash: token text -> id, -1 empty */
+    uint32_t index_mask;
+
+    merge_slot *merges;      /* BPE: open-addressing hash of merges */
+    uint32_t merges_mask;
+    int32_t n_merges;
+
+    int32_t byte_token[256]; /* SPM: <0xNN> token per byte; BPE: byte-level token; -1 none */
+    uint8_t byte_char[256][2]; /* BPE: UTF-8 of the byte-level character of each byte */
+    uint8_t byte_char_len[256];
+    int16_t char_byte[512];  /* BPE: byte-level code point -> byte, -1 none */
+
+    int32_t *special;        /* ids matched in the input text, by first byte, longest first */
+    int32_t n_special;
+    uint32_t special_bucket[257]; /* special[bucket[b]..bucket[b+1]) start with byte b */
+
+    int32_t bos, eos, unk, pad;
+    int add_bos, add_eos, add_space_prefix;
+    const pretok *pre;
+    uint64_t fingerprint;
+};
+
+/* ---- Small helpers ------------------------------------------------------------ */
+
+static int tok_fail(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
+}
+
+static uint64_t tok_hash_bytes(const char *s, size_t n)
+{
+    uint64_t h = 1469598103934665603ull;  /* FNV-1a */
+    for (size_t i = 0; i < n; i++) {
+        h ^= (unsigned char)s[i];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+static uint64_t tok_hash_pair(uint64_t key)
+{
+    key ^= key >> 29;
+    key *= 0xBF58476D1CE4E5B9ull;
+    key ^= key >> 32;
+    return key;
+}
+
+static uint32_t tok_len(const moe_tokenizer *t, int32_t id)
+{
+    return t->text_off[id + 1] - t->text_off[id] - 1;
+}
+
+static const char *tok_str(const moe_tokenizer *t, int32_t id)
+{
+    return t->text + t->text_off[id];
+}
+
+/* Token id of exactly the bytes s[0..n), or -1. */
+static int32_t tok_find(const moe_tokenizer *t, const char *s, size_t n)
+{
+    uint32_t i = (uint32_t)tok_hash_bytes(s, n) & t->index_mask;
+    for (;;) {
+        int32_t id = t->index[i];
+        if (id < 0) return -1;
+        if (tok_len(t, id) == n && memcmp(tok_str(t, id), s, n) == 0) return id;
+        i = (i + 1) & t->index_mask;
+    }
+}
+
+static const merge_slot *tok_find_merge(const moe_tokenizer *t, int32_t left, int32_t right)
+{
+    uint64_t key = (uint64_t)(uint32_t)left << 32 | (uint32_t)right;
+    uint32_t i = (uint32_t)tok_hash_pair(key) & t->merges_mask;
+    for (;;) {
+        const merge_slot *m = &t->merges[i];
+        if (m->key == key) return m;
+        if (m->key == MERGE_EMPTY) return NULL;
+        i = (i + 1) & t->merges_mask;
+    }
+}
+
+/* Float score -> unsigned key whose ascending order is descending score. */
+static uint32_t tok_score_key(float f)
+{
+    uint32_t u;
+    if (f == 0.0f) f = 0.0f;  /* -0 and +0 tie, as in a float compare */
+    memcpy(&u, &f, sizeof u);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  /* ascending with f */
+    return ~u;
+}
+
+/* ---- Growable output ------------------------------------------------------------ */
+
+typedef struct {
+    int32_t *v;
+    size_t n, cap;
+} id_vec;
+
+static int id_vec_push(id_vec *a, int32_t id)
+{
+    if (a->n == a->cap) {
+        size_t cap = a->cap ? a->cap * 2 : 64;
+        int32_t *v = realloc(a->v, cap * sizeof *v);
+        if (!v) return -1;
+        a->v = v;
+        a->cap = cap;
+    }
+    a->v[a->n++] = id;
+    return 0;
+}
+
+/* ---- Pre-tokenizers ------------------------------------------------------------- */
+
+static int is_letter(uint8_t f) { return f & UNICODE_LETTER; }
+static int is_number(uint8_t f) { return f & UNICODE_NUMBER; }
+static int is_space(uint8_t f) { return f & UNICODE_WHITESPACE; }
+static int is_other(uint8_t f)  /* [^\s\p{L}\p{N}] */
+{
+    return !(f & (UNICODE_WHITESPACE | UNICODE_LETTER | UNICODE_NUMBER));
+}
+
+/* Run of characters of one class starting at i; returns its end. */
+static size_t run_of(const uint8_t *fl, size_t n, size_t i, int (*cls)(uint8_t))
+{
+    while (i < n && cls(fl[i])) i++;
+    return i;
+}
+
+/* \s+(?!\S)|\s+ at i (cp[i] is whitespace): the whole run when it ends the text,
+ * else all but its last character (which then prefixes the next word), at least 1. */
+static size_t match_spaces(const uint8_t *fl, size_t n, size_t i)
+{
+    size_t j = run_of(fl, n, i, is_space);
+    if (j < n && j - i >= 2) return j - 1;
+    return j;
+}
+
+/* The end of the word starting at i for GPT-2's regex
+ *   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+ */
+static size_t gpt2_word(const uint32_t *cp, const uint8_t *fl, size_t n, size_t i)
+{
+    uint32_t c = cp[i];
+    if (c == '\'' && i + 1 < n) {
+        uint32_t c1 = cp[i + 1];
+        if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd') return i + 2;
+        if (i + 2 < n) {
+            uint32_t c2 = cp[i + 2];
+            if ((c1 == 'r' && c2 == 'e') || (c1 == 'v' && c2 == 'e') || (c1 == 'l' && c2 == 'l'))
+                return i + 3;
+        }
+    }
+    size_t k = (c == ' ' && i + 1 < n) ? i + 1 : i;  /* the optional leading space */
+    if (is_letter(fl[k])) return run_of(fl, n, k, is_letter);
+    if (is_number(fl[k])) return run_of(fl, n, k, is_number);
+    if (is_other(fl[k])) return run_of(fl, n, k, is_other);
+    return match_spaces(fl, n, i);
+}
+
+static size_t split_gpt2(const uint32_t *cp, const uint8_t *fl, size_t n, uint32_t *ends)
+{
+    size_t nw = 0;
+    for (size_t i = 0; i < n;) {
+        i = gpt2_word(cp, fl, n, i);
+        ends[nw++] = (uint32_t)i;
+    }
+    return nw;
+}
+
+/* tokenizer.ggml.pre -> splitter. A new pre-tokenizer is one row here plus its
+ * splitter function. */
+static const pretok pretok_table[] = {
+    {"default", split_gpt2},
+    {"gpt-2", split_gpt2},
+    {"gpt2", split_gpt2},
+    {"olmo", split_gpt2},  /* OLMoE: GPT-2's regex */
+};
+
+static const pretok *pretok_find(const char *name)
+{
+    for (size_t i = 0; i < sizeof pretok_table / sizeof pretok_table[0]; i++)
+        if (strcmp(pretok_table[i].name, name) == 0) return &pretok_table[i];
+    return NULL;
+}
+
+/* ---- Merge engine (shared by SPM and BPE) ---------------------------------------- */
+
+/* A symbol: bytes [start, start+n) of the text being merged, in a linked list. */
+typedef struct {
+    int32_t prev, next;
+    uint32_t start, n;       /* n == 0: merged into its left neighbour */
+    int32_t id;              /* token of these bytes, -1 when none */
+} symbol;
+
+/* A candidate merge of the adjacent symbols left and right into token id. */
+typedef struct {
+    uint32_t key;            /* smaller merges first (BPE rank, SPM inverted score) */
+    int32_t left, right;
+    uint32_t size;           /* bytes of the merged text, to detect stale entries */
+    int32_t id;
+} bigram;
+
+/* Binary min-heap on (key, left). */
+typedef struct {
+    bigram *v;
+    size_t n;
+} bigram_heap;
+
+static int bigram_before(const bigram *a, const bigram *b)
+{
+    return a->key < b->key || (a->key == b->key && a->left < b->left);
+}
+
+static void heap_push(bigram_heap *h, bigram b)
+{
+    size_t i = h->n++;
+    while (i > 0) {
+        size_t p = (i - 1) / 2;
+        if (!bigram_before(&b, &h->v[p])) break;
+        h->v[i] = h->v[p];
+        i = p;
+    }
+    h->v[i] = b;
+}
+
+static bigram heap_pop(bigram_heap *h)
+{
+    bigram top = h->v[0], last = h->v[--h->n];
+    size_t i = 0, n = h->n;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && bigram_before(&h->v[c + 1], &h->v[c])) c++;
+        if (!bigram_before(&h->v[c], &last)) break;
+        h->v[i] = h->v[c];
+        i = c;
+    }
+    if (n) h->v[i] = last;
+    return top;
+}
+
+/* Scratch for one encode call, sized for the whole input once (no per-token malloc). */
+typedef struct {
+    char *buf;               /* SPM: escaped text */
+    symbol *sym;
+    bigram_heap heap;
+    uint32_t *cp;            /* BPE: code points of a fragment */
+    uint8_t *fl;             /* their unicode_flags */
+    uint32_t *cp_off;        /* byte offset of each code point (+ end) */
+    uint32_t *ends;          /* word ends from the pre-tokenizer */
+} scratch;
+
+static void scratch_free(scratch *s)
+{
+    free(s->buf);
+    free(s->sym);
+    free(s->heap.v);
+    free(s->cp);
+    free(s->fl);
+    free(s->cp_off);
+    free(s->ends);
+}
+
+static int scratch_init(scratch *s, const moe_tokenizer *t, size_t len)
+{
+    memset(s, 0, sizeof *s);
+    size_t nsym = len + 1;
+    if (t->kind == TOKENIZER_SPM) {
+        nsym = 3 * len + 3;  /* escaping turns each byte into at most 3 */
+        s->buf = malloc(nsym);
+    } else {
+        s->cp = malloc(nsym * sizeof *s->cp);
+        s->fl = malloc(nsym);
+        s->cp_off = malloc((nsym + 1) * sizeof *s->cp_off);
+        s->ends = malloc(nsym * sizeof *s->ends);
+    }
+    s->sym = malloc(nsym * sizeof *s->sym);
+    s->heap.v = malloc(3 * nsym * sizeof *s->heap.v);
+    if (!s->sym || !s->heap.v || (t->kind == TOKENIZER_SPM && !s->buf)
+        || (t->kind == TOKENIZER_BPE && (!s->cp || !s->fl || !s->cp_off || !s->ends))) {
+        scratch_free(s);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- SPM ----------------------------------------------------------------------- */
+
+static void spm_try_bigram(const moe_tokenizer *t, scratch *s, const char *text,
+                           int32_t left, int32_t right)
+{
+    if (left < 0 || right < 0) return;
+    const symbol *l = &s->sym[left], *r = &s->sym[right];
+    uint32_t size = l->n + r->n;
+    int32_t id = tok_find(t, text + l->start, size);
+    if (id < 0) return;
+    bigram b = {t->score_key[id], left, right, size, id};
+    heap_push(&s->heap, b);
+}
+
+/* Merges the symbols of text[0..n) (already escaped) best score first. */
+static void spm_merge(const moe_tokenizer *t, scratch *s, const char *text, size_t n,
+                      int32_t *nsym_out)
+{
+    int32_t nsym = 0;
+    for (size_t off = 0; off < n;) {
+        uint32_t cp;
+        size_t k = unicode_utf8_decode(text + off, n - off, &cp);
+        symbol *y = &s->sym[nsym];
+        y->prev = nsym - 1;
+        y->next = (off + k < n) ? nsym + 1 : -1;
+        y->start = (uint32_t)off;
+        y->n = (uint32_t)k;
+        y->id = tok_find(t, text + off, k);
+        nsym++;
+        off += k;
+    }
+    s->heap.n = 0;
+    for (int32_t i = 1; i < nsym; i++) spm_try_bigram(t, s, text, i - 1, i);
+    while (s->heap.n) {
+        bigram b = heap_pop(&s->heap);
+        symbol *l = &s->sym[b.left], *r = &s->sym[b.right];
+        if (l->n == 0 || r->n == 0 || l->n + r->n != b.size) continue;  /* stale */
+        l->n += r->n;
+        l->id = b.id;
+        r->n = 0;
+        l->next = r->next;
+        if (r->next >= 0) s->sym[r->next].prev = b.left;
+        spm_try_bigram(t, s, text, l->prev, b.left);
+        spm_try_bigram(t, s, text, b.left, l->next);
+    }
+    *nsym_out = nsym;
+}
+
+/* Appends the tokens of one raw-text fragment. */
+static int spm_encode_fragment(const moe_tokenizer *t, scratch *s, const char *raw,
+                               size_t len, int space_prefix, id_vec *out)
+{
+    /* Escape: optional leading space, every ' ' as U+2581. */
+    size_t n = 0;
+    if (space_prefix) { memcpy(s->buf, "\xE2\x96\x81", 3); n = 3; }
+    for (size_t i = 0; i < len; i++) {
+        if (raw[i] == ' ') { memcpy(s->buf + n, "\xE2\x96\x81", 3); n += 3; }
+        else s->buf[n++] = raw[i];
+    }
+    if (n == 0) return 0;
+    int32_t nsym;
+    spm_merge(t, s, s->buf, n, &nsym);
+    for (int32_t i = 0; i >= 0; i = s->sym[i].next) {
+        const symbol *y = &s->sym[i];
+        if (y->id >= 0) {
+            if (id_vec_push(out, y->id)) return -1;
+            continue;
+        }
+        /* A character no token covers: its bytes' <0xNN> tokens, else unk. */
+        for (uint32_t j = 0; j < y->n; j++) {
+            int32_t id = t->byte_token[(unsigned char)s->buf[y->start + j]];
+            if (id < 0) id = t->unk;
+            if (id >= 0 && id_vec_push(out, id)) return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---- BPE ----------------------------------------------------------------------- */
+
+static void bpe_try_bigram(const moe_tokenizer *t, scratch *s, int32_t left, int32_t right)
+{
+    if (left < 0 || right < 0) return;
+    const symbol *l = &s->sym[left], *r = &s->sym[right];
+    if (l->id < 0 || r->id < 0) return;
+    const merge_slot *m = tok_find_merge(t, l->id, r->id);
+    if (!m) return;
+    bigram b = {(uint32_t)m->rank, left, right, l->n + r->n, m->result};
+    heap_push(&s->heap, b);
+}
+
+/* Appends the tokens of one pre-tokenized word (raw bytes). */
+static int bpe_encode_word(const moe_tokenizer *t, scratch *s, const char *w, size_t n,
+                           id_vec *out)
+{
+    for (size_t i = 0; i < n; i++) {
+        symbol *y = &s->sym[i];
+        y->prev = (int32_t)i - 1;
+        y->next = (i + 1 < n) ? (int32_t)i + 1 : -1;
+        y->start = (uint32_t)i;
+        y->n = 1;
+        y->id = t->byte_token[(unsigned char)w[i]];
+    }
+    s->heap.n = 0;
+    for (size_t i = 1; i < n; i++) bpe_try_bigram(t, s, (int32_t)i - 1, (int32_t)i);
+    while (s->heap.n) {
+        bigram b = heap_pop(&s->heap);
+        symbol *l = &s->sym[b.left], *r = &s->sym[b.right];
+        if (l->n == 0 || r->n == 0 || l->n + r->n != b.size) continue;  /* stale */
+        l->n += r->n;
+        l->id = b.id;
+        r->n = 0;
+        l->next = r->next;
+        if (r->next >= 0) s->sym[r->next].prev = b.left;
+        bpe_try_bigram(t, s, l->prev, b.left);
+        bpe_try_bigram(t, s, b.left, l->next);
+    }
+    for (int32_t i = 0; i >= 0; i = s->sym[i].next) {
+        int32_t id = s->sym[i].id >= 0 ? s->sym[i].id : t->unk;
+        if (id >= 0 && id_vec_push(out, id)) return -1;
+    }
+    return 0;
+}
+
+static int bpe_encode_fragment(const moe_tokenizer *t, scratch *s, const char *raw,
+                               size_t len, id_vec *out)
+{
+    size_t n = 0;
+    for (size_t off = 0; off < len;) {
+        uint32_t cp;
+        size_t k = unicode_utf8_decode(raw + off, len - off, &cp);
+        s->cp[n] = cp;
+        s->fl[n] = (uint8_t)unicode_flags(cp);
+        s->cp_off[n] = (uint32_t)off;
+        n++;
+        off += k;
+    }
+    s->cp_off[n] = (uint32_t)len;
+    size_t nw = t->pre->split(s->cp, s->fl, n, s->ends);
+    uint32_t begin = 0;
+    for (size_t w = 0; w < nw; w++) {
+        uint32_t b0 = s->cp_off[begin], b1 = s->cp_off[s->ends[w]];
+        if (bpe_encode_word(t, s, raw + b0, b1 - b0, out)) return -1;
+        begin = s->ends[w];
+    }
+    return 0;
+}
+
+/* ---- Encode ---------------------------------------------------------------------- */
+
+static int tok_is_parsed_special(const moe_tokenizer *t, int32_t id, int parse_special)
+{
+    return t->type[id] == TOKEN_USER_DEFINED || parse_special;
+}
+
+/* The special token whose text starts at text[i] (the longest), or -1. */
+static int32_t special_at(const moe_tokenizer *t, const char *text, size_t len, size_t i,
+                          int parse_special)
+{
+    unsigned char b = (unsigned char)text[i];
+    for (uint32_t k = t->special_bucket[b]; k < t->special_bucket[b + 1]; k++) {
+        int32_t id = t->special[k];
+        uint32_t n = tok_len(t, id);
+        if (n <= len - i && memcmp(text + i, tok_str(t, id), n) == 0
+            && tok_is_parsed_special(t, id, parse_special))
+            return id;
+    }
+    return -1;
+}
+
+/* One stretch of raw text. It starts the input or follows a special token, so for
+ * SPM it gets the space prefix either way (as in llama.cpp). */
+static int encode_fragment(const moe_tokenizer *t, scratch *s, const char *raw, size_t len,
+                           id_vec *out)
+{
+    if (t->kind == TOKENIZER_SPM)
+        return spm_encode_fragment(t, s, raw, len, t->add_space_prefix, out);
+    return bpe_encode_fragment(t, s, raw, len, out);
+}
+
+int tokenizer_encode(const moe_tokenizer *t, const char *text, size_t len, int flags,
+                     int32_t **ids, size_t *n_ids, char *err, size_t errlen)
+{
+    *ids = NULL;
+    *n_ids = 0;
+    if (!text && len) return tok_fail(err, errlen, "tokenize: NULL text");
+    if (len > UINT32_MAX / 4) return tok_fail(err, errlen, "tokenize: text too long (%zu bytes)", len);
+    int add_special = flags & TOKENIZE_ADD_SPECIAL;
+    int parse_special = (flags & TOKENIZE_PARSE_SPECIAL) != 0;
+    id_vec out = {0};
+    scratch s;
+    if (scratch_init(&s, t, len)) return tok_fail(err, errlen, "tokenize: out of memory");
+    int rc = 0;
+    if (add_special && t->add_bos && t->bos >= 0) rc |= id_vec_push(&out, t->bos);
+
+    /* Raw fragments between special-token matches (leftmost, longest). */
+    size_t frag = 0;
+    for (size_t i = 0; i < len && !rc;) {
+        int32_t id = -1;
+        unsigned char b = (unsigned char)text[i];
+        if (t->special_bucket[b] < t->special_bucket[b + 1])
+            id = special_at(t, text, len, i, parse_special);
+        if (id < 0) { i++; continue; }
+        if (i > frag) rc |= encode_fragment(t, &s, text + frag, i - frag, &out);
+        rc |= id_vec_push(&out, id);
+        i += tok_len(t, id);
+        frag = i;
+    }
+    if (!rc && len > frag) rc |= encode_fragment(t, &s, text + frag, len - frag, &out);
+    if (!rc && add_special && t->add_eos && t->eos >= 0) rc |= id_vec_push(&out, t->eos);
+    scratch_free(&s);
+    if (rc) {
+        free(out.v);
+        return tok_fail(err, errlen, "tokenize: out of memory");
+    }
+    if (!out.v) out.v = malloc(sizeof *out.v);  /* a valid pointer even for no tokens */
+    if (!out.v) return tok_fail(err, errlen, "tokenize: out of memory");
+    *ids = out.v;
+    *n_ids = out.n;
+    return 0;
+}
+
+/* ---- Loading ------------------------------------------------------------------- */
+
+/* GPT-2's reversible byte -> printable character map: printable Latin-1 bytes map
+ * to themselves, the others to U+0100.. in byte order. */
+static void bpe_byte_map(moe_tokenizer *t)
+{
+    int next = 0;
+    for (int i = 0; i < 512; i++) t->char_byte[i] = -1;
+    for (int b = 0; b < 256; b++) {
+        int keep = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE);
+        uint32_t cp = keep ? (uint32_t)b : 256u + (uint32_t)next++;
+        char u[4];
+        size_t k = unicode_utf8_encode(cp, u);
+        memcpy(t->byte_char[b], u, k);
+        t->byte_char_len[b] = (uint8_t)k;
+        t->char_byte[cp] = (int16_t)b;
+    }
+}
+
+static int load_tokens(moe_tokenizer *t, const gguf_file *f, char *err, size_t errlen)
+{
+    const char *key = "tokenizer.ggml.tokens";
+    gguf_type et;
+    uint64_t n;
+    if (gguf_get_arr_info(f, key, &et, &n))
+        return tok_fail(err, errlen, "%s: missing or not an array", key);
+    if (et != GGUF_TYPE_STRING) return tok_fail(err, errlen, "%s: not an array of strings", key);
+    if (n == 0 || n > TOKENIZER_MAX_VOCAB)
+        return tok_fail(err, errlen, "%s: %llu tokens (need 1..%d)", key,
+                        (unsigned long long)n, TOKENIZER_MAX_VOCAB);
+    gguf_str *strs = malloc(n * sizeof *strs);
+    if (!strs) return tok_fail(err, errlen, "%s: out of memory", key);
+    if (gguf_get_arr_strs(f, key, strs, n)) {
+        free(strs);
+        return tok_fail(err, errlen, "%s: cannot read the strings", key);
+    }
+    uint64_t total = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (strs[i].len > TOKENIZER_MAX_TOKEN_LEN) {
+            free(strs);
+            return tok_fail(err, errlen, "%s: token %llu is %llu bytes (max %d)", key,
+                            (unsigned long long)i, (unsigned long long)strs[i].len,
+                            TOKENIZER_MAX_TOKEN_LEN);
+        }
+        total += strs[i].len + 1;
+    }
+    if (total > UINT32_MAX / 2) {
+        free(strs);
+        return tok_fail(err, errlen, "%s: %llu bytes of token text (too much)", key,
+                        (unsigned long long)total);
+    }
+    t->n_vocab = (int32_t)n;
+    t->text = malloc(total);
+    t->text_off = malloc((n + 1) * sizeof *t->text_off);
+    if (!t->text || !t->text_off) {
+        free(strs);
+        return tok_fail(err, errlen, "%s: out of memory", key);
+    }
+    uint32_t off = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        t->text_off[i] = off;
+        if (strs[i].len) memcpy(t->text + off, strs[i].data, strs[i].len);
+        off += (uint32_t)strs[i].len;
+        t->text[off++] = '\0';
+    }
+    t->text_off[n] = off;
+    free(strs);
+    return 0;
+}
+
+static int load_scores(moe_tokenizer *t, const gguf_file *f, char *err, size_t errlen)
+{
+    const char *key = "tokenizer.ggml.scores";
+    size_t n = (size_t)t->n_vocab;
+    t->score_key = malloc(n * sizeof *t->score_key);
+    float *score = calloc(n, sizeof *score);
+    if (!t->score_key || !score) {
+        free(score);
+        return tok_fail(err, errlen, "%s: out of memory", key);
+    }
+    gguf_type et;
+    uint64_t len;
+    int r = gguf_get_arr_info(f, key, &et, &len);
+    if (r == 0) {
+        if (len != n || gguf_get_arr_f32(f, key, score, len)) {
+            free(score);
+            return tok_fail(err, errlen, "%s: need %zu float32 values (one per token)", key, n);
+        }
+    } else if (r != -1) {
+        free(score);
+        return tok_fail(err, errlen, "%s: not an array", key);
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (score[i] != score[i]) {
+            free(score);
+            return tok_fail(err, errlen, "%s: score of token %zu is NaN", key, i);
+        }
+        t->score_key[i] = tok_score_key(score[i]);
+    }
+    free(score);
+    return 0;
+}
+
+static int load_types(moe_tokenizer *t, const gguf_file *f, char *err, size_t errlen)
+{
+    const char *key = "tokenizer.ggml.token_type";
+    size_t n = (size_t)t->n_vocab;
+    t->type = malloc(n);
+    t->eog = calloc(n, 1);
+    int32_t *v = malloc(n * sizeof *v);
+    if (!t->type || !t->eog || !v) {
+        free(v);
+        return tok_fail(err, errlen, "%s: out of memory", key);
+    }
+    gguf_type et;
+    uint64_t len;
+    int r = gguf_get_arr_info(f, key, &et, &len);
+    if (r == -1) {
+        for (size_t i = 0; i < n; i++) v[i] = TOKEN_NORMAL;
+    } else if (r != 0 || len != n || gguf_get_arr_i32(f, key, v, len)) {
+        free(v);
+        return tok_fail(err, errlen, "%s: need %zu integers (one per token)", key, n);
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (v[i] < 0 || v[i] >= TOKEN_TYPE_COUNT) {
+            int32_t bad = v[i];
+            free(v);
+            return tok_fail(err, errlen, "%s: token %zu has unknown type %d", key, i, (int)bad);
+        }
+        t->type[i] = (uint8_t)v[i];
+    }
+    free(v);
+    return 0;
+}
+
+/* An optional token id key: absent keeps *id; present must be a valid id. */
+static int load_id(const moe_tokenizer *t, const gguf_file *f, const char *key, int32_t *id,
+                   char *err, size_t errlen)
+{
+    int32_t v;
+    int r = gguf_get_i32(f, key, &v);
+    if (r == -1) return 0;
+    if (r != 0) return tok_fail(err, errlen, "%s: not an integer token id", key);
+    if (v < 0 || v >= t->n_vocab)
+        return tok_fail(err, errlen, "%s: id %d out of range (vocabulary of %d)", key, (int)v,
+                        (int)t->n_vocab);
+    *id = v;
+    return 0;
+}
+
+static int load_bool(const gguf_file *f, const char *key, int *dst, char *err, size_t errlen)
+{
+    int v;
+    int r = gguf_get_bool(f, key, &v);
+    if (r == -1) return 0;
+    if (r != 0) return tok_fail(err, errlen, "%s: not a bool", key);
+    *dst = v != 0;
+    return 0;
+}
+
+static int load_special_ids(moe_tokenizer *t, const gguf_file *f, char *err, size_t errlen)
+{
+    /* Defaults as llama.cpp's, kept only when they exist in this vocabulary. */
+    int spm = t->kind == TOKENIZER_SPM;
+    t->bos = spm && t->n_vocab > 1 ? 1 : -1;
+    t->eos = spm && t->n_vocab > 2 ? 2 : -1;
+    t->unk = spm ? 0 : -1;
+    t->pad = -1;
+    t->add_bos = spm;
+    t->add_eos = 0;
+    t->add_space_prefix = spm;
+    int32_t eot = -1, eom = -1;
+    if (load_id(t, f, "tokenizer.ggml.bos_token_id", &t->bos, err, errlen)
+        || load_id(t, f, "tokenizer.ggml.eos_token_id", &t->eos, err, errlen)
+        || load_id(t, f, "tokenizer.ggml.unknown_token_id", &t->unk, err, errlen)
+        || load_id(t, f, "tokenizer.ggml.padding_token_id", &t->pad, err, errlen)
+        || load_id(t, f, "tokenizer.ggml.eot_token_id", &eot, err, errlen)
+        || load_id(t, f, "tokenizer.ggml.eom_token_id", &eom, err, errlen)
+        || load_bool(f, "tokenizer.ggml.add_bos_token", &t->add_bos, err, errlen)
+        || load_bool(f, "tokenizer.ggml.add_eos_token", &t->add_eos, err, errlen)
+        || load_bool(f, "tokenizer.ggml.add_space_prefix", &t->add_space_prefix, err, errlen))
+        return -1;
+    if (!spm) t->add_space_prefix = 0;  /* byte-level BPE has no space prefix */
+
+    /* End of generation: eos, eot, eom and the usual end-of-turn control texts. */
+    static const char *const eog_text[] = {
+        "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+        "<|eom_id|>", "<EOT>", "<|end_of_text|>", "<｜end▁of▁sentence｜>",
+    };
+    if (t->eos >= 0) t->eog[t->eos] = 1;
+    if (eot >= 0) t->eog[eot] = 1;
+    if (eom >= 0) t->eog[eom] = 1;
+    for (int32_t id = 0; id < t->n_vocab; id++) {
+        if (t->type[id] != TOKEN_CONTROL && t->type[id] != TOKEN_USER_DEFINED) continue;
+        for (size_t k = 0; k < sizeof eog_text / sizeof eog_text[0]; k++)
+            if (strcmp(tok_str(t, id), eog_text[k]) == 0) t->eog[id] = 1;
+    }
+    return 0;
+}
+
+/* The text -> id hash. For duplicate strings the last id wins (as in llama.cpp). */
+static int build_index(moe_tokenizer *t, char *err, size_t errlen)
+{
+    uint32_t cap = 16;
+    while (cap < 2u * (uint32_t)t->n_vocab) cap *= 2;
+    t->index = malloc(cap * sizeof *t->index);
+    if (!t->index) return tok_fail(err, errlen, "tokenizer: out of memory");
+    memset(t->index, 0xFF, cap * sizeof *t->index);
+    t->index_mask = cap - 1;
+    for (int32_t id = 0; id < t->n_vocab; id++) {
+        const char *s = tok_str(t, id);
+        uint32_t n = tok_len(t, id);
+        uint32_t i = (uint32_t)tok_hash_bytes(s, n) & t->index_mask;
+        while (t->index[i] >= 0) {
+            int32_t o = t->index[i];
+            if (tok_len(t, o) == n && memcmp(tok_str(t, o), s, n) == 0) break;
+            i = (i + 1) & t->index_mask;
+        }
+        t->index[i] = id;
+    }
+    return 0;
+}
+
+static void build_byte_tokens(moe_tokenizer *t)
+{
+    for (int b = 0; b < 256; b++) {
+        if (t->kind == TOKENIZER_SPM) {
+            char name[8];
+            snprintf(name, sizeof name, "<0x%02X>", b);
+            t->byte_token[b] = tok_find(t, name, 6);
+        } else {
+            t->byte_token[b] = tok_find(t, (const char *)t->byte_char[b], t->byte_char_len[b]);
+        }
+    }
+}
+
+/* tokenizer.ggml.merges: "left right" strings in rank order; left, right and their
+ * concatenation must all be tokens. A repeated pair keeps its first rank. */
+static int load_merges(moe_tokenizer *t, const gguf_file *f, char *err, size_t errlen)
+{
+    const char *key = "tokenizer.ggml.merges";
+    gguf_type et;
+    uint64_t n;
+    int r = gguf_get_arr_info(f, key, &et, &n);
+    if (r == -1) return tok_fail(err, errlen, "%s: missing (needed by a gpt2 tokenizer)", key);
+    if (r != 0 || et != GGUF_TYPE_STRING) return tok_fail(err, errlen, "%s: not an array of strings", key);
+    if (n > TOKENIZER_MAX_MERGES)
+        return tok_fail(err, errlen, "%s: %llu merges (max %d)", key, (unsigned long long)n,
+                        TOKENIZER_MAX_MERGES);
+    uint32_t cap = 16;
+    while (cap < 2 * n) cap *= 2;
+    gguf_str *strs = malloc((n ? n : 1) * sizeof *strs);
+    char *cat = malloc(2 * TOKENIZER_MAX_TOKEN_LEN + 2);
+    t->merges = malloc(cap * sizeof *t->merges);
+    int rc = -1;
+    if (!strs || !cat || !t->merges) {
+        tok_fail(err, errlen, "%s: out of memory", key);
+        goto done;
+    }
+    for (uint32_t i = 0; i < cap; i++) t->merges[i].key = MERGE_EMPTY;
+    t->merges_mask = cap - 1;
+    if (gguf_get_arr_strs(f, key, strs, n)) {
+        tok_fail(err, errlen, "%s: cannot read the strings", key);
+        goto done;
+    }
+    for (uint64_t k = 0; k < n; k++) {
+        const char *s = strs[k].data;
+        uint64_t len = strs[k].len;
+        const char *sp = len > 1 ? memchr(s + 1, ' ', len - 1) : NULL;
+        if (!sp || sp + 1 == s + len || len > 2 * TOKENIZER_MAX_TOKEN_LEN + 1) {
+            tok_fail(err, errlen, "%s: entry %llu is not \"left right\"", key, (unsigned long long)k);
+            goto done;
+        }
+        size_t nl = (size_t)(sp - s), nr = (size_t)len - nl - 1;
+        memcpy(cat, s, nl);
+        memcpy(cat + nl, sp + 1, nr);
+        int32_t left = tok_find(t, s, nl), right = tok_find(t, sp + 1, nr);
+        int32_t result = tok_find(t, cat, nl + nr);
+        if (left < 0 || right < 0 || result < 0) {
+            tok_fail(err, errlen, "%s: entry %llu \"%.*s\" uses or makes a string that is not a token",
+                     key, (unsigned long long)k, (int)(len > 64 ? 64 : len), s);
+            goto done;
+        }
+        uint64_t pk = (uint64_t)(uint32_t)left << 32 | (uint32_t)right;
+        uint32_t i = (uint32_t)tok_hash_pair(pk) & t->merges_mask;
+        while (t->merges[i].key != MERGE_EMPTY && t->merges[i].key != pk)
+            i = (i + 1) & t->merges_mask;
+        if (t->merges[i].key == pk) continue;
+        t->merges[i].key = pk;
+        t->merges[i].rank = (int32_t)k;
+        t->merges[i].result = result;
+    }
+    t->n_merges = (int32_t)n;
+    rc = 0;
+done:
+    free(strs);
+    free(cat);
+    return rc;
+}
+
+/* "<0xNN>" -> NN, or -1. */
+static int parse_byte_token(const char *s, uint32_t n)
+{
+    if (n != 6 || memcmp(s, "<0x", 3) != 0 || s[5] != '>') return -1;
+    int v = 0;
+    for (int i = 3; i < 5; i++) {
+        char c = s[i];
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10
+              : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+        if (d < 0) return -1;
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+/* Output bytes of token id into dst (room for its text length); returns the length.
+ * Control, unknown and unused tokens have none (their text shows with render_special). */
+static uint32_t token_piece_build(const moe_tokenizer *t, int32_t id, char *dst)
+{
+    const char *s = tok_str(t, id);
+    uint32_t n = tok_len(t, id), k = 0;
+    switch (t->type[id]) {
+    case TOKEN_CONTROL: case TOKEN_UNKNOWN: case TOKEN_UNUSED:
+        return 0;
+    case TOKEN_USER_DEFINED:
+        memcpy(dst, s, n);
+        return n;
+    case TOKEN_BYTE: {
+        int b = parse_byte_token(s, n);
+        if (b >= 0) { dst[0] = (char)b; return 1; }
+        break;
+    }
+    default:
+        break;
+    }
+    if (t->kind == TOKENIZER_SPM) {
+        for (uint32_t i = 0; i < n;) {
+            if (n - i >= 3 && memcmp(s + i, "\xE2\x96\x81", 3) == 0) { dst[k++] = ' '; i += 3; }
+            else dst[k++] = s[i++];
+        }
+        return k;
+    }
+    for (uint32_t i = 0; i < n;) {  /* byte-level: each character back to its byte */
+        uint32_t cp;
+        size_t m = unicode_utf8_decode(s + i, n - i, &cp);
+        if (cp < 512 && t->char_byte[cp] >= 0) dst[k++] = (char)t->char_byte[cp];
+        else { memcpy(dst + k, s + i, m); k += (uint32_t)m; }
+        i += (uint32_t)m;
+    }
+    return k;
+}
+
+static int build_pieces(moe_tokenizer *t, char *err, size_t errlen)
+{
+    t->piece = malloc(t->text_off[t->n_vocab] + 1);
+    t->piece_off = malloc(((size_t)t->n_vocab + 1) * sizeof *t->piece_off);
+    if (!t->piece || !t->piece_off) return tok_fail(err, errlen, "tokenizer: out of memory");
+    uint32_t off = 0;
+    for (int32_t id = 0; id < t->n_vocab; id++) {
+        t->piece_off[id] = off;
+        uint32_t k = token_piece_build(t, id, t->piece + off);
+        off += k;
+        if (k > t->max_piece) t->max_piece = k;
+        if (tok_len(t, id) > t->max_piece) t->max_piece = tok_len(t, id);
+    }
+    t->piece_off[t->n_vocab] = off;
+    return 0;
+}
+
+static int special_after(const void *a, const void *b, const moe_tokenizer *t)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    unsigned char fx = (unsigned char)tok_str(t, x)[0], fy = (unsigned char)tok_str(t, y)[0];
+    if (fx != fy) return fx < fy ? -1 : 1;
+    uint32_t lx = tok_len(t, x), ly = tok_len(t, y);
+    if (lx != ly) return lx > ly ? -1 : 1;
+    return x < y ? -1 : x > y;
+}
+
+/* Control, user-defined and unknown tokens with text, grouped by first byte, longest
+ * first (insertion sort per build: qsort has no context argument in C11). */
+static int build_specials(moe_tokenizer *t, char *err, size_t errlen)
+{
+    int32_t n = 0;
+    for (int32_t id = 0; id < t->n_vocab; id++) {
+        uint8_t ty = t->type[id];
+        if ((ty == TOKEN_CONTROL || ty == TOKEN_USER_DEFINED || ty == TOKEN_UNKNOWN) && tok_len(t, id))
+            n++;
+    }
+    t->special = malloc((size_t)(n ? n : 1) * sizeof *t->special);
+    if (!t->special) return tok_fail(err, errlen, "tokenizer: out of memory");
+    /* Counting sort by first byte, then insertion sort inside each bucket. */
+    uint32_t count[257] = {0};
+    for (int32_t id = 0; id < t->n_vocab; id++) {
+        uint8_t ty = t->type[id];
+        if ((ty == TOKEN_CONTROL || ty == TOKEN_USER_DEFINED || ty == TOKEN_UNKNOWN) && tok_len(t, id))
+            count[(unsigned char)tok_str(t, id)[0] + 1]++;
+    }
+    for (int b = 0; b < 256; b++) count[b + 1] += count[b];
+    memcpy(t->special_bucket, count, sizeof count);
+    for (int32_t id = 0; id < t->n_vocab; id++) {
+        uint8_t ty = t->type[id];
+        if ((ty == TOKEN_CONTROL || ty == TOKEN_USER_DEFINED || ty == TOKEN_UNKNOWN) && tok_len(t, id))
+            t->special[count[(unsigned char)tok_str(t, id)[0]]++] = id;
+    }
+    for (int b = 0; b < 256; b++) {
+        for (uint32_t i = t->special_bucket[b] + 1; i < t->special_bucket[b + 1]; i++) {
+            int32_t v = t->special[i];
+            uint32_t j = i;
+            while (j > t->special_bucket[b] && special_after(&t->special[j - 1], &v, t) > 0) {
+                t->special[j] = t->special[j - 1];
+                j--;
+            }
+            t->special[j] = v;
+        }
+    }
+    t->n_special = n;
+    return 0;
+}
+
+static void build_fingerprint(moe_tokenizer *t)
+{
+    /* FNV-1a over each token's bytes followed by a 0 byte (so "ab","c" != "a","bc"). */
+    uint64_t h = 1469598103934665603ull;
+    for (int32_t id = 0; id < t->n_vocab; id++) {
+        const char *s = tok_str(t, id);
+        for (uint32_t i = 0; i <= tok_len(t, id); i++) {
+            h ^= (unsigned char)s[i];
+            h *= 1099511628211ull;
+        }
+    }
+    t->fingerprint = h;
+}
+
+int tokenizer_load(const gguf_file *f, moe_tokenizer **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    char model[64], pre[64] = "default";
+    int r = gguf_get_cstr(f, "tokenizer.ggml.model", model, sizeof model);
+    if (r == -1) return tok_fail(err, errlen, "no tokenizer in the file (tokenizer.ggml.model missing)");
+    if (r != 0) return tok_fail(err, errlen, "tokenizer.ggml.model: not a short string");
+    moe_tokenizer *t = calloc(1, sizeof *t);
+    if (!t) return tok_fail(err, errlen, "tokenizer: out of memory");
+    if (strcmp(model, "llama") == 0) {
+        t->kind = TOKENIZER_SPM;
+    } else if (strcmp(model, "gpt2") == 0) {
+        t->kind = TOKENIZER_BPE;
+        r = gguf_get_cstr(f, "tokenizer.ggml.pre", pre, sizeof pre);
+        if (r == -2) { tok_fail(err, errlen, "tokenizer.ggml.pre: not a short string"); goto fail; }
+        t->pre = pretok_find(pre);
+        if (!t->pre) {
+            tok_fail(err, errlen, "tokenizer.ggml.pre: unsupported pre-tokenizer '%s'", pre);
+            goto fail;
+        }
+        bpe_byte_map(t);
+    } else {
+        tok_fail(err, errlen, "tokenizer.ggml.model: unsupported tokenizer '%s' (llama, gpt2)", model);
+        goto fail;
+    }
+    if (load_tokens(t, f, err, errlen) || load_scores(t, f, err, errlen)
+        || load_types(t, f, err, errlen) || load_special_ids(t, f, err, errlen)
+        || build_index(t, err, errlen))
+        goto fail;
+    build_byte_tokens(t);
+    if (t->kind == TOKENIZER_BPE && load_merges(t, f, err, errlen)) goto fail;
+    if (build_pieces(t, err, errlen) || build_specials(t, err, errlen)) goto fail;
+    build_fingerprint(t);
+    *out = t;
+    return 0;
+fail:
+    tokenizer_free(t);
+    return -1;
+}
+
+void tokenizer_free(moe_tokenizer *t)
+{
+    if (!t) return;
+    free(t->text);
+    free(t->text_off);
+    free(t->piece);
+    free(t->piece_off);
+    free(t->score_key);
+    free(t->type);
+    free(t->eog);
+    free(t->index);
+    free(t->merges);
+    free(t->special);
+    free(t);
+}
+
+/* ---- Detokenize ------------------------------------------------------------------ */
+
+/* The bytes token id outputs (render_special shows control/unknown token text). */
+static const char *token_out(const moe_tokenizer *t, int32_t id, int render_special, uint32_t *n)
+{
+    uint8_t ty = t->type[id];
+    if (render_special && (ty == TOKEN_CONTROL || ty == TOKEN_UNKNOWN)) {
+        *n = tok_len(t, id);
+        return tok_str(t, id);
+    }
+    *n = t->piece_off[id + 1] - t->piece_off[id];
+    return t->piece + t->piece_off[id];
+}
+
+int tokenizer_token_to_piece(const moe_tokenizer *t, int32_t id, int render_special,
+                             char *buf, size_t cap)
+{
+    if (id < 0 || id >= t->n_vocab) return -1;
+    uint32_t n;
+    const char *p = token_out(t, id, render_special, &n);
+    if (n <= cap && n) memcpy(buf, p, n);
+    return (int)n;
+}
+
+int tokenizer_decode(const moe_tokenizer *t, const int32_t *ids, size_t n, int render_special,
+                     char **text, size_t *len, char *err, size_t errlen)
+{
+    *text = NULL;
+    *len = 0;
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= t->n_vocab)
+            return tok_fail(err, errlen, "detokenize: token id %d at position %zu out of range "
+                            "(vocabulary of %d)", (int)ids[i], i, (int)t->n_vocab);
+        uint32_t k;
+        token_out(t, ids[i], render_special, &k);
+        total += k;
+    }
+    char *out = malloc(total + 1);
+    if (!out) return tok_fail(err, errlen, "detokenize: out of memory");
+    size_t pos = 0;
+    int strip = t->add_space_prefix;  /* the first piece loses the space prefix */
+    for (size_t i = 0; i < n; i++) {
+        uint32_t k;
+        const char *p = token_out(t, ids[i], render_special, &k);
+        if (k == 0) continue;
+        if (strip && p[0] == ' ') { p++; k--; }
+        strip = 0;
+        memcpy(out + pos, p, k);
+        pos += k;
+    }
+    out[pos] = '\0';
+    *text = out;
+    *len = pos;
+    return 0;
+}
+
+/* ---- Streaming detokenizer ------------------------------------------------------- */
+
+void tokenizer_stream_init(tokenizer_stream *s)
+{
+    memset(s, 0, sizeof *s);
+}
+
+/* May byte b follow the valid prefix pending[0..m) of a UTF-8 character? The second
+ * byte's range depends on the lead (no overlongs, surrogates or > U+10FFFF). */
+static int utf8_continues(unsigned char lead, int m, unsigned char b)
+{
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (m == 1) {
+        if (lead == 0xE0) lo = 0xA0;
+        else if (lead == 0xED) hi = 0x9F;
+        else if (lead == 0xF0) lo = 0x90;
+        else if (lead == 0xF4) hi = 0x8F;
+    }
+    return b >= lo && b <= hi;
+}
+
+/* Feeds bytes p[0..n) through the UTF-8 assembler in s, writing whole characters to
+ * out (when not NULL) and U+FFFD for each maximal invalid subpart (as Python's
+ * errors="replace"); returns the bytes produced. s->pending keeps the valid prefix
+ * of an unfinished character. */
+static size_t stream_feed(tokenizer_stream *s, const char *p, size_t n, char *out)
+{
+    size_t w = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char b = (unsigned char)p[i];
+        if (s->n_pending > 0) {
+            unsigned char lead = (unsigned char)s->pending[0];
+            if (utf8_continues(lead, s->n_pending, b)) {
+                s->pending[s->n_pending++] = (char)b;
+                if (s->n_pending == unicode_utf8_seq_len(lead)) {
+                    if (out) memcpy(out + w, s->pending, (size_t)s->n_pending);
+                    w += (size_t)s->n_pending;
+                    s->n_pending = 0;
+                }
+                continue;
+            }
+            if (out) memcpy(out + w, "\xEF\xBF\xBD", 3);  /* the unfinished character */
+            w += 3;
+            s->n_pending = 0;
+        }
+        int need = unicode_utf8_seq_len(b);
+        if (need == 1) {
+            if (out) out[w] = (char)b;
+            w++;
+        } else if (need == 0) {
+            if (out) memcpy(out + w, "\xEF\xBF\xBD", 3);
+            w += 3;
+        } else {
+            s->pending[0] = (char)b;
+            s->n_pending = 1;
+        }
+    }
+    return w;
+}
+
+/* n_fed counts the tokens that had output so far: the first such piece loses the
+ * space prefix, as in tokenizer_decode. Set n_fed = 1 after init to continue text
+ * mid-sentence without that. */
+int tokenizer_stream_push(const moe_tokenizer *t, tokenizer_stream *s, int32_t id,
+                          char *out, size_t cap)
+{
+    if (id < 0 || id >= t->n_vocab) return -1;
+    if (s->n_pending < 0 || s->n_pending > 3) return -1;  /* not from tokenizer_stream_init */
+    uint32_t n;
+    const char *p = token_out(t, id, 0, &n);
+    if (n == 0) return 0;
+    if (s->n_fed == 0 && t->add_space_prefix && p[0] == ' ') { p++; n--; }
+    tokenizer_stream dry = *s;
+    if (stream_feed(&dry, p, n, NULL) > cap) return -1;  /* state untouched */
+    s->n_fed++;
+    return (int)stream_feed(s, p, n, out);
+}
+
+int tokenizer_stream_flush(const moe_tokenizer *t, tokenizer_stream *s, char *out, size_t cap)
+{
+    (void)t;
+    if (s->n_pending <= 0) {
+        s->n_pending = 0;
+        return 0;
+    }
+    if (cap < 3) return -1;
+    memcpy(out, "\xEF\xBF\xBD", 3);
+    s->n_pending = 0;
+    return 3;
+}
+
+/* ---- Accessors ------------------------------------------------------------------- */
+
+tokenizer_kind tokenizer_get_kind(const moe_tokenizer *t) { return t->kind; }
+int tokenizer_n_vocab(const moe_tokenizer *t) { return t->n_vocab; }
+int32_t tokenizer_bos(const moe_tokenizer *t) { return t->bos; }
+int32_t tokenizer_eos(const moe_tokenizer *t) { return t->eos; }
+
+int tokenizer_is_eog(const moe_tokenizer *t, int32_t id)
+{
+    return id >= 0 && id < t->n_vocab && t->eog[id];
+}
+
+const char *tokenizer_token_text(const moe_tokenizer *t, int32_t id)
+{
+    if (id < 0 || id >= t->n_vocab) return NULL;
+    return tok_str(t, id);
+}
+
+uint64_t tokenizer_fingerprint(const moe_tokenizer *t) { return t->fingerprint; }
