@@ -12,7 +12,7 @@
  * The reader walks the whole header once with a bounds-checked cursor, recording
  * where every key's value and every tensor lies; nothing is used before all of it
  * has been checked, so the accessors can read the mapping without further checks.
- * Keys and tensor names are found through an open-addressing hash index.
+ * Keys and tensor names are found through a sorted index (binary search).
  */
 #include "models/gguf.h"
 
@@ -53,10 +53,18 @@ typedef struct {
     const uint8_t *payload; /* arrays: first element; scalars and strings: == val */
 } gguf_kv;
 
-/* Open-addressing hash of names -> entry index; slot -1 is empty. */
+/* Names sorted bytewise, for binary search: O(n log n) to build and O(log n) per
+ * lookup whatever names a hostile file holds (a hash table could be flooded with
+ * colliding names). */
 typedef struct {
-    int64_t *slot;
-    uint64_t mask;          /* capacity - 1 (capacity a power of two) */
+    const char *data;
+    uint64_t len;
+    int64_t i;              /* entry index */
+} name_ref;
+
+typedef struct {
+    name_ref *refs;         /* (n) sorted by name */
+    int64_t n;
 } name_index;
 
 struct gguf_file {
@@ -122,56 +130,55 @@ static uint64_t align_up(uint64_t x, uint64_t a) /* a a power of two; caller che
 
 /* ------------------------------------------------------- name index ---- */
 
-static uint64_t hash_bytes(const char *s, uint64_t n)
+static int name_cmp(const char *a, uint64_t alen, const char *b, uint64_t blen)
 {
-    uint64_t h = 1469598103934665603ull; /* FNV-1a */
-    for (uint64_t i = 0; i < n; i++) h = (h ^ (uint8_t)s[i]) * 1099511628211ull;
-    return h;
+    uint64_t n = alen < blen ? alen : blen;
+    int c = n ? memcmp(a, b, (size_t)n) : 0;
+    if (c) return c;
+    return alen < blen ? -1 : alen > blen;
 }
 
-static const gguf_str *entry_name(const void *entries, size_t stride, int64_t i)
+static int ref_cmp(const void *x, const void *y)
 {
-    return (const gguf_str *)((const char *)entries + (size_t)i * stride);
+    const name_ref *a = x, *b = y;
+    int c = name_cmp(a->data, a->len, b->data, b->len);
+    if (c) return c;
+    return a->i < b->i ? -1 : a->i > b->i; /* equal names: file order */
 }
 
-static int str_eq(gguf_str a, const char *s, uint64_t n)
+static int64_t index_find(const name_index *ix, const char *s, uint64_t n)
 {
-    return a.len == n && memcmp(a.data, s, n) == 0;
-}
-
-static int64_t index_find(const name_index *ix, const void *entries, size_t stride,
-                          const char *s, uint64_t n)
-{
-    if (!ix->slot) return -1;
-    for (uint64_t h = hash_bytes(s, n) & ix->mask;; h = (h + 1) & ix->mask) {
-        int64_t e = ix->slot[h];
-        if (e < 0) return -1;
-        if (str_eq(*entry_name(entries, stride, e), s, n)) return e;
+    int64_t lo = 0, hi = ix->n; /* search [lo, hi) */
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        int c = name_cmp(ix->refs[mid].data, ix->refs[mid].len, s, n);
+        if (c == 0) return ix->refs[mid].i;
+        if (c < 0) lo = mid + 1;
+        else hi = mid;
     }
+    return -1;
 }
 
-/* Builds the index over n entries whose first member is a gguf_str. Returns 0,
- * -1 out of memory, or 1 with *dup = an entry whose name repeats an earlier one. */
+/* Builds the index over n entries whose first member is a gguf_str (stride bytes
+ * apart). Returns 0, -1 out of memory, or 1 with *dup = an entry whose name
+ * repeats an earlier one. */
 static int index_build(name_index *ix, const void *entries, size_t stride, int64_t n,
                        int64_t *dup)
 {
-    uint64_t cap = 16;
-    while (cap < 2 * (uint64_t)n) cap *= 2;
-    ix->slot = malloc(cap * sizeof *ix->slot);
-    if (!ix->slot) return -1;
-    memset(ix->slot, 0xff, cap * sizeof *ix->slot); /* all -1 */
-    ix->mask = cap - 1;
+    ix->refs = malloc((size_t)(n ? n : 1) * sizeof *ix->refs);
+    if (!ix->refs) return -1;
+    ix->n = n;
     for (int64_t i = 0; i < n; i++) {
-        const gguf_str *name = entry_name(entries, stride, i);
-        uint64_t h = hash_bytes(name->data, name->len) & ix->mask;
-        while (ix->slot[h] >= 0) {
-            if (str_eq(*entry_name(entries, stride, ix->slot[h]), name->data, name->len)) {
-                *dup = i;
-                return 1;
-            }
-            h = (h + 1) & ix->mask;
+        const gguf_str *name = (const gguf_str *)((const char *)entries + (size_t)i * stride);
+        ix->refs[i] = (name_ref){name->data, name->len, i};
+    }
+    qsort(ix->refs, (size_t)n, sizeof *ix->refs, ref_cmp);
+    for (int64_t k = 1; k < n; k++) {
+        if (name_cmp(ix->refs[k - 1].data, ix->refs[k - 1].len, ix->refs[k].data,
+                     ix->refs[k].len) == 0) {
+            *dup = ix->refs[k].i;
+            return 1;
         }
-        ix->slot[h] = i;
     }
     return 0;
 }
@@ -202,7 +209,7 @@ static uint64_t left(const cursor *c) { return c->size - c->pos; }
 static int need(cursor *c, uint64_t n, const char *where, const char *what)
 {
     if (n <= left(c)) return 0;
-    return fail(c, "%s: %s at offset %llu needs %llu bytes, file ends after %llu (size %llu)",
+    return fail(c, "%s: %s at offset %llu needs %llu bytes, only %llu left (file size %llu)",
                 where, what, (unsigned long long)c->pos, (unsigned long long)n,
                 (unsigned long long)left(c), (unsigned long long)c->size);
 }
@@ -278,11 +285,21 @@ static int parse_array(cursor *c, const char *where, gguf_kv *kv)
             return fail(c, "%s: array of %llu strings at offset %llu cannot fit in the %llu bytes "
                         "left in the file", where, (unsigned long long)n,
                         (unsigned long long)(c->pos - 8), (unsigned long long)left(c));
-        char what[64];
-        for (uint64_t i = 0; i < n; i++) {
-            gguf_str s;
-            snprintf(what, sizeof what, "string %llu", (unsigned long long)i);
-            if (rd_str(c, where, what, &s)) return -1;
+        for (uint64_t i = 0; i < n; i++) { /* inline: tokenizer arrays hold 100k+ strings */
+            uint64_t len;
+            if (left(c) < 8)
+                return fail(c, "%s: string %llu of %llu: length at offset %llu runs past the "
+                            "end of the file (size %llu)", where, (unsigned long long)i,
+                            (unsigned long long)n, (unsigned long long)c->pos,
+                            (unsigned long long)c->size);
+            memcpy(&len, c->p + c->pos, 8);
+            c->pos += 8;
+            if (len > left(c))
+                return fail(c, "%s: string %llu of %llu: length %llu at offset %llu exceeds "
+                            "the %llu bytes left in the file", where, (unsigned long long)i,
+                            (unsigned long long)n, (unsigned long long)len,
+                            (unsigned long long)(c->pos - 8), (unsigned long long)left(c));
+            c->pos += len;
         }
         return 0;
     }
@@ -540,8 +557,8 @@ static void release(gguf_file *f)
     if (f->mapped && f->base) munmap((void *)f->base, f->size);
     free(f->kv);
     free(f->tensors);
-    free(f->kv_index.slot);
-    free(f->tensor_index.slot);
+    free(f->kv_index.refs);
+    free(f->tensor_index.refs);
     free(f);
 }
 
@@ -628,7 +645,7 @@ int64_t gguf_n_kv(const gguf_file *f) { return f->n_kv; }
 
 int64_t gguf_find_key(const gguf_file *f, const char *key)
 {
-    return index_find(&f->kv_index, f->kv, sizeof *f->kv, key, strlen(key));
+    return index_find(&f->kv_index, key, strlen(key));
 }
 
 gguf_str gguf_kv_key(const gguf_file *f, int64_t i)
@@ -843,7 +860,7 @@ const gguf_tensor *gguf_get_tensor(const gguf_file *f, int64_t i)
 
 const gguf_tensor *gguf_find_tensor(const gguf_file *f, const char *name)
 {
-    int64_t i = index_find(&f->tensor_index, f->tensors, sizeof *f->tensors, name, strlen(name));
+    int64_t i = index_find(&f->tensor_index, name, strlen(name));
     return i < 0 ? NULL : &f->tensors[i];
 }
 
