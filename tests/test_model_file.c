@@ -1,0 +1,501 @@
+/* test_model_file.c -- synthetic models load with the hyperparameters they were
+ * written with, F16 equals F32 to F16 precision, and hostile model files (missing
+ * or misshapen tensors, impossible hyperparameters) fail with a message that says
+ * what is wrong. */
+#include <math.h>
+#include <stdint.h>
+
+#include "models/gguf.h"
+#include "models/model_file.h"
+#include "models/synth.h"
+#include "tests/testutil.h"
+
+static char err[512];
+
+/* A temporary directory with one synthetic model in it. */
+typedef struct {
+    char dir[64];
+    char path[128];   /* the synthetic model */
+    char other[128];  /* a variant written by the test */
+} fixture;
+
+static void fixture_synth(fixture *fx, const char *arch, const char *preset, int f16)
+{
+    snprintf(fx->dir, sizeof fx->dir, "%s", tu_tmpdir());
+    snprintf(fx->path, sizeof fx->path, "%s/model.gguf", fx->dir);
+    snprintf(fx->other, sizeof fx->other, "%s/variant.gguf", fx->dir);
+    synth_params p = {.arch = arch, .preset = preset, .seed = 7, .f16 = f16};
+    ck_assert_msg(synth_write(&p, fx->path, err, sizeof err) == 0, "synth %s: %s", arch, err);
+}
+
+static void fixture_done(fixture *fx)
+{
+    unlink(fx->path);
+    unlink(fx->other);
+    rmdir(fx->dir);
+}
+
+/* Loads path, expecting failure; returns the message. */
+static const char *load_error(const char *path)
+{
+    moe_model *m = (moe_model *)1;
+    err[0] = 0;
+    ck_assert_int_eq(moe_model_load(path, &m, err, sizeof err), -1);
+    ck_assert_ptr_null(m);
+    ck_assert(strlen(err) > 0);
+    return err;
+}
+
+#define ck_assert_err_has(msg, needle) \
+    ck_assert_msg(strstr((msg), (needle)) != NULL, "error '%s' does not mention '%s'", (msg), (needle))
+
+/* Rewriting a file with one change ------------------------------------------- */
+
+typedef enum { EDIT_NONE, EDIT_U32, EDIT_STR, EDIT_F32 } edit_kind;
+
+typedef struct {
+    const char *drop_key;       /* key left out */
+    const char *set_key;        /* key set (added or replaced) */
+    edit_kind set_kind;
+    uint32_t set_u32;
+    const char *set_str;
+    float set_f32;
+    const char *drop_tensor;    /* tensor left out */
+    const char *halve_tensor;   /* tensor written with its outermost dim halved */
+} edit;
+
+/* Copies src to dst with one edit (keys in order, tensors by reference). */
+static void rewrite(const char *src, const char *dst, const edit *e)
+{
+    gguf_file *f;
+    ck_assert_msg(gguf_open(src, &f, err, sizeof err) == 0, "%s", err);
+    gguf_writer *w = gguf_writer_create();
+    ck_assert_ptr_nonnull(w);
+    for (int64_t i = 0; i < gguf_n_kv(f); i++) {
+        gguf_str k = gguf_kv_key(f, i);
+        char key[256];
+        ck_assert_uint_lt(k.len, sizeof key);
+        memcpy(key, k.data, k.len);
+        key[k.len] = 0;
+        if (e->drop_key && !strcmp(key, e->drop_key)) continue;
+        ck_assert_int_eq(gguf_writer_copy_kv(w, f, key), 0);
+    }
+    if (e->set_kind == EDIT_U32) ck_assert_int_eq(gguf_writer_set_u32(w, e->set_key, e->set_u32), 0);
+    if (e->set_kind == EDIT_STR) ck_assert_int_eq(gguf_writer_set_str(w, e->set_key, e->set_str), 0);
+    if (e->set_kind == EDIT_F32) ck_assert_int_eq(gguf_writer_set_f32(w, e->set_key, e->set_f32), 0);
+    for (int64_t i = 0; i < gguf_n_tensors(f); i++) {
+        const gguf_tensor *t = gguf_get_tensor(f, i);
+        char name[256];
+        ck_assert_uint_lt(t->name.len, sizeof name);
+        memcpy(name, t->name.data, t->name.len);
+        name[t->name.len] = 0;
+        if (e->drop_tensor && !strcmp(name, e->drop_tensor)) continue;
+        uint64_t ne[GGUF_MAX_DIMS];
+        memcpy(ne, t->ne, sizeof ne);
+        if (e->halve_tensor && !strcmp(name, e->halve_tensor)) ne[t->n_dims - 1] /= 2;
+        ck_assert_int_eq(gguf_writer_add_tensor(w, name, t->type, t->n_dims, ne, t->data), 0);
+    }
+    ck_assert_msg(gguf_writer_write(w, dst, err, sizeof err) == 0, "%s", err);
+    gguf_writer_free(w);
+    gguf_close(f);
+}
+
+static const char *edited_error(fixture *fx, const edit *e)
+{
+    rewrite(fx->path, fx->other, e);
+    return load_error(fx->other);
+}
+
+/* Loading what synth writes ------------------------------------------------- */
+
+static const char *archs[] = {"llama", "qwen2moe", "olmoe", "qwen3moe"};
+
+/* Every weight pointer lies inside the file mapping (F32 used in place). */
+static int in_mapping(const moe_model *m, const float *p)
+{
+    const gguf_tensor *t = gguf_find_tensor(m->gguf, "token_embd.weight");
+    const char *lo = (const char *)t->data - t->offset, *hi = lo + m->mapped_bytes;
+    return (const char *)p >= lo && (const char *)p < hi;
+}
+
+START_TEST(each_arch_loads_with_its_hparams)
+{
+    const char *arch = archs[_i];
+    fixture fx;
+    fixture_synth(&fx, arch, "tiny", 0);
+    moe_model *m;
+    ck_assert_msg(moe_model_load(fx.path, &m, err, sizeof err) == 0, "%s: %s", arch, err);
+    const moe_hparams *hp = &m->weights.hp;
+    ck_assert_int_eq(hp->arch, moe_arch_from_name(arch));
+    ck_assert_int_eq(hp->n_layer, 2);
+    ck_assert_int_eq(hp->n_embd, 64);
+    ck_assert_int_eq(hp->n_head, 4);
+    /* OLMoE has as many KV heads as heads; Qwen3-MoE heads are wider than n_embd/n_head */
+    ck_assert_int_eq(hp->n_head_kv, !strcmp(arch, "olmoe") ? 4 : 2);
+    ck_assert_int_eq(hp->head_dim, !strcmp(arch, "qwen3moe") ? 32 : 16);
+    ck_assert_int_eq(hp->rope_dim, hp->head_dim);
+    ck_assert_int_eq(hp->n_ff, 96);
+    ck_assert_int_eq(hp->n_expert, 8);
+    ck_assert_int_eq(hp->n_expert_used, 2);
+    ck_assert_int_eq(hp->n_ff_shexp, !strcmp(arch, "qwen2moe") ? 128 : 0);
+    ck_assert_int_eq(hp->n_ctx_train, 512);
+    ck_assert_float_eq_tol(hp->rms_eps, 1e-5f, 1e-10f);
+    ck_assert_float_eq(hp->rope_base, !strcmp(arch, "llama") ? 10000.0f : 1000000.0f);
+    ck_assert_ptr_nonnull(m->tokenizer);
+    ck_assert_int_eq(hp->n_vocab, tokenizer_n_vocab(m->tokenizer));
+    ck_assert_int_eq(m->tied_output, 0);
+    ck_assert_uint_eq(m->converted_bytes, 0);
+    ck_assert(in_mapping(m, m->weights.layers[1].exp_down));
+    ck_assert(in_mapping(m, m->weights.output));
+    ck_assert_ptr_ne(m->weights.output, m->weights.tok_embd);
+    char want[64];
+    snprintf(want, sizeof want, "synth-%s-tiny", arch);
+    ck_assert_str_eq(m->name, want);
+    ck_assert_uint_eq(m->mapped_bytes, gguf_file_size(m->gguf));
+    ck_assert(m->load_ms >= 0);
+    moe_model_free(m);
+    fixture_done(&fx);
+}
+END_TEST
+
+START_TEST(dense_llama_loads)
+{
+    fixture fx;
+    fixture_synth(&fx, "llama", "dense", 0);
+    moe_model *m;
+    ck_assert_msg(moe_model_load(fx.path, &m, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(m->weights.hp.n_expert, 0);
+    ck_assert_int_eq(m->weights.hp.n_expert_used, 0);
+    ck_assert_int_eq(m->weights.hp.n_ff, 192);
+    ck_assert_ptr_nonnull(m->weights.layers[0].ffn_down);
+    ck_assert_ptr_null(m->weights.layers[0].router);
+    moe_model_free(m);
+
+    /* non-llama architectures cannot be dense */
+    synth_params p = {.arch = "olmoe", .preset = "dense", .seed = 1};
+    ck_assert_int_eq(synth_write(&p, fx.other, err, sizeof err), -1);
+    ck_assert_err_has(err, "dense");
+    fixture_done(&fx);
+}
+END_TEST
+
+/* Same parameters, same bytes; another seed, other weights. */
+START_TEST(synth_is_deterministic)
+{
+    fixture fx;
+    fixture_synth(&fx, "qwen2moe", "tiny", 0);
+    synth_params p = {.arch = "qwen2moe", .preset = "tiny", .seed = 7};
+    ck_assert_int_eq(synth_write(&p, fx.other, err, sizeof err), 0);
+    gguf_file *a, *b;
+    ck_assert_int_eq(gguf_open(fx.path, &a, err, sizeof err), 0);
+    ck_assert_int_eq(gguf_open(fx.other, &b, err, sizeof err), 0);
+    ck_assert_uint_eq(gguf_file_size(a), gguf_file_size(b));
+    ck_assert_int_eq(gguf_n_tensors(a), gguf_n_tensors(b));
+    for (int64_t i = 0; i < gguf_n_tensors(a); i++) {
+        const gguf_tensor *ta = gguf_get_tensor(a, i), *tb = gguf_get_tensor(b, i);
+        ck_assert_uint_eq(ta->nbytes, tb->nbytes);
+        ck_assert(memcmp(ta->data, tb->data, ta->nbytes) == 0);
+    }
+    gguf_close(b);
+    p.seed = 8;
+    ck_assert_int_eq(synth_write(&p, fx.other, err, sizeof err), 0);
+    ck_assert_int_eq(gguf_open(fx.other, &b, err, sizeof err), 0);
+    const gguf_tensor *ta = gguf_find_tensor(a, "blk.0.ffn_up_exps.weight");
+    const gguf_tensor *tb = gguf_find_tensor(b, "blk.0.ffn_up_exps.weight");
+    ck_assert(memcmp(ta->data, tb->data, ta->nbytes) != 0);
+    gguf_close(a);
+    gguf_close(b);
+    fixture_done(&fx);
+}
+END_TEST
+
+static void assert_close_f16(const float *a, const float *b, size_t n, const char *what)
+{
+    for (size_t i = 0; i < n; i++) {
+        /* F16 keeps 11 significant bits: relative error <= 2^-11, plus subnormals */
+        float tol = fabsf(a[i]) * (1.0f / 2048.0f) + 6e-8f;
+        ck_assert_msg(fabsf(a[i] - b[i]) <= tol, "%s[%zu]: f32 %g vs f16 %g", what, i,
+                      (double)a[i], (double)b[i]);
+    }
+}
+
+START_TEST(f16_equals_f32_to_f16_precision)
+{
+    fixture fx;
+    fixture_synth(&fx, "qwen2moe", "tiny", 0);
+    synth_params p = {.arch = "qwen2moe", .preset = "tiny", .seed = 7, .f16 = 1};
+    ck_assert_int_eq(synth_write(&p, fx.other, err, sizeof err), 0);
+    moe_model *a, *b;
+    ck_assert_msg(moe_model_load(fx.path, &a, err, sizeof err) == 0, "%s", err);
+    ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
+    const moe_hparams *hp = &a->weights.hp;
+    ck_assert(memcmp(hp, &b->weights.hp, sizeof *hp) == 0);
+    size_t e = (size_t)hp->n_embd, v = (size_t)hp->n_vocab, q = (size_t)hp->n_head * hp->head_dim;
+    size_t kv = (size_t)hp->n_head_kv * hp->head_dim, ff = (size_t)hp->n_ff, ne = (size_t)hp->n_expert;
+    size_t sh = (size_t)hp->n_ff_shexp;
+    assert_close_f16(a->weights.tok_embd, b->weights.tok_embd, v * e, "tok_embd");
+    assert_close_f16(a->weights.output, b->weights.output, v * e, "output");
+    for (int l = 0; l < hp->n_layer; l++) {
+        const moe_layer_weights *x = &a->weights.layers[l], *y = &b->weights.layers[l];
+        assert_close_f16(x->wq, y->wq, q * e, "wq");
+        assert_close_f16(x->wk, y->wk, kv * e, "wk");
+        assert_close_f16(x->wo, y->wo, e * q, "wo");
+        assert_close_f16(x->router, y->router, ne * e, "router");
+        assert_close_f16(x->exp_gate, y->exp_gate, ne * ff * e, "exp_gate");
+        assert_close_f16(x->exp_down, y->exp_down, ne * e * ff, "exp_down");
+        assert_close_f16(x->shexp_up, y->shexp_up, sh * e, "shexp_up");
+        /* vectors stay F32 in an F16 file: identical */
+        ck_assert(memcmp(x->bq, y->bq, q * sizeof(float)) == 0);
+        ck_assert(memcmp(x->attn_norm, y->attn_norm, e * sizeof(float)) == 0);
+    }
+    /* every matrix converted once: embeddings, output and per layer the attention,
+     * router, experts and shared expert matrices */
+    size_t per_layer = 2 * q * e + 2 * kv * e + ne * e + 3 * ne * ff * e + 3 * sh * e;
+    ck_assert_uint_eq(b->converted_bytes, 4 * (2 * v * e + (size_t)hp->n_layer * per_layer));
+    ck_assert_uint_eq(a->converted_bytes, 0);
+    ck_assert(b->mapped_bytes < a->mapped_bytes);
+    moe_model_free(a);
+    moe_model_free(b);
+    fixture_done(&fx);
+}
+END_TEST
+
+START_TEST(tied_output_and_name_from_stem)
+{
+    fixture fx;
+    fixture_synth(&fx, "olmoe", "tiny", 0);
+    edit e = {.drop_tensor = "output.weight", .drop_key = "general.name"};
+    rewrite(fx.path, fx.other, &e);
+    moe_model *m;
+    ck_assert_msg(moe_model_load(fx.other, &m, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(m->tied_output, 1);
+    ck_assert_ptr_eq(m->weights.output, m->weights.tok_embd);
+    ck_assert_str_eq(m->name, "variant");
+    moe_model_free(m);
+    fixture_done(&fx);
+}
+END_TEST
+
+/* Hostile files ------------------------------------------------------------- */
+
+START_TEST(missing_tensor_is_named)
+{
+    fixture fx;
+    fixture_synth(&fx, "qwen2moe", "tiny", 0);
+    edit e1 = {.drop_tensor = "blk.1.ffn_up_exps.weight"};
+    ck_assert_err_has(edited_error(&fx, &e1), "blk.1.ffn_up_exps.weight");
+    edit e2 = {.drop_tensor = "blk.0.attn_k.bias"};
+    ck_assert_err_has(edited_error(&fx, &e2), "blk.0.attn_k.bias");
+    edit e3 = {.drop_tensor = "blk.1.ffn_gate_inp_shexp.weight"};
+    ck_assert_err_has(edited_error(&fx, &e3), "blk.1.ffn_gate_inp_shexp.weight");
+    edit e4 = {.drop_tensor = "token_embd.weight"};
+    ck_assert_err_has(edited_error(&fx, &e4), "token_embd.weight");
+    fixture_done(&fx);
+}
+END_TEST
+
+START_TEST(wrong_shape_names_expected_and_found)
+{
+    fixture fx;
+    fixture_synth(&fx, "qwen3moe", "tiny", 0);
+    edit e1 = {.halve_tensor = "blk.1.ffn_down_exps.weight"};
+    const char *msg = edited_error(&fx, &e1);
+    ck_assert_err_has(msg, "blk.1.ffn_down_exps.weight");
+    ck_assert_err_has(msg, "[96, 64, 8]");
+    ck_assert_err_has(msg, "[96, 64, 4]");
+    edit e2 = {.halve_tensor = "blk.0.attn_q_norm.weight"};   /* per head: 32 wide */
+    msg = edited_error(&fx, &e2);
+    ck_assert_err_has(msg, "blk.0.attn_q_norm.weight");
+    ck_assert_err_has(msg, "[32]");
+    ck_assert_err_has(msg, "[16]");
+    edit e3 = {.halve_tensor = "output.weight"};
+    ck_assert_err_has(edited_error(&fx, &e3), "output.weight");
+    fixture_done(&fx);
+}
+END_TEST
+
+/* Overwrites the ggml type of tensor `name` in the file's tensor infos. */
+static void patch_tensor_type(const char *path, const char *name, uint32_t type)
+{
+    FILE *f = fopen(path, "r+b");
+    ck_assert_ptr_nonnull(f);
+    static char buf[1 << 16];
+    size_t n = fread(buf, 1, sizeof buf, f), len = strlen(name);
+    char *at = NULL;
+    for (size_t i = 8; i + len + 16 < n && !at; i++) {
+        uint64_t slen;
+        memcpy(&slen, buf + i - 8, 8);
+        if (slen == len && !memcmp(buf + i, name, len)) at = buf + i + len;
+    }
+    ck_assert_msg(at != NULL, "tensor info of %s not found", name);
+    uint32_t n_dims;
+    memcpy(&n_dims, at, 4);
+    long off = (long)(at - buf) + 4 + 8 * (long)n_dims;
+    ck_assert_int_eq(fseek(f, off, SEEK_SET), 0);
+    ck_assert_uint_eq(fwrite(&type, 4, 1, f), 1);
+    fclose(f);
+}
+
+START_TEST(unsupported_tensor_type_is_named)
+{
+    fixture fx;
+    fixture_synth(&fx, "llama", "tiny", 0);
+    patch_tensor_type(fx.path, "blk.1.attn_v.weight", 8);   /* q8_0 */
+    ck_assert_err_has(load_error(fx.path), "blk.1.attn_v.weight");
+    fixture_done(&fx);
+}
+END_TEST
+
+START_TEST(wrong_key_types_and_values)
+{
+    fixture fx;
+    fixture_synth(&fx, "llama", "tiny", 0);
+    edit e1 = {.set_key = "llama.block_count", .set_kind = EDIT_STR, .set_str = "two"};
+    ck_assert_err_has(edited_error(&fx, &e1), "llama.block_count");
+    edit e2 = {.set_key = "llama.expert_used_count", .set_kind = EDIT_U32, .set_u32 = 9};
+    ck_assert_err_has(edited_error(&fx, &e2), "expert_used_count");
+    edit e3 = {.set_key = "llama.attention.head_count", .set_kind = EDIT_U32, .set_u32 = 0};
+    ck_assert_err_has(edited_error(&fx, &e3), "head_count");
+    edit e4 = {.set_key = "llama.attention.head_count_kv", .set_kind = EDIT_U32, .set_u32 = 3};
+    ck_assert_err_has(edited_error(&fx, &e4), "multiple");
+    edit e5 = {.set_key = "llama.attention.layer_norm_rms_epsilon", .set_kind = EDIT_F32, .set_f32 = -1};
+    ck_assert_err_has(edited_error(&fx, &e5), "layer_norm_rms_epsilon");
+    edit e6 = {.set_key = "llama.rope.dimension_count", .set_kind = EDIT_U32, .set_u32 = 7};
+    ck_assert_err_has(edited_error(&fx, &e6), "rope.dimension_count");
+    edit e7 = {.set_key = "llama.vocab_size", .set_kind = EDIT_U32, .set_u32 = 5};
+    ck_assert_err_has(edited_error(&fx, &e7), "vocab_size");
+    edit e8 = {.drop_key = "llama.context_length"};
+    ck_assert_err_has(edited_error(&fx, &e8), "missing key llama.context_length");
+    edit e9 = {.drop_key = "llama.expert_used_count"};
+    ck_assert_err_has(edited_error(&fx, &e9), "expert_used_count");
+    fixture_done(&fx);
+}
+END_TEST
+
+START_TEST(absurd_dims_are_rejected_before_use)
+{
+    fixture fx;
+    fixture_synth(&fx, "olmoe", "tiny", 0);
+    static const struct { const char *key; uint32_t v; } cases[] = {
+        {"olmoe.embedding_length", 0x7fffffffu},
+        {"olmoe.block_count", 1000000},
+        {"olmoe.expert_count", 4000000000u},
+        {"olmoe.feed_forward_length", 0xffffffffu},
+        {"olmoe.attention.head_count", 1u << 30},
+        {"olmoe.attention.key_length", 1u << 31},
+        {"olmoe.context_length", 0},
+        {"olmoe.expert_count", 0},          /* olmoe cannot be dense */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        edit e = {.set_key = cases[i].key, .set_kind = EDIT_U32, .set_u32 = cases[i].v};
+        ck_assert_err_has(edited_error(&fx, &e), cases[i].key);
+    }
+    /* a plausible but wrong size: caught by the tensor shapes */
+    edit e = {.set_key = "olmoe.embedding_length", .set_kind = EDIT_U32, .set_u32 = 128};
+    ck_assert_err_has(edited_error(&fx, &e), "expected shape");
+    fixture_done(&fx);
+}
+END_TEST
+
+START_TEST(unknown_architecture_lists_the_supported)
+{
+    fixture fx;
+    fixture_synth(&fx, "llama", "tiny", 0);
+    edit e1 = {.set_key = "general.architecture", .set_kind = EDIT_STR, .set_str = "gptj"};
+    const char *msg = edited_error(&fx, &e1);
+    ck_assert_err_has(msg, "gptj");
+    ck_assert_err_has(msg, "llama, qwen2moe, olmoe, qwen3moe");
+    edit e2 = {.drop_key = "general.architecture"};
+    ck_assert_err_has(edited_error(&fx, &e2), "general.architecture");
+    fixture_done(&fx);
+}
+END_TEST
+
+START_TEST(not_a_model_file)
+{
+    fixture fx;
+    fixture_synth(&fx, "llama", "tiny", 0);
+    load_error("/nonexistent/model.gguf");
+    FILE *f = fopen(fx.other, "wb");
+    ck_assert_ptr_nonnull(f);
+    fputs("definitely not GGUF", f);
+    fclose(f);
+    load_error(fx.other);
+    /* the file cut in half: the reader sees it, not the loader */
+    gguf_file *g;
+    ck_assert_int_eq(gguf_open(fx.path, &g, err, sizeof err), 0);
+    size_t half = gguf_file_size(g) / 2;
+    gguf_close(g);
+    ck_assert_int_eq(truncate(fx.path, (off_t)half), 0);
+    load_error(fx.path);
+    fixture_done(&fx);
+}
+END_TEST
+
+START_TEST(synth_rejects_bad_params)
+{
+    fixture fx;
+    fixture_synth(&fx, "llama", "tiny", 0);
+    synth_params p = {.arch = "mamba", .preset = "tiny"};
+    ck_assert_int_eq(synth_write(&p, fx.other, err, sizeof err), -1);
+    ck_assert_err_has(err, "mamba");
+    p.arch = "llama";
+    p.preset = "huge";
+    ck_assert_int_eq(synth_write(&p, fx.other, err, sizeof err), -1);
+    ck_assert_err_has(err, "huge");
+    p.preset = "tiny";
+    p.vocab_path = "/nonexistent/vocab.gguf";
+    ck_assert_int_eq(synth_write(&p, fx.other, err, sizeof err), -1);
+    ck_assert_err_has(err, "vocab");
+    ck_assert_int_eq(access(fx.other, F_OK), -1);  /* nothing half-written left behind */
+    fixture_done(&fx);
+}
+END_TEST
+
+START_TEST(vocab_from_another_gguf)
+{
+    const char *shared = tu_shared_dir();
+    if (!shared) {
+        printf("skip vocab_from_another_gguf: ../shared is absent\n");
+        return;
+    }
+    char vocab[256];
+    snprintf(vocab, sizeof vocab, "%s/testdata/vocab/ggml-vocab-llama-spm.gguf", shared);
+    fixture fx;
+    fixture_synth(&fx, "llama", "tiny", 0);
+    synth_params p = {.arch = "qwen3moe", .preset = "tiny", .seed = 3, .vocab_path = vocab};
+    ck_assert_msg(synth_write(&p, fx.other, err, sizeof err) == 0, "%s", err);
+    moe_model *m;
+    ck_assert_msg(moe_model_load(fx.other, &m, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(m->weights.hp.n_vocab, 32000);
+    ck_assert_ptr_nonnull(m->tokenizer);
+    ck_assert_int_eq(tokenizer_get_kind(m->tokenizer), TOKENIZER_SPM);
+    ck_assert_int_eq(tokenizer_bos(m->tokenizer), 1);
+    moe_model_free(m);
+    fixture_done(&fx);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("model_file");
+    TCase *tc = tcase_create("load");
+    tcase_add_loop_test(tc, each_arch_loads_with_its_hparams, 0, 4);
+    tcase_add_test(tc, dense_llama_loads);
+    tcase_add_test(tc, synth_is_deterministic);
+    tcase_add_test(tc, f16_equals_f32_to_f16_precision);
+    tcase_add_test(tc, tied_output_and_name_from_stem);
+    tcase_add_test(tc, vocab_from_another_gguf);
+    suite_add_tcase(s, tc);
+    TCase *th = tcase_create("hostile");
+    tcase_add_test(th, missing_tensor_is_named);
+    tcase_add_test(th, wrong_shape_names_expected_and_found);
+    tcase_add_test(th, unsupported_tensor_type_is_named);
+    tcase_add_test(th, wrong_key_types_and_values);
+    tcase_add_test(th, absurd_dims_are_rejected_before_use);
+    tcase_add_test(th, unknown_architecture_lists_the_supported);
+    tcase_add_test(th, not_a_model_file);
+    tcase_add_test(th, synth_rejects_bad_params);
+    suite_add_tcase(s, th);
+    return tu_run_suite(s);
+}
