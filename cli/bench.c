@@ -1,0 +1,439 @@
+/* bench.c -- `moe bench` and `moe eval`.
+ *
+ * bench measures, in one run, this machine's memory bandwidth and sgemm peak, then
+ * the engine's prefill and decode throughput, and prints each figure beside its
+ * roofline bound: decode is bound by the weight bytes a step must read (the experts
+ * actually selected in that step, attention, router and output) over the measured
+ * bandwidth; prefill by its FLOPs over the measured matmul peak.
+ */
+#include "cli/bench.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/engine.h"
+#include "core/matmul.h"
+#include "core/pool.h"
+#include "models/model_file.h"
+#include "models/tokenizer.h"
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* Memory bandwidth ------------------------------------------------------- */
+
+typedef struct {
+    float *a, *b, *c;
+    size_t n;          /* floats per array */
+    int n_tasks;
+    double sums[64];   /* per task, so the reads cannot be optimised away */
+} bw_ctx;
+
+static void bw_init_task(void *vctx, int task, int thread)
+{
+    (void)thread;
+    bw_ctx *x = vctx;
+    size_t lo = x->n * (size_t)task / (size_t)x->n_tasks, hi = x->n * (size_t)(task + 1) / (size_t)x->n_tasks;
+    for (size_t i = lo; i < hi; i++) { x->a[i] = 1.0f; x->b[i] = 2.0f; x->c[i] = 0.5f; }
+}
+
+static void bw_read_task(void *vctx, int task, int thread)
+{
+    (void)thread;
+    bw_ctx *x = vctx;
+    size_t lo = x->n * (size_t)task / (size_t)x->n_tasks, hi = x->n * (size_t)(task + 1) / (size_t)x->n_tasks;
+    float s[16] = {0};
+    for (size_t i = lo; i + 16 <= hi; i += 16)
+        for (int j = 0; j < 16; j++) s[j] += x->a[i + j];
+    double t = 0;
+    for (int j = 0; j < 16; j++) t += s[j];
+    x->sums[task] = t;
+}
+
+static void bw_triad_task(void *vctx, int task, int thread)
+{
+    (void)thread;
+    bw_ctx *x = vctx;
+    size_t lo = x->n * (size_t)task / (size_t)x->n_tasks, hi = x->n * (size_t)(task + 1) / (size_t)x->n_tasks;
+    for (size_t i = lo; i < hi; i++) x->a[i] = x->b[i] + 3.0f * x->c[i];
+}
+
+/* Best of `reps` runs of one pass over the arrays; returns GB/s. */
+static double bw_measure(pool *p, bw_ctx *x, pool_fn fn, double bytes_per_pass, int reps)
+{
+    double best = 1e30;
+    for (int r = 0; r < reps; r++) {
+        double t0 = now_s();
+        pool_run(p, x->n_tasks, fn, x);
+        double dt = now_s() - t0;
+        if (dt < best) best = dt;
+    }
+    return bytes_per_pass / best / 1e9;
+}
+
+static int measure_bandwidth(pool *p, int quick, double *read_gbs, double *triad_gbs,
+                             char *err, size_t errlen)
+{
+    bw_ctx x = {.n = (size_t)(quick ? 32 : 128) << 20, .n_tasks = pool_n_threads(p)};
+    x.a = malloc(x.n * sizeof(float));
+    x.b = malloc(x.n * sizeof(float));
+    x.c = malloc(x.n * sizeof(float));
+    if (!x.a || !x.b || !x.c) {
+        free(x.a); free(x.b); free(x.c);
+        snprintf(err, errlen, "out of memory for the bandwidth arrays");
+        return -1;
+    }
+    pool_run(p, x.n_tasks, bw_init_task, &x);   /* first touch on the threads that read */
+    double bytes = (double)x.n * sizeof(float);
+    *read_gbs = bw_measure(p, &x, bw_read_task, bytes, quick ? 3 : 8);
+    *triad_gbs = bw_measure(p, &x, bw_triad_task, 3 * bytes, quick ? 2 : 5);
+    free(x.a); free(x.b); free(x.c);
+    return 0;
+}
+
+/* sgemm peak: the engine's own matmul on a large square, on the pool. */
+static int measure_sgemm(pool *p, int quick, double *gflops, char *err, size_t errlen)
+{
+    int n = quick ? 1024 : 2048;
+    size_t sz = (size_t)n * n;
+    float *x = malloc(sz * sizeof *x), *w = malloc(sz * sizeof *w), *y = malloc(sz * sizeof *y);
+    if (!x || !w || !y) {
+        free(x); free(w); free(y);
+        snprintf(err, errlen, "out of memory for the sgemm arrays");
+        return -1;
+    }
+    for (size_t i = 0; i < sz; i++) { x[i] = (float)(i % 7) * 0.1f; w[i] = (float)(i % 5) * 0.1f; }
+    double best = 1e30;
+    for (int r = 0; r < (quick ? 2 : 4); r++) {
+        double t0 = now_s();
+        matmul(p, x, n, n, w, n, y);
+        double dt = now_s() - t0;
+        if (dt < best) best = dt;
+    }
+    *gflops = 2.0 * n * (double)n * n / best / 1e9;
+    free(x); free(w); free(y);
+    return 0;
+}
+
+/* Engine benchmarks ------------------------------------------------------ */
+
+typedef struct {
+    const moe_model *m;
+    moe_engine *e;
+    int32_t *tok, *pos, *seq;
+    uint8_t *want;
+    int32_t *trace;      /* (max_tokens, n_layer, k) */
+    float *logits;       /* (max_tokens, n_vocab) */
+    int max_tokens;
+    uint8_t *used;       /* (n_layer, n_expert) scratch for the step's expert union */
+} bench_state;
+
+static size_t f32_bytes(uint64_t n) { return (size_t)n * sizeof(float); }
+
+/* Weight bytes one decode step must read, given which experts it selected. */
+static double step_weight_bytes(const bench_state *s, int n_tokens)
+{
+    const moe_hparams *hp = &s->m->weights.hp;
+    const moe_arch_info *a = moe_arch_get(hp->arch);
+    uint64_t e = (uint64_t)hp->n_embd, q = (uint64_t)hp->n_head * hp->head_dim;
+    uint64_t kv = (uint64_t)hp->n_head_kv * hp->head_dim;
+    double per_layer = (double)f32_bytes(q * e * 2 + kv * e * 2);
+    double bytes = (double)hp->n_layer * per_layer + (double)f32_bytes((uint64_t)hp->n_vocab * e);
+    if (hp->n_expert == 0) return bytes + (double)hp->n_layer * f32_bytes(3 * (uint64_t)hp->n_ff * e);
+    int k = hp->n_expert_used;
+    memset(s->used, 0, (size_t)hp->n_layer * hp->n_expert);
+    for (int t = 0; t < n_tokens; t++)
+        for (int l = 0; l < hp->n_layer; l++)
+            for (int j = 0; j < k; j++) {
+                int32_t id = s->trace[((size_t)t * hp->n_layer + l) * k + j];
+                if (id >= 0 && id < hp->n_expert) s->used[(size_t)l * hp->n_expert + id] = 1;
+            }
+    size_t n_used = 0;
+    for (size_t i = 0; i < (size_t)hp->n_layer * hp->n_expert; i++) n_used += s->used[i];
+    bytes += (double)n_used * f32_bytes(3 * (uint64_t)hp->n_ff * e);
+    bytes += (double)hp->n_layer * f32_bytes((uint64_t)hp->n_expert * e);
+    if (a->shared_expert) bytes += (double)hp->n_layer * f32_bytes(3 * (uint64_t)hp->n_ff_shexp * e);
+    return bytes;
+}
+
+static int forward(bench_state *s, int n, char *err, size_t errlen)
+{
+    moe_batch b = {.n_tokens = n, .token = s->tok, .pos = s->pos, .seq = s->seq,
+                   .want_logits = s->want, .trace_expert = s->trace};
+    return moe_engine_forward(s->e, &b, s->logits, err, errlen);
+}
+
+/* Prefill a prompt of n tokens for seq 0 in one batch; returns seconds. */
+static int bench_prefill(bench_state *s, int n, double *secs, char *err, size_t errlen)
+{
+    const moe_hparams *hp = &s->m->weights.hp;
+    if (moe_engine_seq_reserve(s->e, 0, n, err, errlen)) return -1;
+    for (int i = 0; i < n; i++) {
+        s->tok[i] = (int32_t)((i * 7919 + 13) % hp->n_vocab);
+        s->pos[i] = i; s->seq[i] = 0; s->want[i] = (i == n - 1);
+    }
+    double t0 = now_s();
+    int rc = forward(s, n, err, errlen);
+    *secs = now_s() - t0;
+    moe_engine_seq_release(s->e, 0);
+    return rc;
+}
+
+/* B sequences, each prefilled with `ctx0` tokens, then `steps` decode steps of B
+ * tokens; returns seconds of the decode steps and the mean bytes per step. */
+static int bench_decode(bench_state *s, int B, int ctx0, int steps, double *secs,
+                        double *bytes_per_step, char *err, size_t errlen)
+{
+    const moe_hparams *hp = &s->m->weights.hp;
+    for (int q = 0; q < B; q++)
+        if (moe_engine_seq_reserve(s->e, q, ctx0 + steps, err, errlen)) return -1;
+    int n = 0;
+    for (int q = 0; q < B; q++)
+        for (int i = 0; i < ctx0; i++, n++) {
+            if (n == s->max_tokens) {
+                if (forward(s, n, err, errlen)) return -1;
+                n = 0;
+            }
+            s->tok[n] = (int32_t)((q * 131 + i * 7919 + 3) % hp->n_vocab);
+            s->pos[n] = i; s->seq[n] = q; s->want[n] = 0;
+        }
+    if (n && forward(s, n, err, errlen)) return -1;
+    double total = 0, bytes = 0;
+    for (int st = 0; st < steps; st++) {
+        for (int q = 0; q < B; q++) {
+            s->tok[q] = (int32_t)((q * 31 + st * 17 + 5) % hp->n_vocab);
+            s->pos[q] = ctx0 + st; s->seq[q] = q; s->want[q] = 1;
+        }
+        double t0 = now_s();
+        if (forward(s, B, err, errlen)) return -1;
+        total += now_s() - t0;
+        bytes += step_weight_bytes(s, B);
+        /* KV read: every sequence attends over its whole context */
+        bytes += (double)B * (ctx0 + st + 1) * 2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim * 4;
+    }
+    for (int q = 0; q < B; q++) moe_engine_seq_release(s->e, q);
+    *secs = total;
+    *bytes_per_step = bytes / steps;
+    return 0;
+}
+
+static void bench_state_free(bench_state *s)
+{
+    moe_engine_free(s->e);
+    free(s->tok); free(s->pos); free(s->seq); free(s->want);
+    free(s->trace); free(s->logits); free(s->used);
+}
+
+static int bench_state_init(bench_state *s, const moe_model *m, int threads, char *err, size_t errlen)
+{
+    const moe_hparams *hp = &m->weights.hp;
+    s->m = m;
+    s->max_tokens = 512;
+    moe_engine_params ep = moe_engine_default_params(hp);
+    ep.n_threads = threads;
+    ep.max_seqs = 64;
+    ep.max_batch_tokens = s->max_tokens;
+    ep.max_seq_len = hp->n_ctx_train < 600 ? hp->n_ctx_train : 600;
+    ep.kv_n_blocks = 64 * ((128 + ep.kv_block_size - 1) / ep.kv_block_size) +
+                     (ep.max_seq_len + ep.kv_block_size - 1) / ep.kv_block_size;
+    size_t n = (size_t)s->max_tokens;
+    int k = hp->n_expert_used > 0 ? hp->n_expert_used : 1;
+    s->tok = malloc(n * sizeof *s->tok); s->pos = malloc(n * sizeof *s->pos);
+    s->seq = malloc(n * sizeof *s->seq); s->want = malloc(n);
+    s->trace = malloc(n * (size_t)hp->n_layer * (size_t)k * sizeof *s->trace);
+    s->logits = malloc(64 * (size_t)hp->n_vocab * sizeof *s->logits);
+    s->used = malloc((size_t)hp->n_layer * (size_t)(hp->n_expert > 0 ? hp->n_expert : 1));
+    if (!s->tok || !s->pos || !s->seq || !s->want || !s->trace || !s->logits || !s->used) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    return moe_engine_create(&m->weights, &ep, &s->e, err, errlen);
+}
+
+static int bench_engine(const moe_model *m, int threads, int quick, double bw, double peak,
+                        char *err, size_t errlen)
+{
+    const moe_hparams *hp = &m->weights.hp;
+    bench_state s = {0};
+    int rc = -1;
+    if (bench_state_init(&s, m, threads, err, errlen)) goto done;
+    int n_prefill = hp->n_ctx_train >= 512 ? 512 : hp->n_ctx_train;
+    double secs = 0;
+    if (bench_prefill(&s, 32, &secs, err, errlen)) goto done;              /* warm-up */
+    double best = 1e30;
+    for (int r = 0; r < (quick ? 1 : 3); r++) {
+        if (bench_prefill(&s, n_prefill, &secs, err, errlen)) goto done;
+        if (secs < best) best = secs;
+    }
+    /* FLOPs of the prompt: 2 per active weight per token, plus attention scores/values */
+    double flops = 2.0 * (double)moe_hparams_n_params_active(hp, m->tied_output) * n_prefill +
+                   2.0 * hp->n_layer * (double)hp->n_head * hp->head_dim * n_prefill * n_prefill;
+    double bound_s = flops / (peak * 1e9);
+    printf("prefill  %4d tokens: %9.1f tok/s   bound %9.1f tok/s (FLOPs / sgemm peak)   %5.1f%%\n",
+           n_prefill, n_prefill / best, n_prefill / bound_s, 100.0 * bound_s / best);
+
+    static const int batches[] = {1, 4, 16, 64};
+    for (size_t i = 0; i < sizeof batches / sizeof *batches; i++) {
+        int B = batches[i], steps = quick ? 4 : 16;
+        double bytes;
+        if (bench_decode(&s, B, 64, steps, &secs, &bytes, err, errlen)) goto done;
+        double per_step = secs / steps, bound_step = bytes / (bw * 1e9);
+        printf("decode   batch %2d:    %9.1f tok/s   bound %9.1f tok/s (%.0f MB/step / bandwidth)   %5.1f%%\n",
+               B, B / per_step, B / bound_step, bytes / 1e6, 100.0 * bound_step / per_step);
+    }
+    rc = 0;
+done:
+    bench_state_free(&s);
+    return rc;
+}
+
+static int bench_tokenizer(const moe_model *m, const char *path)
+{
+    if (!m->tokenizer || !path) return 0;
+    FILE *f = fopen(path, "rb");
+    if (!f) { printf("tokenizer: cannot open %s, skipped\n", path); return 0; }
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *text = len > 0 ? malloc((size_t)len) : NULL;
+    if (!text || fread(text, 1, (size_t)len, f) != (size_t)len) { fclose(f); free(text); return 0; }
+    fclose(f);
+    char err[256];
+    int32_t *ids = NULL;
+    size_t n = 0;
+    double t0 = now_s();
+    int rc = tokenizer_encode(m->tokenizer, text, (size_t)len, 0, &ids, &n, err, sizeof err);
+    double dt = now_s() - t0;
+    if (rc == 0)
+        printf("tokenizer: %.1f MB/s (%ld bytes -> %zu tokens, one core)\n", len / dt / 1e6, len, n);
+    free(ids);
+    free(text);
+    return 0;
+}
+
+int bench_run(const bench_opts *o, char *err, size_t errlen)
+{
+    if (!o->model) { snprintf(err, errlen, "bench needs -m FILE (make bench writes the bench model)"); return -1; }
+    pool *p = NULL;
+    moe_model *m = NULL;
+    int rc = -1;
+    if (pool_create(o->threads, &p, err, errlen)) return -1;
+    double rd, triad, peak;
+    if (measure_bandwidth(p, o->quick, &rd, &triad, err, errlen)) goto done;
+    if (measure_sgemm(p, o->quick, &peak, err, errlen)) goto done;
+    printf("machine: %d threads, memory read %.1f GB/s, triad %.1f GB/s, matmul peak %.1f GFLOP/s\n",
+           o->threads, rd, triad, peak);
+    if (moe_model_load(o->model, &m, err, errlen)) goto done;
+    const moe_hparams *hp = &m->weights.hp;
+    printf("model: %s, %s, %.2f G params (%.2f G active), %d experts top-%d, %d layers\n",
+           o->model, moe_arch_get(hp->arch)->name,
+           moe_hparams_n_params(hp, m->tied_output) / 1e9,
+           moe_hparams_n_params_active(hp, m->tied_output) / 1e9, hp->n_expert,
+           hp->n_expert_used, hp->n_layer);
+    if (bench_engine(m, o->threads, o->quick, rd, peak, err, errlen)) goto done;
+    bench_tokenizer(m, o->text);
+    rc = 0;
+done:
+    moe_model_free(m);
+    pool_free(p);
+    return rc;
+}
+
+/* eval ------------------------------------------------------------------- */
+
+static int read_file(const char *path, char **data, size_t *len, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) { snprintf(err, errlen, "cannot open %s", path); return -1; }
+    if (fseek(f, 0, SEEK_END) || ftell(f) < 0) { fclose(f); snprintf(err, errlen, "cannot size %s", path); return -1; }
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    *data = malloc((size_t)n + 1);
+    if (!*data || fread(*data, 1, (size_t)n, f) != (size_t)n) {
+        fclose(f); free(*data);
+        snprintf(err, errlen, "cannot read %s", path);
+        return -1;
+    }
+    fclose(f);
+    *len = (size_t)n;
+    return 0;
+}
+
+/* Log-softmax probability (natural log) of `target` in a row of logits. */
+static double logprob(const float *row, int n, int target)
+{
+    float mx = row[0];
+    for (int i = 1; i < n; i++) if (row[i] > mx) mx = row[i];
+    double s = 0;
+    for (int i = 0; i < n; i++) s += exp((double)row[i] - mx);
+    return (double)row[target] - mx - log(s);
+}
+
+/* Windows of `ctx` tokens starting at 0, ctx, 2ctx...: inputs t[i..i+ctx), each
+ * predicting the next token, so every token but the first is scored once.
+ * bits per byte = total bits / bytes of the text. */
+int eval_run(const eval_opts *o, char *err, size_t errlen)
+{
+    moe_model *m = NULL;
+    moe_engine *e = NULL;
+    char *text = NULL;
+    int32_t *ids = NULL, *pos = NULL, *seq = NULL;
+    uint8_t *want = NULL;
+    float *logits = NULL;
+    size_t len, n;
+    int rc = -1;
+    if (read_file(o->text, &text, &len, err, errlen)) return -1;
+    if (moe_model_load(o->model, &m, err, errlen)) goto done;
+    if (!m->tokenizer) { snprintf(err, errlen, "the model has no tokenizer"); goto done; }
+    if (tokenizer_encode(m->tokenizer, text, len, 0, &ids, &n, err, errlen)) goto done;
+    if (n < 2) { snprintf(err, errlen, "the text is shorter than two tokens"); goto done; }
+    const moe_hparams *hp = &m->weights.hp;
+    int ctx = o->ctx > 0 ? o->ctx : (hp->n_ctx_train < 256 ? hp->n_ctx_train : 256);
+    if (ctx > hp->n_ctx_train) { snprintf(err, errlen, "--ctx %d exceeds the context length %d", ctx, hp->n_ctx_train); goto done; }
+    moe_engine_params ep = moe_engine_default_params(hp);
+    ep.n_threads = o->threads;
+    ep.max_seqs = 1;
+    ep.max_seq_len = ctx;
+    ep.max_batch_tokens = ctx;
+    ep.kv_n_blocks = (ctx + ep.kv_block_size - 1) / ep.kv_block_size;
+    if (moe_engine_create(&m->weights, &ep, &e, err, errlen)) goto done;
+    pos = malloc((size_t)ctx * sizeof *pos); seq = calloc((size_t)ctx, sizeof *seq);
+    want = malloc((size_t)ctx);
+    logits = malloc((size_t)ctx * (size_t)hp->n_vocab * sizeof *logits);
+    if (!pos || !seq || !want || !logits) { snprintf(err, errlen, "out of memory"); goto done; }
+    memset(want, 1, (size_t)ctx);
+    for (int i = 0; i < ctx; i++) pos[i] = i;
+    double nats = 0;
+    size_t scored = 0;
+    double t0 = now_s();
+    for (size_t start = 0; start + 1 < n; start += (size_t)ctx) {
+        int w = (int)(n - 1 - start < (size_t)ctx ? n - 1 - start : (size_t)ctx);
+        if (moe_engine_seq_reserve(e, 0, w, err, errlen)) goto done;
+        moe_batch b = {.n_tokens = w, .token = ids + start, .pos = pos, .seq = seq, .want_logits = want};
+        if (moe_engine_forward(e, &b, logits, err, errlen)) goto done;
+        for (int i = 0; i < w; i++)
+            nats -= logprob(logits + (size_t)i * hp->n_vocab, hp->n_vocab, ids[start + (size_t)i + 1]);
+        scored += (size_t)w;
+        moe_engine_seq_release(e, 0);
+        double dt = now_s() - t0;
+        fprintf(stderr, "\reval: %zu/%zu tokens, %.0f tok/s, bits/byte so far %.4f   ",
+                scored, n - 1, scored / dt, nats / log(2.0) / (double)len * (double)(n - 1) / (double)scored);
+    }
+    fprintf(stderr, "\n");
+    printf("tokens %zu, bytes %zu, nats/token %.4f, perplexity %.3f, bits per byte %.4f\n",
+           n, len, nats / scored, exp(nats / scored), nats / log(2.0) / (double)len);
+    rc = 0;
+done:
+    free(text); free(ids); free(pos); free(seq); free(want); free(logits);
+    moe_engine_free(e);
+    moe_model_free(m);
+    return rc;
+}
