@@ -16,6 +16,7 @@
 #include <cblas.h>
 #include <pthread.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -72,6 +73,18 @@ typedef float vf;
 #define VREG(v) ((void)0)
 #endif
 
+/* Prefetch into L2 the same position of the next tile's weight rows (a tile
+ * ahead: ~16 KB at k 1024). Each tile's rows span a few fresh 4 KB pages, where
+ * the hardware prefetcher has to retrain; measured +10-20% at m 1-2 from DRAM.
+ * A prefetch past the end of W is harmless (it never faults). */
+#if VL > 1
+/* The address is formed as an integer: it may lie past the end of W. */
+#define VPREFETCH(base, off) \
+    _mm_prefetch((const char *)((uintptr_t)(base) + (off) * sizeof(float)), _MM_HINT_T1)
+#else
+#define VPREFETCH(base, off) ((void)0)
+#endif
+
 /* Few-rows kernel --------------------------------------------------------- */
 
 #define TILE_W 4   /* weight rows per tile */
@@ -89,6 +102,7 @@ void tile(const float *x, int k, const float *w, float *y, int ldy, const int nw
     for (; t + VL <= k; t += VL) {
         vf wv[TILE_W];
         for (int a = 0; a < nw; a++) {
+            VPREFETCH(w, (size_t)(a + nw) * k + t);
             wv[a] = vload(w + (size_t)a * k + t);
             VREG(wv[a]);
         }
