@@ -42,15 +42,21 @@ enum {
 
 typedef struct moe_tokenizer_pretok pretok;
 
-/* Splits n code points (with their unicode_flags) into words: writes each word's
- * end index into ends[] (at most n entries) and returns the number of words. */
-typedef size_t (*pretok_split_fn)(const uint32_t *cp, const uint8_t *fl, size_t n,
-                                  uint32_t *ends);
+/* A pre-tokenizer: the end (byte offset, > i) of the word that starts at byte i < n
+ * of the UTF-8 text s[0..n). */
+typedef size_t (*pretok_word_fn)(const char *s, size_t n, size_t i);
 
 struct moe_tokenizer_pretok {
     const char *name;        /* tokenizer.ggml.pre */
-    pretok_split_fn split;
+    pretok_word_fn word;
 };
+
+/* A slot of the token-text hash: the id and the hash's high bits (most mismatches
+ * are rejected without touching the text). */
+typedef struct {
+    int32_t id;              /* -1: free */
+    uint32_t tag;
+} index_slot;
 
 /* One merge: the pair (left id, right id) becomes `result` with priority `rank`. */
 typedef struct {
@@ -72,13 +78,17 @@ struct moe_tokenizer {
     uint8_t *type;           /* TOKEN_* per token */
     uint8_t *eog;            /* 1 for end-of-generation tokens */
 
-    int32_t *index;          /* open-addressing hash: token text -> id, -1 empty */
+    index_slot *index;       /* open-addressing hash: token text -> id */
     uint32_t index_mask;
 
     merge_slot *merges;      /* BPE: open-addressing hash of merges */
     uint32_t merges_mask;
     int32_t n_merges;
 
+    int32_t ascii_token[128]; /* SPM: token of each single ASCII character, -1 none */
+    int spm_words;           /* SPM: no token has U+2581 after another character */
+    int32_t space_token;     /* SPM: the token "\u2581", -1 none */
+    uint8_t ascii_pair[128][16]; /* SPM: bit [a][b]: some token contains ASCII "ab" */
     int32_t byte_token[256]; /* SPM: <0xNN> token per byte; BPE: byte-level token; -1 none */
     uint8_t byte_char[256][2]; /* BPE: UTF-8 of the byte-level character of each byte */
     uint8_t byte_char_len[256];
@@ -138,11 +148,13 @@ static const char *tok_str(const moe_tokenizer *t, int32_t id)
 /* Token id of exactly the bytes s[0..n), or -1. */
 static int32_t tok_find(const moe_tokenizer *t, const char *s, size_t n)
 {
-    uint32_t i = (uint32_t)tok_hash_bytes(s, n) & t->index_mask;
+    uint64_t h = tok_hash_bytes(s, n);
+    uint32_t i = (uint32_t)h & t->index_mask, tag = (uint32_t)(h >> 32);
     for (;;) {
-        int32_t id = t->index[i];
-        if (id < 0) return -1;
-        if (tok_len(t, id) == n && memcmp(tok_str(t, id), s, n) == 0) return id;
+        const index_slot *e = &t->index[i];
+        if (e->id < 0) return -1;
+        if (e->tag == tag && tok_len(t, e->id) == n && memcmp(tok_str(t, e->id), s, n) == 0)
+            return e->id;
         i = (i + 1) & t->index_mask;
     }
 }
@@ -191,68 +203,102 @@ static int id_vec_push(id_vec *a, int32_t id)
 
 /* ---- Pre-tokenizers ------------------------------------------------------------- */
 
-static int is_letter(uint8_t f) { return f & UNICODE_LETTER; }
-static int is_number(uint8_t f) { return f & UNICODE_NUMBER; }
-static int is_space(uint8_t f) { return f & UNICODE_WHITESPACE; }
-static int is_other(uint8_t f)  /* [^\s\p{L}\p{N}] */
+/* Character classes of the pre-tokenizer regexes, as unicode_flags masks. */
+#define CLS_L  UNICODE_LETTER
+#define CLS_N  UNICODE_NUMBER
+#define CLS_S  UNICODE_WHITESPACE
+
+/* The code point at byte i < n (invalid bytes: UNICODE_BAD_BYTE + b) and its class
+ * flags; returns its length in bytes. ASCII stays inline. */
+static inline size_t char_at(const char *s, size_t n, size_t i, uint8_t *fl)
 {
-    return !(f & (UNICODE_WHITESPACE | UNICODE_LETTER | UNICODE_NUMBER));
+    unsigned char c = (unsigned char)s[i];
+    if (c < 0x80) { *fl = unicode__latin1_flags[c]; return 1; }
+    uint32_t cp;
+    size_t k = unicode_utf8_decode(s + i, n - i, &cp);
+    *fl = (uint8_t)unicode_flags(cp);
+    return k;
 }
 
-/* Run of characters of one class starting at i; returns its end. */
-static size_t run_of(const uint8_t *fl, size_t n, size_t i, int (*cls)(uint8_t))
+/* Does a character with flags fl belong to the class? CLS_L, CLS_N, CLS_S, or 0 for
+ * [^\s\p{L}\p{N}] (anything else, invalid bytes included). */
+static inline int in_class(uint8_t fl, uint8_t cls)
 {
-    while (i < n && cls(fl[i])) i++;
+    return cls ? (fl & cls) != 0 : (fl & (CLS_L | CLS_N | CLS_S)) == 0;
+}
+
+static uint8_t class_of(uint8_t fl)
+{
+    if (fl & CLS_L) return CLS_L;
+    if (fl & CLS_N) return CLS_N;
+    if (fl & CLS_S) return CLS_S;
+    return 0;
+}
+
+/* End of the run of class cls starting at byte i. */
+static size_t run_of(const char *s, size_t n, size_t i, uint8_t cls)
+{
+    while (i < n) {
+        uint8_t fl;
+        size_t k = char_at(s, n, i, &fl);
+        if (!in_class(fl, cls)) break;
+        i += k;
+    }
     return i;
 }
 
-/* \s+(?!\S)|\s+ at i (cp[i] is whitespace): the whole run when it ends the text,
- * else all but its last character (which then prefixes the next word), at least 1. */
-static size_t match_spaces(const uint8_t *fl, size_t n, size_t i)
+/* \s+(?!\S)|\s+ at byte i (a whitespace character): the whole run when it ends the
+ * text, else all but its last character (which then prefixes the next word), but
+ * at least one character. */
+static size_t match_spaces(const char *s, size_t n, size_t i)
 {
-    size_t j = run_of(fl, n, i, is_space);
-    if (j < n && j - i >= 2) return j - 1;
-    return j;
+    size_t last = i, j = i, count = 0;
+    while (j < n) {
+        uint8_t fl;
+        size_t k = char_at(s, n, j, &fl);
+        if (!(fl & CLS_S)) break;
+        last = j;
+        j += k;
+        count++;
+    }
+    return (j < n && count >= 2) ? last : j;
 }
 
-/* The end of the word starting at i for GPT-2's regex
+/* GPT-2's 's|'t|'re|'ve|'m|'ll|'d (case-sensitive): the end of the match at i, or 0. */
+static size_t gpt2_contraction(const char *s, size_t n, size_t i)
+{
+    if (s[i] != '\'' || i + 1 >= n) return 0;
+    char c1 = s[i + 1];
+    if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd') return i + 2;
+    if (i + 2 < n) {
+        char c2 = s[i + 2];
+        if ((c1 == 'r' && c2 == 'e') || (c1 == 'v' && c2 == 'e') || (c1 == 'l' && c2 == 'l'))
+            return i + 3;
+    }
+    return 0;
+}
+
+/* GPT-2's regex, hand-written:
  *   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+ */
-static size_t gpt2_word(const uint32_t *cp, const uint8_t *fl, size_t n, size_t i)
+static size_t gpt2_word(const char *s, size_t n, size_t i)
 {
-    uint32_t c = cp[i];
-    if (c == '\'' && i + 1 < n) {
-        uint32_t c1 = cp[i + 1];
-        if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd') return i + 2;
-        if (i + 2 < n) {
-            uint32_t c2 = cp[i + 2];
-            if ((c1 == 'r' && c2 == 'e') || (c1 == 'v' && c2 == 'e') || (c1 == 'l' && c2 == 'l'))
-                return i + 3;
-        }
-    }
-    size_t k = (c == ' ' && i + 1 < n) ? i + 1 : i;  /* the optional leading space */
-    if (is_letter(fl[k])) return run_of(fl, n, k, is_letter);
-    if (is_number(fl[k])) return run_of(fl, n, k, is_number);
-    if (is_other(fl[k])) return run_of(fl, n, k, is_other);
-    return match_spaces(fl, n, i);
+    size_t j = gpt2_contraction(s, n, i);
+    if (j) return j;
+    size_t k = (s[i] == ' ' && i + 1 < n) ? i + 1 : i;  /* the optional leading space */
+    uint8_t fl;
+    char_at(s, n, k, &fl);
+    uint8_t cls = class_of(fl);
+    if (cls != CLS_S) return run_of(s, n, k, cls);
+    return match_spaces(s, n, i);
 }
 
-static size_t split_gpt2(const uint32_t *cp, const uint8_t *fl, size_t n, uint32_t *ends)
-{
-    size_t nw = 0;
-    for (size_t i = 0; i < n;) {
-        i = gpt2_word(cp, fl, n, i);
-        ends[nw++] = (uint32_t)i;
-    }
-    return nw;
-}
-
-/* tokenizer.ggml.pre -> splitter. A new pre-tokenizer is one row here plus its
- * splitter function. */
+/* tokenizer.ggml.pre -> pre-tokenizer. A new one (llama3, qwen2, deepseek, ...) is a
+ * row here plus its word function. */
 static const pretok pretok_table[] = {
-    {"default", split_gpt2},
-    {"gpt-2", split_gpt2},
-    {"gpt2", split_gpt2},
-    {"olmo", split_gpt2},  /* OLMoE: GPT-2's regex */
+    {"default", gpt2_word},
+    {"gpt-2", gpt2_word},
+    {"gpt2", gpt2_word},
+    {"olmo", gpt2_word},  /* OLMoE: GPT-2's regex */
 };
 
 static const pretok *pretok_find(const char *name)
@@ -318,15 +364,30 @@ static bigram heap_pop(bigram_heap *h)
     return top;
 }
 
-/* Scratch for one encode call, sized for the whole input once (no per-token malloc). */
+/* Words already encoded in this call: repeated words (most of running text) skip
+ * the merging. Keys point into the text being encoded; gen invalidates entries when
+ * that text buffer is reused (SPM: per fragment). */
 typedef struct {
-    char *buf;               /* SPM: escaped text */
+    uint64_t hash;
+    uint32_t word;           /* offset from scratch.cache_base */
+    uint32_t gen;            /* != scratch.gen: free */
+    uint32_t ids_off;        /* into scratch.cache_ids */
+    uint16_t len, n_ids;
+} cache_slot;
+
+#define CACHE_MAX_WORD 64    /* longer words are not cached */
+
+/* Scratch for one encode call (no per-token malloc): the SPM escaped text is sized
+ * for the input once; symbol and heap arrays grow to the longest word. */
+typedef struct {
+    char *buf;               /* SPM: escaped text of the current fragment */
     symbol *sym;
-    bigram_heap heap;
-    uint32_t *cp;            /* BPE: code points of a fragment */
-    uint8_t *fl;             /* their unicode_flags */
-    uint32_t *cp_off;        /* byte offset of each code point (+ end) */
-    uint32_t *ends;          /* word ends from the pre-tokenizer */
+    size_t sym_cap;
+    bigram_heap heap;        /* room for 3 * sym_cap entries */
+    cache_slot *cache;
+    const char *cache_base;  /* the text the cached words are in */
+    uint32_t cache_mask, cache_used, gen;
+    id_vec cache_ids;
 } scratch;
 
 static void scratch_free(scratch *s)
@@ -334,36 +395,111 @@ static void scratch_free(scratch *s)
     free(s->buf);
     free(s->sym);
     free(s->heap.v);
-    free(s->cp);
-    free(s->fl);
-    free(s->cp_off);
-    free(s->ends);
+    free(s->cache);
+    free(s->cache_ids.v);
 }
 
-static int scratch_init(scratch *s, const moe_tokenizer *t, size_t len)
+static int scratch_init(scratch *s, const moe_tokenizer *t, const char *text, size_t len)
 {
     memset(s, 0, sizeof *s);
-    size_t nsym = len + 1;
-    if (t->kind == TOKENIZER_SPM) {
-        nsym = 3 * len + 3;  /* escaping turns each byte into at most 3 */
-        s->buf = malloc(nsym);
-    } else {
-        s->cp = malloc(nsym * sizeof *s->cp);
-        s->fl = malloc(nsym);
-        s->cp_off = malloc((nsym + 1) * sizeof *s->cp_off);
-        s->ends = malloc(nsym * sizeof *s->ends);
-    }
-    s->sym = malloc(nsym * sizeof *s->sym);
-    s->heap.v = malloc(3 * nsym * sizeof *s->heap.v);
-    if (!s->sym || !s->heap.v || (t->kind == TOKENIZER_SPM && !s->buf)
-        || (t->kind == TOKENIZER_BPE && (!s->cp || !s->fl || !s->cp_off || !s->ends))) {
+    s->cache_base = text;  /* BPE words are in the input; SPM resets per fragment */
+    if (t->kind == TOKENIZER_SPM && !(s->buf = malloc(3 * len + 3))) return -1;
+    uint32_t cap = 64;  /* about one slot per 8 bytes of input, at most 64K */
+    while (cap < len / 8 && cap < 65536) cap *= 2;
+    s->cache = calloc(cap, sizeof *s->cache);
+    if (!s->cache) {
         scratch_free(s);
         return -1;
     }
+    s->cache_mask = cap - 1;
+    s->gen = 1;
+    return 0;
+}
+
+/* The cached tokens of word w[0..n) (hash h), or NULL. */
+static const cache_slot *cache_find(const scratch *s, const char *w, uint32_t n, uint64_t h)
+{
+    for (uint32_t i = (uint32_t)h & s->cache_mask;; i = (i + 1) & s->cache_mask) {
+        const cache_slot *e = &s->cache[i];
+        if (e->gen != s->gen) return NULL;  /* free (or stale, which is free too) */
+        if (e->hash == h && e->len == n && memcmp(s->cache_base + e->word, w, n) == 0) return e;
+    }
+}
+
+/* Remembers that word w encodes as ids[0..k) (best effort: a full table is left as is). */
+static void cache_add(scratch *s, const char *w, uint32_t n, uint64_t h, const int32_t *ids,
+                      size_t k)
+{
+    if (4 * (s->cache_used + 1) > 3 * (s->cache_mask + 1) || k > UINT16_MAX) return;
+    uint32_t off = (uint32_t)s->cache_ids.n;
+    for (size_t j = 0; j < k; j++)
+        if (id_vec_push(&s->cache_ids, ids[j])) { s->cache_ids.n = off; return; }
+    uint32_t i = (uint32_t)h & s->cache_mask;
+    while (s->cache[i].gen == s->gen) i = (i + 1) & s->cache_mask;
+    cache_slot e = {h, (uint32_t)(w - s->cache_base), s->gen, off, (uint16_t)n, (uint16_t)k};
+    s->cache[i] = e;
+    s->cache_used++;
+}
+
+/* Forgets every cached word: the words to come are in text `base`. */
+static void cache_reset(scratch *s, const char *base)
+{
+    s->cache_base = base;
+    s->gen++;
+    s->cache_used = 0;
+    s->cache_ids.n = 0;
+    if (s->gen == 0) {  /* wrapped: clear for real */
+        memset(s->cache, 0, (s->cache_mask + 1) * sizeof *s->cache);
+        s->gen = 1;
+    }
+}
+
+typedef int (*word_encode_fn)(const moe_tokenizer *t, scratch *s, const char *w, size_t n,
+                              id_vec *out);
+
+/* Appends the tokens of word w[0..n) through the cache. */
+static int encode_cached(const moe_tokenizer *t, scratch *s, const char *w, size_t n,
+                         word_encode_fn encode, id_vec *out)
+{
+    if (n > CACHE_MAX_WORD) return encode(t, s, w, n, out);
+    uint64_t h = tok_hash_bytes(w, n);
+    const cache_slot *e = cache_find(s, w, (uint32_t)n, h);
+    if (e) {
+        for (uint32_t j = 0; j < e->n_ids; j++)
+            if (id_vec_push(out, s->cache_ids.v[e->ids_off + j])) return -1;
+        return 0;
+    }
+    size_t start = out->n;
+    if (encode(t, s, w, n, out)) return -1;
+    cache_add(s, w, (uint32_t)n, h, out->v + start, out->n - start);
+    return 0;
+}
+
+/* Room for n symbols (and the 3n candidate merges they can produce: n - 1 at the
+ * start, at most 2 per merge). */
+static int scratch_reserve(scratch *s, size_t n)
+{
+    if (n <= s->sym_cap) return 0;
+    size_t cap = s->sym_cap ? s->sym_cap : 64;
+    while (cap < n) cap *= 2;
+    symbol *sym = realloc(s->sym, cap * sizeof *sym);
+    if (!sym) return -1;
+    s->sym = sym;
+    bigram *v = realloc(s->heap.v, 3 * cap * sizeof *v);
+    if (!v) return -1;
+    s->heap.v = v;
+    s->sym_cap = cap;
     return 0;
 }
 
 /* ---- SPM ----------------------------------------------------------------------- */
+
+#define SPM_SPACE "\xE2\x96\x81"  /* U+2581, SentencePiece's visible space */
+
+static inline int is_spm_space(const char *s)
+{
+    return s[0] == '\xE2' && s[1] == '\x96' && s[2] == '\x81';
+}
 
 static void spm_try_bigram(const moe_tokenizer *t, scratch *s, const char *text,
                            int32_t left, int32_t right)
@@ -377,10 +513,11 @@ static void spm_try_bigram(const moe_tokenizer *t, scratch *s, const char *text,
     heap_push(&s->heap, b);
 }
 
-/* Merges the symbols of text[0..n) (already escaped) best score first. */
-static void spm_merge(const moe_tokenizer *t, scratch *s, const char *text, size_t n,
-                      int32_t *nsym_out)
+/* Merges the characters of text[0..n) best score first (ties: leftmost), as
+ * llama.cpp does; the symbols are left in s->sym from index 0. */
+static int spm_merge(const moe_tokenizer *t, scratch *s, const char *text, size_t n)
 {
+    if (scratch_reserve(s, n)) return -1;
     int32_t nsym = 0;
     for (size_t off = 0; off < n;) {
         uint32_t cp;
@@ -390,7 +527,8 @@ static void spm_merge(const moe_tokenizer *t, scratch *s, const char *text, size
         y->next = (off + k < n) ? nsym + 1 : -1;
         y->start = (uint32_t)off;
         y->n = (uint32_t)k;
-        y->id = tok_find(t, text + off, k);
+        y->id = cp < 128 ? t->ascii_token[cp]
+              : (k == 3 && is_spm_space(text + off)) ? t->space_token : tok_find(t, text + off, k);
         nsym++;
         off += k;
     }
@@ -408,23 +546,12 @@ static void spm_merge(const moe_tokenizer *t, scratch *s, const char *text, size
         spm_try_bigram(t, s, text, l->prev, b.left);
         spm_try_bigram(t, s, text, b.left, l->next);
     }
-    *nsym_out = nsym;
+    return 0;
 }
 
-/* Appends the tokens of one raw-text fragment. */
-static int spm_encode_fragment(const moe_tokenizer *t, scratch *s, const char *raw,
-                               size_t len, int space_prefix, id_vec *out)
+/* Tokens of the merged symbols of text (see spm_merge). */
+static int spm_emit(const moe_tokenizer *t, const scratch *s, const char *text, id_vec *out)
 {
-    /* Escape: optional leading space, every ' ' as U+2581. */
-    size_t n = 0;
-    if (space_prefix) { memcpy(s->buf, "\xE2\x96\x81", 3); n = 3; }
-    for (size_t i = 0; i < len; i++) {
-        if (raw[i] == ' ') { memcpy(s->buf + n, "\xE2\x96\x81", 3); n += 3; }
-        else s->buf[n++] = raw[i];
-    }
-    if (n == 0) return 0;
-    int32_t nsym;
-    spm_merge(t, s, s->buf, n, &nsym);
     for (int32_t i = 0; i >= 0; i = s->sym[i].next) {
         const symbol *y = &s->sym[i];
         if (y->id >= 0) {
@@ -433,10 +560,60 @@ static int spm_encode_fragment(const moe_tokenizer *t, scratch *s, const char *r
         }
         /* A character no token covers: its bytes' <0xNN> tokens, else unk. */
         for (uint32_t j = 0; j < y->n; j++) {
-            int32_t id = t->byte_token[(unsigned char)s->buf[y->start + j]];
+            int32_t id = t->byte_token[(unsigned char)text[y->start + j]];
             if (id < 0) id = t->unk;
             if (id >= 0 && id_vec_push(out, id)) return -1;
         }
+    }
+    return 0;
+}
+
+static int spm_encode_chunk(const moe_tokenizer *t, scratch *s, const char *w, size_t n,
+                            id_vec *out)
+{
+    return spm_merge(t, s, w, n) || spm_emit(t, s, w, out) ? -1 : 0;
+}
+
+/* Can a merge join the character ending at p - 1 to the one starting at p? Only if
+ * some token contains the two next to each other. Checked for two ASCII characters
+ * (t->ascii_pair) and for U+2581 after another character (t->spm_words: no token
+ * has that, as in SentencePiece vocabularies split on whitespace); anything else
+ * counts as joinable. */
+static int spm_joinable(const moe_tokenizer *t, const char *text, size_t n, size_t p)
+{
+    unsigned char a = (unsigned char)text[p - 1], b = (unsigned char)text[p];
+    if (a < 0x80 && b < 0x80) return (t->ascii_pair[a][b >> 3] >> (b & 7)) & 1;
+    if (t->spm_words && p + 3 <= n && is_spm_space(text + p))
+        return p >= 3 && is_spm_space(text + p - 3);
+    return 1;
+}
+
+/* End of the chunk of escaped text starting at c0 that merges independently of the
+ * rest: no merge can cross a boundary that is not joinable, so cutting the text
+ * there leaves each chunk's merges (and their order) as the whole text would give. */
+static size_t spm_chunk_end(const moe_tokenizer *t, const char *text, size_t n, size_t c0)
+{
+    for (size_t p = c0 + 1; p < n; p++)
+        if (!spm_joinable(t, text, n, p)) return p;
+    return n;
+}
+
+/* Appends the tokens of one raw-text fragment. */
+static int spm_encode_fragment(const moe_tokenizer *t, scratch *s, const char *raw,
+                               size_t len, int space_prefix, id_vec *out)
+{
+    /* Escape: optional leading space, every ' ' as U+2581. */
+    size_t n = 0;
+    if (space_prefix) { memcpy(s->buf, SPM_SPACE, 3); n = 3; }
+    for (size_t i = 0; i < len; i++) {
+        if (raw[i] == ' ') { memcpy(s->buf + n, SPM_SPACE, 3); n += 3; }
+        else s->buf[n++] = raw[i];
+    }
+    cache_reset(s, s->buf);  /* the cached words were in the previous fragment's text */
+    for (size_t c0 = 0; c0 < n;) {
+        size_t c1 = spm_chunk_end(t, s->buf, n, c0);
+        if (encode_cached(t, s, s->buf + c0, c1 - c0, spm_encode_chunk, out)) return -1;
+        c0 = c1;
     }
     return 0;
 }
@@ -458,6 +635,7 @@ static void bpe_try_bigram(const moe_tokenizer *t, scratch *s, int32_t left, int
 static int bpe_encode_word(const moe_tokenizer *t, scratch *s, const char *w, size_t n,
                            id_vec *out)
 {
+    if (scratch_reserve(s, n)) return -1;
     for (size_t i = 0; i < n; i++) {
         symbol *y = &s->sym[i];
         y->prev = (int32_t)i - 1;
@@ -490,23 +668,10 @@ static int bpe_encode_word(const moe_tokenizer *t, scratch *s, const char *w, si
 static int bpe_encode_fragment(const moe_tokenizer *t, scratch *s, const char *raw,
                                size_t len, id_vec *out)
 {
-    size_t n = 0;
-    for (size_t off = 0; off < len;) {
-        uint32_t cp;
-        size_t k = unicode_utf8_decode(raw + off, len - off, &cp);
-        s->cp[n] = cp;
-        s->fl[n] = (uint8_t)unicode_flags(cp);
-        s->cp_off[n] = (uint32_t)off;
-        n++;
-        off += k;
-    }
-    s->cp_off[n] = (uint32_t)len;
-    size_t nw = t->pre->split(s->cp, s->fl, n, s->ends);
-    uint32_t begin = 0;
-    for (size_t w = 0; w < nw; w++) {
-        uint32_t b0 = s->cp_off[begin], b1 = s->cp_off[s->ends[w]];
-        if (bpe_encode_word(t, s, raw + b0, b1 - b0, out)) return -1;
-        begin = s->ends[w];
+    for (size_t i = 0; i < len;) {
+        size_t j = t->pre->word(raw, len, i);
+        if (encode_cached(t, s, raw + i, j - i, bpe_encode_word, out)) return -1;
+        i = j;
     }
     return 0;
 }
@@ -554,7 +719,7 @@ int tokenizer_encode(const moe_tokenizer *t, const char *text, size_t len, int f
     int parse_special = (flags & TOKENIZE_PARSE_SPECIAL) != 0;
     id_vec out = {0};
     scratch s;
-    if (scratch_init(&s, t, len)) return tok_fail(err, errlen, "tokenize: out of memory");
+    if (scratch_init(&s, t, text, len)) return tok_fail(err, errlen, "tokenize: out of memory");
     int rc = 0;
     if (add_special && t->add_bos && t->bos >= 0) rc |= id_vec_push(&out, t->bos);
 
@@ -792,24 +957,52 @@ static int build_index(moe_tokenizer *t, char *err, size_t errlen)
     while (cap < 2u * (uint32_t)t->n_vocab) cap *= 2;
     t->index = malloc(cap * sizeof *t->index);
     if (!t->index) return tok_fail(err, errlen, "tokenizer: out of memory");
-    memset(t->index, 0xFF, cap * sizeof *t->index);
+    for (uint32_t i = 0; i < cap; i++) t->index[i].id = -1;
     t->index_mask = cap - 1;
     for (int32_t id = 0; id < t->n_vocab; id++) {
         const char *s = tok_str(t, id);
         uint32_t n = tok_len(t, id);
-        uint32_t i = (uint32_t)tok_hash_bytes(s, n) & t->index_mask;
-        while (t->index[i] >= 0) {
-            int32_t o = t->index[i];
+        uint64_t h = tok_hash_bytes(s, n);
+        uint32_t i = (uint32_t)h & t->index_mask;
+        while (t->index[i].id >= 0) {
+            int32_t o = t->index[i].id;
             if (tok_len(t, o) == n && memcmp(tok_str(t, o), s, n) == 0) break;
             i = (i + 1) & t->index_mask;
         }
-        t->index[i] = id;
+        t->index[i].id = id;
+        t->index[i].tag = (uint32_t)(h >> 32);
     }
     return 0;
 }
 
+/* Whether every U+2581 in every token is at its start or follows another U+2581. */
+static int spm_vocab_splits_on_space(const moe_tokenizer *t)
+{
+    for (int32_t id = 0; id < t->n_vocab; id++) {
+        const char *s = tok_str(t, id);
+        uint32_t n = tok_len(t, id);
+        for (uint32_t p = 1; p + 3 <= n; p++)
+            if (is_spm_space(s + p) && !(p >= 3 && is_spm_space(s + p - 3))) return 0;
+    }
+    return 1;
+}
+
 static void build_byte_tokens(moe_tokenizer *t)
 {
+    for (int c = 0; c < 128; c++) {
+        char ch = (char)c;
+        t->ascii_token[c] = tok_find(t, &ch, 1);
+    }
+    if (t->kind == TOKENIZER_SPM) {
+        for (int32_t id = 0; id < t->n_vocab; id++) {
+            const unsigned char *u = (const unsigned char *)tok_str(t, id);
+            for (uint32_t i = 1; i < tok_len(t, id); i++)
+                if (u[i - 1] < 0x80 && u[i] < 0x80)
+                    t->ascii_pair[u[i - 1]][u[i] >> 3] |= (uint8_t)(1u << (u[i] & 7));
+        }
+        t->spm_words = spm_vocab_splits_on_space(t);
+        t->space_token = tok_find(t, SPM_SPACE, 3);
+    }
     for (int b = 0; b < 256; b++) {
         if (t->kind == TOKENIZER_SPM) {
             char name[8];

@@ -49,6 +49,9 @@ size_t unicode_utf8_encode(uint32_t cp, char out[4]);
 /* Length of a sequence by its first byte: 1..4, or 0 for a byte that cannot start one. */
 int unicode_utf8_seq_len(unsigned char lead);
 
+/* Class flags of U+0000..U+00FF, for callers' inline fast paths (unicode_data.c). */
+extern const uint8_t unicode__latin1_flags[256];
+
 unicode_gc unicode_category(uint32_t cp);
 unsigned unicode_flags(uint32_t cp);
 /* Unicode version of the tables. */
