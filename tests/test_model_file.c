@@ -452,6 +452,42 @@ START_TEST(synth_rejects_bad_params)
 }
 END_TEST
 
+/* The built-in vocabulary is a working byte-level BPE: English text merges into
+ * fewer tokens than bytes, any bytes round-trip, <|endoftext|> is BOS and EOS. */
+START_TEST(builtin_vocab_tokenizes)
+{
+    fixture fx;
+    fixture_synth(&fx, "llama", "tiny", 0);
+    moe_model *m;
+    ck_assert_msg(moe_model_load(fx.path, &m, err, sizeof err) == 0, "%s", err);
+    const moe_tokenizer *t = m->tokenizer;
+    ck_assert_int_eq(tokenizer_get_kind(t), TOKENIZER_BPE);
+    int32_t eot = tokenizer_eos(t);
+    ck_assert_int_eq(eot, m->weights.hp.n_vocab - 1);
+    ck_assert_int_eq(tokenizer_bos(t), eot);
+    ck_assert_str_eq(tokenizer_token_text(t, eot), "<|endoftext|>");
+    ck_assert(tokenizer_is_eog(t, eot));
+    static const char *texts[] = {
+        "The model reads the batch and the router chooses the experts for each token.",
+        "caf\xc3\xa9 \xe2\x82\xac 42 \t\n\x01\xff odd bytes",
+    };
+    for (int i = 0; i < 2; i++) {
+        size_t len = strlen(texts[i]), n, out_len;
+        int32_t *ids;
+        char *back;
+        ck_assert_msg(tokenizer_encode(t, texts[i], len, 0, &ids, &n, err, sizeof err) == 0, "%s", err);
+        if (i == 0) ck_assert_msg(n < len / 2, "%zu tokens for %zu bytes: merges not used", n, len);
+        ck_assert_int_eq(tokenizer_decode(t, ids, n, 0, &back, &out_len, err, sizeof err), 0);
+        ck_assert_uint_eq(out_len, len);
+        ck_assert(memcmp(back, texts[i], len) == 0);
+        free(ids);
+        free(back);
+    }
+    moe_model_free(m);
+    fixture_done(&fx);
+}
+END_TEST
+
 START_TEST(vocab_from_another_gguf)
 {
     const char *shared = tu_shared_dir();
@@ -485,6 +521,7 @@ int main(void)
     tcase_add_test(tc, synth_is_deterministic);
     tcase_add_test(tc, f16_equals_f32_to_f16_precision);
     tcase_add_test(tc, tied_output_and_name_from_stem);
+    tcase_add_test(tc, builtin_vocab_tokenizes);
     tcase_add_test(tc, vocab_from_another_gguf);
     suite_add_tcase(s, tc);
     TCase *th = tcase_create("hostile");
