@@ -19,11 +19,20 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
 #include "core/kv_cache.h"
 #include "core/matmul.h"
 #include "core/moe_layer.h"
 #include "core/ops.h"
 #include "core/pool.h"
+
+/* Attention tiling (see attend()). */
+#define ATT_RUN 16   /* rows per run */
+#define ATT_T 16     /* positions per score vector; Kt rows are padded to this */
+#define ATT_Q 4      /* query vectors per pass */
 
 struct moe_engine {
     moe_weights w;              /* pointers borrowed: the model must outlive the engine */
@@ -50,7 +59,13 @@ struct moe_engine {
     float *att;                 /* (B, q_dim) attention output per head */
     float *out;                 /* (B, n_embd) sublayer output before the residual */
     float *rope_cs;             /* (B, rope_dim) cos, sin of each rotated pair per row */
-    float *scores;              /* (n_threads, max_seq_len) attention weights per thread */
+    int att_ld;                 /* max_seq_len rounded up to ATT_T */
+    size_t att_scratch_stride;  /* floats per thread: Kt (head_dim, att_ld), w (ATT_Q, att_ld) */
+    float *att_scratch;         /* (n_threads, att_scratch_stride) */
+    const float **att_vrow;     /* (n_threads, att_ld) V row of each position */
+    int32_t *run_start;         /* (B) first row of each attention run */
+    int32_t *run_len;           /* (B) rows in it */
+    int n_runs;
     int32_t *logit_rows;        /* (B) rows that want logits */
 };
 
@@ -151,10 +166,16 @@ int moe_engine_create(const moe_weights *w, const moe_engine_params *p,
     e->att = malloc(B * (size_t)e->q_dim * sizeof(float));
     e->out = malloc(B * (size_t)hp->n_embd * sizeof(float));
     e->rope_cs = malloc(B * (size_t)hp->rope_dim * sizeof(float));
-    e->scores = malloc((size_t)p->n_threads * (size_t)p->max_seq_len * sizeof(float));
+    e->att_ld = (p->max_seq_len + ATT_T - 1) / ATT_T * ATT_T;
+    e->att_scratch_stride = (size_t)(hp->head_dim + ATT_Q) * (size_t)e->att_ld;
+    e->att_scratch = malloc((size_t)p->n_threads * e->att_scratch_stride * sizeof(float));
+    e->att_vrow = malloc((size_t)p->n_threads * (size_t)e->att_ld * sizeof *e->att_vrow);
+    e->run_start = malloc(B * sizeof *e->run_start);
+    e->run_len = malloc(B * sizeof *e->run_len);
     e->logit_rows = malloc(B * sizeof *e->logit_rows);
     if (!e->n_past || !e->next_pos || !e->routed || !e->dropped || !e->inv_freq || !e->x ||
-        !e->xb || !e->q || !e->k || !e->v || !e->att || !e->out || !e->rope_cs || !e->scores ||
+        !e->xb || !e->q || !e->k || !e->v || !e->att || !e->out || !e->rope_cs || !e->att_scratch ||
+        !e->att_vrow || !e->run_start || !e->run_len ||
         !e->logit_rows) {
         snprintf(err, errlen, "engine: out of memory for scratch (%d batch tokens)", p->max_batch_tokens);
         goto fail;
@@ -188,7 +209,10 @@ void moe_engine_free(moe_engine *e)
     free(e->att);
     free(e->out);
     free(e->rope_cs);
-    free(e->scores);
+    free(e->att_scratch);
+    free(e->att_vrow);
+    free(e->run_start);
+    free(e->run_len);
     free(e->logit_rows);
     free(e);
 }
@@ -266,19 +290,6 @@ static int batch_validate(moe_engine *e, const moe_batch *b, const float *logits
 
 /* Attention -------------------------------------------------------------- */
 
-/* Dot product in a fixed order: 8 running partial sums (which the compiler keeps
- * in one vector register), combined pairwise at the end. */
-static float dot(const float *a, const float *b, int n)
-{
-    float acc[8] = {0};
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
-    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 /* Rotates one head with the row's cos/sin table (pairs as in ops.c rope()). */
 static void rope_apply(float *head, const float *cs, int half, moe_rope_mode mode)
 {
@@ -332,39 +343,186 @@ static void qkv_row(void *ctx, int i, int thread)
     memcpy(kv_cache_v(e->kv, j->layer, seq, pos), v, (size_t)e->kv_dim * sizeof(float));
 }
 
-/* Causal attention of one (row, head): softmax(q . K[0..pos] / sqrt(d)) . V[0..pos]
- * over the row's own sequence; grouped-query heads share their KV head. */
+/* Causal attention, one task per (run, KV head). A run is up to ATT_RUN
+ * consecutive batch rows of one sequence (a prompt chunk, or one decode row). The
+ * task gathers the KV head's keys for positions [0, last) transposed (Kt[d][t]), so
+ * scores for ATT_T positions at once are a chain of multiply-adds over d with no
+ * horizontal sums, for up to four query vectors (the group's heads, the run's
+ * rows) per pass over Kt. Every score and output element is one fmaf chain in a
+ * fixed order (over d, then over t <= the row's position), whichever run, lane or
+ * thread computes it: results do not depend on batch composition or threads. */
+
+/* 16 floats as one vector (AVX-512), two (AVX2 + FMA) or a plain array. Each lane
+ * is an independent multiply-add chain, so lanes never mix. */
+#if defined(__AVX512F__)
+typedef struct { __m512 a; } v16;
+static inline v16 v16_zero(void) { return (v16){_mm512_setzero_ps()}; }
+static inline v16 v16_load(const float *p) { return (v16){_mm512_loadu_ps(p)}; }
+static inline void v16_store(float *p, v16 x) { _mm512_storeu_ps(p, x.a); }
+static inline v16 v16_madd(float s, v16 x, v16 acc)
+{
+    return (v16){_mm512_fmadd_ps(_mm512_set1_ps(s), x.a, acc.a)};
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef struct { __m256 a, b; } v16;
+static inline v16 v16_zero(void) { return (v16){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline v16 v16_load(const float *p) { return (v16){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+static inline void v16_store(float *p, v16 x) { _mm256_storeu_ps(p, x.a); _mm256_storeu_ps(p + 8, x.b); }
+static inline v16 v16_madd(float s, v16 x, v16 acc)
+{
+    __m256 sv = _mm256_set1_ps(s);
+    return (v16){_mm256_fmadd_ps(sv, x.a, acc.a), _mm256_fmadd_ps(sv, x.b, acc.b)};
+}
+#else
+typedef struct { float a[16]; } v16;
+static inline v16 v16_zero(void) { v16 r = {{0}}; return r; }
+static inline v16 v16_load(const float *p) { v16 r; memcpy(r.a, p, sizeof r.a); return r; }
+static inline void v16_store(float *p, v16 x) { memcpy(p, x.a, sizeof x.a); }
+static inline v16 v16_madd(float s, v16 x, v16 acc)
+{
+    for (int l = 0; l < 16; l++) acc.a[l] = s * x.a[l] + acc.a[l];
+    return acc;
+}
+#endif
+
+/* sc[a * lds + t] = q[a] . Kt[., t] for t < limit (a multiple of ATT_T). */
+static inline __attribute__((always_inline))
+void att_scores(const float *const *q, const int na, const float *kt, int ldk, int hd,
+                int limit, float *sc, int lds)
+{
+    for (int t0 = 0; t0 < limit; t0 += ATT_T) {
+        v16 acc[ATT_Q];
+        for (int a = 0; a < na; a++) acc[a] = v16_zero();
+        for (int d = 0; d < hd; d++) {
+            v16 kv = v16_load(kt + (size_t)d * (size_t)ldk + t0);
+            for (int a = 0; a < na; a++) acc[a] = v16_madd(q[a][d], kv, acc[a]);
+        }
+        for (int a = 0; a < na; a++) v16_store(sc + (size_t)a * (size_t)lds + t0, acc[a]);
+    }
+}
+
+/* o[a][d] = sum over t <= last[a] of w[a][t] * vrow[t][d], in order of t. */
+static inline __attribute__((always_inline))
+void att_values(float *const *o, const int na, const float *w, int ldw, const int *last,
+                const float *const *vrow, int hd)
+{
+    int tmax = 0;
+    for (int a = 0; a < na; a++) if (last[a] + 1 > tmax) tmax = last[a] + 1;
+    int d0 = 0;
+    for (; d0 + ATT_T <= hd; d0 += ATT_T) {
+        v16 acc[ATT_Q];
+        for (int a = 0; a < na; a++) acc[a] = v16_zero();
+        for (int t = 0; t < tmax; t++) {
+            v16 v = v16_load(vrow[t] + d0);
+            for (int a = 0; a < na; a++)
+                if (t <= last[a]) acc[a] = v16_madd(w[(size_t)a * (size_t)ldw + t], v, acc[a]);
+        }
+        for (int a = 0; a < na; a++) v16_store(o[a] + d0, acc[a]);
+    }
+    for (; d0 < hd; d0++)   /* head sizes that are not a multiple of ATT_T */
+        for (int a = 0; a < na; a++) {
+            float acc = 0.0f;
+            for (int t = 0; t <= last[a]; t++) acc += w[(size_t)a * (size_t)ldw + t] * vrow[t][d0];
+            o[a][d0] = acc;
+        }
+}
+
+/* Softmax weights of one query in place: w[t] = exp(s[t] - max) / sum, t <= last. */
+static void att_softmax(float *w, int last)
+{
+    float max = -INFINITY;
+    for (int t = 0; t <= last; t++) if (w[t] > max) max = w[t];
+    float sum = 0.0f;
+    for (int t = 0; t <= last; t++) {
+        w[t] = expf(w[t] - max);
+        sum += w[t];
+    }
+    float inv = 1.0f / sum;
+    for (int t = 0; t <= last; t++) w[t] *= inv;
+}
+
+/* Up to ATT_Q query vectors against the gathered keys and values. */
+static void att_pass(const float *const *q, float *const *o, const int *last, int na,
+                     const float *kt, int ldk, const float *const *vrow, int hd, float scale,
+                     float *w, int ldw)
+{
+    int limit = 0;
+    for (int a = 0; a < na; a++) if (last[a] + 1 > limit) limit = last[a] + 1;
+    limit = (limit + ATT_T - 1) / ATT_T * ATT_T;
+    switch (na) {
+    case 1: att_scores(q, 1, kt, ldk, hd, limit, w, ldw); break;
+    case 2: att_scores(q, 2, kt, ldk, hd, limit, w, ldw); break;
+    case 3: att_scores(q, 3, kt, ldk, hd, limit, w, ldw); break;
+    default: att_scores(q, ATT_Q, kt, ldk, hd, limit, w, ldw); break;
+    }
+    for (int a = 0; a < na; a++) {
+        float *wa = w + (size_t)a * (size_t)ldw;
+        for (int t = 0; t <= last[a]; t++) wa[t] *= scale;
+        att_softmax(wa, last[a]);
+    }
+    switch (na) {
+    case 1: att_values(o, 1, w, ldw, last, vrow, hd); break;
+    case 2: att_values(o, 2, w, ldw, last, vrow, hd); break;
+    case 3: att_values(o, 3, w, ldw, last, vrow, hd); break;
+    default: att_values(o, ATT_Q, w, ldw, last, vrow, hd); break;
+    }
+}
+
 static void attend(void *ctx, int task, int thread)
 {
     const layer_job *j = ctx;
     moe_engine *e = j->e;
     const moe_hparams *hp = &e->w.hp;
-    int hd = hp->head_dim;
-    int i = task / hp->n_head, h = task % hp->n_head;
-    int kvh = h / (hp->n_head / hp->n_head_kv);
-    int seq = j->b->seq[i], pos = j->b->pos[i];
-    const float *q = e->q + (size_t)i * (size_t)e->q_dim + (size_t)h * (size_t)hd;
-    float *o = e->att + (size_t)i * (size_t)e->q_dim + (size_t)h * (size_t)hd;
-    float *sc = e->scores + (size_t)thread * (size_t)e->p.max_seq_len;
-    float scale = 1.0f / sqrtf((float)hd);
+    int hd = hp->head_dim, group = hp->n_head / hp->n_head_kv;
+    int r = task / hp->n_head_kv, g = task % hp->n_head_kv;
+    int row0 = e->run_start[r], nr = e->run_len[r];
+    int seq = j->b->seq[row0], pos0 = j->b->pos[row0];
+    int n_pos = pos0 + nr;                       /* positions [0, n_pos) are read */
+    int ldk = (n_pos + ATT_T - 1) / ATT_T * ATT_T;
+    float *kt = e->att_scratch + (size_t)thread * e->att_scratch_stride;
+    float *w = kt + (size_t)hd * (size_t)e->att_ld;
+    const float **vrow = e->att_vrow + (size_t)thread * (size_t)e->att_ld;
 
-    float max = -INFINITY;
-    for (int t = 0; t <= pos; t++) {
-        sc[t] = dot(q, kv_cache_k(e->kv, j->layer, seq, t) + (size_t)kvh * (size_t)hd, hd) * scale;
-        if (sc[t] > max) max = sc[t];
+    for (int t = 0; t < n_pos; t++) {
+        const float *k = kv_cache_k(e->kv, j->layer, seq, t) + (size_t)g * (size_t)hd;
+        for (int d = 0; d < hd; d++) kt[(size_t)d * (size_t)ldk + t] = k[d];
+        vrow[t] = kv_cache_v(e->kv, j->layer, seq, t) + (size_t)g * (size_t)hd;
     }
-    float sum = 0.0f;
-    for (int t = 0; t <= pos; t++) {
-        sc[t] = expf(sc[t] - max);
-        sum += sc[t];
+    for (int d = 0; d < hd; d++)
+        for (int t = n_pos; t < ldk; t++) kt[(size_t)d * (size_t)ldk + t] = 0.0f;
+
+    float scale = 1.0f / sqrtf((float)hd);
+    const float *q[ATT_Q];
+    float *o[ATT_Q];
+    int last[ATT_Q], na = 0;
+    for (int i = 0; i < nr; i++)
+        for (int hh = 0; hh < group; hh++) {
+            size_t off = (size_t)(row0 + i) * (size_t)e->q_dim + (size_t)(g * group + hh) * (size_t)hd;
+            q[na] = e->q + off;
+            o[na] = e->att + off;
+            last[na] = pos0 + i;
+            if (++na == ATT_Q) {
+                att_pass(q, o, last, na, kt, ldk, vrow, hd, scale, w, e->att_ld);
+                na = 0;
+            }
+        }
+    if (na) att_pass(q, o, last, na, kt, ldk, vrow, hd, scale, w, e->att_ld);
+}
+
+/* Splits the batch into runs: consecutive rows of one sequence, at most ATT_RUN. */
+static void attention_runs(moe_engine *e, const moe_batch *b)
+{
+    int n = 0;
+    for (int i = 0; i < b->n_tokens; i++) {
+        if (n > 0 && b->seq[i] == b->seq[i - 1] && e->run_len[n - 1] < ATT_RUN) {
+            e->run_len[n - 1]++;
+            continue;
+        }
+        e->run_start[n] = i;
+        e->run_len[n] = 1;
+        n++;
     }
-    float inv = 1.0f / sum;
-    memset(o, 0, (size_t)hd * sizeof *o);
-    for (int t = 0; t <= pos; t++) {
-        const float *vt = kv_cache_v(e->kv, j->layer, seq, t) + (size_t)kvh * (size_t)hd;
-        float wt = sc[t] * inv;
-        for (int d = 0; d < hd; d++) o[d] += wt * vt[d];
-    }
+    e->n_runs = n;
 }
 
 /* Forward ---------------------------------------------------------------- */
@@ -405,7 +563,7 @@ static void attention_layer(moe_engine *e, const moe_batch *b, int l)
     matmul(e->pool, e->xb, n, hp->n_embd, L->wk, e->kv_dim, e->k);
     matmul(e->pool, e->xb, n, hp->n_embd, L->wv, e->kv_dim, e->v);
     pool_run(e->pool, n, qkv_row, &job);
-    pool_run(e->pool, n * hp->n_head, attend, &job);
+    pool_run(e->pool, e->n_runs * hp->n_head_kv, attend, &job);
     matmul(e->pool, e->att, n, e->q_dim, L->wo, hp->n_embd, e->out);
     rows_add(e->x, e->out, (size_t)n * (size_t)hp->n_embd);
 }
@@ -464,6 +622,7 @@ int moe_engine_forward(moe_engine *e, const moe_batch *b, float *logits, char *e
     for (int i = 0; i < n; i++)
         memcpy(e->x + (size_t)i * d, e->w.tok_embd + (size_t)b->token[i] * d, d * sizeof(float));
     rope_table(e, b);
+    attention_runs(e, b);
     for (int l = 0; l < hp->n_layer; l++) {
         attention_layer(e, b, l);
         ffn_layer(e, b, l);

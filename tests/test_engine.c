@@ -55,10 +55,12 @@ static moe_hparams cfg_hparams(int cfg)
                       .rope_dim = 8, .rope_base = 10000.0f, .rms_eps = 1e-5f};
     switch (cfg) {
     case CFG_LLAMA_DENSE: hp.n_expert = 0; hp.n_expert_used = 0; hp.n_ff = 40; break;
-    case CFG_QWEN2MOE: hp.arch = MOE_ARCH_QWEN2MOE; hp.n_ff_shexp = 16; hp.rope_base = 1e6f; break;
+    case CFG_QWEN2MOE:  /* two query heads of 16 on one KV head */
+        hp.arch = MOE_ARCH_QWEN2MOE; hp.n_ff_shexp = 16; hp.rope_base = 1e6f;
+        hp.n_head = 2; hp.n_head_kv = 1; hp.head_dim = 16; hp.rope_dim = 16; break;
     case CFG_OLMOE: hp.arch = MOE_ARCH_OLMOE; hp.n_head_kv = 4; hp.n_expert = 8; hp.n_expert_used = 3; break;
     case CFG_QWEN3MOE:  /* head_dim * n_head != n_embd, as in the real models */
-        hp.arch = MOE_ARCH_QWEN3MOE; hp.head_dim = 12; hp.rope_dim = 12; hp.n_layer = 3;
+        hp.arch = MOE_ARCH_QWEN3MOE; hp.head_dim = 20; hp.rope_dim = 20; hp.n_layer = 3;
         hp.n_expert = 8; hp.n_expert_used = 3; hp.rms_eps = 1e-6f; break;
     default: break;
     }
@@ -330,10 +332,11 @@ static double rel_err(const float *a, const double *ref, int n)
 
 /* Reference match --------------------------------------------------------- */
 
-/* A 7-token prompt chunk then 9 single decode steps; every position compared. */
+/* An 18-token prompt chunk (two attention runs) then 6 single decode steps; every
+ * position compared. */
 static void check_against_reference(int cfg)
 {
-    enum { T = 16, CHUNK = 7 };
+    enum { T = 24, CHUNK = 18 };
     tmodel *m = model_make(cfg, 100 + cfg);
     int V = m->w.hp.n_vocab;
     int32_t tok[T];
