@@ -408,6 +408,77 @@ START_TEST(every_value_type_round_trip)
 }
 END_TEST
 
+
+/* The independent Python reader (tests/reference/gguf_read.py, numpy's float16)
+ * reads what the writer wrote: keys, shapes, offsets, F32/F16/BF16 values. */
+static const char *py_check =
+    "import sys\n"
+    "sys.path.insert(0, 'tests/reference')\n"
+    "import gguf_read, numpy as np\n"
+    "g = gguf_read.GGUF(sys.argv[1])\n"
+    "assert g.version == 3\n"
+    "assert g.kv['general.architecture'] == 'llama'\n"
+    "assert g.kv['tokenizer.ggml.tokens'] == ['t%d' % i for i in range(100)]\n"
+    "assert g.kv['k.u32'] == 7 and g.kv['k.i32'] == -7 and g.kv['k.u64'] == 2**40\n"
+    "assert g.kv['k.f32'] == 0.5 and g.kv['k.bool'] is True\n"
+    "assert g.kv['k.arr_f32'] == [i * 0.5 for i in range(9)]\n"
+    "assert g.kv['k.arr_i32'] == list(range(-3, 4))\n"
+    "assert g.tensors['a'][:2] == ([5, 3], 0) and g.tensors['h'][:2] == ([4, 2], 1)\n"
+    "assert g.tensors['b'][:2] == ([6], 30)\n"
+    "assert all(t[2] % 32 == 0 for t in g.tensors.values()) and g.data_start % 32 == 0\n"
+    "assert (g.tensor('a') == np.arange(15).reshape(3, 5) * 0.25).all()\n"
+    "assert (g.tensor('h') == np.arange(8).reshape(2, 4) - 3.5).all()\n"
+    "assert (g.tensor('b') == np.arange(6) * 2.0).all()\n"
+    "print('python reference reader: ok')\n";
+
+START_TEST(reference_reader_reads_writer_output)
+{
+    float a[15];
+    uint16_t h[8], bf[6];
+    for (int i = 0; i < 15; i++) a[i] = (float)i * 0.25f;
+    for (int i = 0; i < 8; i++) h[i] = gguf_f32_to_f16((float)i - 3.5f);
+    for (int i = 0; i < 6; i++) bf[i] = gguf_f32_to_bf16((float)i * 2.0f);
+    char tok[100][16];
+    const char *toks[100];
+    for (int i = 0; i < 100; i++) {
+        snprintf(tok[i], sizeof tok[i], "t%d", i);
+        toks[i] = tok[i];
+    }
+    float af[9];
+    int32_t ai[7];
+    for (int i = 0; i < 9; i++) af[i] = (float)i * 0.5f;
+    for (int i = 0; i < 7; i++) ai[i] = i - 3;
+    gguf_writer *w = gguf_writer_create();
+    ck_assert_int_eq(gguf_writer_set_str(w, "general.architecture", "llama"), 0);
+    ck_assert_int_eq(gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", toks, 100), 0);
+    ck_assert_int_eq(gguf_writer_set_u32(w, "k.u32", 7), 0);
+    ck_assert_int_eq(gguf_writer_set_i32(w, "k.i32", -7), 0);
+    ck_assert_int_eq(gguf_writer_set_u64(w, "k.u64", 1ull << 40), 0);
+    ck_assert_int_eq(gguf_writer_set_f32(w, "k.f32", 0.5f), 0);
+    ck_assert_int_eq(gguf_writer_set_bool(w, "k.bool", 1), 0);
+    ck_assert_int_eq(gguf_writer_set_arr_f32(w, "k.arr_f32", af, 9), 0);
+    ck_assert_int_eq(gguf_writer_set_arr_i32(w, "k.arr_i32", ai, 7), 0);
+    const uint64_t ne_a[] = {5, 3}, ne_h[] = {4, 2}, ne_b[] = {6};
+    ck_assert_int_eq(gguf_writer_add_tensor(w, "a", GGML_TYPE_F32, 2, ne_a, a), 0);
+    ck_assert_int_eq(gguf_writer_add_tensor(w, "h", GGML_TYPE_F16, 2, ne_h, h), 0);
+    ck_assert_int_eq(gguf_writer_add_tensor(w, "b", GGML_TYPE_BF16, 1, ne_b, bf), 0);
+    const char *path = tmp_file("py.gguf");
+    ck_assert_msg(gguf_writer_write(w, path, err, sizeof err) == 0, "%s", err);
+    gguf_writer_free(w);
+
+    const char *py = getenv("PYTHON");
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "%s - %s", py && *py ? py : "/usr/bin/python3", path);
+    FILE *p = popen(cmd, "w");
+    ck_assert_ptr_nonnull(p);
+    fputs(py_check, p);
+    int status = pclose(p);
+    ck_assert_msg(status == 0, "the Python reference reader rejected the file (status %d)",
+                  status);
+    tmp_cleanup();
+}
+END_TEST
+
 /* ---------------------------------------------------- real vocab files ---- */
 
 static gguf_file *open_vocab(const char *name)
@@ -1025,6 +1096,7 @@ Suite *gguf_suite(void)
     tcase_add_test(tc, vocab_gpt2);
     suite_add_tcase(s, tc);
     tcase_add_test(tc, many_keys_and_tensors);
+    tcase_add_test(tc, reference_reader_reads_writer_output);
     TCase *bad = tcase_create("hostile");
     tcase_add_test(bad, hand_made_file_is_valid);
     tcase_add_test(bad, truncation_at_every_byte);
