@@ -285,9 +285,16 @@ static int bench_engine(const moe_model *m, int threads, int quick, double bw, d
         int B = batches[i], steps = quick ? 4 : 16;
         double bytes;
         if (bench_decode(&s, B, 64, steps, &secs, &bytes, err, errlen)) goto done;
-        double per_step = secs / steps, bound_step = bytes / (bw * 1e9);
-        printf("decode   batch %2d:    %9.1f tok/s   bound %9.1f tok/s (%.0f MB/step / bandwidth)   %5.1f%%\n",
-               B, B / per_step, B / bound_step, bytes / 1e6, 100.0 * bound_step / per_step);
+        /* Roofline: a step takes at least its bytes over the bandwidth and at least
+         * its FLOPs over the sgemm peak; small batches hit the first, big ones the second. */
+        double ctx = 64 + steps / 2.0;
+        double step_flops = 2.0 * (double)moe_hparams_n_params_active(hp, m->tied_output) * B +
+                            4.0 * hp->n_layer * (double)hp->n_head * hp->head_dim * ctx * B;
+        double per_step = secs / steps, mem_s = bytes / (bw * 1e9), flop_s = step_flops / (peak * 1e9);
+        double bound_step = mem_s > flop_s ? mem_s : flop_s;
+        printf("decode   batch %2d:    %9.1f tok/s   bound %9.1f tok/s (%s: %.0f MB/step, %.2f GFLOP/step)   %5.1f%%\n",
+               B, B / per_step, B / bound_step, mem_s >= flop_s ? "bandwidth" : "sgemm peak",
+               bytes / 1e6, step_flops / 1e9, 100.0 * bound_step / per_step);
     }
     rc = 0;
 done:
