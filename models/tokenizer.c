@@ -317,31 +317,26 @@ typedef struct {
     int32_t id;              /* token of these bytes, -1 when none */
 } symbol;
 
-/* A candidate merge of the adjacent symbols left and right into token id. */
+/* A candidate merge of symbol `left` with the symbol after it into token id. 16
+ * bytes, as heaps over a whole long word are large. */
 typedef struct {
-    uint32_t key;            /* smaller merges first (BPE rank, SPM inverted score) */
-    int32_t left, right;
+    uint64_t order;          /* priority << 32 | left: smaller merges first, ties leftmost */
     uint32_t size;           /* bytes of the merged text, to detect stale entries */
     int32_t id;
 } bigram;
 
-/* Binary min-heap on (key, left). */
+/* Binary min-heap on order. */
 typedef struct {
     bigram *v;
     size_t n;
 } bigram_heap;
-
-static int bigram_before(const bigram *a, const bigram *b)
-{
-    return a->key < b->key || (a->key == b->key && a->left < b->left);
-}
 
 static void heap_push(bigram_heap *h, bigram b)
 {
     size_t i = h->n++;
     while (i > 0) {
         size_t p = (i - 1) / 2;
-        if (!bigram_before(&b, &h->v[p])) break;
+        if (h->v[p].order <= b.order) break;
         h->v[i] = h->v[p];
         i = p;
     }
@@ -355,13 +350,36 @@ static bigram heap_pop(bigram_heap *h)
     for (;;) {
         size_t c = 2 * i + 1;
         if (c >= n) break;
-        if (c + 1 < n && bigram_before(&h->v[c + 1], &h->v[c])) c++;
-        if (!bigram_before(&h->v[c], &last)) break;
+        if (c + 1 < n && h->v[c + 1].order < h->v[c].order) c++;
+        if (h->v[c].order >= last.order) break;
         h->v[i] = h->v[c];
         i = c;
     }
     if (n) h->v[i] = last;
     return top;
+}
+
+static void push_bigram(bigram_heap *h, uint32_t priority, int32_t left, uint32_t size, int32_t id)
+{
+    bigram b = {(uint64_t)priority << 32 | (uint32_t)left, size, id};
+    heap_push(h, b);
+}
+
+/* Applies merge b unless it went stale (either symbol changed since it was queued:
+ * symbols only grow, so the sizes tell). Returns the merged symbol's index or -1. */
+static int32_t apply_bigram(symbol *sym, bigram b)
+{
+    int32_t left = (int32_t)(uint32_t)b.order;
+    symbol *l = &sym[left];
+    if (l->n == 0 || l->next < 0) return -1;
+    symbol *r = &sym[l->next];
+    if (l->n + r->n != b.size) return -1;
+    l->n += r->n;
+    l->id = b.id;
+    r->n = 0;
+    l->next = r->next;
+    if (r->next >= 0) sym[r->next].prev = left;
+    return left;
 }
 
 /* Words already encoded in this call: repeated words (most of running text) skip
@@ -383,7 +401,7 @@ typedef struct {
     char *buf;               /* SPM: escaped text of the current fragment */
     symbol *sym;
     size_t sym_cap;
-    bigram_heap heap;        /* room for 3 * sym_cap entries */
+    bigram_heap heap;        /* room for 2 * sym_cap entries */
     cache_slot *cache;
     const char *cache_base;  /* the text the cached words are in */
     uint32_t cache_mask, cache_used, gen;
@@ -475,8 +493,8 @@ static int encode_cached(const moe_tokenizer *t, scratch *s, const char *w, size
     return 0;
 }
 
-/* Room for n symbols (and the 3n candidate merges they can produce: n - 1 at the
- * start, at most 2 per merge). */
+/* Room for n symbols and the candidate merges waiting at any time: n - 1 at the
+ * start, then each merge pops one and pushes at most two, and there are < n merges. */
 static int scratch_reserve(scratch *s, size_t n)
 {
     if (n <= s->sym_cap) return 0;
@@ -485,7 +503,7 @@ static int scratch_reserve(scratch *s, size_t n)
     symbol *sym = realloc(s->sym, cap * sizeof *sym);
     if (!sym) return -1;
     s->sym = sym;
-    bigram *v = realloc(s->heap.v, 3 * cap * sizeof *v);
+    bigram *v = realloc(s->heap.v, 2 * cap * sizeof *v);
     if (!v) return -1;
     s->heap.v = v;
     s->sym_cap = cap;
@@ -509,8 +527,7 @@ static void spm_try_bigram(const moe_tokenizer *t, scratch *s, const char *text,
     uint32_t size = l->n + r->n;
     int32_t id = tok_find(t, text + l->start, size);
     if (id < 0) return;
-    bigram b = {t->score_key[id], left, right, size, id};
-    heap_push(&s->heap, b);
+    push_bigram(&s->heap, t->score_key[id], left, size, id);
 }
 
 /* Merges the characters of text[0..n) best score first (ties: leftmost), as
@@ -535,16 +552,10 @@ static int spm_merge(const moe_tokenizer *t, scratch *s, const char *text, size_
     s->heap.n = 0;
     for (int32_t i = 1; i < nsym; i++) spm_try_bigram(t, s, text, i - 1, i);
     while (s->heap.n) {
-        bigram b = heap_pop(&s->heap);
-        symbol *l = &s->sym[b.left], *r = &s->sym[b.right];
-        if (l->n == 0 || r->n == 0 || l->n + r->n != b.size) continue;  /* stale */
-        l->n += r->n;
-        l->id = b.id;
-        r->n = 0;
-        l->next = r->next;
-        if (r->next >= 0) s->sym[r->next].prev = b.left;
-        spm_try_bigram(t, s, text, l->prev, b.left);
-        spm_try_bigram(t, s, text, b.left, l->next);
+        int32_t m = apply_bigram(s->sym, heap_pop(&s->heap));
+        if (m < 0) continue;
+        spm_try_bigram(t, s, text, s->sym[m].prev, m);
+        spm_try_bigram(t, s, text, m, s->sym[m].next);
     }
     return 0;
 }
@@ -627,8 +638,7 @@ static void bpe_try_bigram(const moe_tokenizer *t, scratch *s, int32_t left, int
     if (l->id < 0 || r->id < 0) return;
     const merge_slot *m = tok_find_merge(t, l->id, r->id);
     if (!m) return;
-    bigram b = {(uint32_t)m->rank, left, right, l->n + r->n, m->result};
-    heap_push(&s->heap, b);
+    push_bigram(&s->heap, (uint32_t)m->rank, left, l->n + r->n, m->result);
 }
 
 /* Appends the tokens of one pre-tokenized word (raw bytes). */
@@ -647,16 +657,10 @@ static int bpe_encode_word(const moe_tokenizer *t, scratch *s, const char *w, si
     s->heap.n = 0;
     for (size_t i = 1; i < n; i++) bpe_try_bigram(t, s, (int32_t)i - 1, (int32_t)i);
     while (s->heap.n) {
-        bigram b = heap_pop(&s->heap);
-        symbol *l = &s->sym[b.left], *r = &s->sym[b.right];
-        if (l->n == 0 || r->n == 0 || l->n + r->n != b.size) continue;  /* stale */
-        l->n += r->n;
-        l->id = b.id;
-        r->n = 0;
-        l->next = r->next;
-        if (r->next >= 0) s->sym[r->next].prev = b.left;
-        bpe_try_bigram(t, s, l->prev, b.left);
-        bpe_try_bigram(t, s, b.left, l->next);
+        int32_t m = apply_bigram(s->sym, heap_pop(&s->heap));
+        if (m < 0) continue;
+        bpe_try_bigram(t, s, s->sym[m].prev, m);
+        bpe_try_bigram(t, s, m, s->sym[m].next);
     }
     for (int32_t i = 0; i >= 0; i = s->sym[i].next) {
         int32_t id = s->sym[i].id >= 0 ? s->sym[i].id : t->unk;
