@@ -71,8 +71,8 @@ START_TEST(workers_take_part)
     ck_assert_int_eq(pool_create(2, &p, err, sizeof err), 0);
     spread s;
     for (int i = 0; i < 4; i++) atomic_store(&s.used[i], 0);
-    pool_run(p, 100, slow_task, &s);
-    ck_assert_int_eq(atomic_load(&s.used[0]) + atomic_load(&s.used[1]), 100);
+    pool_run(p, 200, slow_task, &s);
+    ck_assert_int_eq(atomic_load(&s.used[0]) + atomic_load(&s.used[1]), 200);
     ck_assert_int_gt(atomic_load(&s.used[1]), 0);
     pool_free(p);
 }
