@@ -177,8 +177,10 @@ static void ref_swiglu(double *out, const float *G, const float *U, const float 
     ref_matvec(out, D, g, E, ff);
 }
 
-/* logits (T, V) for tokens[0..T) */
-static void ref_forward(const tmodel *m, const int32_t *tok, int T, double *logits)
+/* logits (T, V) for tokens[0..T); for MoE models also the routing, ids and
+ * weights (T, n_layer, k), when route_ids is not NULL. */
+static void ref_forward(const tmodel *m, const int32_t *tok, int T, double *logits,
+                        int32_t *route_ids, double *route_w)
 {
     const moe_hparams *hp = &m->w.hp;
     const moe_arch_info *a = moe_arch_get(hp->arch);
@@ -263,6 +265,11 @@ static void ref_forward(const tmodel *m, const int32_t *tok, int T, double *logi
             }
             for (int j = 0; j < k; j++) {
                 double wj = (a->renorm_topk ? w[j] / wsum : w[j]) * a->expert_weight_scale;
+                if (route_ids) {
+                    size_t at = ((size_t)t * hp->n_layer + l) * k + j;
+                    route_ids[at] = ids[j];
+                    route_w[at] = wj;
+                }
                 size_t ge = (size_t)ids[j] * hp->n_ff * E;
                 ref_swiglu(o, L->exp_gate + ge, L->exp_up + ge, L->exp_down + ge, xn, E, hp->n_ff);
                 for (int i = 0; i < E; i++) xt[i] += wj * o[i];
@@ -303,14 +310,21 @@ static moe_engine *engine_make(const tmodel *m, int threads, float cf)
 /* One batch row. */
 typedef struct { int32_t tok, pos, seq; uint8_t want; } row;
 
-static int run_batch(moe_engine *e, const row *r, int n, float *logits)
+static int run_batch_traced(moe_engine *e, const row *r, int n, float *logits,
+                            int32_t *trace_expert, float *trace_weight)
 {
     int32_t tok[64], pos[64], seq[64];
     uint8_t want[64];
     ck_assert_int_le(n, 64);
     for (int i = 0; i < n; i++) { tok[i] = r[i].tok; pos[i] = r[i].pos; seq[i] = r[i].seq; want[i] = r[i].want; }
-    moe_batch b = {.n_tokens = n, .token = tok, .pos = pos, .seq = seq, .want_logits = want};
+    moe_batch b = {.n_tokens = n, .token = tok, .pos = pos, .seq = seq, .want_logits = want,
+                   .trace_expert = trace_expert, .trace_weight = trace_weight};
     return moe_engine_forward(e, &b, logits, err, sizeof err);
+}
+
+static int run_batch(moe_engine *e, const row *r, int n, float *logits)
+{
+    return run_batch_traced(e, r, n, logits, NULL, NULL);
 }
 
 static void random_tokens(int32_t *t, int n, int V, uint64_t seed)
@@ -343,15 +357,26 @@ static void check_against_reference(int cfg)
     random_tokens(tok, T, V, 5 + cfg);
     double *ref = malloc(sizeof(double) * T * V);
     float *got = malloc(sizeof(float) * T * V);
-    ref_forward(m, tok, T, ref);
+    int nlk = m->w.hp.n_layer * (m->w.hp.n_expert_used > 0 ? m->w.hp.n_expert_used : 1);
+    int32_t *ref_ids = malloc(sizeof(int32_t) * T * nlk), *tr_ids = malloc(sizeof(int32_t) * T * nlk);
+    double *ref_w = malloc(sizeof(double) * T * nlk);
+    float *tr_w = malloc(sizeof(float) * T * nlk);
+    ref_forward(m, tok, T, ref, ref_ids, ref_w);
 
     moe_engine *e = engine_make(m, 2, 0.0f);
     ck_assert_int_eq(moe_engine_seq_reserve(e, 1, T, err, sizeof err), 0);
     row r[T];
     for (int i = 0; i < T; i++) r[i] = (row){tok[i], i, 1, 1};
-    ck_assert_msg(run_batch(e, r, CHUNK, got) == 0, "%s", err);
+    ck_assert_msg(run_batch_traced(e, r, CHUNK, got, tr_ids, tr_w) == 0, "%s", err);
     for (int i = CHUNK; i < T; i++)
-        ck_assert_msg(run_batch(e, r + i, 1, got + (size_t)i * V) == 0, "%s", err);
+        ck_assert_msg(run_batch_traced(e, r + i, 1, got + (size_t)i * V, tr_ids + (size_t)i * nlk,
+                                       tr_w + (size_t)i * nlk) == 0, "%s", err);
+    /* the routing trace, (token, layer, k), is the reference's choice */
+    for (int i = 0; m->w.hp.n_expert > 0 && i < T * nlk; i++) {
+        ck_assert_msg(tr_ids[i] == ref_ids[i], "cfg %d trace entry %d: expert %d, reference %d",
+                      cfg, i, tr_ids[i], ref_ids[i]);
+        ck_assert_double_eq_tol(tr_w[i], ref_w[i], 1e-5);
+    }
     double worst = 0, spread = 0;
     for (int t = 0; t < T; t++) {
         double re = rel_err(got + (size_t)t * V, ref + (size_t)t * V, V);
@@ -367,6 +392,10 @@ static void check_against_reference(int cfg)
     moe_engine_free(e);
     free(ref);
     free(got);
+    free(ref_ids);
+    free(tr_ids);
+    free(ref_w);
+    free(tr_w);
     model_free(m);
 }
 
