@@ -2,8 +2,9 @@
  *
  * Per layer, for the n rows of a batch (docs/ARCHITECTURE.md):
  *   RMSNorm -> Q, K, V (one matmul each for all rows) -> per row: biases, q/k norm,
- *   RoPE, K/V into the sequence's cache blocks -> attention per (row, head) over its
- *   own sequence up to its position -> output projection + residual -> RMSNorm ->
+ *   RoPE, K/V into the sequence's cache blocks -> causal attention of each row over
+ *   its own sequence up to its position (tasks: runs of one sequence's rows x KV
+ *   heads) -> output projection + residual -> RMSNorm ->
  *   MoE (or dense) FFN + residual.
  * Then final norm and output projection for the rows that want logits only.
  *
@@ -348,9 +349,10 @@ static void qkv_row(void *ctx, int i, int thread)
  * task gathers the KV head's keys for positions [0, last) transposed (Kt[d][t]), so
  * scores for ATT_T positions at once are a chain of multiply-adds over d with no
  * horizontal sums, for up to four query vectors (the group's heads, the run's
- * rows) per pass over Kt. Every score and output element is one fmaf chain in a
- * fixed order (over d, then over t <= the row's position), whichever run, lane or
- * thread computes it: results do not depend on batch composition or threads. */
+ * rows) per pass over Kt. Every score and output element is one multiply-add
+ * chain in a fixed order (over d, then over t <= the row's position) that does not
+ * depend on which run, lane or thread computes it, so results do not depend on
+ * batch composition or thread count. */
 
 /* 16 floats as one vector (AVX-512), two (AVX2 + FMA) or a plain array. Each lane
  * is an independent multiply-add chain, so lanes never mix. */
