@@ -793,10 +793,10 @@ static int load_tokens(moe_tokenizer *t, const gguf_file *f, char *err, size_t e
     uint64_t total = 0;
     for (uint64_t i = 0; i < n; i++) {
         if (strs[i].len > TOKENIZER_MAX_TOKEN_LEN) {
+            unsigned long long len = (unsigned long long)strs[i].len;
             free(strs);
             return tok_fail(err, errlen, "%s: token %llu is %llu bytes (max %d)", key,
-                            (unsigned long long)i, (unsigned long long)strs[i].len,
-                            TOKENIZER_MAX_TOKEN_LEN);
+                            (unsigned long long)i, len, TOKENIZER_MAX_TOKEN_LEN);
         }
         total += strs[i].len + 1;
     }
