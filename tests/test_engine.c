@@ -425,9 +425,9 @@ START_TEST(batch_composition_does_not_matter)
         {{0, 3}, {1, 2}, {2, 4}},
         {{2, 4}, {0, 2}, {-1, 0}},
         {{1, 3}, {0, 1}, {2, 1}},
-        {{0, 1}, {2, 1}, {-1, 0}},
+        {{0, 1}, {2, 1}, {0, 1}},    /* rows of one sequence need not be adjacent */
         {{2, 1}, {0, 1}, {-1, 0}},
-        {{0, 1}, {2, 2}, {-1, 0}},
+        {{2, 2}, {-1, 0}, {-1, 0}},
     };
     float *mixed = calloc((size_t)(NA + NB + NC) * V, sizeof(float));
     float *alone = calloc((size_t)16 * V, sizeof(float));
