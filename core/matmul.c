@@ -92,7 +92,8 @@ typedef float vf;
 /* Few-rows kernel --------------------------------------------------------- */
 
 #define TILE_W 4   /* weight rows per tile */
-#define TILE_X 4   /* x rows per tile */
+#define TILE_X 6   /* x rows per tile: 24 accumulators + 4 weights + 1 x of 32 registers;
+                    * 5-20% over 4 rows at 6-48 rows (fewer loads per FMA) */
 
 /* y[b * ldy + a] = x[b] . w[a] for a < nw, b < nx (both compile-time after
  * inlining, so acc lives in registers). */
@@ -136,7 +137,9 @@ void tile(const float *x, int k, const float *w, float *y, int ldy, const int nw
     case 1: tile(x, k, w, y, ldy, NW, 1); break;                              \
     case 2: tile(x, k, w, y, ldy, NW, 2); break;                              \
     case 3: tile(x, k, w, y, ldy, NW, 3); break;                              \
-    default: tile(x, k, w, y, ldy, NW, 4); break;                             \
+    case 4: tile(x, k, w, y, ldy, NW, 4); break;                              \
+    case 5: tile(x, k, w, y, ldy, NW, 5); break;                              \
+    default: tile(x, k, w, y, ldy, NW, 6); break;                             \
     }
 
 static void tile_full(const float *x, int nx, int k, const float *w, float *y, int ldy)
