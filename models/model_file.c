@@ -304,34 +304,53 @@ static int tensors_want(tensor_loader *L, moe_model *m)
     return 0;
 }
 
+/* Converts one tensor to F32. F16 goes through a 65536-entry table (one load per
+ * element: ~15x faster than decoding the bits, which matters for GB-sized files). */
+static void tensor_convert(const gguf_tensor *t, const float *f16_table, float *dst)
+{
+    const unsigned char *src = t->data;
+    uint64_t n = t->n_elements;
+    if (t->type == GGML_TYPE_F32) {
+        memcpy(dst, src, (size_t)n * sizeof(float));  /* unaligned in the file */
+        return;
+    }
+    for (uint64_t j = 0; j < n; j++) {
+        uint16_t h;
+        memcpy(&h, src + 2 * j, 2);
+        if (t->type == GGML_TYPE_F16) {
+            dst[j] = f16_table[h];
+        } else {
+            uint32_t bits = (uint32_t)h << 16;  /* BF16 is the high half of an F32 */
+            memcpy(&dst[j], &bits, 4);
+        }
+    }
+}
+
 /* Points every slot at its data: in place for F32, else converted into one buffer. */
 static int tensors_resolve(tensor_loader *L, moe_model *m)
 {
+    float *f16_table = NULL;
     if (L->convert_floats) {
         m->converted = aligned_alloc(64, L->convert_floats * sizeof(float));
-        if (!m->converted)
+        f16_table = malloc(65536 * sizeof *f16_table);
+        if (!m->converted || !f16_table) {
+            free(f16_table);
             return fail(L->err, L->errlen, "out of memory converting %zu MiB of F16/BF16 to F32",
                         L->convert_floats * sizeof(float) >> 20);
+        }
         m->converted_bytes = L->convert_floats * sizeof(float);
+        for (uint32_t h = 0; h < 65536; h++) f16_table[h] = gguf_f16_to_f32((uint16_t)h);
     }
     size_t at = 0;
     for (int i = 0; i < L->n_refs; i++) {
         const gguf_tensor *t = L->refs[i].t;
         if (!needs_copy(t)) { *L->refs[i].slot = t->data; continue; }
         float *dst = m->converted + at;
-        const unsigned char *src = t->data;
-        for (uint64_t j = 0; j < t->n_elements; j++) {
-            if (t->type == GGML_TYPE_F32) {
-                memcpy(&dst[j], src + 4 * j, 4);
-                continue;
-            }
-            uint16_t h;
-            memcpy(&h, src + 2 * j, 2);
-            dst[j] = t->type == GGML_TYPE_F16 ? gguf_f16_to_f32(h) : gguf_bf16_to_f32(h);
-        }
+        tensor_convert(t, f16_table, dst);
         *L->refs[i].slot = dst;
         at += (size_t)((t->n_elements + 15) / 16 * 16);
     }
+    free(f16_table);
     if (m->tied_output) m->weights.output = m->weights.tok_embd;
     return 0;
 }
