@@ -254,6 +254,7 @@ static int parse_sampling(json_t *o, const api_model *am, api_infer *q, char *er
     long long x;
     double d;
     sampler_params sp = sampler_default_params();
+    sp.temperature = 0;  /* the API's default is greedy */
     int n_vocab = am->model->weights.hp.n_vocab;
     x = DEFAULT_MAX_TOKENS;
     if ((rc = get_int(o, "max_tokens", 0, am->max_seq_len, &x, err, errlen))) return rc;

@@ -383,8 +383,7 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
         sched_wake(s->scheds[x->model]);
         return;
     }
-    ctx_free(x);
-    if (s->draining) drain_check(s);
+    ctx_free(x);  /* the drain check runs after MHD_run returns: never stop MHD from its callback */
 }
 
 static enum MHD_Result route(conn_ctx *x)
@@ -492,6 +491,8 @@ static void mhd_pump(moe_server *s)
 {
     if (!s->mhd) return;
     MHD_run(s->mhd);
+    if (s->draining) drain_check(s);
+    if (!s->mhd) return;
     MHD_UNSIGNED_LONG_LONG to;
     if (MHD_get_timeout(s->mhd, &to) == MHD_YES)
         uv_timer_start(&s->mhd_timer, on_mhd_timer, to > 3600000 ? 3600000 : (uint64_t)to, 0);

@@ -1,0 +1,921 @@
+/* test_server.c -- the real build/moeserve process, driven over HTTP with plain
+ * sockets: every endpoint and error status, batching invariance, disconnects,
+ * overload, drain on SIGTERM, limits, auth, and a promtool check of /metrics.
+ *
+ * Each test starts its own server on a free loopback port (--port 0; the port is
+ * read from the "listening on" log line) with tiny synthetic models written once
+ * by synth_write. Nothing waits on a fixed sleep: every wait polls a condition
+ * with a generous deadline.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <strings.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+
+#include "models/synth.h"
+#include "tests/testutil.h"
+
+static char g_dir[64];
+static char g_model_a[128], g_model_b[128];
+#define DEADLINE_S 120.0  /* generous: sanitizer builds on a busy machine */
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void nap(void) { usleep(5000); }  /* between polls of a condition */
+
+/* Server process ---------------------------------------------------------------- */
+
+typedef struct {
+    pid_t pid;
+    int port;
+    char log[160];
+} server;
+
+/* Starts build/moeserve with the given flags (NULL-terminated) and extra
+ * environment "K=V" strings; waits for the port and, if want_ready, for /ready. */
+static int http_status(int port, const char *method, const char *path);
+
+static void server_start_env(server *s, const char *const *env, int want_ready, const char *const *flags)
+{
+    static int seq;
+    snprintf(s->log, sizeof s->log, "%s/server-%d-%d.log", g_dir, (int)getpid(), seq++);
+    char bin[256];
+    snprintf(bin, sizeof bin, "%s/moeserve", tu_build_dir());
+    ck_assert_msg(access(bin, X_OK) == 0, "%s missing: build it first", bin);
+    const char *argv[64];
+    int n = 0;
+    argv[n++] = bin;
+    argv[n++] = "--port";
+    argv[n++] = "0";
+    argv[n++] = "--threads";
+    argv[n++] = "1";
+    for (int i = 0; flags[i]; i++) argv[n++] = flags[i];
+    argv[n] = NULL;
+    pid_t pid = fork();
+    ck_assert(pid >= 0);
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);  /* never outlive a failed test */
+        int fd = open(s->log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd >= 0) { dup2(fd, 2); dup2(fd, 1); close(fd); }
+        for (int i = 0; env && env[i]; i++) putenv((char *)env[i]);
+        execv(bin, (char *const *)argv);
+        _exit(127);
+    }
+    s->pid = pid;
+    s->port = 0;
+    double t0 = now_s();
+    while (!s->port && now_s() - t0 < DEADLINE_S) {
+        FILE *f = fopen(s->log, "r");
+        char line[1024];
+        while (f && fgets(line, sizeof line, f)) {
+            const char *p = strstr(line, "listening on http://127.0.0.1:");
+            if (p) s->port = atoi(p + strlen("listening on http://127.0.0.1:"));
+        }
+        if (f) fclose(f);
+        int st;
+        ck_assert_msg(waitpid(pid, &st, WNOHANG) == 0, "moeserve exited during start-up (log %s)", s->log);
+        if (!s->port) nap();
+    }
+    ck_assert_msg(s->port > 0, "moeserve did not log its port (log %s)", s->log);
+    while (want_ready && http_status(s->port, "GET", "/ready") != 200) {
+        ck_assert_msg(now_s() - t0 < DEADLINE_S, "moeserve not ready in time (log %s)", s->log);
+        nap();
+    }
+}
+
+static void server_start(server *s, const char *const *flags) { server_start_env(s, NULL, 1, flags); }
+
+/* Waits for the process; returns its exit status (or -1 on a signal/timeout). */
+static int server_wait(server *s)
+{
+    double t0 = now_s();
+    int st;
+    while (now_s() - t0 < DEADLINE_S) {
+        pid_t r = waitpid(s->pid, &st, WNOHANG);
+        if (r == s->pid) return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+        nap();
+    }
+    kill(s->pid, SIGKILL);
+    waitpid(s->pid, &st, 0);
+    return -1;
+}
+
+static void server_stop(server *s)
+{
+    kill(s->pid, SIGTERM);
+    int rc = server_wait(s);
+    ck_assert_msg(rc == 0, "moeserve exited with %d after SIGTERM (log %s)", rc, s->log);
+}
+
+/* HTTP over a plain socket -------------------------------------------------------- */
+
+typedef struct {
+    int status;
+    char head[4096];  /* status line and headers */
+    char *body;       /* malloc'd, NUL-terminated */
+    size_t len;
+} http_resp;
+
+static void http_resp_free(http_resp *r) { free(r->body); r->body = NULL; }
+
+static int connect_port(int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return -1;
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    a.sin_port = htons((uint16_t)port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    struct timeval tv = {(time_t)DEADLINE_S, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    if (connect(fd, (struct sockaddr *)&a, sizeof a)) { close(fd); return -1; }
+    return fd;
+}
+
+static int send_all(int fd, const char *p, size_t n)
+{
+    while (n) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w <= 0) return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Sends one request (Connection: close) on a new socket; returns the fd. */
+static int http_send(int port, const char *method, const char *path, const char *headers, const char *body)
+{
+    int fd = connect_port(port);
+    if (fd < 0) return -1;
+    size_t blen = body ? strlen(body) : 0;
+    char head[1024];
+    int n = snprintf(head, sizeof head, "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                     "Content-Length: %zu\r\n%s\r\n", method, path, blen, headers ? headers : "");
+    if (send_all(fd, head, (size_t)n) || (blen && send_all(fd, body, blen))) { close(fd); return -1; }
+    return fd;
+}
+
+static int http_recv(int fd, http_resp *r)
+{
+    size_t cap = 8192, len = 0;
+    char *buf = malloc(cap);
+    for (;;) {
+        if (len + 4096 > cap) buf = realloc(buf, cap *= 2);
+        ssize_t k = recv(fd, buf + len, cap - len - 1, 0);
+        if (k <= 0) break;
+        len += (size_t)k;
+    }
+    close(fd);
+    buf[len] = 0;
+    memset(r, 0, sizeof *r);
+    char *sep = strstr(buf, "\r\n\r\n");
+    if (!sep || sscanf(buf, "HTTP/1.%*d %d", &r->status) != 1) { free(buf); r->status = -1; return -1; }
+    size_t hl = (size_t)(sep - buf);
+    if (hl >= sizeof r->head) hl = sizeof r->head - 1;
+    memcpy(r->head, buf, hl);
+    r->head[hl] = 0;
+    r->len = len - (size_t)(sep + 4 - buf);
+    r->body = malloc(r->len + 1);
+    memcpy(r->body, sep + 4, r->len);
+    r->body[r->len] = 0;
+    free(buf);
+    return 0;
+}
+
+static int http(int port, const char *method, const char *path, const char *headers, const char *body,
+                http_resp *r)
+{
+    int fd = http_send(port, method, path, headers, body);
+    if (fd < 0) { memset(r, 0, sizeof *r); r->status = -1; return -1; }
+    return http_recv(fd, r);
+}
+
+static int http_status(int port, const char *method, const char *path)
+{
+    http_resp r;
+    http(port, method, path, NULL, NULL, &r);
+    http_resp_free(&r);
+    return r.status;
+}
+
+/* Value of a response header (case-insensitive name), or NULL. */
+static const char *header(const http_resp *r, const char *name, char *out, size_t cap)
+{
+    size_t nl = strlen(name);
+    for (const char *p = strstr(r->head, "\r\n"); p; p = strstr(p + 2, "\r\n")) {
+        if (!strncasecmp(p + 2, name, nl) && p[2 + nl] == ':') {
+            const char *v = p + 3 + nl;
+            while (*v == ' ') v++;
+            size_t n = strcspn(v, "\r\n");
+            if (n >= cap) n = cap - 1;
+            memcpy(out, v, n);
+            out[n] = 0;
+            return out;
+        }
+    }
+    return NULL;
+}
+
+static json_t *parse_json(const http_resp *r)
+{
+    json_error_t e;
+    json_t *j = json_loadb(r->body, r->len, 0, &e);
+    ck_assert_msg(j != NULL, "response is not JSON (%s): %.300s", e.text, r->body);
+    return j;
+}
+
+/* Asserts the error envelope: status, code, type and a message containing want. */
+static void expect_error(const http_resp *r, int status, const char *want)
+{
+    ck_assert_msg(r->status == status, "want %d, got %d: %.400s", status, r->status, r->body ? r->body : "");
+    json_t *j = parse_json(r);
+    json_t *e = json_object_get(j, "error");
+    ck_assert_msg(json_is_object(e), "no error object: %s", r->body);
+    ck_assert_int_eq(json_integer_value(json_object_get(e, "code")), status);
+    ck_assert(json_is_string(json_object_get(e, "type")));
+    const char *msg = json_string_value(json_object_get(e, "message"));
+    ck_assert(msg && *msg);
+    if (want) ck_assert_msg(strstr(msg, want), "message '%s' lacks '%s'", msg, want);
+    json_decref(j);
+}
+
+static json_t *infer_ok(int port, const char *body)
+{
+    http_resp r;
+    http(port, "POST", "/infer", NULL, body, &r);
+    ck_assert_msg(r.status == 200, "POST /infer %s -> %d %.400s", body, r.status, r.body ? r.body : "");
+    json_t *j = parse_json(&r);
+    http_resp_free(&r);
+    return j;
+}
+
+/* Metrics: the sum of every sample of a family whose labels contain `labels`. */
+static double metric(int port, const char *name, const char *labels, const char *auth)
+{
+    http_resp r;
+    http(port, "GET", "/metrics", auth, NULL, &r);
+    ck_assert_int_eq(r.status, 200);
+    double sum = 0;
+    size_t nl = strlen(name);
+    for (char *line = strtok(r.body, "\n"); line; line = strtok(NULL, "\n")) {
+        if (line[0] == '#' || strncmp(line, name, nl) || (line[nl] != '{' && line[nl] != ' ')) continue;
+        if (labels && !strstr(line, labels)) continue;
+        char *sp = strrchr(line, ' ');
+        if (sp) sum += strtod(sp + 1, NULL);
+    }
+    http_resp_free(&r);
+    return sum;
+}
+
+#define WAIT_FOR(cond, what)                                                             \
+    do {                                                                                 \
+        double t0_ = now_s();                                                            \
+        while (!(cond)) {                                                                \
+            ck_assert_msg(now_s() - t0_ < DEADLINE_S, "timed out waiting for %s", what); \
+            nap();                                                                       \
+        }                                                                                \
+    } while (0)
+
+/* Endpoints ------------------------------------------------------------------------ */
+
+START_TEST(health_ready_models_and_paths)
+{
+    server s;
+    server_start(&s, (const char *[]){"--model", g_model_a, NULL});
+    http_resp r;
+    const char *ok_paths[] = {"/health", "/livez", "/ready", "/readyz"};
+    for (int i = 0; i < 4; i++) {
+        http(s.port, "GET", ok_paths[i], NULL, NULL, &r);
+        ck_assert_msg(r.status == 200, "%s -> %d", ok_paths[i], r.status);
+        json_decref(parse_json(&r));
+        http_resp_free(&r);
+    }
+    http(s.port, "GET", "/models", NULL, NULL, &r);
+    ck_assert_int_eq(r.status, 200);
+    json_t *j = parse_json(&r);
+    json_t *m = json_array_get(json_object_get(j, "models"), 0);
+    ck_assert_str_eq(json_string_value(json_object_get(m, "name")), "a");
+    ck_assert_str_eq(json_string_value(json_object_get(m, "architecture")), "olmoe");
+    ck_assert_int_eq(json_integer_value(json_object_get(m, "experts")), 8);
+    ck_assert_int_eq(json_integer_value(json_object_get(m, "experts_used")), 2);
+    ck_assert(json_integer_value(json_object_get(m, "parameters")) >
+              json_integer_value(json_object_get(m, "active_parameters")));
+    ck_assert_int_eq(strlen(json_string_value(json_object_get(m, "vocab_fingerprint"))), 16);
+    json_decref(j);
+    http_resp_free(&r);
+
+    char v[128];
+    http(s.port, "GET", "/metrics", NULL, NULL, &r);
+    ck_assert_int_eq(r.status, 200);
+    ck_assert(header(&r, "Content-Type", v, sizeof v) && strstr(v, "text/plain"));
+    ck_assert(strstr(r.body, "moeserve_requests_total"));
+    http_resp_free(&r);
+
+    http(s.port, "GET", "/nope", NULL, NULL, &r);
+    expect_error(&r, 404, "/nope");
+    http_resp_free(&r);
+    http(s.port, "GET", "/infer", NULL, NULL, &r);
+    expect_error(&r, 405, "POST");
+    ck_assert(header(&r, "Allow", v, sizeof v) && strstr(v, "POST"));
+    http_resp_free(&r);
+    http(s.port, "POST", "/health", NULL, "{}", &r);
+    expect_error(&r, 405, "GET");
+    http_resp_free(&r);
+    server_stop(&s);
+}
+END_TEST
+
+START_TEST(help_and_bad_flags)
+{
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "%s/moeserve --help", tu_build_dir());
+    FILE *p = popen(cmd, "r");
+    char buf[8192];
+    size_t n = fread(buf, 1, sizeof buf - 1, p);
+    buf[n] = 0;
+    ck_assert_int_eq(pclose(p), 0);
+    const char *flags[] = {"--model", "--host", "--port", "--max-batch-tokens", "--batch-wait-us", "--kv-cache-mb",
+                           "--max-queue", "--max-body-bytes", "--request-timeout", "--api-key", "--drain-delay",
+                           "--drain-timeout", "--log-format", "MOESERVE_"};
+    for (size_t i = 0; i < sizeof flags / sizeof *flags; i++)
+        ck_assert_msg(strstr(buf, flags[i]), "--help lacks %s", flags[i]);
+    snprintf(cmd, sizeof cmd, "%s/moeserve --model %s --max-queue -3 2>/dev/null", tu_build_dir(), g_model_a);
+    ck_assert_int_ne(system(cmd), 0);
+    snprintf(cmd, sizeof cmd, "%s/moeserve --bogus 2>/dev/null", tu_build_dir());
+    ck_assert_int_ne(system(cmd), 0);
+    /* A model that cannot load: the process exits non-zero, it does not hang. */
+    snprintf(cmd, sizeof cmd, "%s/moeserve --port 0 --model %s/missing.gguf 2>/dev/null", tu_build_dir(), g_dir);
+    ck_assert_int_ne(system(cmd), 0);
+}
+END_TEST
+
+/* Inference --------------------------------------------------------------------------- */
+
+START_TEST(infer_outputs)
+{
+    server s;
+    server_start(&s, (const char *[]){"--model", g_model_a, NULL});
+    json_t *j = infer_ok(s.port, "{\"prompt\":\"The quick brown fox\",\"max_tokens\":6}");
+    ck_assert_str_eq(json_string_value(json_object_get(j, "model")), "a");
+    ck_assert(json_is_string(json_object_get(j, "id")));
+    json_t *toks = json_object_get(j, "tokens");
+    const char *fin = json_string_value(json_object_get(j, "finish_reason"));
+    ck_assert(!strcmp(fin, "length") || !strcmp(fin, "eos"));
+    if (!strcmp(fin, "length")) ck_assert_int_eq(json_array_size(toks), 6);
+    ck_assert(json_is_string(json_object_get(j, "text")));
+    size_t n_prompt = json_array_size(json_object_get(j, "prompt_tokens"));
+    ck_assert_int_gt(n_prompt, 0);
+    json_t *usage = json_object_get(j, "usage");
+    ck_assert_int_eq(json_integer_value(json_object_get(usage, "prompt_tokens")), n_prompt);
+    ck_assert_int_eq(json_integer_value(json_object_get(usage, "completion_tokens")), json_array_size(toks));
+    json_t *tm = json_object_get(j, "timings");
+    ck_assert(json_is_number(json_object_get(tm, "queue_ms")) && json_is_number(json_object_get(tm, "prefill_ms")) &&
+              json_is_number(json_object_get(tm, "decode_ms")));
+
+    /* The same prompt as ids gives the same tokens. */
+    char body[4096];
+    char *ids = json_dumps(json_object_get(j, "prompt_tokens"), JSON_COMPACT);
+    snprintf(body, sizeof body, "{\"tokens\":%s,\"max_tokens\":6}", ids);
+    json_t *j2 = infer_ok(s.port, body);
+    ck_assert(json_equal(json_object_get(j2, "tokens"), toks));
+    json_decref(j2);
+
+    /* logits=all with greedy decoding: each generated token is the top-1 of the
+     * position before it; log-probs are <= 0 and sorted. */
+    snprintf(body, sizeof body, "{\"tokens\":%s,\"max_tokens\":4,\"logits\":\"all\",\"top_logprobs\":3}", ids);
+    j2 = infer_ok(s.port, body);
+    json_t *lg = json_object_get(j2, "logits"), *gen = json_object_get(j2, "tokens");
+    size_t n_gen = json_array_size(gen);
+    ck_assert_int_eq(json_array_size(lg), n_prompt + n_gen - 1);
+    for (size_t e = 0; e < json_array_size(lg); e++) {
+        json_t *ent = json_array_get(lg, e), *top = json_object_get(ent, "top");
+        ck_assert_int_eq(json_integer_value(json_object_get(ent, "pos")), e);
+        ck_assert_int_eq(json_array_size(top), 3);
+        double prev = 1e30;
+        for (size_t k = 0; k < 3; k++) {
+            json_t *t = json_array_get(top, k);
+            double lp = json_number_value(json_object_get(t, "logprob"));
+            double l = json_number_value(json_object_get(t, "logit"));
+            ck_assert(lp <= 0 && l <= prev);
+            prev = l;
+            ck_assert(json_is_string(json_object_get(t, "token")));
+        }
+        if (e + 1 >= n_prompt)
+            ck_assert_int_eq(json_integer_value(json_object_get(json_array_get(top, 0), "id")),
+                             json_integer_value(json_array_get(gen, e + 1 - n_prompt)));
+    }
+    json_decref(j2);
+
+    /* max_tokens 0 scores the prompt; full_logits is the whole last row; routing
+     * gives k experts and weights per layer for every position. */
+    snprintf(body, sizeof body, "{\"tokens\":%s,\"max_tokens\":0,\"logits\":\"last\",\"full_logits\":true,"
+             "\"routing\":true}", ids);
+    j2 = infer_ok(s.port, body);
+    ck_assert_int_eq(json_array_size(json_object_get(j2, "tokens")), 0);
+    ck_assert_int_eq(json_array_size(json_object_get(j2, "full_logits")), 510);
+    json_t *last = json_array_get(json_object_get(j2, "logits"), 0);
+    ck_assert_int_eq(json_integer_value(json_object_get(last, "pos")), n_prompt - 1);
+    /* top-1 of the last position is the argmax of the full row */
+    json_t *row = json_object_get(j2, "full_logits");
+    size_t best = 0;
+    for (size_t i = 1; i < json_array_size(row); i++)
+        if (json_number_value(json_array_get(row, i)) > json_number_value(json_array_get(row, best))) best = i;
+    ck_assert_int_eq(json_integer_value(json_object_get(json_array_get(json_object_get(last, "top"), 0), "id")), best);
+    json_t *rt = json_object_get(j2, "routing");
+    ck_assert_int_eq(json_array_size(rt), n_prompt);
+    json_t *ex = json_object_get(json_array_get(rt, 0), "experts");
+    ck_assert_int_eq(json_array_size(ex), 2);                        /* layers */
+    ck_assert_int_eq(json_array_size(json_array_get(ex, 0)), 2);     /* top-2 */
+    double wsum = 0;
+    json_t *w0 = json_array_get(json_object_get(json_array_get(rt, 0), "weights"), 0);
+    for (size_t k = 0; k < 2; k++) wsum += json_number_value(json_array_get(w0, k));
+    ck_assert(wsum > 0 && wsum <= 1.0001);
+    json_decref(j2);
+
+    /* Several prompts in one request: one result each, each equal to its single run. */
+    j2 = infer_ok(s.port, "{\"prompts\":[\"The quick brown fox\",\"Hello\"],\"max_tokens\":6}");
+    json_t *res = json_object_get(j2, "results");
+    ck_assert_int_eq(json_array_size(res), 2);
+    ck_assert(json_equal(json_object_get(json_array_get(res, 0), "tokens"), toks));
+    json_decref(j2);
+
+    /* Stop strings cut the text before the stop string: take two printable ASCII
+     * characters of the generated text as the stop string. */
+    const char *text = json_string_value(json_object_get(j, "text"));
+    for (size_t i = 1; text[i] && text[i + 1]; i++) {
+        if (text[i] < 33 || text[i] > 126 || text[i + 1] < 33 || text[i + 1] > 126) continue;
+        json_t *st = json_pack("{s:s,s:i,s:[s#]}", "prompt", "The quick brown fox", "max_tokens", 6, "stop",
+                               text + i, (int)2);
+        char *sb = json_dumps(st, JSON_COMPACT);
+        j2 = infer_ok(s.port, sb);
+        ck_assert_str_eq(json_string_value(json_object_get(j2, "finish_reason")), "stop");
+        ck_assert(strlen(json_string_value(json_object_get(j2, "text"))) <= i);
+        json_decref(j2);
+        free(sb);
+        json_decref(st);
+        break;
+    }
+    free(ids);
+    json_decref(j);
+    server_stop(&s);
+}
+END_TEST
+
+START_TEST(request_errors)
+{
+    server s;
+    server_start(&s, (const char *[]){"--model", g_model_a, "--max-body-bytes", "2000", NULL});
+    struct { const char *body; int status; const char *want; } cases[] = {
+        {"{\"prompt\": \"x\"", 400, "invalid JSON"},
+        {"[1,2]", 400, "object"},
+        {"{\"prompt\":\"hi\",\"max_token\":5}", 400, "max_token"},
+        {"{\"prompt\":\"hi\",\"max_tokens\":\"5\"}", 400, "max_tokens"},
+        {"{\"prompt\":\"hi\",\"max_tokens\":-1}", 400, "max_tokens"},
+        {"{\"prompt\":\"hi\",\"temperature\":-0.5}", 400, "temperature"},
+        {"{\"prompt\":\"hi\",\"top_p\":0}", 400, "top_p"},
+        {"{\"prompt\":\"hi\",\"top_logprobs\":21,\"logits\":\"last\"}", 400, "top_logprobs"},
+        {"{\"prompt\":\"hi\",\"logits\":\"some\"}", 400, "logits"},
+        {"{\"prompt\":\"hi\",\"stop\":\"x\"}", 400, "stop"},
+        {"{\"prompt\":\"hi\",\"seed\":-1}", 400, "seed"},
+        {"{\"prompt\":\"hi\",\"routing\":1}", 400, "routing"},
+        {"{\"tokens\":[1,2,510]}", 400, "[0, 510)"},
+        {"{\"tokens\":[1,-2]}", 400, "tokens"},
+        {"{\"tokens\":[]}", 400, "empty"},
+        {"{\"prompt\":\"\"}", 400, "empty"},
+        {"{\"prompt\":\"hi\",\"tokens\":[1]}", 400, "exactly one"},
+        {"{\"max_tokens\":3}", 400, "exactly one"},
+        {"{\"prompt\":\"hi\",\"model\":\"zzz\"}", 404, "zzz"},
+        {"{\"prompt\":\"hi\",\"max_tokens\":100000}", 400, "max_tokens"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        http_resp r;
+        http(s.port, "POST", "/infer", NULL, cases[i].body, &r);
+        expect_error(&r, cases[i].status, cases[i].want);
+        http_resp_free(&r);
+    }
+    /* A prompt over the context (512) is 413; so is a body over --max-body-bytes,
+     * declared (Content-Length) or not. */
+    char *big = malloc(8192);
+    int n = sprintf(big, "{\"tokens\":[");
+    for (int i = 0; i < 600; i++) n += sprintf(big + n, "%s100", i ? "," : "");
+    sprintf(big + n, "]}");
+    http_resp r;
+    http(s.port, "POST", "/infer", NULL, big, &r);
+    expect_error(&r, 413, "max-body-bytes");
+    http_resp_free(&r);
+    server_stop(&s);
+
+    server_start(&s, (const char *[]){"--model", g_model_a, NULL});
+    http(s.port, "POST", "/infer", NULL, big, &r);
+    expect_error(&r, 413, "context");
+    http_resp_free(&r);
+    free(big);
+    /* Chunked upload without a length, over the limit. */
+    server_stop(&s);
+    server_start(&s, (const char *[]){"--model", g_model_a, "--max-body-bytes", "100", NULL});
+    int fd = connect_port(s.port);
+    const char *req = "POST /infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      "c8\r\n";
+    ck_assert_int_eq(send_all(fd, req, strlen(req)), 0);
+    char chunk[300];
+    memset(chunk, ' ', 200);
+    memcpy(chunk + 200, "\r\n0\r\n\r\n", 8);
+    ck_assert_int_eq(send_all(fd, chunk, 207), 0);
+    http_recv(fd, &r);
+    expect_error(&r, 413, "max-body-bytes");
+    http_resp_free(&r);
+    server_stop(&s);
+}
+END_TEST
+
+/* Batching invariance ----------------------------------------------------------------- */
+
+#define N_CLIENTS 16
+
+typedef struct {
+    int port;
+    const char *body;
+    char *answer;        /* tokens and logits, compact JSON */
+    pthread_barrier_t *start;
+} client;
+
+static char *answer_of(json_t *j)
+{
+    json_t *k = json_pack("{s:O,s:O}", "tokens", json_object_get(j, "tokens"), "logits", json_object_get(j, "logits"));
+    char *s = json_dumps(k, JSON_COMPACT | JSON_REAL_PRECISION(9));
+    json_decref(k);
+    return s;
+}
+
+static void *client_main(void *arg)
+{
+    client *c = arg;
+    if (c->start) pthread_barrier_wait(c->start);
+    http_resp r;
+    http(c->port, "POST", "/infer", NULL, c->body, &r);
+    if (r.status == 200) {
+        json_error_t e;
+        json_t *j = json_loadb(r.body, r.len, 0, &e);
+        if (j) c->answer = answer_of(j);
+        json_decref(j);
+    }
+    http_resp_free(&r);
+    return NULL;
+}
+
+START_TEST(batching_gives_the_same_answers)
+{
+    server s;
+    server_start(&s, (const char *[]){"--model", g_model_a, "--batch-wait-us", "20000", "--max-batch-tokens", "48", NULL});
+    static const char *words[] = {"alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"};
+    char bodies[N_CLIENTS][256];
+    client alone[N_CLIENTS], together[N_CLIENTS];
+    pthread_barrier_t bar;
+    pthread_barrier_init(&bar, NULL, N_CLIENTS);
+    for (int i = 0; i < N_CLIENTS; i++) {
+        /* Different prompt lengths, so prefill chunks and decodes mix in one step. */
+        snprintf(bodies[i], sizeof bodies[i],
+                 "{\"prompt\":\"%s %s %s\",\"max_tokens\":%d,\"logits\":\"all\",\"top_logprobs\":2%s}",
+                 words[i % 8], words[(i * 3) % 8], i % 3 ? "and some more words to prefill" : "", 8 + i % 5,
+                 i % 4 == 1 ? ",\"temperature\":0.9,\"seed\":7" : "");
+        alone[i] = (client){s.port, bodies[i], NULL, NULL};
+        client_main(&alone[i]);
+        ck_assert_msg(alone[i].answer, "client %d failed alone", i);
+        together[i] = (client){s.port, bodies[i], NULL, &bar};
+    }
+    double steps0 = metric(s.port, "moeserve_steps_total", NULL, NULL);
+    int max_tokens_sum = 0;
+    for (int i = 0; i < N_CLIENTS; i++) max_tokens_sum += 8 + i % 5;
+    pthread_t th[N_CLIENTS];
+    for (int i = 0; i < N_CLIENTS; i++) pthread_create(&th[i], NULL, client_main, &together[i]);
+    for (int i = 0; i < N_CLIENTS; i++) pthread_join(th[i], NULL);
+    for (int i = 0; i < N_CLIENTS; i++) {
+        ck_assert_msg(together[i].answer, "client %d failed in the batch", i);
+        if (strcmp(alone[i].answer, together[i].answer))
+            fprintf(stderr, "client %d alone:    %s\nclient %d together: %s\n", i, alone[i].answer, i, together[i].answer);
+        ck_assert_msg(!strcmp(alone[i].answer, together[i].answer), "client %d: batch changed the answer", i);
+        free(alone[i].answer);
+        free(together[i].answer);
+    }
+    pthread_barrier_destroy(&bar);
+    /* They did share steps: one at a time would take at least max_tokens steps each. */
+    ck_assert(metric(s.port, "moeserve_steps_total", NULL, NULL) - steps0 < max_tokens_sum);
+    server_stop(&s);
+}
+END_TEST
+
+/* A long request: 64 prompts of 400 tokens each, one sequence at a time. */
+static const char *long_body(void)
+{
+    static char b[4096];
+    int n = sprintf(b, "{\"max_tokens\":400,\"prompts\":[");
+    for (int i = 0; i < 64; i++) n += sprintf(b + n, "%s\"story %d\"", i ? "," : "", i);
+    sprintf(b + n, "]}");
+    return b;
+}
+
+START_TEST(disconnect_frees_the_sequence)
+{
+    server s;
+    server_start(&s, (const char *[]){"--model", g_model_a, "--max-seqs", "1", NULL});
+    int fd = http_send(s.port, "POST", "/infer", NULL, long_body());
+    ck_assert_int_ge(fd, 0);
+    WAIT_FOR(metric(s.port, "moeserve_generated_tokens_total", NULL, NULL) > 0, "generation to start");
+    close(fd);
+    WAIT_FOR(metric(s.port, "moeserve_sequences_finished_total", "reason=\"cancelled\"", NULL) >= 1,
+             "the cancelled sequences");
+    WAIT_FOR(metric(s.port, "moeserve_running_sequences", NULL, NULL) == 0 &&
+             metric(s.port, "moeserve_queue_depth", NULL, NULL) == 0, "the batch to empty");
+    ck_assert(metric(s.port, "moeserve_kv_cache_blocks_used", NULL, NULL) == 0);
+    ck_assert(metric(s.port, "moeserve_sequences_finished_total", "reason=\"length\"", NULL) < 64);
+    /* The server is fine afterwards. */
+    json_decref(infer_ok(s.port, "{\"prompt\":\"hi\",\"max_tokens\":2}"));
+    server_stop(&s);
+}
+END_TEST
+
+START_TEST(overload_and_deadline)
+{
+    server s;
+    /* --max-queue 0: nothing may wait, so every request is refused at once. */
+    server_start(&s, (const char *[]){"--model", g_model_a, "--max-queue", "0", NULL});
+    http_resp r;
+    char v[32];
+    http(s.port, "POST", "/infer", NULL, "{\"prompt\":\"hi\"}", &r);
+    expect_error(&r, 503, "queue");
+    ck_assert(header(&r, "Retry-After", v, sizeof v) && atoi(v) > 0);
+    http_resp_free(&r);
+    server_stop(&s);
+
+    /* A queue of 16 already busy with a 64-prompt request refuses another 16. */
+    server_start(&s, (const char *[]){"--model", g_model_a, "--max-seqs", "1", "--max-queue", "70", NULL});
+    int fd = http_send(s.port, "POST", "/infer", NULL, long_body());
+    WAIT_FOR(metric(s.port, "moeserve_queue_depth", NULL, NULL) >= 8, "the queue to fill");
+    http(s.port, "POST", "/infer", NULL, long_body(), &r);
+    expect_error(&r, 503, "max-queue");
+    ck_assert(header(&r, "Retry-After", v, sizeof v));
+    http_resp_free(&r);
+    close(fd);
+    server_stop(&s);
+
+    /* A deadline far shorter than the work: 504. */
+    server_start(&s, (const char *[]){"--model", g_model_a, "--max-seqs", "1", "--request-timeout", "0.05", NULL});
+    http(s.port, "POST", "/infer", NULL, long_body(), &r);
+    expect_error(&r, 504, "request-timeout");
+    http_resp_free(&r);
+    WAIT_FOR(metric(s.port, "moeserve_kv_cache_blocks_used", NULL, NULL) == 0, "KV blocks to return");
+    server_stop(&s);
+}
+END_TEST
+
+/* Auth ------------------------------------------------------------------------------ */
+
+START_TEST(auth_on_and_off)
+{
+    server s;
+    server_start_env(&s, (const char *[]){"MOESERVE_API_KEY=s3cret", NULL}, 1,
+                     (const char *[]){"--model", g_model_a, NULL});
+    http_resp r;
+    http(s.port, "POST", "/infer", NULL, "{\"prompt\":\"hi\",\"max_tokens\":1}", &r);
+    expect_error(&r, 401, "Authorization");
+    http_resp_free(&r);
+    http(s.port, "POST", "/infer", "Authorization: Bearer wrong\r\n", "{\"prompt\":\"hi\",\"max_tokens\":1}", &r);
+    expect_error(&r, 401, NULL);
+    http_resp_free(&r);
+    http(s.port, "POST", "/infer", "Authorization: Bearer s3cret\r\n", "{\"prompt\":\"hi\",\"max_tokens\":1}", &r);
+    ck_assert_int_eq(r.status, 200);
+    http_resp_free(&r);
+    http(s.port, "GET", "/metrics", NULL, NULL, &r);
+    expect_error(&r, 401, NULL);
+    http_resp_free(&r);
+    ck_assert_int_eq(http_status(s.port, "GET", "/health"), 200);
+    ck_assert_int_eq(http_status(s.port, "GET", "/ready"), 200);
+    server_stop(&s);
+    /* The flag wins over the environment. */
+    server_start_env(&s, (const char *[]){"MOESERVE_API_KEY=s3cret", NULL}, 1,
+                     (const char *[]){"--model", g_model_a, "--api-key", "other", NULL});
+    http(s.port, "POST", "/infer", "Authorization: Bearer other\r\n", "{\"prompt\":\"hi\",\"max_tokens\":1}", &r);
+    ck_assert_int_eq(r.status, 200);
+    http_resp_free(&r);
+    server_stop(&s);
+}
+END_TEST
+
+/* Several models -------------------------------------------------------------------- */
+
+START_TEST(two_models)
+{
+    char spec_b[200];
+    snprintf(spec_b, sizeof spec_b, "second=%s", g_model_b);
+    server s;
+    server_start(&s, (const char *[]){"--model", g_model_a, "--model", spec_b, NULL});
+    http_resp r;
+    http(s.port, "GET", "/models", NULL, NULL, &r);
+    json_t *j = parse_json(&r);
+    json_t *ms = json_object_get(j, "models");
+    ck_assert_int_eq(json_array_size(ms), 2);
+    ck_assert_str_eq(json_string_value(json_object_get(json_array_get(ms, 1), "name")), "second");
+    ck_assert_str_eq(json_string_value(json_object_get(json_array_get(ms, 1), "architecture")), "qwen3moe");
+    json_decref(j);
+    http_resp_free(&r);
+    json_t *a = infer_ok(s.port, "{\"prompt\":\"hello\",\"max_tokens\":5,\"logits\":\"last\"}");
+    json_t *b = infer_ok(s.port, "{\"prompt\":\"hello\",\"max_tokens\":5,\"logits\":\"last\",\"model\":\"second\"}");
+    ck_assert_str_eq(json_string_value(json_object_get(b, "model")), "second");
+    ck_assert(!json_equal(json_object_get(a, "logits"), json_object_get(b, "logits")));
+    json_decref(a);
+    json_decref(b);
+    ck_assert(metric(s.port, "moeserve_expert_tokens_total", "model=\"second\"", NULL) > 0);
+    server_stop(&s);
+}
+END_TEST
+
+/* Drain ------------------------------------------------------------------------------- */
+
+typedef struct {
+    int port, status, complete;
+    char retry[16];
+} drain_client;
+
+static void *drain_client_main(void *arg)
+{
+    drain_client *c = arg;
+    http_resp r;
+    http(c->port, "POST", "/infer", NULL, "{\"prompt\":\"drain me\",\"max_tokens\":200}", &r);
+    c->status = r.status;
+    if (r.status == 200) {
+        json_error_t e;
+        json_t *j = json_loadb(r.body, r.len, 0, &e);
+        const char *fin = j ? json_string_value(json_object_get(j, "finish_reason")) : NULL;
+        c->complete = fin && (!strcmp(fin, "length") || !strcmp(fin, "eos") || !strcmp(fin, "stop"));
+        json_decref(j);
+    }
+    if (!header(&r, "Retry-After", c->retry, sizeof c->retry)) c->retry[0] = 0;
+    http_resp_free(&r);
+    return NULL;
+}
+
+static void drain_run(const char *timeout, int n, int *n_ok, int *n_503)
+{
+    server s;
+    server_start(&s, (const char *[]){"--model", g_model_a, "--max-seqs", "2", "--drain-delay", "0.5",
+                                      "--drain-timeout", timeout, NULL});
+    drain_client c[16];
+    pthread_t th[16];
+    for (int i = 0; i < n; i++) {
+        c[i] = (drain_client){.port = s.port};
+        pthread_create(&th[i], NULL, drain_client_main, &c[i]);
+    }
+    WAIT_FOR(metric(s.port, "moeserve_running_sequences", NULL, NULL) +
+             metric(s.port, "moeserve_queue_depth", NULL, NULL) +
+             metric(s.port, "moeserve_sequences_finished_total", NULL, NULL) >= n, "all requests to arrive");
+    kill(s.pid, SIGTERM);
+    /* Readiness flips at once; liveness stays (unless the drain already ended). */
+    int st;
+    WAIT_FOR((st = http_status(s.port, "GET", "/ready")) == 503 || st == -1, "ready to turn 503");
+    if (st == 503) ck_assert_int_ne(http_status(s.port, "GET", "/health"), 503);
+    for (int i = 0; i < n; i++) pthread_join(th[i], NULL);
+    ck_assert_int_eq(server_wait(&s), 0);
+    *n_ok = *n_503 = 0;
+    for (int i = 0; i < n; i++) {
+        ck_assert_msg(c[i].status == 200 || c[i].status == 503, "client %d got %d", i, c[i].status);
+        if (c[i].status == 200) { ck_assert(c[i].complete); (*n_ok)++; }
+        else { ck_assert_msg(c[i].retry[0], "503 without Retry-After"); (*n_503)++; }
+    }
+    /* After the drain the port is closed. */
+    ck_assert_int_lt(connect_port(s.port), 0);
+}
+
+START_TEST(sigterm_drains_in_flight_work)
+{
+    int ok, unavailable;
+    drain_run("60", 6, &ok, &unavailable);   /* plenty of time: all complete */
+    ck_assert_int_eq(ok, 6);
+    drain_run("0", 12, &ok, &unavailable);   /* no time: none lost, the rest 503 */
+    ck_assert_int_eq(ok + unavailable, 12);
+}
+END_TEST
+
+START_TEST(second_signal_exits_at_once)
+{
+    server s;
+    server_start(&s, (const char *[]){"--model", g_model_a, "--drain-delay", "100", NULL});
+    kill(s.pid, SIGTERM);
+    WAIT_FOR(http_status(s.port, "GET", "/ready") == 503, "ready to turn 503");
+    kill(s.pid, SIGINT);
+    ck_assert_int_ne(server_wait(&s), -1);  /* it exited (by itself) well before the 100 s delay */
+}
+END_TEST
+
+/* Metrics and logs ---------------------------------------------------------------------- */
+
+START_TEST(metrics_pass_promtool_and_logs_are_json)
+{
+    server s;
+    server_start(&s, (const char *[]){"--model", g_model_a, "--log-format", "json", NULL});
+    json_decref(infer_ok(s.port, "{\"prompt\":\"metrics please\",\"max_tokens\":4}"));
+    http_resp r;
+    http(s.port, "POST", "/infer", NULL, "{\"prompt\":1}", &r);
+    http_resp_free(&r);
+    http(s.port, "GET", "/metrics", NULL, NULL, &r);
+    ck_assert_int_eq(r.status, 200);
+    const char *names[] = {"moeserve_requests_total{endpoint=\"/infer\",code=\"200\"} 1",
+                           "moeserve_request_duration_seconds_bucket", "moeserve_queue_wait_seconds_bucket",
+                           "moeserve_time_to_first_token_seconds_bucket", "moeserve_time_per_output_token_seconds_bucket",
+                           "moeserve_forward_seconds_bucket", "moeserve_batch_tokens_bucket", "moeserve_queue_depth",
+                           "moeserve_running_sequences", "moeserve_kv_cache_usage_ratio", "moeserve_prompt_tokens_total",
+                           "moeserve_generated_tokens_total", "moeserve_expert_tokens_total{model=\"a\",layer=\"1\",expert=\"7\"}",
+                           "moeserve_expert_dropped_tokens_total"};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++)
+        ck_assert_msg(strstr(r.body, names[i]), "/metrics lacks %s", names[i]);
+    ck_assert(metric(s.port, "moeserve_expert_tokens_total", NULL, NULL) > 0);
+    if (system("command -v promtool >/dev/null 2>&1") != 0) {
+        printf("promtool absent (Debian package prometheus): skipping the promtool check\n");
+    } else {
+        char path[200], cmd[300];
+        snprintf(path, sizeof path, "%s/metrics-%d.txt", g_dir, (int)getpid());
+        FILE *f = fopen(path, "w");
+        fwrite(r.body, 1, r.len, f);
+        fclose(f);
+        snprintf(cmd, sizeof cmd, "promtool check metrics < %s", path);
+        ck_assert_msg(system(cmd) == 0, "promtool check metrics failed on %s", path);
+        unlink(path);
+    }
+    http_resp_free(&r);
+    server_stop(&s);
+    /* One JSON object per line; the request lines carry id, status and tokens. */
+    FILE *f = fopen(s.log, "r");
+    char line[4096];
+    int n_req = 0;
+    while (fgets(line, sizeof line, f)) {
+        json_error_t e;
+        json_t *j = json_loads(line, 0, &e);
+        ck_assert_msg(j, "log line is not JSON: %s", line);
+        if (json_object_get(j, "status")) {
+            n_req++;
+            ck_assert(json_is_string(json_object_get(j, "id")));
+            ck_assert(json_is_integer(json_object_get(j, "completion_tokens")));
+        }
+        json_decref(j);
+    }
+    fclose(f);
+    ck_assert_int_ge(n_req, 2);
+    unlink(s.log);
+}
+END_TEST
+
+static int want(const char *only, const char *name) { return !only || !strcmp(only, name); }
+
+int main(void)
+{
+    snprintf(g_dir, sizeof g_dir, "%s", tu_tmpdir());
+    snprintf(g_model_a, sizeof g_model_a, "%s/a.gguf", g_dir);
+    snprintf(g_model_b, sizeof g_model_b, "%s/b.gguf", g_dir);
+    char err[256];
+    synth_params pa = {"olmoe", "tiny", 1, NULL, 0}, pb = {"qwen3moe", "tiny", 2, NULL, 0};
+    if (synth_write(&pa, g_model_a, err, sizeof err) || synth_write(&pb, g_model_b, err, sizeof err)) {
+        fprintf(stderr, "synth_write: %s\n", err);
+        return EXIT_FAILURE;
+    }
+    Suite *s = suite_create("server");
+    TCase *tc = tcase_create("http");
+    tcase_set_timeout(tc, 600);
+    /* SERVER_TEST=name runs one test (while debugging). */
+    const char *only = getenv("SERVER_TEST");
+    if (want(only, "health_ready_models_and_paths")) tcase_add_test(tc, health_ready_models_and_paths);
+    if (want(only, "help_and_bad_flags")) tcase_add_test(tc, help_and_bad_flags);
+    if (want(only, "infer_outputs")) tcase_add_test(tc, infer_outputs);
+    if (want(only, "request_errors")) tcase_add_test(tc, request_errors);
+    if (want(only, "batching_gives_the_same_answers")) tcase_add_test(tc, batching_gives_the_same_answers);
+    if (want(only, "disconnect_frees_the_sequence")) tcase_add_test(tc, disconnect_frees_the_sequence);
+    if (want(only, "overload_and_deadline")) tcase_add_test(tc, overload_and_deadline);
+    if (want(only, "auth_on_and_off")) tcase_add_test(tc, auth_on_and_off);
+    if (want(only, "two_models")) tcase_add_test(tc, two_models);
+    if (want(only, "sigterm_drains_in_flight_work")) tcase_add_test(tc, sigterm_drains_in_flight_work);
+    if (want(only, "second_signal_exits_at_once")) tcase_add_test(tc, second_signal_exits_at_once);
+    if (want(only, "metrics_pass_promtool_and_logs_are_json")) tcase_add_test(tc, metrics_pass_promtool_and_logs_are_json);
+    suite_add_tcase(s, tc);
+    int rc = tu_run_suite(s);
+    unlink(g_model_a);
+    unlink(g_model_b);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
+    if (!getenv("SERVER_KEEP") && system(cmd)) {}
+    return rc;
+}
