@@ -29,15 +29,25 @@ typedef struct {
     double sum[8];
 } read_job;
 
+typedef float v16 __attribute__((vector_size(64)));
+
+/* Sums 1/64 of the array with 4 vector accumulators and a software prefetch 4 KB
+ * ahead (on these VMs one sequential stream without it reaches only 7-10 GB/s). */
 static void read_task(void *ctx, int task, int thread)
 {
     read_job *j = ctx;
     size_t per = j->n / 64, i0 = (size_t)task * per;
-    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    for (size_t i = i0; i < i0 + per; i += 4) {
-        s0 += j->a[i]; s1 += j->a[i + 1]; s2 += j->a[i + 2]; s3 += j->a[i + 3];
+    v16 s[4] = {{0}, {0}, {0}, {0}};
+    for (size_t i = i0; i + 64 <= i0 + per; i += 64) {
+        for (int u = 0; u < 4; u++) __builtin_prefetch(j->a + i + 1024 + 16 * u, 0, 2);
+        for (int u = 0; u < 4; u++) {
+            v16 v;
+            memcpy(&v, j->a + i + 16 * u, sizeof v);
+            s[u] += v;
+        }
     }
-    j->sum[thread] += s0 + s1 + s2 + s3;
+    v16 t = s[0] + s[1] + s[2] + s[3];
+    for (int l = 0; l < 16; l++) j->sum[thread] += t[l];
 }
 
 int main(int argc, char **argv)
