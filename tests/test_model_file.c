@@ -62,6 +62,9 @@ typedef struct {
     float set_f32;
     const char *drop_tensor;    /* tensor left out */
     const char *halve_tensor;   /* tensor written with its outermost dim halved */
+    int to_bf16;                /* every F32 matrix written as BF16 */
+    uint32_t alignment;         /* general.alignment, 0: unchanged */
+    int pad_len;                /* length of an extra string key (shifts the data section) */
 } edit;
 
 /* Copies src to dst with one edit (keys in order, tensors by reference). */
@@ -83,6 +86,16 @@ static void rewrite(const char *src, const char *dst, const edit *e)
     if (e->set_kind == EDIT_U32) ck_assert_int_eq(gguf_writer_set_u32(w, e->set_key, e->set_u32), 0);
     if (e->set_kind == EDIT_STR) ck_assert_int_eq(gguf_writer_set_str(w, e->set_key, e->set_str), 0);
     if (e->set_kind == EDIT_F32) ck_assert_int_eq(gguf_writer_set_f32(w, e->set_key, e->set_f32), 0);
+    if (e->alignment) ck_assert_int_eq(gguf_writer_set_u32(w, "general.alignment", e->alignment), 0);
+    if (e->pad_len) {
+        char pad[64];
+        ck_assert_int_lt(e->pad_len, (int)sizeof pad);
+        memset(pad, 'x', (size_t)e->pad_len);
+        pad[e->pad_len] = 0;
+        ck_assert_int_eq(gguf_writer_set_str(w, "test.pad", pad), 0);
+    }
+    uint16_t *bf16[256];    /* converted data, alive until the write */
+    int n_bf16 = 0;
     for (int64_t i = 0; i < gguf_n_tensors(f); i++) {
         const gguf_tensor *t = gguf_get_tensor(f, i);
         char name[256];
@@ -93,9 +106,21 @@ static void rewrite(const char *src, const char *dst, const edit *e)
         uint64_t ne[GGUF_MAX_DIMS];
         memcpy(ne, t->ne, sizeof ne);
         if (e->halve_tensor && !strcmp(name, e->halve_tensor)) ne[t->n_dims - 1] /= 2;
-        ck_assert_int_eq(gguf_writer_add_tensor(w, name, t->type, t->n_dims, ne, t->data), 0);
+        const void *data = t->data;
+        ggml_type type = t->type;
+        if (e->to_bf16 && t->type == GGML_TYPE_F32 && t->n_dims >= 2) {
+            ck_assert_int_lt(n_bf16, 256);
+            uint16_t *h = malloc(t->n_elements * sizeof *h);
+            ck_assert_ptr_nonnull(h);
+            for (uint64_t j = 0; j < t->n_elements; j++) h[j] = gguf_f32_to_bf16(((const float *)t->data)[j]);
+            bf16[n_bf16++] = h;
+            data = h;
+            type = GGML_TYPE_BF16;
+        }
+        ck_assert_int_eq(gguf_writer_add_tensor(w, name, type, t->n_dims, ne, data), 0);
     }
     ck_assert_msg(gguf_writer_write(w, dst, err, sizeof err) == 0, "%s", err);
+    for (int i = 0; i < n_bf16; i++) free(bf16[i]);
     gguf_writer_free(w);
     gguf_close(f);
 }
@@ -254,6 +279,72 @@ START_TEST(f16_equals_f32_to_f16_precision)
     ck_assert_uint_eq(b->converted_bytes, 4 * (2 * v * e + (size_t)hp->n_layer * per_layer));
     ck_assert_uint_eq(a->converted_bytes, 0);
     ck_assert(b->mapped_bytes < a->mapped_bytes);
+    moe_model_free(a);
+    moe_model_free(b);
+    fixture_done(&fx);
+}
+END_TEST
+
+START_TEST(bf16_equals_f32_to_bf16_precision)
+{
+    fixture fx;
+    fixture_synth(&fx, "olmoe", "tiny", 0);
+    edit e = {.to_bf16 = 1};
+    rewrite(fx.path, fx.other, &e);
+    moe_model *a, *b;
+    ck_assert_msg(moe_model_load(fx.path, &a, err, sizeof err) == 0, "%s", err);
+    ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
+    const moe_hparams *hp = &a->weights.hp;
+    size_t e_ = (size_t)hp->n_embd, v = (size_t)hp->n_vocab, ne = (size_t)hp->n_expert;
+    size_t q = (size_t)hp->n_head * hp->head_dim, kv = (size_t)hp->n_head_kv * hp->head_dim;
+    const float *pairs[][2] = {
+        {a->weights.tok_embd, b->weights.tok_embd}, {a->weights.output, b->weights.output},
+        {a->weights.layers[1].exp_up, b->weights.layers[1].exp_up},
+        {a->weights.layers[0].wv, b->weights.layers[0].wv},
+    };
+    size_t sizes[] = {v * e_, v * e_, ne * (size_t)hp->n_ff * e_, kv * e_};
+    for (int p = 0; p < 4; p++)
+        for (size_t i = 0; i < sizes[p]; i++) {
+            float x = pairs[p][0][i], y = pairs[p][1][i];
+            /* BF16 keeps 8 significant bits: relative error <= 2^-8 */
+            ck_assert_msg(fabsf(x - y) <= fabsf(x) / 256.0f, "tensor %d [%zu]: %g vs %g", p, i,
+                          (double)x, (double)y);
+        }
+    /* the full q/k norms of OLMoE are vectors: still F32, used in place */
+    ck_assert(memcmp(a->weights.layers[0].q_norm, b->weights.layers[0].q_norm, q * sizeof(float)) == 0);
+    ck_assert_uint_gt(b->converted_bytes, 4 * (2 * v * e_ + ne * 3 * (size_t)hp->n_ff * e_));
+    moe_model_free(a);
+    moe_model_free(b);
+    fixture_done(&fx);
+}
+END_TEST
+
+/* With general.alignment 1 the F32 data may sit at any byte offset: the loader
+ * copies it (UBSan would flag a misaligned float load otherwise). */
+START_TEST(misaligned_f32_is_copied)
+{
+    fixture fx;
+    fixture_synth(&fx, "llama", "tiny", 0);
+    moe_model *a;
+    ck_assert_msg(moe_model_load(fx.path, &a, err, sizeof err) == 0, "%s", err);
+    int misaligned = 0;
+    for (int pad = 1; pad <= 4 && !misaligned; pad++) {
+        edit e = {.alignment = 1, .pad_len = pad};
+        rewrite(fx.path, fx.other, &e);
+        gguf_file *g;
+        ck_assert_int_eq(gguf_open(fx.other, &g, err, sizeof err), 0);
+        misaligned = (uintptr_t)gguf_find_tensor(g, "token_embd.weight")->data % 4 != 0;
+        gguf_close(g);
+    }
+    ck_assert(misaligned);
+    moe_model *b;
+    ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
+    ck_assert_uint_gt(b->converted_bytes, 0);
+    ck_assert_uint_eq((uintptr_t)b->weights.layers[1].exp_down % 4, 0);
+    const moe_hparams *hp = &a->weights.hp;
+    size_t n = (size_t)hp->n_expert * hp->n_ff * hp->n_embd;
+    ck_assert(memcmp(a->weights.layers[1].exp_down, b->weights.layers[1].exp_down, n * 4) == 0);
+    ck_assert(memcmp(a->weights.output, b->weights.output, (size_t)hp->n_vocab * hp->n_embd * 4) == 0);
     moe_model_free(a);
     moe_model_free(b);
     fixture_done(&fx);
@@ -520,6 +611,8 @@ int main(void)
     tcase_add_test(tc, dense_llama_loads);
     tcase_add_test(tc, synth_is_deterministic);
     tcase_add_test(tc, f16_equals_f32_to_f16_precision);
+    tcase_add_test(tc, bf16_equals_f32_to_bf16_precision);
+    tcase_add_test(tc, misaligned_f32_is_copied);
     tcase_add_test(tc, tied_output_and_name_from_stem);
     tcase_add_test(tc, builtin_vocab_tokenizes);
     tcase_add_test(tc, vocab_from_another_gguf);
