@@ -411,7 +411,14 @@ static void admit(sched *s, req_list *done, int *n_dequeued)
     while (s->waiting && s->n_free_slots > 0) {
         sched_req *r = s->waiting;
         int blocks = (r->n_reserve + bs - 1) / bs;
-        if (blocks > moe_engine_kv_blocks_free(s->engine)) break;
+        if (blocks > moe_engine_kv_blocks_free(s->engine)) {
+            if (s->n_running > 0) break;  /* wait for others to return their blocks */
+            s->waiting = r->next;         /* can never fit (the API checks this first) */
+            if (!s->waiting) s->waiting_tail = NULL;
+            (*n_dequeued)++;
+            req_finish(s, done, r, 500, FIN_ERROR, "the request needs more KV cache than the pool holds");
+            continue;
+        }
         int slot = s->free_slots[s->n_free_slots - 1];
         char err[200];
         if (moe_engine_seq_reserve(s->engine, slot, r->n_reserve > 0 ? r->n_reserve : 1, err, sizeof err)) {
@@ -669,28 +676,13 @@ static void cond_wait_until(sched *s, double deadline)
     pthread_cond_timedwait(&s->cv, &s->mu, &ts);
 }
 
-/* Earliest deadline of waiting requests, so an idle scheduler still answers 504. */
-static double next_deadline(const sched *s)
-{
-    double d = 0;
-    for (const sched_req *r = s->waiting; r; r = r->next)
-        if (d == 0 || r->deadline < d) d = r->deadline;
-    return d;
-}
-
 static void *sched_main(void *arg)
 {
     sched *s = arg;
     pthread_mutex_lock(&s->mu);
     for (;;) {
-        while (!s->stop && !s->inbox && !s->n_running && !s->abort_all) {
-            if (!s->waiting) { pthread_cond_wait(&s->cv, &s->mu); continue; }
-            /* Waiting but nothing running: only a cancel or a deadline changes that. */
-            double d = next_deadline(s);
-            if (mono_now() > d) break;
-            cond_wait_until(s, d + 0.001);
-            break;
-        }
+        while (!s->stop && !s->inbox && !s->n_running && !s->waiting && !s->abort_all)
+            pthread_cond_wait(&s->cv, &s->mu);
         if (s->stop) break;
         /* Batching window: an idle scheduler waits a little for company. */
         if (!s->n_running && !s->waiting && s->inbox && s->p.batch_wait_us > 0) {
