@@ -49,6 +49,7 @@ typedef size_t (*pretok_word_fn)(const char *s, size_t n, size_t i);
 struct moe_tokenizer_pretok {
     const char *name;        /* tokenizer.ggml.pre */
     pretok_word_fn word;
+    int ignore_merges;       /* a word that is a token as a whole is that token (llama3) */
 };
 
 /* A slot of the token-text hash: the id and the hash's high bits (most mismatches
@@ -292,13 +293,73 @@ static size_t gpt2_word(const char *s, size_t n, size_t i)
     return match_spaces(s, n, i);
 }
 
-/* tokenizer.ggml.pre -> pre-tokenizer. A new one (llama3, qwen2, deepseek, ...) is a
- * row here plus its word function. */
+static int is_newline(const char *s, size_t i) { return s[i] == '\r' || s[i] == '\n'; }
+
+/* (?i:'s|'t|'re|'ve|'m|'ll|'d): the end of the match at i, or 0. */
+static size_t contraction_nocase(const char *s, size_t n, size_t i)
+{
+    if (s[i] != '\'' || i + 1 >= n) return 0;
+    char c1 = (char)(s[i + 1] | 0x20);  /* ASCII lower case (only letters compared) */
+    if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd') return i + 2;
+    if (i + 2 < n) {
+        char c2 = (char)(s[i + 2] | 0x20);
+        if ((c1 == 'r' && c2 == 'e') || (c1 == 'v' && c2 == 'e') || (c1 == 'l' && c2 == 'l'))
+            return i + 3;
+    }
+    return 0;
+}
+
+/* Llama 3 / Qwen2 regexes, hand-written; max_digits is 3 for llama3, 1 for qwen2:
+ *   (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,max_digits}
+ *   | ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+ */
+static size_t llama3_like_word(const char *s, size_t n, size_t i, int max_digits)
+{
+    size_t j = contraction_nocase(s, n, i);
+    if (j) return j;
+    uint8_t fl, fl1 = 0;
+    size_t k = char_at(s, n, i, &fl);
+    if (i + k < n) char_at(s, n, i + k, &fl1);
+    uint8_t cls = class_of(fl);
+    if (cls == CLS_L) return run_of(s, n, i, CLS_L);
+    if (cls != CLS_N && !is_newline(s, i) && (fl1 & CLS_L)) return run_of(s, n, i + k, CLS_L);
+    if (cls == CLS_N) {
+        j = i;
+        for (int d = 0; d < max_digits && j < n; d++) {
+            size_t m = char_at(s, n, j, &fl);
+            if (!(fl & CLS_N)) break;
+            j += m;
+        }
+        return j;
+    }
+    size_t p = (s[i] == ' ' && i + 1 < n) ? i + 1 : i;  /* the optional leading space */
+    if (p == i + 1) char_at(s, n, p, &fl);
+    if (class_of(fl) == 0) {  /* punctuation/symbols, then any newlines */
+        j = run_of(s, n, p, 0);
+        while (j < n && is_newline(s, j)) j++;
+        return j;
+    }
+    /* whitespace: up to the last newline of the run if it has one */
+    size_t end = run_of(s, n, i, CLS_S), last_nl = 0;
+    for (j = i; j < end; j++)
+        if (is_newline(s, j)) last_nl = j + 1;
+    if (last_nl) return last_nl;
+    return match_spaces(s, n, i);
+}
+
+static size_t llama3_word(const char *s, size_t n, size_t i) { return llama3_like_word(s, n, i, 3); }
+static size_t qwen2_word(const char *s, size_t n, size_t i) { return llama3_like_word(s, n, i, 1); }
+
+/* tokenizer.ggml.pre -> pre-tokenizer. A new one (deepseek, starcoder, ...) is a row
+ * here plus its word function. Names as llama.cpp's convert script writes them. */
 static const pretok pretok_table[] = {
-    {"default", gpt2_word},
-    {"gpt-2", gpt2_word},
-    {"gpt2", gpt2_word},
-    {"olmo", gpt2_word},  /* OLMoE: GPT-2's regex */
+    {"default", gpt2_word, 0},
+    {"gpt-2", gpt2_word, 0},
+    {"gpt2", gpt2_word, 0},
+    {"olmo", gpt2_word, 0},       /* OLMoE: GPT-2's regex */
+    {"llama3", llama3_word, 1},
+    {"llama-v3", llama3_word, 1},
+    {"llama-bpe", llama3_word, 1},
+    {"qwen2", qwen2_word, 0},     /* Qwen1.5/2/3 MoE */
 };
 
 static const pretok *pretok_find(const char *name)
@@ -642,9 +703,27 @@ static void bpe_try_bigram(const moe_tokenizer *t, scratch *s, int32_t left, int
 }
 
 /* Appends the tokens of one pre-tokenized word (raw bytes). */
+/* The token whose byte-level text is exactly word w[0..n), or -1. */
+static int32_t bpe_whole_word(const moe_tokenizer *t, const char *w, size_t n)
+{
+    char buf[256];
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char b = (unsigned char)w[i];
+        if (k + 2 > sizeof buf) return -1;
+        memcpy(buf + k, t->byte_char[b], t->byte_char_len[b]);
+        k += t->byte_char_len[b];
+    }
+    return tok_find(t, buf, k);
+}
+
 static int bpe_encode_word(const moe_tokenizer *t, scratch *s, const char *w, size_t n,
                            id_vec *out)
 {
+    if (t->pre->ignore_merges) {
+        int32_t id = bpe_whole_word(t, w, n);
+        if (id >= 0) return id_vec_push(out, id);
+    }
     if (scratch_reserve(s, n)) return -1;
     for (size_t i = 0; i < n; i++) {
         symbol *y = &s->sym[i];

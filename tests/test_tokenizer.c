@@ -892,6 +892,91 @@ START_TEST(spm_cuts_are_exact)
 }
 END_TEST
 
+/* The GPT-2 vocabulary with another pre-tokenizer (tokenizer.ggml.pre = pre). */
+static moe_tokenizer *gpt2_with_pre(const char *pre)
+{
+    const char *path = vocab_path("ggml-vocab-gpt-2.gguf");
+    if (!path) return NULL;
+    gguf_file *f;
+    ck_assert_msg(gguf_open(path, &f, err, sizeof err) == 0, "%s", err);
+    gguf_writer *w = gguf_writer_create();
+    for (int64_t i = 0; i < gguf_n_kv(f); i++) {
+        gguf_str k = gguf_kv_key(f, i);
+        char key[256];
+        snprintf(key, sizeof key, "%.*s", (int)k.len, k.data);
+        ck_assert_int_eq(gguf_writer_copy_kv(w, f, key), 0);
+    }
+    gguf_close(f);
+    gguf_writer_set_str(w, "tokenizer.ggml.pre", pre);
+    moe_tokenizer *t;
+    ck_assert_msg(load_written(w, &t) == 0, "%s", err);
+    return t;
+}
+
+/* Most digits in one token of text; sets bounds[o] = 1 for each token boundary at
+ * byte o (and checks the pieces concatenate to the text). */
+static void digit_groups(const moe_tokenizer *t, const char *text, int *max_digits,
+                         char *bounds)
+{
+    int32_t *ids;
+    size_t n, used = 0;
+    encode_ok(t, text, strlen(text), 0, &ids, &n);
+    *max_digits = 0;
+    for (size_t i = 0; i < n; i++) {
+        char piece[64];
+        int k = tokenizer_token_to_piece(t, ids[i], 0, piece, sizeof piece);
+        ck_assert_int_gt(k, 0);
+        ck_assert(memcmp(piece, text + used, (size_t)k) == 0);
+        used += (size_t)k;
+        bounds[used] = 1;
+        int d = 0;
+        for (int j = 0; j < k; j++) d += piece[j] >= '0' && piece[j] <= '9';
+        if (d > *max_digits) *max_digits = d;
+    }
+    ck_assert_uint_eq(used, strlen(text));
+    free(ids);
+}
+
+/* llama3 and qwen2 pre-tokenizers (checked against Python's regex module during
+ * development): numbers split in groups of at most 3 (llama3) or 1 (qwen2) digits
+ * where GPT-2 keeps them whole, and every vector input still round-trips. */
+START_TEST(other_pre_tokenizers)
+{
+    moe_tokenizer *gpt2 = load_vocab("gpt-2");
+    if (!gpt2) return;
+    moe_tokenizer *llama3 = gpt2_with_pre("llama-bpe"), *qwen2 = gpt2_with_pre("qwen2");
+    const char *num = "year 1234567 and 89";  /* digits at bytes 5..11 */
+    int d_llama3, d_qwen2;
+    char b_llama3[64] = {0}, b_qwen2[64] = {0};
+    digit_groups(llama3, num, &d_llama3, b_llama3);
+    digit_groups(qwen2, num, &d_qwen2, b_qwen2);
+    ck_assert_int_le(d_llama3, 3);
+    ck_assert(b_llama3[5] && b_llama3[8] && b_llama3[11] && b_llama3[12]);  /* 123|456|7 */
+    ck_assert_int_eq(d_qwen2, 1);
+    for (int o = 5; o <= 12; o++) ck_assert(b_qwen2[o]);
+    /* the same vocabulary, so the same fingerprint */
+    ck_assert(tokenizer_fingerprint(llama3) == tokenizer_fingerprint(gpt2));
+    vectors v;
+    ck_assert_int_eq(vectors_load(&v, "gpt-2"), 0);
+    moe_tokenizer *ts[2] = {llama3, qwen2};
+    for (int k = 0; k < 2; k++) {
+        for (int i = 0; i < v.n; i++) {
+            int32_t *ids;
+            size_t n, len;
+            encode_ok(ts[k], v.text[i], v.len[i], 0, &ids, &n);
+            char *text = decode_ok(ts[k], ids, n, 0, &len);
+            ck_assert(len == v.len[i] && memcmp(text, v.text[i], len) == 0);
+            free(text);
+            free(ids);
+        }
+    }
+    vectors_free(&v);
+    tokenizer_free(gpt2);
+    tokenizer_free(llama3);
+    tokenizer_free(qwen2);
+}
+END_TEST
+
 START_TEST(fingerprints)
 {
     moe_tokenizer *a = load_vocab("llama-spm");
@@ -1001,6 +1086,7 @@ int main(void)
     tcase_add_test(edge, long_inputs_llama_spm);
     tcase_add_test(edge, long_inputs_gpt2);
     tcase_add_test(edge, spm_cuts_are_exact);
+    tcase_add_test(edge, other_pre_tokenizers);
     suite_add_tcase(s, edge);
 
     TCase *meta = tcase_create("metadata");
