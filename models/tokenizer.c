@@ -39,6 +39,7 @@ enum {
 #define TOKENIZER_MAX_VOCAB     (1 << 24)
 #define TOKENIZER_MAX_TOKEN_LEN 65536
 #define TOKENIZER_MAX_MERGES    (1 << 24)
+#define TOKENIZER_MAX_TEXT      (1u << 28)  /* bytes of all token strings */
 
 typedef struct moe_tokenizer_pretok pretok;
 
@@ -59,6 +60,13 @@ typedef struct {
     uint32_t tag;
 } index_slot;
 
+/* An edge of the special-token trie. */
+typedef struct {
+    uint64_t key;            /* parent node << 8 | byte; TRIE_EMPTY for a free slot */
+    int32_t child;
+} trie_edge;
+#define TRIE_EMPTY UINT64_MAX
+
 /* One merge: the pair (left id, right id) becomes `result` with priority `rank`. */
 typedef struct {
     uint64_t key;            /* left << 32 | right; MERGE_EMPTY for a free slot */
@@ -74,7 +82,6 @@ struct moe_tokenizer {
     uint32_t *text_off;      /* (n_vocab + 1) offsets into text; length = off[i+1]-off[i]-1 */
     char *piece;             /* each token's output bytes (see token_piece_build) */
     uint32_t *piece_off;     /* (n_vocab + 1) */
-    uint32_t max_piece;      /* longest piece or special text, bytes */
     uint32_t *score_key;     /* SPM: per token, smaller = merged first */
     uint8_t *type;           /* TOKEN_* per token */
     uint8_t *eog;            /* 1 for end-of-generation tokens */
@@ -95,9 +102,13 @@ struct moe_tokenizer {
     uint8_t byte_char_len[256];
     int16_t char_byte[512];  /* BPE: byte-level code point -> byte, -1 none */
 
-    int32_t *special;        /* ids matched in the input text, by first byte, longest first */
-    int32_t n_special;
-    uint32_t special_bucket[257]; /* special[bucket[b]..bucket[b+1]) start with byte b */
+    /* Trie of the texts matched in the input (control, user-defined, unknown tokens):
+     * node 0 is the root; an edge (node, byte) -> child lives in a hash. */
+    int32_t *trie_id;        /* per node: the token whose text ends here, -1 none */
+    uint32_t trie_nodes;
+    trie_edge *trie_edges;
+    uint32_t trie_mask;
+    uint8_t special_first[256]; /* 1 when some special text starts with that byte */
 
     int32_t bos, eos, unk, pad;
     int add_bos, add_eos, add_space_prefix;
@@ -766,19 +777,28 @@ static int tok_is_parsed_special(const moe_tokenizer *t, int32_t id, int parse_s
     return t->type[id] == TOKEN_USER_DEFINED || parse_special;
 }
 
-/* The special token whose text starts at text[i] (the longest), or -1. */
+static int32_t trie_child(const moe_tokenizer *t, int32_t node, unsigned char b)
+{
+    uint64_t key = (uint64_t)(uint32_t)node << 8 | b;
+    for (uint32_t i = (uint32_t)tok_hash_pair(key) & t->trie_mask;; i = (i + 1) & t->trie_mask) {
+        if (t->trie_edges[i].key == key) return t->trie_edges[i].child;
+        if (t->trie_edges[i].key == TRIE_EMPTY) return -1;
+    }
+}
+
+/* The special token whose text starts at text[i] (the longest allowed), or -1. The
+ * walk is at most as deep as the longest special text. */
 static int32_t special_at(const moe_tokenizer *t, const char *text, size_t len, size_t i,
                           int parse_special)
 {
-    unsigned char b = (unsigned char)text[i];
-    for (uint32_t k = t->special_bucket[b]; k < t->special_bucket[b + 1]; k++) {
-        int32_t id = t->special[k];
-        uint32_t n = tok_len(t, id);
-        if (n <= len - i && memcmp(text + i, tok_str(t, id), n) == 0
-            && tok_is_parsed_special(t, id, parse_special))
-            return id;
+    int32_t node = 0, best = -1;
+    for (size_t j = i; j < len; j++) {
+        node = trie_child(t, node, (unsigned char)text[j]);
+        if (node < 0) break;
+        int32_t id = t->trie_id[node];
+        if (id >= 0 && tok_is_parsed_special(t, id, parse_special)) best = id;
     }
-    return -1;
+    return best;
 }
 
 /* One stretch of raw text. It starts the input or follows a special token, so for
@@ -810,9 +830,7 @@ int tokenizer_encode(const moe_tokenizer *t, const char *text, size_t len, int f
     size_t frag = 0;
     for (size_t i = 0; i < len && !rc;) {
         int32_t id = -1;
-        unsigned char b = (unsigned char)text[i];
-        if (t->special_bucket[b] < t->special_bucket[b + 1])
-            id = special_at(t, text, len, i, parse_special);
+        if (t->special_first[(unsigned char)text[i]]) id = special_at(t, text, len, i, parse_special);
         if (id < 0) { i++; continue; }
         if (i > frag) rc |= encode_fragment(t, &s, text + frag, i - frag, &out);
         rc |= id_vec_push(&out, id);
@@ -879,7 +897,7 @@ static int load_tokens(moe_tokenizer *t, const gguf_file *f, char *err, size_t e
         }
         total += strs[i].len + 1;
     }
-    if (total > UINT32_MAX / 2) {
+    if (total > TOKENIZER_MAX_TEXT) {
         free(strs);
         return tok_fail(err, errlen, "%s: %llu bytes of token text (too much)", key,
                         (unsigned long long)total);
@@ -1223,61 +1241,53 @@ static int build_pieces(moe_tokenizer *t, char *err, size_t errlen)
         t->piece_off[id] = off;
         uint32_t k = token_piece_build(t, id, t->piece + off);
         off += k;
-        if (k > t->max_piece) t->max_piece = k;
-        if (tok_len(t, id) > t->max_piece) t->max_piece = tok_len(t, id);
     }
     t->piece_off[t->n_vocab] = off;
     return 0;
 }
 
-static int special_after(const void *a, const void *b, const moe_tokenizer *t)
+static int is_special_text(const moe_tokenizer *t, int32_t id)
 {
-    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    unsigned char fx = (unsigned char)tok_str(t, x)[0], fy = (unsigned char)tok_str(t, y)[0];
-    if (fx != fy) return fx < fy ? -1 : 1;
-    uint32_t lx = tok_len(t, x), ly = tok_len(t, y);
-    if (lx != ly) return lx > ly ? -1 : 1;
-    return x < y ? -1 : x > y;
+    uint8_t ty = t->type[id];
+    return (ty == TOKEN_CONTROL || ty == TOKEN_USER_DEFINED || ty == TOKEN_UNKNOWN) && tok_len(t, id);
 }
 
-/* Control, user-defined and unknown tokens with text, grouped by first byte, longest
- * first (insertion sort per build: qsort has no context argument in C11). */
+/* The trie of control, user-defined and unknown token texts (a repeated text keeps
+ * the last id, as the text index does). */
 static int build_specials(moe_tokenizer *t, char *err, size_t errlen)
 {
-    int32_t n = 0;
+    uint64_t total = 1;
+    for (int32_t id = 0; id < t->n_vocab; id++)
+        if (is_special_text(t, id)) total += tok_len(t, id);
+    uint32_t cap = 16;
+    while (cap < 2 * total) cap *= 2;
+    t->trie_id = malloc(total * sizeof *t->trie_id);
+    t->trie_edges = malloc(cap * sizeof *t->trie_edges);
+    if (!t->trie_id || !t->trie_edges) return tok_fail(err, errlen, "tokenizer: out of memory");
+    for (uint32_t i = 0; i < cap; i++) t->trie_edges[i].key = TRIE_EMPTY;
+    t->trie_mask = cap - 1;
+    t->trie_id[0] = -1;
+    t->trie_nodes = 1;
     for (int32_t id = 0; id < t->n_vocab; id++) {
-        uint8_t ty = t->type[id];
-        if ((ty == TOKEN_CONTROL || ty == TOKEN_USER_DEFINED || ty == TOKEN_UNKNOWN) && tok_len(t, id))
-            n++;
-    }
-    t->special = malloc((size_t)(n ? n : 1) * sizeof *t->special);
-    if (!t->special) return tok_fail(err, errlen, "tokenizer: out of memory");
-    /* Counting sort by first byte, then insertion sort inside each bucket. */
-    uint32_t count[257] = {0};
-    for (int32_t id = 0; id < t->n_vocab; id++) {
-        uint8_t ty = t->type[id];
-        if ((ty == TOKEN_CONTROL || ty == TOKEN_USER_DEFINED || ty == TOKEN_UNKNOWN) && tok_len(t, id))
-            count[(unsigned char)tok_str(t, id)[0] + 1]++;
-    }
-    for (int b = 0; b < 256; b++) count[b + 1] += count[b];
-    memcpy(t->special_bucket, count, sizeof count);
-    for (int32_t id = 0; id < t->n_vocab; id++) {
-        uint8_t ty = t->type[id];
-        if ((ty == TOKEN_CONTROL || ty == TOKEN_USER_DEFINED || ty == TOKEN_UNKNOWN) && tok_len(t, id))
-            t->special[count[(unsigned char)tok_str(t, id)[0]]++] = id;
-    }
-    for (int b = 0; b < 256; b++) {
-        for (uint32_t i = t->special_bucket[b] + 1; i < t->special_bucket[b + 1]; i++) {
-            int32_t v = t->special[i];
-            uint32_t j = i;
-            while (j > t->special_bucket[b] && special_after(&t->special[j - 1], &v, t) > 0) {
-                t->special[j] = t->special[j - 1];
-                j--;
+        if (!is_special_text(t, id)) continue;
+        const unsigned char *s = (const unsigned char *)tok_str(t, id);
+        int32_t node = 0;
+        for (uint32_t j = 0; j < tok_len(t, id); j++) {
+            int32_t child = trie_child(t, node, s[j]);
+            if (child < 0) {
+                child = (int32_t)t->trie_nodes++;
+                t->trie_id[child] = -1;
+                uint64_t key = (uint64_t)(uint32_t)node << 8 | s[j];
+                uint32_t i = (uint32_t)tok_hash_pair(key) & t->trie_mask;
+                while (t->trie_edges[i].key != TRIE_EMPTY) i = (i + 1) & t->trie_mask;
+                t->trie_edges[i].key = key;
+                t->trie_edges[i].child = child;
             }
-            t->special[j] = v;
+            node = child;
         }
+        t->trie_id[node] = id;
+        t->special_first[s[0]] = 1;
     }
-    t->n_special = n;
     return 0;
 }
 
@@ -1347,7 +1357,8 @@ void tokenizer_free(moe_tokenizer *t)
     free(t->eog);
     free(t->index);
     free(t->merges);
-    free(t->special);
+    free(t->trie_id);
+    free(t->trie_edges);
     free(t);
 }
 

@@ -689,6 +689,91 @@ START_TEST(tiny_vocab_loads)
 }
 END_TEST
 
+/* Special texts: user-defined tokens always match, control tokens only with
+ * TOKENIZE_PARSE_SPECIAL; the longest match at the leftmost position wins. */
+START_TEST(special_text_matching)
+{
+    int n = tiny_n_tokens();
+    const char *tokens[262];
+    int32_t types[262];
+    for (int i = 0; i < n; i++) { tokens[i] = tiny_tokens[i]; types[i] = 1; }
+    tokens[258] = "<|end|>"; types[258] = 3;
+    tokens[259] = "<u>";     types[259] = 4;
+    tokens[260] = "<u>long"; types[260] = 4;
+    tokens[261] = "<|end";   types[261] = 3;
+    gguf_writer *w = tiny_bpe();
+    gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", tokens, 262);
+    gguf_writer_set_arr_i32(w, "tokenizer.ggml.token_type", types, 262);
+    moe_tokenizer *t;
+    ck_assert_msg(load_written(w, &t) == 0, "%s", err);
+    const char *s = "a<u>long<u>b<|end|><|en";
+    int32_t *ids;
+    size_t n_ids;
+    encode_ok(t, s, strlen(s), 0, &ids, &n_ids);
+    ck_assert_uint_eq(n_ids, 4 + 7 + 4);
+    ck_assert_int_eq(ids[0], 'a');
+    ck_assert_int_eq(ids[1], 260);  /* the longer user-defined text */
+    ck_assert_int_eq(ids[2], 259);
+    ck_assert_int_eq(ids[3], 'b');
+    ck_assert(!contains_id(ids, n_ids, 258) && !contains_id(ids, n_ids, 261));
+    free(ids);
+    encode_ok(t, s, strlen(s), TOKENIZE_PARSE_SPECIAL, &ids, &n_ids);
+    ck_assert_uint_eq(n_ids, 5 + 4);
+    ck_assert_int_eq(ids[4], 258);  /* "<|end|>" beats its prefix "<|end" */
+    ck_assert_int_eq(ids[5], '<');  /* "<|en" is no token text */
+    free(ids);
+    size_t len;
+    encode_ok(t, s, strlen(s), TOKENIZE_PARSE_SPECIAL, &ids, &n_ids);
+    char *text = decode_ok(t, ids, n_ids, 1, &len);
+    ck_assert_str_eq(text, s);
+    free(text);
+    text = decode_ok(t, ids, n_ids, 0, &len);
+    ck_assert_str_eq(text, "a<u>long<u>b<|en");  /* user-defined text shows, control not */
+    free(text);
+    free(ids);
+    tokenizer_free(t);
+}
+END_TEST
+
+/* add_space_prefix = false: no "▁" in front, and decode keeps a leading space. */
+START_TEST(spm_without_space_prefix)
+{
+    const char *path = vocab_path("ggml-vocab-llama-spm.gguf");
+    if (!path) return;
+    gguf_file *f;
+    ck_assert_msg(gguf_open(path, &f, err, sizeof err) == 0, "%s", err);
+    gguf_writer *w = gguf_writer_create();
+    for (int64_t i = 0; i < gguf_n_kv(f); i++) {
+        gguf_str k = gguf_kv_key(f, i);
+        char key[256];
+        snprintf(key, sizeof key, "%.*s", (int)k.len, k.data);
+        ck_assert_int_eq(gguf_writer_copy_kv(w, f, key), 0);
+    }
+    gguf_close(f);
+    gguf_writer_set_bool(w, "tokenizer.ggml.add_space_prefix", 0);
+    moe_tokenizer *t, *ref = load_vocab("llama-spm");
+    ck_assert_msg(load_written(w, &t) == 0, "%s", err);
+    int32_t *a, *b;
+    size_t na, nb, len;
+    encode_ok(t, "Hello world", 11, 0, &a, &na);
+    encode_ok(ref, " Hello world", 12, 0, &b, &nb);
+    ck_assert_uint_eq(na + 1, nb);  /* the reference has "▁" + "▁Hello" + ... */
+    ck_assert(memcmp(a + 1, b + 2, (na - 1) * sizeof *a) == 0);
+    char piece[64];
+    ck_assert_int_gt(tokenizer_token_to_piece(t, a[0], 0, piece, sizeof piece), 0);
+    ck_assert_int_ne(piece[0], ' ');
+    free(a);
+    free(b);
+    encode_ok(t, " x", 2, 0, &a, &na);
+    char *text = decode_ok(t, a, na, 0, &len);
+    ck_assert_str_eq(text, " x");
+    free(text);
+    free(a);
+    tokenizer_free(t);
+    tokenizer_free(ref);
+}
+END_TEST
+
 START_TEST(hostile_metadata)
 {
     static const char *bad_merges[][2] = {
@@ -1093,6 +1178,8 @@ int main(void)
     tcase_set_timeout(meta, 60);
     tcase_add_test(meta, tiny_vocab_loads);
     tcase_add_test(meta, hostile_metadata);
+    tcase_add_test(meta, special_text_matching);
+    tcase_add_test(meta, spm_without_space_prefix);
     suite_add_tcase(s, meta);
 
     TCase *uni = tcase_create("unicode");
