@@ -357,9 +357,25 @@ static int parse_prompts(json_t *o, const api_model *am, api_infer *q, char *err
     return 0;
 }
 
-/* KV blocks are reserved for the whole request: it must fit the pool at all. */
+/* KV blocks are reserved for the whole request: it must fit the pool at all.
+ * Optional outputs are bounded too, so one request cannot ask for gigabytes. */
+#define API_MAX_OUTPUT_CELLS (16L << 20)
+
 static int check_fits(const api_model *am, const api_infer *q, char *err, size_t errlen)
 {
+    const moe_hparams *hp = &am->model->weights.hp;
+    long route_cells = 0, full_cells = 0;
+    for (int i = 0; i < q->n_prompts; i++) {
+        long pos = (long)q->n_prompt[i] + q->spec.max_tokens;
+        if (q->spec.routing) route_cells += pos * hp->n_layer * (hp->n_expert_used > 0 ? hp->n_expert_used : 0);
+        if (q->spec.full_logits) full_cells += hp->n_vocab;
+    }
+    if (route_cells > API_MAX_OUTPUT_CELLS || full_cells > API_MAX_OUTPUT_CELLS) {
+        snprintf(err, errlen, "the requested %s output is too large (%ld values, at most %ld): "
+                 "ask for fewer prompts or tokens", route_cells > API_MAX_OUTPUT_CELLS ? "routing" : "full_logits",
+                 route_cells > full_cells ? route_cells : full_cells, API_MAX_OUTPUT_CELLS);
+        return 413;
+    }
     for (int i = 0; i < q->n_prompts; i++) {
         long need = (long)q->n_prompt[i] + (q->spec.max_tokens > 0 ? q->spec.max_tokens - 1 : 0);
         if (need > am->max_seq_len) need = am->max_seq_len;
