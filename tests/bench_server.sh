@@ -18,7 +18,14 @@ VOCAB="$SHARED/testdata/vocab/ggml-vocab-llama-spm.gguf"
 PORT=${BENCH_PORT:-18080}
 URL="http://127.0.0.1:$PORT"
 
-command -v wrk >/dev/null || { echo "bench-server: wrk not installed (apt-get install wrk)" >&2; exit 1; }
+if ! command -v wrk >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "bench-server: installing wrk"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >/dev/null ||
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >/dev/null; }
+    fi
+    command -v wrk >/dev/null || { echo "bench-server: wrk not installed (apt-get install wrk)" >&2; exit 1; }
+fi
 if [ ! -f "$MODEL" ]; then
     echo "== writing the bench preset ($ARCH) to $MODEL (once; a few GB)"
     if [ -f "$VOCAB" ]; then
@@ -67,7 +74,7 @@ for c in $CONC; do
         g = g1 - g0; ts = ts1 - ts0; tc = tc1 - tc0
         for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
         printf "%-6d %10.1f %10.2f %10.1f %10.1f %10.1f %8d\n", c, g / v["seconds"], v["requests"] / v["seconds"],
-               v["p50_ms"], v["p99_ms"], tc > 0 ? ts / tc * 1000 : 0, v["errors"] }'
+               v["p50_ms"], v["p99_ms"], (tc > 0 ? ts / tc * 1000 : 0), v["errors"] }'
 done
 
 # Liveness while the model is busy: 200 sequential /health probes during a c=16 load.
