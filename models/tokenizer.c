@@ -20,6 +20,20 @@
  * Special tokens: the text of user-defined tokens always becomes that token (as in
  * llama.cpp and HF "added tokens"); with TOKENIZE_PARSE_SPECIAL the text of control
  * and unknown tokens does too. The leftmost match wins, the longest at a position.
+ * Each stretch of text between them is encoded on its own (SPM: with the space
+ * prefix again, as llama.cpp does).
+ *
+ * Detokenizing: control and unknown tokens are silent unless render_special. With
+ * add_space_prefix (SPM) the first piece that has any text loses one leading space,
+ * in tokenizer_decode and in the stream alike (the stream counts such pieces in
+ * n_fed: set n_fed = 1 after tokenizer_stream_init to stream a continuation, e.g.
+ * generated tokens after a prompt, without that).
+ *
+ * Speed (no per-token malloc; scratch is per call, so one tokenizer serves many
+ * threads): repeated words come from a per-call cache; SPM cuts the text where no
+ * merge can cross (see spm_joinable), which leaves the result exactly as if the
+ * whole text were merged at once but keeps the priority queues small. Long inputs
+ * cost O(n log n): no quadratic rescans.
  */
 #include "models/tokenizer.h"
 
