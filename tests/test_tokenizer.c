@@ -889,6 +889,87 @@ START_TEST(hostile_metadata)
 }
 END_TEST
 
+/* Random byte flips in a small vocabulary file: whatever gguf_open_memory accepts,
+ * tokenizer_load either rejects with a message or gives a tokenizer that encodes,
+ * decodes and streams without a crash (the sanitizers watch). */
+static void mutate_and_use(gguf_writer *w, const char *type_name)
+{
+    char path[256];
+    snprintf(path, sizeof path, "%s/fuzz.gguf", tu_tmpdir());
+    ck_assert_msg(gguf_writer_write(w, path, err, sizeof err) == 0, "%s", err);
+    gguf_writer_free(w);
+    size_t size;
+    char *orig = slurp(path, &size);
+    ck_assert_ptr_nonnull(orig);
+    unlink(path);
+    *(strrchr(path, '/')) = '\0';
+    rmdir(path);
+    char *buf = malloc(size);
+    ck_assert_ptr_nonnull(buf);
+    uint64_t x = 0x9E3779B97F4A7C15ull;
+    int opened = 0, loaded = 0;
+    const char *text = "hello <|end|> w\xC3\xB6rld \xFF\xE2\x82 <0x41>  x";
+    for (int iter = 0; iter < 400; iter++) {
+        memcpy(buf, orig, size);
+        int flips = 1 + iter % 4;
+        for (int k = 0; k < flips; k++) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            buf[(x >> 8) % size] = (char)(x >> 40);
+        }
+        gguf_file *f;
+        if (gguf_open_memory(buf, size, &f, err, sizeof err)) continue;
+        opened++;
+        moe_tokenizer *t;
+        int rc = tokenizer_load(f, &t, err, sizeof err);
+        gguf_close(f);
+        if (rc) {
+            ck_assert_int_eq(rc, -1);
+            ck_assert(err[0] != '\0');
+            continue;
+        }
+        loaded++;
+        int32_t *ids;
+        size_t n, len, slen;
+        encode_ok(t, text, strlen(text), TOKENIZE_ADD_SPECIAL | TOKENIZE_PARSE_SPECIAL, &ids, &n);
+        char *out = decode_ok(t, ids, n, 1, &len);
+        free(out);
+        out = stream_all(t, ids, n, &slen);
+        free(out);
+        free(ids);
+        tokenizer_free(t);
+    }
+    printf("  %s: 400 mutated files, %d opened, %d loaded as tokenizers\n", type_name, opened, loaded);
+    free(buf);
+    free(orig);
+}
+
+START_TEST(mutated_files)
+{
+    mutate_and_use(tiny_bpe(), "gpt2");
+    int n = tiny_n_tokens();
+    float scores[259];
+    int32_t types[259];
+    const char *tokens[259];
+    for (int i = 0; i < n; i++) {
+        tokens[i] = tiny_tokens[i];
+        scores[i] = -(float)i;
+        types[i] = 1;
+    }
+    tokens[3] = "<0x41>"; types[3] = 6;
+    tokens[4] = "\xE2\x96\x81h"; types[4] = 1;
+    types[258] = 3;
+    gguf_writer *w = gguf_writer_create();
+    gguf_writer_set_str(w, "tokenizer.ggml.model", "llama");
+    gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", tokens, (uint64_t)n);
+    gguf_writer_set_arr_f32(w, "tokenizer.ggml.scores", scores, (uint64_t)n);
+    gguf_writer_set_arr_i32(w, "tokenizer.ggml.token_type", types, (uint64_t)n);
+    gguf_writer_set_u32(w, "tokenizer.ggml.eos_token_id", 258);
+    mutate_and_use(w, "llama");
+}
+END_TEST
+
 /* ----------------------------------------- SPM cutting is exact ---- */
 
 /* The SPM encoder cuts the text where no token can span (see spm_chunk_end). A copy
@@ -1180,6 +1261,7 @@ int main(void)
     tcase_add_test(meta, hostile_metadata);
     tcase_add_test(meta, special_text_matching);
     tcase_add_test(meta, spm_without_space_prefix);
+    tcase_add_test(meta, mutated_files);
     suite_add_tcase(s, meta);
 
     TCase *uni = tcase_create("unicode");
