@@ -1,6 +1,7 @@
 /* test_tokenizer.c -- the shared llama.cpp test vectors (llama-spm, gpt-2), round
  * trips, streaming, invalid UTF-8, special tokens, long inputs, hostile metadata and
  * the Unicode tables. */
+#include <pthread.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -1143,6 +1144,61 @@ START_TEST(other_pre_tokenizers)
 }
 END_TEST
 
+/* One tokenizer, several threads encoding at once (the server shares it): every
+ * thread gets the single-threaded ids. */
+typedef struct {
+    const moe_tokenizer *t;
+    const vectors *v;
+    int32_t **want;
+    size_t *n_want;
+    int mismatches;
+} encode_job;
+
+static void *encode_worker(void *arg)
+{
+    encode_job *job = arg;
+    char e[256];
+    for (int round = 0; round < 20; round++) {
+        for (int i = 0; i < job->v->n; i++) {
+            int32_t *ids;
+            size_t n;
+            if (tokenizer_encode(job->t, job->v->text[i], job->v->len[i], 0, &ids, &n, e, sizeof e)) {
+                job->mismatches++;
+                continue;
+            }
+            if (n != job->n_want[i] || (n && memcmp(ids, job->want[i], n * sizeof *ids) != 0))
+                job->mismatches++;
+            free(ids);
+        }
+    }
+    return NULL;
+}
+
+START_TEST(concurrent_encoders)
+{
+    moe_tokenizer *t = load_vocab("llama-spm");
+    if (!t) return;
+    vectors v;
+    ck_assert_int_eq(vectors_load(&v, "llama-spm"), 0);
+    int32_t *want[128];
+    size_t n_want[128];
+    for (int i = 0; i < v.n; i++) encode_ok(t, v.text[i], v.len[i], 0, &want[i], &n_want[i]);
+    encode_job jobs[4];
+    pthread_t th[4];
+    for (int k = 0; k < 4; k++) {
+        jobs[k] = (encode_job){t, &v, want, n_want, 0};
+        ck_assert_int_eq(pthread_create(&th[k], NULL, encode_worker, &jobs[k]), 0);
+    }
+    for (int k = 0; k < 4; k++) {
+        pthread_join(th[k], NULL);
+        ck_assert_int_eq(jobs[k].mismatches, 0);
+    }
+    for (int i = 0; i < v.n; i++) free(want[i]);
+    vectors_free(&v);
+    tokenizer_free(t);
+}
+END_TEST
+
 START_TEST(fingerprints)
 {
     moe_tokenizer *a = load_vocab("llama-spm");
@@ -1239,6 +1295,7 @@ int main(void)
     tcase_add_test(vec, round_trip_gpt2);
     tcase_add_test(vec, stream_whole_characters);
     tcase_add_test(vec, fingerprints);
+    tcase_add_test(vec, concurrent_encoders);
     suite_add_tcase(s, vec);
 
     TCase *edge = tcase_create("edges");
