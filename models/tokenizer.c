@@ -381,10 +381,14 @@ static const pretok pretok_table[] = {
     {"gpt-2", gpt2_word, 0},
     {"gpt2", gpt2_word, 0},
     {"olmo", gpt2_word, 0},       /* OLMoE: GPT-2's regex */
+    {"mpt", gpt2_word, 0},
+    {"jais", gpt2_word, 0},
     {"llama3", llama3_word, 1},
     {"llama-v3", llama3_word, 1},
     {"llama-bpe", llama3_word, 1},
+    {"falcon3", llama3_word, 1},
     {"qwen2", qwen2_word, 0},     /* Qwen1.5/2/3 MoE */
+    {"deepseek-r1-qwen", qwen2_word, 0},
 };
 
 static const pretok *pretok_find(const char *name)
