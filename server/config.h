@@ -25,6 +25,7 @@ typedef struct {
     char *host;              /* owned; default 127.0.0.1 */
     int port;                /* 0: any free port (the log line says which) */
     int threads;             /* compute threads per model (0: online CPUs) */
+    int compute_nice;        /* nice increment of compute threads (the loop keeps 0) */
     int max_seqs;            /* sequences decoding at once per model */
     int max_batch_tokens;    /* token budget of one step */
     int batch_wait_us;       /* window for near-simultaneous arrivals */

@@ -13,7 +13,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 #include <uv.h>
@@ -548,6 +550,15 @@ static void *loader_main(void *arg)
 {
     moe_server *s = arg;
     const server_config *c = s->cfg;
+    /* Linux nice values are per thread and inherited: the scheduler and the engine's
+     * pool threads created below run at this priority, the loop thread keeps its own. */
+    if (c->compute_nice > 0) {
+        id_t tid = (id_t)syscall(SYS_gettid);
+        errno = 0;
+        int cur = getpriority(PRIO_PROCESS, tid);
+        if (errno == 0 && setpriority(PRIO_PROCESS, tid, cur + c->compute_nice))
+            log_event(c->log_fmt, "warn", "--compute-nice %d: %s", c->compute_nice, strerror(errno));
+    }
     for (int i = 0; i < s->n_models && !atomic_load(&s->loader_cancel); i++) {
         char err[400];
         double t0 = mono_now();

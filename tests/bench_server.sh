@@ -4,13 +4,14 @@
 # 1, 4, 16 and 64. Prints aggregate generated tok/s, requests/s, p50/p99 latency,
 # mean time to first token, /health p99 while busy, and start-to-ready time.
 # Figures, not tests: docs/PERFORMANCE.md records them next to `moe bench`.
-#   BENCH_ARCH (qwen3moe), BENCH_THREADS (2), BENCH_SECONDS per level (20),
+#   BENCH_ARCH (qwen3moe), BENCH_THREADS (2), BENCH_SECONDS per level (30; at least
+#   2 s per client so that every level completes several requests),
 #   BENCH_CONC ("1 4 16 64"), BENCH_MODEL (a GGUF to use instead of the preset).
 set -e
 BUILD=${1:-build}
 ARCH=${BENCH_ARCH:-qwen3moe}
 THREADS=${BENCH_THREADS:-2}
-SECONDS_PER=${BENCH_SECONDS:-20}
+SECONDS_PER=${BENCH_SECONDS:-30}
 CONC=${BENCH_CONC:-"1 4 16 64"}
 SHARED=${MOE_SHARED:-../shared}
 MODEL=${BENCH_MODEL:-$BUILD/bench-$ARCH.gguf}
@@ -46,7 +47,7 @@ t0=$(now_ms)
 "$BUILD/moeserve" --model "bench=$MODEL" --port "$PORT" --threads "$THREADS" --max-seqs 64 \
     --max-batch-tokens 512 --quiet 2>"$LOG" &
 PID=$!
-trap 'kill $PID 2>/dev/null; rm -f "$LOG"' EXIT INT TERM
+trap 'kill $PID 2>/dev/null; rm -f "$LOG"; true' EXIT INT TERM
 until curl -sf "$URL/ready" >/dev/null 2>&1; do
     kill -0 $PID 2>/dev/null || { cat "$LOG"; exit 1; }
     sleep 0.01
@@ -65,7 +66,9 @@ for c in $CONC; do
     g0=$(metric moeserve_generated_tokens_total)
     ts0=$(metric moeserve_time_to_first_token_seconds_sum)
     tc0=$(metric moeserve_time_to_first_token_seconds_count)
-    out=$(wrk -t $([ "$c" -ge 2 ] && echo 2 || echo 1) -c "$c" -d "${SECONDS_PER}s" --timeout 120s \
+    d=$SECONDS_PER
+    [ $((2 * c)) -gt "$d" ] && d=$((2 * c))
+    out=$(wrk -t $([ "$c" -ge 2 ] && echo 2 || echo 1) -c "$c" -d "${d}s" --timeout 600s \
         -s tests/server/bench.lua "$URL/infer" | grep '^BENCH')
     g1=$(metric moeserve_generated_tokens_total)
     ts1=$(metric moeserve_time_to_first_token_seconds_sum)
