@@ -758,7 +758,7 @@ START_TEST(label_lists_are_checked)
     ck_assert_int_eq(ensemble_labels_check(empty, 2, err, sizeof err), -1);
     ck_assert_ptr_nonnull(strstr(err, "labels[1] is empty"));
     static const char *many[ENSEMBLE_MAX_LABELS + 1];
-    static char text[ENSEMBLE_MAX_LABELS + 1][8];
+    static char text[ENSEMBLE_MAX_LABELS + 1][16];
     for (int i = 0; i <= ENSEMBLE_MAX_LABELS; i++) {
         snprintf(text[i], sizeof text[i], "l%d", i);
         many[i] = text[i];
