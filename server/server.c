@@ -9,6 +9,7 @@
 #include <netdb.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -717,6 +718,17 @@ static int resolve(const char *host, int port, struct sockaddr_storage *ss, sock
     return 0;
 }
 
+/* libmicrohttpd's own messages go through our log (so --log-format json holds). */
+static void mhd_logger(void *cls, const char *fmt, va_list ap)
+{
+    const server_config *c = cls;
+    char msg[512];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    size_t n = strlen(msg);
+    while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r')) msg[--n] = 0;
+    log_event(c->log_fmt, "warn", "libmicrohttpd: %s", msg);
+}
+
 static void init_timer(moe_server *s, uv_timer_t *t)
 {
     uv_timer_init(&s->loop, t);
@@ -751,6 +763,7 @@ int server_create(const server_config *cfg, moe_server **out, char *err, size_t 
                               MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)60,
                               MHD_OPTION_CONNECTION_LIMIT, (unsigned)4096,
                               MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned)1,
+                              MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, (void *)cfg,
                               MHD_OPTION_END);
     if (!s->mhd) {
         snprintf(err, errlen, "cannot listen on %s:%d (%s)", cfg->host, cfg->port, strerror(errno));
