@@ -14,6 +14,9 @@
  * same tokens) and scratch sized at create, so a step allocates nothing. Members
  * must share one vocabulary; checking that is the caller's job. Pure math: no
  * I/O, no JSON. The exact formulas are in docs/ENSEMBLES.md.
+ *
+ * Not thread-safe: when members run on different scheduler threads, the caller
+ * serialises set_row/step on one ensemble (a mutex per request is enough).
  */
 #ifndef MOE_CORE_ENSEMBLE_H
 #define MOE_CORE_ENSEMBLE_H

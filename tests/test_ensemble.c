@@ -414,6 +414,18 @@ START_TEST(vote_ties_follow_the_rules)
     ck_assert_int_eq(r.token, 3);
     ensemble_free(e);
 
+    /* Exact ties in the combined distribution (greedy mean methods) and in a
+     * member's own argmax go to the lower id. */
+    float tie[V] = {0, 3.0f, 0, 0, 0, 0, 3.0f, 0};
+    const float *tt[2] = {tie, tie};
+    for (int m = 0; m < 3; m++) {
+        e = make(2, V, half, (ensemble_method)m, settings(0.0f, 1));
+        ck_assert_int_eq(ensemble_step_rows(e, tt, NULL, 0, &r, err, sizeof err), 0);
+        ck_assert_int_eq(r.token, 1);
+        ck_assert_int_eq(r.members[0].token, 1);
+        ensemble_free(e);
+    }
+
     /* More weight wins over more probability. */
     double w64[2] = {0.6, 0.4};
     float x[V] = {0, 1.0f, 0, 0, 0, 0, 0, 0}, y[V] = {0, 0, 0, 0, 0, 0, 9.0f, 0};
@@ -713,6 +725,14 @@ START_TEST(labels_combine_as_computed_by_hand)
     double sym[6] = {-0.5, -3.0, -2.0, -2.0, -3.0, -0.5};
     ck_assert_int_eq(ensemble_labels(e, 3, sym, &r, err, sizeof err), 0);
     ck_assert_int_eq(r.label, 0);
+    double flat[6] = {-2.0, -1.0, -1.0, -2.0, -1.0, -1.0};   /* labels 1 and 2 tie everywhere */
+    for (int m = 0; m < 3; m++) {
+        ensemble *f = make(2, 10, half, (ensemble_method)m, settings(0.0f, 1));
+        ck_assert_int_eq(ensemble_labels(f, 3, flat, &r, err, sizeof err), 0);
+        ck_assert_int_eq(r.label, 1);
+        ck_assert_int_eq(r.members[0].token, 1);
+        ensemble_free(f);
+    }
     /* One label; -inf and NaN scores stay finite. */
     double one[2] = {-3.0, -7.0};
     ck_assert_int_eq(ensemble_labels(e, 1, one, &r, err, sizeof err), 0);
