@@ -41,12 +41,14 @@ struct ensemble {
     int32_t best[ENSEMBLE_MAX_MEMBERS];  /* argmax of the member's penalised logits */
     uint8_t *seen;                       /* (n_vocab) penalty applied to this id (cleared after) */
 
+    double *ex;                          /* (n_vocab) exp(z_ij) of the member being summed */
     double *acc;                         /* (n_vocab) combined, unnormalised: prob or log domain */
     int acc_is_log;                      /* mean_logprob: acc holds sum_i w_i z_ij */
     double acc_norm;                     /* log of acc's normaliser (log total or lse) */
-    float *lp;                           /* (n_vocab) combined log-probabilities */
-    float *draw;                         /* (n_vocab) lp shifted so its top is 0: the sampler's input */
-    int stepped;                         /* a step has filled z, lse, lp */
+    int32_t acc_top;                     /* argmax of acc, lowest id on ties */
+    float *draw;                         /* (n_vocab) combined log-probs shifted so the top is 0:
+                                          * the sampler's input (filled only to sample) */
+    int stepped;                         /* a step has filled z, lse, acc */
     ensemble_member_vote vote[ENSEMBLE_MAX_MEMBERS];
 
     uint64_t steps;
@@ -172,11 +174,11 @@ int ensemble_create(int n_members, int n_vocab, const char *const *names, const 
     e->z = malloc(nm * nv * sizeof *e->z);
     e->seen = calloc(nv, 1);
     e->acc = malloc(nv * sizeof *e->acc);
-    e->lp = malloc(nv * sizeof *e->lp);
+    e->ex = malloc(nv * sizeof *e->ex);
     e->draw = malloc(nv * sizeof *e->draw);
     e->lab_q = malloc(nm * ENSEMBLE_MAX_LABELS * sizeof *e->lab_q);
     e->lab_logq = malloc(nm * ENSEMBLE_MAX_LABELS * sizeof *e->lab_logq);
-    if (!e->z || !e->seen || !e->acc || !e->lp || !e->draw || !e->lab_q || !e->lab_logq) goto oom;
+    if (!e->z || !e->seen || !e->acc || !e->ex || !e->draw || !e->lab_q || !e->lab_logq) goto oom;
     *out = e;
     return 0;
 oom:
@@ -192,7 +194,7 @@ void ensemble_free(ensemble *e)
     free(e->z);
     free(e->seen);
     free(e->acc);
-    free(e->lp);
+    free(e->ex);
     free(e->draw);
     free(e->lab_q);
     free(e->lab_logq);
@@ -252,16 +254,23 @@ static void member_prepare(ensemble *e, int i, const int32_t *history, size_t n_
     int b = argmax(z, V);
     float m = z[b], inv_t = e->inv_t;
     e->best[i] = b;
+    /* exp(z) is kept in ex for mean_prob's sum, so each entry costs one exp. */
+    double s = 0.0, *ex = e->ex;
     if (!(m > -INFINITY)) {                       /* all -inf or NaN */
-        for (int j = 0; j < V; j++) z[j] = -INFINITY;
+        for (int j = 0; j < V; j++) { z[j] = -INFINITY; ex[j] = 0.0; }
         z[b] = 0.0f;
+        ex[b] = s = 1.0;
     } else if (m == INFINITY) {
-        for (int j = 0; j < V; j++) z[j] = z[j] == INFINITY ? 0.0f : -INFINITY;
+        for (int j = 0; j < V; j++) {
+            z[j] = z[j] == INFINITY ? 0.0f : -INFINITY;
+            s += ex[j] = exp((double)z[j]);
+        }
     } else {
-        for (int j = 0; j < V; j++) z[j] = z[j] == z[j] ? (z[j] - m) * inv_t : -INFINITY;
+        for (int j = 0; j < V; j++) {
+            z[j] = z[j] == z[j] ? (z[j] - m) * inv_t : -INFINITY;
+            s += ex[j] = exp((double)z[j]);
+        }
     }
-    double s = 0.0;
-    for (int j = 0; j < V; j++) s += exp((double)z[j]);
     e->lse[i] = log(s);
 }
 
@@ -282,39 +291,44 @@ static int argmax_d(const double *x, int n)
 
 /* Combination -------------------------------------------------------------- */
 
-/* acc_j = sum_i w_i p_i(j): the mean of the members' distributions. */
-static void combine_mean_prob(ensemble *e)
+/* Prepares every member (z, lse) and adds each into acc_j = sum_i w_i p_i(j)
+ * while its exp(z) is still in ex. prepared: the members' z and lse are done
+ * already (mean_logprob's fallback), only exp(z) is recomputed. */
+static void combine_mean_prob(ensemble *e, const int32_t *history, size_t n_history, int prepared)
 {
     int V = e->n_vocab;
     memset(e->acc, 0, (size_t)V * sizeof *e->acc);
     for (int i = 0; i < e->n_members; i++) {
+        if (!prepared) member_prepare(e, i, history, n_history);
         if (e->w[i] == 0.0) continue;
-        const float *z = e->z + (size_t)i * (size_t)V;
+        if (prepared) {
+            const float *z = e->z + (size_t)i * (size_t)V;
+            for (int j = 0; j < V; j++) e->ex[j] = exp((double)z[j]);
+        }
         double c = e->w[i] * exp(-e->lse[i]);
-        for (int j = 0; j < V; j++) e->acc[j] += c * exp((double)z[j]);
+        for (int j = 0; j < V; j++) e->acc[j] += c * e->ex[j];
     }
     double total = 0.0;
-    for (int j = 0; j < V; j++) total += e->acc[j];
-    int top = argmax_d(e->acc, V);
-    double lt = log(total), ltop = log(e->acc[top]);
+    int top = 0;
     for (int j = 0; j < V; j++) {
-        double l = log(e->acc[j]);                 /* 0 -> -inf */
-        e->lp[j] = (float)(l - lt);
-        e->draw[j] = (float)(l - ltop);
+        total += e->acc[j];
+        if (e->acc[j] > e->acc[top]) top = j;
     }
     e->acc_is_log = 0;
-    e->acc_norm = lt;
+    e->acc_norm = log(total);
+    e->acc_top = top;
 }
 
 /* acc_j = sum_i w_i z_ij (a product of experts; each member's lse is a constant
  * shift that renormalising removes). Members of weight 0 are left out, so their
  * -inf entries cannot make 0 * -inf. With no token possible under every weighted
- * member the product is empty: fall back to mean_prob. */
-static void combine_mean_logprob(ensemble *e)
+ * member the product is empty: fall back to mean_prob (members already prepared). */
+static void combine_mean_logprob(ensemble *e, const int32_t *history, size_t n_history)
 {
     int V = e->n_vocab;
     memset(e->acc, 0, (size_t)V * sizeof *e->acc);
     for (int i = 0; i < e->n_members; i++) {
+        member_prepare(e, i, history, n_history);
         if (e->w[i] == 0.0) continue;
         const float *z = e->z + (size_t)i * (size_t)V;
         double w = e->w[i];
@@ -323,25 +337,35 @@ static void combine_mean_logprob(ensemble *e)
     int top = argmax_d(e->acc, V);
     double smax = e->acc[top];
     if (!(smax > -INFINITY)) {
-        combine_mean_prob(e);
+        combine_mean_prob(e, NULL, 0, 1);
         return;
     }
     double s = 0.0;
     for (int j = 0; j < V; j++) s += exp(e->acc[j] - smax);
-    double lse = smax + log(s);
-    for (int j = 0; j < V; j++) {
-        e->lp[j] = (float)(e->acc[j] - lse);
-        e->draw[j] = (float)(e->acc[j] - smax);
-    }
     e->acc_is_log = 1;
-    e->acc_norm = lse;
+    e->acc_norm = smax + log(s);
+    e->acc_top = top;
 }
 
-/* The combined distribution's probability of t. */
-static double combined_prob(const ensemble *e, int32_t t)
+/* The combined distribution's log-probability of t. */
+static double combined_logprob(const ensemble *e, int32_t t)
 {
     double a = e->acc[t];
-    return e->acc_is_log ? exp(a - e->acc_norm) : exp(log(a) - e->acc_norm);
+    return e->acc_is_log ? a - e->acc_norm : log(a) - e->acc_norm;
+}
+
+/* The row the sampler draws the combined token from: log-probabilities shifted so
+ * the top is 0. With a single weighted member that is its own z row, handed over
+ * as is, so the draw is bit for bit the single model's. */
+static const float *draw_row(ensemble *e)
+{
+    int V = e->n_vocab, only = -1, n_weighted = 0;
+    for (int i = 0; i < e->n_members; i++)
+        if (e->w[i] > 0.0) { only = i; n_weighted++; }
+    if (n_weighted == 1 && !e->acc_is_log) return e->z + (size_t)only * (size_t)V;
+    double top = combined_logprob(e, e->acc_top);
+    for (int j = 0; j < V; j++) e->draw[j] = (float)(combined_logprob(e, j) - top);
+    return e->draw;
 }
 
 /* Vote --------------------------------------------------------------------- */
@@ -413,12 +437,10 @@ int ensemble_step(ensemble *e, const int32_t *history, size_t n_history, ensembl
             return -1;
         }
     }
-    for (int i = 0; i < M; i++) {
-        member_prepare(e, i, history, n_history);
-        e->have_row[i] = 0;
-    }
-    if (e->method == ENSEMBLE_MEAN_LOGPROB) combine_mean_logprob(e);
-    else combine_mean_prob(e);
+    for (int i = 0; i < M; i++) e->have_row[i] = 0;
+    /* The penalty is applied once per member, inside the combination's pass. */
+    if (e->method == ENSEMBLE_MEAN_LOGPROB) combine_mean_logprob(e, history, n_history);
+    else combine_mean_prob(e, history, n_history, 0);
     e->stepped = 1;
 
     int32_t pick[ENSEMBLE_MAX_MEMBERS], chosen;
@@ -430,14 +452,14 @@ int ensemble_step(ensemble *e, const int32_t *history, size_t n_history, ensembl
         chosen = vote_tally(M, pick, e->w, e->acc);   /* acc: sum_i w_i p_i (mean_prob) */
     } else {
         for (int i = 0; i < M; i++) pick[i] = e->best[i];
-        chosen = e->greedy ? argmax_d(e->acc, V) : sampler_sample(e->smp, e->draw, NULL, 0);
+        chosen = e->greedy ? e->acc_top : sampler_sample(e->smp, draw_row(e), NULL, 0);
     }
     for (int i = 0; i < M; i++) {
         own[i] = member_prob(e, i, pick[i]);
         prob[i] = member_prob(e, i, chosen);
     }
     out->token = chosen;
-    out->prob = (float)combined_prob(e, chosen);
+    out->prob = (float)exp(combined_logprob(e, chosen));
     out->agreement = record_votes(e, pick, own, prob, chosen);
     out->members = e->vote;
     return 0;
@@ -455,26 +477,42 @@ int ensemble_step_rows(ensemble *e, const float *const *rows, const int32_t *his
     return ensemble_step(e, history, n_history, out, err, errlen);
 }
 
-const float *ensemble_logprobs(const ensemble *e)
+double ensemble_logprob(const ensemble *e, int member, int32_t token)
 {
-    return e->lp;
+    if (!e->stepped || member < -1 || member >= e->n_members || token < 0 || token >= e->n_vocab)
+        return -INFINITY;
+    if (member < 0) return combined_logprob(e, token);
+    return (double)e->z[(size_t)member * (size_t)e->n_vocab + (size_t)token] - e->lse[member];
 }
 
-/* Top-n selection: a min-heap of the n best seen so far (root = worst kept). */
-static int top_better(float va, int32_t a, float vb, int32_t b)
+int ensemble_logprobs(const ensemble *e, int member, float *out)
 {
-    return va > vb || (va == vb && a < b);
+    if (!e->stepped || member < -1 || member >= e->n_members || !out) return -1;
+    for (int j = 0; j < e->n_vocab; j++) out[j] = (float)ensemble_logprob(e, member, j);
+    return 0;
 }
 
-static void top_sift(int32_t *ids, float *v, int n, int i)
+/* Top-n selection over a key that orders like the log-probability (acc for the
+ * combination, z for a member): a min-heap of ids, root = worst kept. */
+static double top_key(const ensemble *e, int member, int32_t j)
+{
+    return member < 0 ? e->acc[j] : (double)e->z[(size_t)member * (size_t)e->n_vocab + (size_t)j];
+}
+
+static int top_better(const ensemble *e, int member, int32_t a, int32_t b)
+{
+    double ka = top_key(e, member, a), kb = top_key(e, member, b);
+    return ka > kb || (ka == kb && a < b);
+}
+
+static void top_sift(const ensemble *e, int member, int32_t *ids, int n, int i)
 {
     for (;;) {
         int l = 2 * i + 1, r = l + 1, w = i;
-        if (l < n && top_better(v[w], ids[w], v[l], ids[l])) w = l;
-        if (r < n && top_better(v[w], ids[w], v[r], ids[r])) w = r;
+        if (l < n && top_better(e, member, ids[w], ids[l])) w = l;
+        if (r < n && top_better(e, member, ids[w], ids[r])) w = r;
         if (w == i) return;
-        int32_t ti = ids[i]; ids[i] = ids[w]; ids[w] = ti;
-        float tv = v[i]; v[i] = v[w]; v[w] = tv;
+        int32_t t = ids[i]; ids[i] = ids[w]; ids[w] = t;
         i = w;
     }
 }
@@ -484,24 +522,19 @@ int ensemble_top(const ensemble *e, int member, int n, int32_t *ids, float *logp
     if (!e->stepped || n <= 0 || member < -1 || member >= e->n_members || !ids || !logprobs) return 0;
     int V = e->n_vocab;
     if (n > V) n = V;
-    const float *row = member < 0 ? e->lp : e->z + (size_t)member * (size_t)V;
-    float shift = member < 0 ? 0.0f : (float)e->lse[member];
-    for (int j = 0; j < n; j++) { ids[j] = j; logprobs[j] = row[j]; }
-    for (int j = n / 2 - 1; j >= 0; j--) top_sift(ids, logprobs, n, j);
+    for (int j = 0; j < n; j++) ids[j] = j;
+    for (int j = n / 2 - 1; j >= 0; j--) top_sift(e, member, ids, n, j);
     for (int j = n; j < V; j++) {
-        if (top_better(row[j], j, logprobs[0], ids[0])) {
+        if (top_better(e, member, j, ids[0])) {
             ids[0] = j;
-            logprobs[0] = row[j];
-            top_sift(ids, logprobs, n, 0);
+            top_sift(e, member, ids, n, 0);
         }
     }
     for (int end = n - 1; end > 0; end--) {   /* heap sort: worst to the back */
-        int32_t ti = ids[0]; ids[0] = ids[end]; ids[end] = ti;
-        float tv = logprobs[0]; logprobs[0] = logprobs[end]; logprobs[end] = tv;
-        top_sift(ids, logprobs, end, 0);
+        int32_t t = ids[0]; ids[0] = ids[end]; ids[end] = t;
+        top_sift(e, member, ids, end, 0);
     }
-    if (member >= 0)
-        for (int j = 0; j < n; j++) logprobs[j] = (float)((double)logprobs[j] - (double)shift);
+    for (int j = 0; j < n; j++) logprobs[j] = (float)ensemble_logprob(e, member, ids[j]);
     return n;
 }
 

@@ -93,13 +93,17 @@ int ensemble_step(ensemble *e, const int32_t *history, size_t n_history, ensembl
 int ensemble_step_rows(ensemble *e, const float *const *rows, const int32_t *history,
                        size_t n_history, ensemble_result *out, char *err, size_t errlen);
 
-/* The last step's combined distribution as log-probabilities (n_vocab, -inf for
- * impossible tokens): after penalty and temperature (temperature 0 uses 1), before
- * top-k/top-p/min-p. For vote it is the mean_prob distribution (its tie-break). */
-const float *ensemble_logprobs(const ensemble *e);
-/* The n most probable tokens of the last step (member -1: combined; else that
- * member's own distribution), best first, lower id on ties. Returns how many were
- * written (min(n, n_vocab); 0 before the first step or for a bad member). */
+/* The last step's distributions as log-probabilities (-inf for impossible
+ * tokens): member -1 is the combination, 0..n_members-1 a member's own. After
+ * penalty and temperature (temperature 0 uses 1), before top-k/top-p/min-p; for
+ * vote the combination is the mean_prob distribution (its tie-break). Computed on
+ * request from the step's state, so a step that nobody asks about pays no logs. */
+double ensemble_logprob(const ensemble *e, int member, int32_t token);
+/* The whole row into out (n_vocab floats); -1 before the first step or for a bad member. */
+int ensemble_logprobs(const ensemble *e, int member, float *out);
+/* The n most probable tokens (member as above), best first, lower id on ties.
+ * Returns how many were written (min(n, n_vocab); 0 before the first step or for
+ * a bad member). */
 int ensemble_top(const ensemble *e, int member, int n, int32_t *ids, float *logprobs);
 
 void ensemble_summary_get(const ensemble *e, ensemble_summary *out);

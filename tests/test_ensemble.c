@@ -95,6 +95,15 @@ static int argmax_float(const float *x, int n)
     return b;
 }
 
+/* The last step's combined log-probability row (vocabularies here are small). */
+static const float *combined_row(const ensemble *e)
+{
+    static float row[1024];
+    ck_assert_int_le(ensemble_n_vocab(e), 1024);
+    ck_assert_int_eq(ensemble_logprobs(e, -1, row), 0);
+    return row;
+}
+
 /* Methods and validation --------------------------------------------------- */
 
 START_TEST(method_names_parse)
@@ -204,7 +213,7 @@ static void check_mean_method(ensemble_method method)
         ck_assert_msg(ensemble_step_rows(e, (const float *const *)rows, NULL, 0, &r, err, sizeof err) == 0,
                       "%s", err);
         direct_combined(M, V, rows, w, method, T, p);
-        const float *lp = ensemble_logprobs(e);
+        const float *lp = combined_row(e);
         for (int j = 0; j < V; j++) ck_assert_double_eq_tol(lp[j], log(p[j]), 1e-5);
         ck_assert(r.token >= 0 && r.token < V);
         ck_assert_double_eq_tol(r.prob, p[r.token], 1e-6);
@@ -218,6 +227,7 @@ static void check_mean_method(ensemble_method method)
             ck_assert_double_eq_tol(r.members[i].own_prob, exp(lpm[top]), 1e-6);
             ck_assert_double_eq_tol(r.members[i].weight, w[i] / sw, 1e-7);
             ck_assert_int_eq(r.members[i].agrees, top == r.token);
+            for (int j = 0; j < V; j += 5) ck_assert_double_eq_tol(ensemble_logprob(e, i, j), lpm[j], 1e-5);
             if (top == r.token) agree += w[i] / sw;
         }
         ck_assert_double_eq_tol(r.agreement, agree, 1e-6);
@@ -484,7 +494,7 @@ static void check_equals_single(int copies, ensemble_method method, sampler_para
         direct_log_softmax(pen, V, sp.temperature, lp);
         ck_assert_double_eq_tol(r.prob, exp(lp[want]), 1e-6);
         if (sp.temperature == 0.0f) ck_assert_double_eq_tol(r.prob, sampler_last_prob(s), 1e-6);
-        const float *clp = ensemble_logprobs(e);
+        const float *clp = combined_row(e);
         for (int j = 0; j < V; j += 7) ck_assert_double_eq_tol(clp[j], lp[j], 1e-4);
         ck_assert_double_eq_tol(r.agreement, r.members[0].token == want ? 1.0 : 0.0, 1e-6);
         hist[n_hist++] = want;
@@ -532,7 +542,7 @@ END_TEST
 
 static void assert_no_nan(const ensemble *e, const ensemble_result *r, int M, int V)
 {
-    const float *lp = ensemble_logprobs(e);
+    const float *lp = combined_row(e);
     for (int j = 0; j < V; j++) ck_assert(lp[j] == lp[j] && lp[j] <= 1e-6f);
     ck_assert(r->token >= 0 && r->token < V);
     ck_assert(r->prob == r->prob && r->prob > 0.0f && r->prob <= 1.0f + 1e-6f);
@@ -579,12 +589,20 @@ START_TEST(infinite_and_nan_logits_give_no_nan)
     direct_combined(2, V, dr, w, ENSEMBLE_MEAN_PROB, 1.0, p);
     ck_assert_int_eq(r.token, argmax_double(p, V));
     ck_assert_double_eq_tol(r.prob, p[r.token], 1e-6);
+    ensemble_free(e);
+    /* The same with sampling: temperature applied once, also in the fallback. */
+    e = make(2, V, w, ENSEMBLE_MEAN_LOGPROB, settings(0.5f, 2));
+    direct_combined(2, V, dr, w, ENSEMBLE_MEAN_PROB, 0.5, p);
+    for (int k = 0; k < 20; k++) {
+        ck_assert_int_eq(ensemble_step_rows(e, dis, NULL, 0, &r, err, sizeof err), 0);
+        ck_assert_double_eq_tol(r.prob, p[r.token], 1e-6);
+    }
     /* A masked token is never chosen and has probability 0 in the combination. */
     const float *mm[2] = {masked, masked};
     for (int k = 0; k < 50; k++) {
         ck_assert_int_eq(ensemble_step_rows(e, mm, NULL, 0, &r, err, sizeof err), 0);
         ck_assert(r.token == 1 || r.token == 3);
-        ck_assert(isinf(ensemble_logprobs(e)[0]));
+        ck_assert(isinf(combined_row(e)[0]));
     }
     ensemble_free(e);
     /* An all -inf row is one-hot on its first token, as the sampler falls back. */
@@ -640,9 +658,12 @@ START_TEST(top_entries_are_sorted_best_first)
     int32_t ids[N];
     float lps[N];
     ck_assert_int_eq(ensemble_top(e, -1, N, ids, lps), 0);   /* nothing before a step */
+    static float full[V];
+    ck_assert_int_eq(ensemble_logprobs(e, -1, full), -1);
+    ck_assert(isinf(ensemble_logprob(e, -1, 0)));
     ensemble_result r;
     ck_assert_int_eq(ensemble_step_rows(e, rows, NULL, 0, &r, err, sizeof err), 0);
-    const float *lp = ensemble_logprobs(e);
+    const float *lp = combined_row(e);
     ck_assert_int_eq(ensemble_top(e, -1, N, ids, lps), N);
     ck_assert_int_eq(ids[0], r.token);
     for (int k = 0; k < N; k++) {
@@ -658,6 +679,11 @@ START_TEST(top_entries_are_sorted_best_first)
     ck_assert_int_eq(ids[0], 17);
     ck_assert_int_eq(ids[1], 18);
     for (int k = 0; k < N; k++) ck_assert_double_eq_tol(lps[k], lpm[ids[k]], 1e-5);
+    ck_assert_int_eq(ensemble_logprobs(e, 1, full), 0);
+    for (int j = 0; j < V; j++) ck_assert_double_eq_tol(full[j], lpm[j], 1e-5);
+    ck_assert_int_eq(ensemble_logprobs(e, 2, full), -1);
+    ck_assert(isinf(ensemble_logprob(e, 0, V)));
+    ck_assert(isinf(ensemble_logprob(e, 0, -1)));
     ck_assert_int_eq(ensemble_top(e, 2, N, ids, lps), 0);
     ck_assert_int_eq(ensemble_top(e, -2, N, ids, lps), 0);
     int32_t all[V];
