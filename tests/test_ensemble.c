@@ -538,6 +538,44 @@ START_TEST(two_copies_equal_the_model)
 }
 END_TEST
 
+/* A member of weight 0 is reported but moves nothing: the ensemble chooses what
+ * the other member alone would (mean methods sampled with filters, vote greedy). */
+START_TEST(zero_weight_member_changes_nothing)
+{
+    enum { V = 200, STEPS = 100 };
+    static float a[V], b[V];
+    double w[2] = {0.0, 2.5};
+    sampler_params sp = settings(0.9f, 31);
+    sp.top_k = 30;
+    sp.top_p = 0.9f;
+    for (int m = 0; m < 3; m++) {
+        sampler_params use = sp;
+        if (m == ENSEMBLE_VOTE) use.temperature = 0.0f;
+        ensemble *e = make(2, V, w, (ensemble_method)m, use);
+        sampler *s = NULL;
+        ck_assert_int_eq(sampler_create(V, &use, &s, err, sizeof err), 0);
+        uint64_t over = 0;
+        for (int step = 0; step < STEPS; step++) {
+            random_row(a, V, 4.0);
+            random_row(b, V, 4.0);
+            const float *rows[2] = {a, b};
+            ensemble_result r;
+            ck_assert_int_eq(ensemble_step_rows(e, rows, NULL, 0, &r, err, sizeof err), 0);
+            ck_assert_int_eq(r.token, sampler_sample(s, b, NULL, 0));
+            ck_assert_double_eq(r.members[0].weight, 0.0);
+            ck_assert_int_eq(r.members[0].token, argmax_float(a, V));
+            over += r.members[0].token != r.token;
+        }
+        ensemble_summary sum;
+        ensemble_summary_get(e, &sum);
+        ck_assert_uint_eq(sum.overruled[0], over);
+        ck_assert_uint_gt(over, STEPS / 2);
+        sampler_free(s);
+        ensemble_free(e);
+    }
+}
+END_TEST
+
 /* -inf, NaN and degenerate rows ---------------------------------------------- */
 
 static void assert_no_nan(const ensemble *e, const ensemble_result *r, int M, int V)
@@ -862,6 +900,7 @@ int main(void)
     tcase_add_test(tc, vote_ties_follow_the_rules);
     tcase_add_test(tc, one_member_equals_the_model);
     tcase_add_test(tc, two_copies_equal_the_model);
+    tcase_add_test(tc, zero_weight_member_changes_nothing);
     tcase_add_test(tc, infinite_and_nan_logits_give_no_nan);
     tcase_add_test(tc, summary_counts_agreement_and_overrules);
     tcase_add_test(tc, top_entries_are_sorted_best_first);
