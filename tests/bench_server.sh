@@ -47,7 +47,7 @@ t0=$(now_ms)
 "$BUILD/moeserve" --model "bench=$MODEL" --port "$PORT" --threads "$THREADS" --max-seqs 64 \
     --max-batch-tokens 512 --quiet 2>"$LOG" &
 PID=$!
-trap 'kill $PID 2>/dev/null; rm -f "$LOG"; true' EXIT INT TERM
+trap 'kill $PID 2>/dev/null || true; rm -f "$LOG"' EXIT INT TERM
 until curl -sf "$URL/ready" >/dev/null 2>&1; do
     kill -0 $PID 2>/dev/null || { cat "$LOG"; exit 1; }
     sleep 0.01
