@@ -29,7 +29,7 @@ static const opt_def opts[] = {
     {"batch-wait-us", OPT_INT, OFF(batch_wait_us), 0, 10000000, "N  wait this long for more arrivals before an idle step (default 0)"},
     {"kv-cache-mb", OPT_INT, OFF(kv_cache_mb), 0, 1 << 22, "N  KV cache pool per model in MiB (default: max-seqs full contexts, at most 1024)"},
     {"kv-cache-tokens", OPT_INT, OFF(kv_cache_tokens), 0, 1 << 28, "N  KV cache pool per model in positions (instead of --kv-cache-mb)"},
-    {"ctx", OPT_INT, OFF(ctx), 0, 1 << 24, "N  longest sequence, prompt + generated (default: model context)"},
+    {"ctx", OPT_INT, OFF(ctx), 0, 1 << 24, "N  longest sequence, prompt + generated (default: model context, at most 4096)"},
     {"max-queue", OPT_INT, OFF(max_queue), 0, 1 << 20, "N  waiting requests per model before 503 (default 256)"},
     {"max-body-bytes", OPT_LONG, OFF(max_body_bytes), 1, 1L << 30, "N  largest request body (default 1048576)"},
     {"request-timeout", OPT_SEC, OFF(request_timeout), 0, 0, "SEC  deadline of one request, then 504 (default 600)"},

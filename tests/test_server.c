@@ -338,6 +338,23 @@ START_TEST(health_ready_models_and_paths)
     http(s.port, "POST", "/health", NULL, "{}", &r);
     expect_error(&r, 405, "GET");
     http_resp_free(&r);
+
+    /* Keep-alive with pipelining: two answers on one connection, in order. */
+    int fd = connect_port(s.port);
+    const char *two = "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+                      "POST /infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 30\r\n\r\n"
+                      "{\"prompt\":\"hi\",\"max_tokens\":2}";
+    ck_assert_int_eq(send_all(fd, two, strlen(two)), 0);
+    char all[16384];
+    size_t got = 0;
+    ssize_t k;
+    while (got < sizeof all - 1 && (k = recv(fd, all + got, sizeof all - 1 - got, 0)) > 0) got += (size_t)k;
+    all[got] = 0;
+    close(fd);
+    char *second = strstr(all + 1, "HTTP/1.1 ");
+    ck_assert_msg(!strncmp(all, "HTTP/1.1 200", 12) && second && !strncmp(second, "HTTP/1.1 200", 12),
+                  "pipelined answers: %.300s", all);
+    ck_assert(strstr(second, "\"tokens\""));
     server_stop(&s);
 }
 END_TEST
