@@ -24,6 +24,8 @@
 #include <time.h>
 
 #include "models/synth.h"
+#include "server/api.h"
+#include "server/config.h"
 #include "tests/testutil.h"
 
 static char g_dir[64];
@@ -840,6 +842,98 @@ START_TEST(second_signal_exits_at_once)
 }
 END_TEST
 
+/* Hostile input ------------------------------------------------------------------------ */
+
+START_TEST(hostile_bodies_get_4xx)
+{
+    server s;
+    server_start(&s, (const char *[]){"--model", g_model_a, NULL});
+    char *deep = malloc(200001);
+    for (int i = 0; i < 100000; i++) { deep[i] = '['; deep[100000 + i] = ']'; }
+    deep[200000] = 0;
+    const char *bodies[] = {
+        deep, "", "null", "\"x\"", "{\"prompt\":\"a\\u0000b\",\"max_tokens\":1,\"stop\":[\"\\u0000\"]}",
+        "{\"tokens\":[1e400]}", "{\"tokens\":[99999999999999999999]}", "{\"prompt\":\"hi\",\"prompt\":\"ho\"}",
+        "{\"prompts\":[]}", "{\"prompts\":[1,2]}", "{\"prompts\":[[]]}", "{\"prompt\":\"\\ud800\"}",
+        "{\"max_tokens\":1.5,\"prompt\":\"x\"}", "{\"temperature\":1e309,\"prompt\":\"x\"}",
+        "\xff\xfe{\"prompt\":1}", "{\"prompt\":\"x\",\"logits\":\"all\",\"top_logprobs\":-1}",
+    };
+    for (size_t i = 0; i < sizeof bodies / sizeof *bodies; i++) {
+        http_resp r;
+        http(s.port, "POST", "/infer", NULL, bodies[i], &r);
+        ck_assert_msg(r.status >= 400 && r.status < 500, "body %zu -> %d %.200s", i, r.status, r.body ? r.body : "");
+        json_decref(parse_json(&r));
+        http_resp_free(&r);
+    }
+    free(deep);
+    /* The server still serves. */
+    json_decref(infer_ok(s.port, "{\"prompt\":\"a b\",\"max_tokens\":1}"));
+    ck_assert_int_eq(http_status(s.port, "GET", "/health"), 200);
+    server_stop(&s);
+}
+END_TEST
+
+/* In-process: flags and environment, UTF-8 cleaning -------------------------------------- */
+
+START_TEST(config_flags_and_environment)
+{
+    server_config c;
+    char err[256];
+    setenv("MOESERVE_PORT", "9000", 1);
+    setenv("MOESERVE_MODEL", "x=/m/one.gguf,/m/two.gguf", 1);
+    setenv("MOESERVE_QUIET", "1", 1);
+    server_config_default(&c);
+    char *argv1[] = {"moeserve", "--port", "9001", NULL};
+    ck_assert_int_eq(server_config_parse(&c, 3, argv1, err, sizeof err), 0);
+    ck_assert_int_eq(c.port, 9001);                 /* the flag wins */
+    ck_assert_int_eq(c.n_models, 2);                /* the variable lists several */
+    ck_assert_str_eq(c.models[0].name, "x");
+    ck_assert_str_eq(c.models[1].name, "two");      /* file stem */
+    ck_assert_int_eq(c.quiet, 1);
+    server_config_free(&c);
+    /* Models on the command line replace those of the environment. */
+    server_config_default(&c);
+    char *argv2[] = {"moeserve", "--model=/a/b.c.gguf", "--log-format", "json", "--request-timeout", "2.5", NULL};
+    ck_assert_int_eq(server_config_parse(&c, 6, argv2, err, sizeof err), 0);
+    ck_assert_int_eq(c.n_models, 1);
+    ck_assert_str_eq(c.models[0].name, "b.c");
+    ck_assert_int_eq(c.log_fmt, LOG_JSON);
+    ck_assert(c.request_timeout == 2.5);
+    server_config_free(&c);
+    unsetenv("MOESERVE_MODEL");
+    unsetenv("MOESERVE_QUIET");
+    const char *bad[][4] = {{"moeserve", "--model", "a=x", "--model"}, {"moeserve", "--model", "a=x", "--port=70000"},
+                            {"moeserve", "--model", "a b=x", NULL}, {"moeserve", "--model", "a=x", "--log-format=xml"}};
+    for (int i = 0; i < 4; i++) {
+        server_config_default(&c);
+        int n = bad[i][3] ? 4 : 3;
+        ck_assert_int_eq(server_config_parse(&c, n, (char **)bad[i], err, sizeof err), -1);
+        ck_assert(*err);
+        server_config_free(&c);
+    }
+    setenv("MOESERVE_PORT", "eighty", 1);
+    server_config_default(&c);
+    char *argv3[] = {"moeserve", "--model", "m.gguf", NULL};
+    ck_assert_int_eq(server_config_parse(&c, 3, argv3, err, sizeof err), -1);
+    ck_assert(strstr(err, "port"));
+    server_config_free(&c);
+    unsetenv("MOESERVE_PORT");
+}
+END_TEST
+
+START_TEST(utf8_cleaning)
+{
+    size_t n;
+    char *s = api_utf8_clean("a\xff\xc3\xa9\xe2\x82", 6, &n);
+    ck_assert_str_eq(s, "a\xef\xbf\xbd\xc3\xa9\xef\xbf\xbd\xef\xbf\xbd");
+    ck_assert_int_eq(n, strlen(s));
+    free(s);
+    s = api_utf8_clean("\xed\xa0\x80\xc0\xaf", 5, &n);  /* surrogate, overlong */
+    for (size_t i = 0; i < n; i += 3) ck_assert(!memcmp(s + i, "\xef\xbf\xbd", 3));
+    free(s);
+}
+END_TEST
+
 /* Metrics and logs ---------------------------------------------------------------------- */
 
 START_TEST(metrics_pass_promtool_and_logs_are_json)
@@ -926,6 +1020,9 @@ int main(void)
     if (want(only, "two_models")) tcase_add_test(tc, two_models);
     if (want(only, "sigterm_drains_in_flight_work")) tcase_add_test(tc, sigterm_drains_in_flight_work);
     if (want(only, "second_signal_exits_at_once")) tcase_add_test(tc, second_signal_exits_at_once);
+    if (want(only, "hostile_bodies_get_4xx")) tcase_add_test(tc, hostile_bodies_get_4xx);
+    if (want(only, "config_flags_and_environment")) tcase_add_test(tc, config_flags_and_environment);
+    if (want(only, "utf8_cleaning")) tcase_add_test(tc, utf8_cleaning);
     if (want(only, "metrics_pass_promtool_and_logs_are_json")) tcase_add_test(tc, metrics_pass_promtool_and_logs_are_json);
     suite_add_tcase(s, tc);
     int rc = tu_run_suite(s);
