@@ -243,7 +243,7 @@ static void new_request_id(moe_server *s, conn_ctx *x)
 static enum MHD_Result handle_infer(conn_ctx *x)
 {
     moe_server *s = x->srv;
-    if (s->quiesced || s->shutting_down)
+    if (s->quiesced || s->deadline_passed || s->shutting_down)
         return send_error(x, 503, "the server is shutting down; retry on another replica", 5, NULL);
     if (x->too_big) {
         char msg[160];
@@ -663,7 +663,7 @@ static void on_drain_deadline(uv_timer_t *t)
     moe_server *s = t->data;
     s->deadline_passed = 1;
     if (s->inflight) log_event(s->cfg->log_fmt, "warn", "drain timeout: answering the rest with 503");
-    for (int i = 0; i < s->n_models; i++)
+    for (int i = 0; i < atomic_load_explicit(&s->n_loaded, memory_order_acquire); i++)
         if (s->scheds[i]) sched_abort_all(s->scheds[i]);
     uv_timer_start(&s->drain_grace_timer, on_drain_grace, 2000, 0);
     drain_check(s);
