@@ -27,7 +27,7 @@ typedef struct {
     int threads;             /* compute threads per model (0: online CPUs) */
     int compute_nice;        /* nice increment of compute threads (the loop keeps 0) */
     int max_seqs;            /* sequences decoding at once per model */
-    int max_batch_tokens;    /* token budget of one step */
+    int max_batch_tokens;    /* token budget of one step (0: auto, see server.c) */
     int batch_wait_us;       /* window for near-simultaneous arrivals */
     int kv_cache_mb;         /* KV pool per model in MiB (0: from kv_cache_tokens or auto) */
     int kv_cache_tokens;     /* KV pool per model in positions (0: auto) */

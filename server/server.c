@@ -21,6 +21,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "core/matmul.h"
 #include "server/api.h"
 #include "server/log.h"
 #include "server/metrics.h"
@@ -547,6 +548,18 @@ static void on_async(uv_async_t *a)
 
 static void notify_loop(void *ctx) { uv_async_send(ctx); }
 
+/* The default step budget: core/matmul switches to OpenBLAS sgemm at
+ * matmul_sgemm_min_rows() rows and the two paths round differently, so a step that
+ * stays below the switch computes every row exactly as it would alone (the issue's
+ * "results do not depend on batching"). Larger budgets are allowed by flag. */
+static int auto_batch_tokens(void)
+{
+    int n = matmul_sgemm_min_rows() - 1;
+    if (n > 512) n = 512;
+    if (n < 8) n = 8;
+    return n;
+}
+
 static void *loader_main(void *arg)
 {
     moe_server *s = arg;
@@ -571,7 +584,7 @@ static void *loader_main(void *arg)
             return NULL;
         }
         sched_params sp = {c->threads > 0 ? c->threads : (int)sysconf(_SC_NPROCESSORS_ONLN), c->max_seqs,
-                           c->max_batch_tokens, c->batch_wait_us, c->ctx, c->kv_cache_mb, c->kv_cache_tokens,
+                           c->max_batch_tokens > 0 ? c->max_batch_tokens : auto_batch_tokens(), c->batch_wait_us, c->ctx, c->kv_cache_mb, c->kv_cache_tokens,
                            c->max_queue};
         if (sp.n_threads < 1) sp.n_threads = 1;
         sched *sc;
@@ -589,11 +602,13 @@ static void *loader_main(void *arg)
                              moe_engine_kv_bytes(e), secs);
         log_event(c->log_fmt, "info",
                   "model '%s' loaded from %s: %s, %.1fM parameters (%.1fM active), %d experts (top-%d), "
-                  "%d layers, vocabulary %d, context %d, KV cache %.1f MiB (%d positions), %.0f ms",
+                  "%d layers, vocabulary %d, context %d, KV cache %.1f MiB (%d positions), "
+                  "steps of up to %d tokens / %d sequences, %.0f ms",
                   c->models[i].name, c->models[i].path, moe_arch_get(hp->arch)->name,
                   moe_hparams_n_params(hp, m->tied_output) / 1e6, moe_hparams_n_params_active(hp, m->tied_output) / 1e6,
                   hp->n_expert, hp->n_expert_used, hp->n_layer, hp->n_vocab, sched_max_seq_len(sc),
-                  moe_engine_kv_bytes(e) / 1048576.0, sched_kv_positions(sc), secs * 1e3);
+                  moe_engine_kv_bytes(e) / 1048576.0, sched_kv_positions(sc), sp.max_batch_tokens,
+                  sp.max_seqs < sp.max_batch_tokens ? sp.max_seqs : sp.max_batch_tokens, secs * 1e3);
         s->models[i] = m;
         s->scheds[i] = sc;
         atomic_store_explicit(&s->n_loaded, i + 1, memory_order_release);

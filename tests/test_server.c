@@ -602,7 +602,7 @@ static void *client_main(void *arg)
 START_TEST(batching_gives_the_same_answers)
 {
     server s;
-    server_start(&s, (const char *[]){"--model", g_model_a, "--batch-wait-us", "20000", "--max-batch-tokens", "48", NULL});
+    server_start(&s, (const char *[]){"--model", g_model_a, "--batch-wait-us", "20000", NULL});
     static const char *words[] = {"alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"};
     char bodies[N_CLIENTS][256];
     client alone[N_CLIENTS], together[N_CLIENTS];
