@@ -6,7 +6,8 @@
 # Figures, not tests: docs/PERFORMANCE.md records them next to `moe bench`.
 #   BENCH_ARCH (qwen3moe), BENCH_THREADS (2), BENCH_SECONDS per level (30; at least
 #   2 s per client so that every level completes several requests),
-#   BENCH_CONC ("1 4 16 64"), BENCH_MODEL (a GGUF to use instead of the preset).
+#   BENCH_CONC ("1 4 16 64"), BENCH_MODEL (a GGUF to use instead of the preset),
+#   BENCH_SERVER_ARGS (extra moeserve flags, e.g. "--max-batch-tokens 512").
 set -e
 BUILD=${1:-build}
 ARCH=${BENCH_ARCH:-qwen3moe}
@@ -44,8 +45,8 @@ metric() {  # sum of a metric family's samples
 
 LOG=$(mktemp)
 t0=$(now_ms)
-"$BUILD/moeserve" --model "bench=$MODEL" --port "$PORT" --threads "$THREADS" --max-seqs 64 \
-    --max-batch-tokens 512 --quiet 2>"$LOG" &
+"$BUILD/moeserve" --model "bench=$MODEL" --port "$PORT" --threads "$THREADS" \
+    --quiet $BENCH_SERVER_ARGS 2>"$LOG" &
 PID=$!
 trap 'kill $PID 2>/dev/null || true; rm -f "$LOG"' EXIT INT TERM
 until curl -sf "$URL/ready" >/dev/null 2>&1; do
