@@ -300,6 +300,7 @@ static int gen_decode(const gen_opts *o, gen_state *g, int n_prompt, int *eos_hi
     const moe_tokenizer *tok = g->model->tokenizer;
     tokenizer_stream ts;
     tokenizer_stream_init(&ts);
+    ts.n_fed = 1;  /* the output continues the prompt: keep its first leading space */
     *eos_hit = 0;
     double t0 = now_ms(), t_prefill = 0;
     for (;;) {
@@ -339,6 +340,24 @@ done:
     return rc;
 }
 
+/* The text the generated ids add to the prompt's text. Decoding them alone would
+ * drop the first space (a SentencePiece decode removes the space prefix), so decode
+ * prompt + continuation and skip the prompt's own text. */
+static int continuation_text(const moe_tokenizer *t, const int32_t *ids, size_t n_prompt,
+                             size_t n_gen, char **text, size_t *len, size_t *skip)
+{
+    char err[ERRLEN], *head = NULL;
+    size_t head_len = 0;
+    if (tokenizer_decode(t, ids, n_prompt + n_gen, 0, text, len, err, sizeof err)) return -1;
+    if (tokenizer_decode(t, ids, n_prompt, 0, &head, &head_len, err, sizeof err)) {
+        free(*text);
+        return -1;
+    }
+    *skip = head_len <= *len && memcmp(head, *text, head_len) == 0 ? head_len : 0;
+    free(head);
+    return 0;
+}
+
 static int cmd_generate(int argc, char **argv)
 {
     gen_opts o = {0};
@@ -356,11 +375,11 @@ static int cmd_generate(int argc, char **argv)
         json_ids(stdout, g.ids + n_prompt, (size_t)n);
         printf(", \"text\": ");
         char *text = NULL;
-        size_t len = 0;
+        size_t len = 0, skip = 0;
         if (g.model->tokenizer &&
-            tokenizer_decode(g.model->tokenizer, g.ids + n_prompt, (size_t)n, 0, &text, &len,
-                             err, sizeof err) == 0)
-            json_string(stdout, text, len);
+            continuation_text(g.model->tokenizer, g.ids, (size_t)n_prompt, (size_t)n, &text, &len,
+                              &skip) == 0)
+            json_string(stdout, text + skip, len - skip);
         else
             printf("null");
         free(text);
