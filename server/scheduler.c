@@ -437,6 +437,7 @@ static void admit(sched *s, req_list *done, int *n_dequeued)
         r->n_past = 0;
         r->t_admit = mono_now();
         tokenizer_stream_init(&r->ts);
+        r->ts.n_fed = 1;  /* output continues the prompt: its first space is real */
         s->running[s->n_running++] = r;
     }
 }
