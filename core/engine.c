@@ -233,6 +233,18 @@ void moe_engine_seq_release(moe_engine *e, int seq)
     e->n_past[seq] = 0;
 }
 
+/* Forgets positions [n_pos, ...) of seq: the next batch continues at n_pos and
+ * overwrites them (label scoring tries several continuations of one prompt). */
+int moe_engine_seq_truncate(moe_engine *e, int seq, int n_pos, char *err, size_t errlen)
+{
+    if (seq < 0 || seq >= e->p.max_seqs || n_pos < 0 || n_pos > e->n_past[seq]) {
+        snprintf(err, errlen, "engine: cannot truncate sequence %d to %d positions", seq, n_pos);
+        return -1;
+    }
+    e->n_past[seq] = n_pos;
+    return 0;
+}
+
 /* Batch validation ------------------------------------------------------- */
 
 /* Everything forward will touch is checked here, before any state changes. Returns

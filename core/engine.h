@@ -51,6 +51,9 @@ void moe_engine_free(moe_engine *e);
 
 int moe_engine_seq_reserve(moe_engine *e, int seq, int n_pos, char *err, size_t errlen);
 void moe_engine_seq_release(moe_engine *e, int seq);
+/* Keeps positions [0, n_pos) of seq (n_pos <= what it holds); the next batch
+ * continues at n_pos, overwriting what followed. */
+int moe_engine_seq_truncate(moe_engine *e, int seq, int n_pos, char *err, size_t errlen);
 
 /* logits: (number of rows with want_logits, n_vocab), in batch order.
  * Returns 0, or -1 with a message (bad id, position not reserved, batch too big,

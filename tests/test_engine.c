@@ -530,6 +530,43 @@ START_TEST(one_thread_equals_two)
 }
 END_TEST
 
+/* Truncating a sequence and continuing it differently gives what a fresh
+ * sequence with that continuation gives (label scoring relies on it). */
+START_TEST(truncate_then_continue_equals_fresh)
+{
+    tmodel *m = model_make(0, 77);
+    moe_engine *e = engine_make(m, 1, 0.0f);
+    int V = m->w.hp.n_vocab;
+    int32_t prompt[6], a[3], b[2];
+    random_tokens(prompt, 6, V, 1);
+    random_tokens(a, 3, V, 2);
+    random_tokens(b, 2, V, 3);
+    ck_assert_int_eq(moe_engine_seq_reserve(e, 0, 16, err, sizeof err), 0);
+    ck_assert_int_eq(moe_engine_seq_reserve(e, 1, 16, err, sizeof err), 0);
+    row r[16];
+    int n = 0;
+    for (int i = 0; i < 6; i++) r[n++] = (row){prompt[i], i, 0, 0};
+    for (int i = 0; i < 3; i++) r[n++] = (row){a[i], 6 + i, 0, 1};
+    float *la = calloc((size_t)3 * V, sizeof(float)), *lb = calloc((size_t)2 * V, sizeof(float));
+    float *lf = calloc((size_t)2 * V, sizeof(float));
+    ck_assert_int_eq(run_batch(e, r, n, la), 0);
+    ck_assert_int_ne(moe_engine_seq_truncate(e, 0, 10, err, sizeof err), 0);  /* holds 9 */
+    ck_assert_int_eq(moe_engine_seq_truncate(e, 0, 6, err, sizeof err), 0);
+    n = 0;
+    for (int i = 0; i < 2; i++) r[n++] = (row){b[i], 6 + i, 0, 1};
+    ck_assert_int_eq(run_batch(e, r, n, lb), 0);
+    n = 0;  /* the same continuation on a fresh sequence */
+    for (int i = 0; i < 6; i++) r[n++] = (row){prompt[i], i, 1, 0};
+    for (int i = 0; i < 2; i++) r[n++] = (row){b[i], 6 + i, 1, 1};
+    ck_assert_int_eq(run_batch(e, r, n, lf), 0);
+    for (int i = 0; i < 2 * V; i++)
+        ck_assert_msg(fabsf(lb[i] - lf[i]) <= 1e-4f * (1.0f + fabsf(lf[i])), "logit %d: %g vs %g", i, lb[i], lf[i]);
+    free(la); free(lb); free(lf);
+    moe_engine_free(e);
+    model_free(m);
+}
+END_TEST
+
 /* Errors ------------------------------------------------------------------ */
 
 START_TEST(bad_batches_fail_and_change_nothing)
@@ -714,6 +751,7 @@ int main(void)
     tcase_add_loop_test(tc, matches_reference, 0, CFG_COUNT);
     tcase_add_loop_test(tc, batch_composition_does_not_matter, 0, CFG_COUNT);
     tcase_add_loop_test(tc, one_thread_equals_two, 0, CFG_COUNT);
+    tcase_add_test(tc, truncate_then_continue_equals_fresh);
     tcase_add_test(tc, bad_batches_fail_and_change_nothing);
     tcase_add_test(tc, create_rejects_bad_input);
     tcase_add_test(tc, routed_counters_sum_to_tokens_times_k);
