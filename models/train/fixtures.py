@@ -1,5 +1,7 @@
 """fixtures.py -- golden-test fixtures from the PyTorch model (tests/data/).
 
+  fixtures.py --ckpt WORK/ckpt.pt --corpus CORPUS --out-dir tests/data
+
   <name>.val.u16     the training tokenizer's ids for the whole validation text
                      (last 10% of the corpus bytes), uint16 little-endian
   <name>.golden.bin  "MOEGOLD1", then u32 n_tokens, n_vocab, n_greedy; int32 tokens
@@ -44,3 +46,29 @@ def write(model, tok, val_text, out_dir, log, name="tinyshakespeare-moe"):
     log("fixtures: %d validation ids, %d-token sample, greedy %r (smallest top-2 margin %.4f)"
         % (len(ids), N_SAMPLE, tok.decode(greedy), min(margins)))
     return ids, sample, logits, greedy
+
+
+def main():
+    """Rewrites the fixtures from a training checkpoint (train.py --work DIR/ckpt.pt)."""
+    import argparse
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bpe as bpe_mod
+    from model import Config, MoEModel
+    from train import split_corpus
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--corpus", required=True)
+    ap.add_argument("--out-dir", required=True)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    ck = torch.load(a.ckpt)
+    model = MoEModel(Config(**ck["config"]))
+    model.load_state_dict(ck["state"])
+    tok = bpe_mod.BPE([tuple(p) for p in ck["merges"]])
+    write(model, tok, split_corpus(a.corpus)[1], a.out_dir, print)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
