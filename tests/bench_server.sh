@@ -17,8 +17,7 @@ CONC=${BENCH_CONC:-"1 4 16 64"}
 SHARED=${MOE_SHARED:-../shared}
 MODEL=${BENCH_MODEL:-$BUILD/bench-$ARCH.gguf}
 VOCAB="$SHARED/testdata/vocab/ggml-vocab-llama-spm.gguf"
-PORT=${BENCH_PORT:-18080}
-URL="http://127.0.0.1:$PORT"
+PORT=${BENCH_PORT:-0}   # 0: any free port, read back from the log
 
 if ! command -v wrk >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -49,8 +48,10 @@ t0=$(now_ms)
     --quiet $BENCH_SERVER_ARGS 2>"$LOG" &
 PID=$!
 trap 'kill $PID 2>/dev/null || true; rm -f "$LOG"' EXIT INT TERM
-until curl -sf "$URL/ready" >/dev/null 2>&1; do
+URL=""
+until [ -n "$URL" ] && curl -sf "$URL/ready" >/dev/null 2>&1; do
     kill -0 $PID 2>/dev/null || { cat "$LOG"; exit 1; }
+    [ -z "$URL" ] && URL=$(sed -n 's|.*listening on \(http://[^ ]*\).*|\1|p' "$LOG" | head -n 1)
     sleep 0.01
 done
 t1=$(now_ms)
