@@ -9,11 +9,12 @@
 
 #include "core/model.h"
 #include "models/tokenizer.h"
+#include "server/ensemble_req.h"
 
 static const char *const known_fields[] = {
     "prompt", "tokens", "prompts", "max_tokens", "temperature", "top_k", "top_p", "min_p",
     "repeat_penalty", "repeat_last_n", "seed", "stop", "model", "logits", "top_logprobs",
-    "full_logits", "routing", NULL};
+    "full_logits", "routing", "ensemble", "labels", "label_prefix", NULL};
 
 #define DEFAULT_MAX_TOKENS 16
 #define DEFAULT_TOP_LOGPROBS 5
@@ -210,7 +211,7 @@ static int check_fields(json_t *o, char *err, size_t errlen)
             char *k = api_utf8_clean(key, strlen(key) > 64 ? 64 : strlen(key), &n);
             snprintf(err, errlen, "unknown field '%s'; known fields: prompt, tokens, prompts, max_tokens, "
                      "temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop, model, "
-                     "logits, top_logprobs, full_logits, routing", k ? k : "?");
+                     "logits, top_logprobs, full_logits, routing, ensemble, labels, label_prefix", k ? k : "?");
             free(k);
             return 400;
         }
@@ -402,10 +403,12 @@ int api_parse_infer(const char *body, size_t len, const api_model *models, int n
     int rc;
     if (!json_is_object(o)) rc = fail(err, errlen, 400, "the body must be a JSON object%s", "");
     else if (!(rc = check_fields(o, err, errlen)) && !(rc = pick_model(o, models, n_models, &q->model, err, errlen)) &&
+             (ens_first_member(o, models, n_models, &q->model), 1) &&
              !(rc = parse_sampling(o, &models[q->model], q, err, errlen)) &&
              !(rc = parse_outputs(o, q, err, errlen)) &&
-             !(rc = parse_prompts(o, &models[q->model], q, err, errlen)))
-        rc = check_fits(&models[q->model], q, err, errlen);
+             !(rc = parse_prompts(o, &models[q->model], q, err, errlen)) &&
+             !(rc = check_fits(&models[q->model], q, err, errlen)))
+        rc = ens_parse(o, models, n_models, q, &q->ens, err, errlen);
     json_decref(o);
     if (rc) api_infer_free(q);
     return rc;
@@ -415,6 +418,7 @@ void api_infer_free(api_infer *q)
 {
     for (int i = 0; i < API_MAX_PROMPTS; i++) free(q->prompt[i]);
     for (int i = 0; i < API_MAX_STOPS; i++) free(q->stop[i]);
+    ens_spec_free(q->ens);
     memset(q, 0, sizeof *q);
 }
 

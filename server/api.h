@@ -36,6 +36,7 @@ typedef struct {
     char *stop[API_MAX_STOPS];         /* owned */
     int n_stops;
     sched_spec spec;          /* prompt fields unset; stops point into stop[] */
+    struct ens_spec *ens;     /* owned: "ensemble"/"labels" (server/ensemble_req.h), else NULL */
 } api_infer;
 
 /* Parses and validates a body. 0 ok (free with api_infer_free), else the HTTP

@@ -17,6 +17,9 @@ static const double sec_bounds[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 /* Per-token and per-step times are shorter. */
 static const double step_bounds[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
                                      0.05, 0.1, 0.25, 0.5, 1, 2.5, 5};
+/* Share of ensemble weight that chose the winning token. */
+static const double agree_bounds[] = {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.999};
+static const char *method_names[3] = {"mean_prob", "mean_logprob", "vote"};
 static const double token_bounds[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192};
 
 #define NB(a) ((int)(sizeof a / sizeof a[0]))
@@ -46,6 +49,7 @@ int metrics_create(metrics **out, const char *const *model_names, int n_models)
     pthread_mutex_init(&m->mu, NULL);
     m->n_models = n_models;
     for (int e = 0; e < EP_COUNT; e++) histogram_init(&m->duration[e], sec_bounds, NB(sec_bounds));
+    histogram_init(&m->ens_agreement, agree_bounds, NB(agree_bounds));
     for (int i = 0; i < n_models; i++) {
         model_metrics *mm = &m->models[i];
         snprintf(mm->name, sizeof mm->name, "%s", model_names[i]);
@@ -252,6 +256,33 @@ static void render_models(sbuf *b, const metrics *m)
     }
 }
 
+void metrics_ensemble(metrics *m, int method, int labels, const int *models, const uint64_t *overruled,
+                      int n_members, const float *agreement, int n_agree)
+{
+    if (method < 0 || method > 2) return;
+    pthread_mutex_lock(&m->mu);
+    m->ens_requests[method][labels ? 1 : 0]++;
+    for (int i = 0; i < n_members; i++)
+        if (models[i] >= 0 && models[i] < m->n_models) m->models[models[i]].ens_overruled += overruled[i];
+    for (int k = 0; k < n_agree; k++) histogram_observe(&m->ens_agreement, agreement[k]);
+    pthread_mutex_unlock(&m->mu);
+}
+
+static void render_ensembles(sbuf *b, const metrics *m)
+{
+    family(b, "moeserve_ensemble_requests_total", "counter", "Ensemble and label-scoring requests answered, by method and kind.");
+    for (int k = 0; k < 3; k++)
+        for (int l = 0; l < 2; l++)
+            sb_printf(b, "moeserve_ensemble_requests_total{method=\"%s\",kind=\"%s\"} %llu\n", method_names[k],
+                      l ? "labels" : "generate", (unsigned long long)m->ens_requests[k][l]);
+    family(b, "moeserve_ensemble_agreement_ratio", "histogram",
+           "Share of ensemble weight whose own choice won, per generated position or label decision.");
+    histogram_render(b, "moeserve_ensemble_agreement_ratio", "", &m->ens_agreement);
+    PER_MODEL(b, m, "moeserve_ensemble_overrules_total", "counter",
+              "Ensemble positions (or label decisions) where this member's own choice lost.", "%llu",
+              (unsigned long long)mm->ens_overruled);
+}
+
 int metrics_render(metrics *m, char **out, size_t *len)
 {
     sbuf b = {malloc(16384), 0, 16384, 0};
@@ -259,6 +290,7 @@ int metrics_render(metrics *m, char **out, size_t *len)
     pthread_mutex_lock(&m->mu);
     render_requests(&b, m);
     render_models(&b, m);
+    render_ensembles(&b, m);
     family(&b, "moeserve_ready", "gauge", "1 when every model is loaded and the server is not draining.");
     sb_printf(&b, "moeserve_ready %d\n", m->ready);
     family(&b, "moeserve_draining", "gauge", "1 after SIGTERM/SIGINT.");

@@ -42,6 +42,7 @@ typedef struct {
     uint64_t *expert_dropped;    /* (n_layer, n_expert) snapshot, owned */
     int loaded;
     double load_seconds;
+    uint64_t ens_overruled;      /* ensemble positions where this member's choice lost */
 } model_metrics;
 
 typedef struct {
@@ -52,6 +53,8 @@ typedef struct {
     int n_models;
     int ready, draining;
     double start_time;           /* unix seconds */
+    uint64_t ens_requests[3][2]; /* ensemble requests by method (core ensemble_method) x (generate, labels) */
+    histogram ens_agreement;     /* per combined position or label decision */
 } metrics;
 
 int metrics_create(metrics **out, const char *const *model_names, int n_models);
@@ -65,6 +68,11 @@ void metrics_request(metrics *m, metrics_endpoint ep, int status, double seconds
 int metrics_model_loaded(metrics *m, int model, int n_layer, int n_expert, int kv_blocks_total,
                          size_t kv_bytes, double load_seconds);
 void metrics_set_state(metrics *m, int ready, int draining);
+
+/* Loop thread: one finished ensemble (or labels) request: its members' model
+ * indices and overrule counts, and the agreement of each position (n_agree). */
+void metrics_ensemble(metrics *m, int method, int labels, const int *models, const uint64_t *overruled,
+                      int n_members, const float *agreement, int n_agree);
 
 /* Renders the text format into a malloc'd buffer (*len bytes). 0 or -1. */
 int metrics_render(metrics *m, char **out, size_t *len);

@@ -9,6 +9,9 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/ensemble.h"
+#include "server/ensemble_req.h"
+
 #define KV_BLOCK_SIZE 16
 
 struct sched {
@@ -31,6 +34,7 @@ struct sched {
     int n_queued;                /* inbox + waiting: what --max-queue bounds */
     sched_req *done, *done_tail;
     int stop, abort_all;
+    unsigned wakes;              /* sched_wake calls (an idle step sleeps only if none came) */
 
     /* Scheduler thread only. */
     sched_req *waiting, *waiting_tail;
@@ -295,6 +299,7 @@ int sched_submit(sched *s, sched_req **reqs, int n)
 void sched_wake(sched *s)
 {
     pthread_mutex_lock(&s->mu);
+    s->wakes++;
     pthread_cond_signal(&s->cv);
     pthread_mutex_unlock(&s->mu);
 }
@@ -347,6 +352,7 @@ static void req_finish(sched *s, req_list *done, sched_req *r, int status, finis
     r->finish = fin;
     if (msg) snprintf(r->errmsg, sizeof r->errmsg, "%s", msg);
     r->t_done = mono_now();
+    if (r->ens) ens_group_member_done(r->ens, r->ens_member, status, fin, msg);
     list_push(done, r);
 }
 
@@ -368,6 +374,8 @@ static int cancel_reason(const sched_req *r, int abort_all, double now, int *sta
     } else if (now > r->deadline) {
         *status = 504; *fin = FIN_TIMEOUT;
         *msg = "the request passed its deadline (--request-timeout); shorten it or retry later";
+    } else if (r->ens && (*msg = ens_group_closed(r->ens, status, fin))) {
+        /* another member of its ensemble failed or finished */
     } else {
         return 0;
     }
@@ -442,6 +450,24 @@ static void admit(sched *s, req_list *done, int *n_dequeued)
     }
 }
 
+/* Label scoring: the current label's tokens after the prompt (all but its
+ * last: each row gives the log-probability of the label's next token). */
+static int label_chunk(sched *s, sched_req *r, int n, int *nw)
+{
+    int len;
+    const int32_t *t = ens_group_label(r->ens, r->ens_label, &len);
+    for (int j = r->n_past - r->n_prompt; j < len - 1 && n < s->p.max_batch_tokens; j++) {
+        s->b_token[n] = t[j];
+        s->b_pos[n] = r->n_prompt + j;
+        s->b_seq[n] = r->slot;
+        s->b_want[n] = 1;
+        s->b_req[n] = r;
+        n++;
+        (*nw)++;
+    }
+    return n;
+}
+
 /* Rows of the step: every decoding sequence's next token first (a long prompt
  * never stalls decodes), then prompt chunks in admission order. */
 static int build_batch(sched *s, int *want_rows, int *any_routing)
@@ -450,7 +476,11 @@ static int build_batch(sched *s, int *want_rows, int *any_routing)
     *any_routing = 0;
     for (int i = 0; i < s->n_running && n < cap; i++) {
         sched_req *r = s->running[i];
-        if (r->n_past < r->n_prompt) continue;
+        if (r->n_past < r->n_prompt || r->ens_wait) continue;
+        if (r->ens && ens_group_n_labels(r->ens)) {
+            n = label_chunk(s, r, n, &nw);
+            continue;
+        }
         s->b_token[n] = r->seq_tokens[r->n_prompt + r->n_gen - 1];
         s->b_pos[n] = r->n_past;
         s->b_seq[n] = r->slot;
@@ -533,6 +563,8 @@ static void finish_text(sched *s, sched_req *r)
     if (n > 0) text_append(r, s->piece, (size_t)n);
 }
 
+static int accept_token(sched *s, sched_req *r, int32_t id, int pos, double now, finish_kind *fin);
+
 /* After a row that ends the known sequence: sample the next token, or finish.
  * Returns 1 when the request is finished. */
 static int sample_next(sched *s, sched_req *r, const float *row, int pos, double now, finish_kind *fin)
@@ -543,6 +575,13 @@ static int sample_next(sched *s, sched_req *r, const float *row, int pos, double
     }
     if (r->n_gen >= r->max_tokens) { *fin = FIN_LENGTH; return 1; }
     int32_t id = sampler_sample(r->smp, row, r->seq_tokens, (size_t)(r->n_prompt + r->n_gen));
+    return accept_token(s, r, id, pos, now, fin);
+}
+
+/* Appends a chosen token (sampled, or an ensemble's) and checks every way to
+ * finish. Returns 1 when the request is finished. */
+static int accept_token(sched *s, sched_req *r, int32_t id, int pos, double now, finish_kind *fin)
+{
     r->seq_tokens[r->n_prompt + r->n_gen++] = id;
     if (r->t_first == 0) r->t_first = now;
     if (s->tok && tokenizer_is_eog(s->tok, id)) { *fin = FIN_EOS; return 1; }
@@ -550,6 +589,88 @@ static int sample_next(sched *s, sched_req *r, const float *row, int pos, double
     if (r->n_gen >= r->max_tokens) { *fin = FIN_LENGTH; return 1; }
     if (pos + 1 >= r->n_reserve) { *fin = FIN_LENGTH; return 1; }  /* context full */
     return 0;
+}
+
+/* Ensemble members ------------------------------------------------------------ */
+
+/* Next label (after l) with more than one token: single-token labels are scored
+ * by the prompt's last row alone. */
+static int next_label(sched_req *r, int l)
+{
+    int L = ens_group_n_labels(r->ens), len;
+    for (l++; l < L; l++) {
+        ens_group_label(r->ens, l, &len);
+        if (len > 1) break;
+    }
+    return l;
+}
+
+/* A row of a labels request: adds the log-probability of the token it predicts.
+ * After a label's last token the sequence goes back to the prompt's end (its KV
+ * is kept) for the next label. Returns 1 when every label is scored, -1 on error. */
+static int label_row(sched *s, sched_req *r, const float *row, int pos, char *err, size_t errlen)
+{
+    double *lp = ens_group_label_lp(r->ens, r->ens_member);
+    int L = ens_group_n_labels(r->ens), len;
+    if (pos == r->n_prompt - 1) {
+        for (int l = 0; l < L; l++) lp[l] = ensemble_row_logprob(row, r->n_vocab, ens_group_label(r->ens, l, &len)[0]);
+        r->ens_label = next_label(r, -1);
+    } else {
+        const int32_t *t = ens_group_label(r->ens, r->ens_label, &len);
+        int k = pos - (r->n_prompt - 1);
+        lp[r->ens_label] += ensemble_row_logprob(row, r->n_vocab, t[k]);
+        if (k < len - 1) return 0;
+        if (moe_engine_seq_truncate(s->engine, r->slot, r->n_prompt, err, errlen)) return -1;
+        r->n_past = r->n_prompt;
+        r->ens_label = next_label(r, r->ens_label);
+    }
+    if (r->ens_label < L) return 0;
+    return ens_group_arrive_labels(r->ens, r->ens_member, err, errlen) ? -1 : 1;
+}
+
+/* A member's sampling row: hand it to the group; the last member to arrive gets
+ * the combined token at once, the others park until ens_poll hands it over.
+ * Returns 1 finished, 0 running or parked, -1 failed (message in err). */
+static int ens_next(sched *s, sched_req *r, const float *row, int pos, double now, finish_kind *fin,
+                    char *err, size_t errlen)
+{
+    if (ens_group_n_labels(r->ens)) {
+        *fin = FIN_LENGTH;
+        return label_row(s, r, row, pos, err, errlen);
+    }
+    if (r->n_gen >= r->max_tokens) { *fin = FIN_LENGTH; return 1; }
+    int32_t id;
+    int rc = ens_group_arrive(r->ens, r->ens_member, row, r->seq_tokens, (size_t)(r->n_prompt + r->n_gen), &id,
+                              err, errlen);
+    if (rc < 0) return -1;
+    if (rc == ENS_PARKED) {
+        r->ens_wait = 1;
+        return 0;
+    }
+    return accept_token(s, r, id, pos, now, fin);
+}
+
+/* Parked members whose group combined a token: apply it (before the sweep, so a
+ * group that just finished hands every member its last token). */
+static void ens_poll(sched *s, req_list *done, int *n_gen)
+{
+    double now = mono_now();
+    for (int i = 0; i < s->n_running;) {
+        sched_req *r = s->running[i];
+        int32_t id;
+        finish_kind fin;
+        if (r->ens && r->ens_wait && ens_group_poll(r->ens, r->ens_member, &id) == ENS_TOKEN) {
+            r->ens_wait = 0;
+            (*n_gen)++;
+            if (accept_token(s, r, id, r->n_past - 1, now, &fin)) {
+                finish_text(s, r);
+                running_remove(s, i);
+                req_finish(s, done, r, 200, fin, NULL);
+                continue;
+            }
+        }
+        i++;
+    }
 }
 
 static void publish(sched *s, req_list *done, int n_dequeued, double fwd_s, int n_rows,
@@ -595,17 +716,19 @@ static void publish(sched *s, req_list *done, int n_dequeued, double fwd_s, int 
     s->notify(s->notify_ctx);
 }
 
-static void step(sched *s, int abort_all)
+/* Returns 0 when the step did nothing (every running sequence is parked). */
+static int step(sched *s, int abort_all)
 {
     req_list done = {0};
-    int n_dequeued = 0;
+    int n_dequeued = 0, n_gen = 0;
+    ens_poll(s, &done, &n_gen);
     sweep(s, &done, abort_all, &n_dequeued);
     admit(s, &done, &n_dequeued);
 
     int n_want, any_routing;
     int n = s->n_running ? build_batch(s, &n_want, &any_routing) : 0;
     double fwd_s = 0;
-    int n_prompt_rows = 0, n_gen = 0;
+    int n_prompt_rows = 0;
     if (n > 0) {
         moe_batch b = {n, s->b_token, s->b_pos, s->b_seq, s->b_want,
                        any_routing ? s->trace_expert : NULL, any_routing ? s->trace_weight : NULL};
@@ -645,18 +768,23 @@ static void step(sched *s, int abort_all)
                 if (pos < r->n_prompt - 1) continue;  /* a prompt row of logits=all */
                 int before = r->n_gen;
                 finish_kind fin;
-                int finished = sample_next(s, r, row, pos, now, &fin);
+                char eerr[256];
+                int finished = r->ens ? ens_next(s, r, row, pos, now, &fin, eerr, sizeof eerr)
+                                      : sample_next(s, r, row, pos, now, &fin);
                 n_gen += r->n_gen - before;
                 if (finished) {
-                    finish_text(s, r);
+                    if (finished > 0) finish_text(s, r);
                     for (int j = 0; j < s->n_running; j++)
                         if (s->running[j] == r) { running_remove(s, j); break; }
-                    req_finish(s, &done, r, 200, fin, NULL);
+                    if (finished > 0) req_finish(s, &done, r, 200, fin, NULL);
+                    else req_finish(s, &done, r, 500, FIN_ERROR, eerr);
                 }
             }
         }
     }
+    int worked = n > 0 || done.head != NULL || n_dequeued > 0;
     publish(s, &done, n_dequeued, fwd_s, n, n_prompt_rows, n_gen);
+    return worked;
 }
 
 static void splice_inbox(sched *s)
@@ -693,9 +821,14 @@ static void *sched_main(void *arg)
         }
         splice_inbox(s);
         int abort_all = s->abort_all;
+        unsigned wakes = s->wakes;
         pthread_mutex_unlock(&s->mu);
-        step(s, abort_all);
+        int worked = step(s, abort_all);
         pthread_mutex_lock(&s->mu);
+        /* Every running sequence waits for its ensemble's other members: sleep
+         * until one wakes us (or a tick, for deadlines) instead of spinning. */
+        if (!worked && s->wakes == wakes && !s->inbox && !s->stop && !s->abort_all)
+            cond_wait_until(s, mono_now() + 0.05);
     }
     /* Stopping: everything still inside goes back as 503. */
     splice_inbox(s);

@@ -80,6 +80,12 @@ struct sched_req {
     float *route_weight;        /* (n_reserve, n_layer, n_used) */
     double t_admit, t_first, t_done;  /* monotonic seconds, 0 = never */
 
+    /* Ensemble member (server/ensemble_req.h): NULL for a single-model request. */
+    struct ens_group *ens;
+    int ens_member;
+    int ens_wait;               /* scheduler's: parked until the other members' rows arrive */
+    int ens_label;              /* scheduler's: label being scored (labels requests) */
+
     /* Scheduler's. */
     int slot, n_past, n_vocab;
     sampler *smp;

@@ -23,6 +23,7 @@
 
 #include "core/matmul.h"
 #include "server/api.h"
+#include "server/ensemble_req.h"
 #include "server/log.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
@@ -77,6 +78,7 @@ struct conn_ctx {
     /* In flight. */
     int model, multi, n_reqs, n_pending;
     sched_req *reqs[API_MAX_PROMPTS];
+    ens_group *ens;              /* an ensemble/labels request: reqs are its members */
     uv_poll_t *watch;            /* disconnect watch while suspended */
     int client_gone;
     conn_ctx *prev, *next;
@@ -241,6 +243,49 @@ static void new_request_id(moe_server *s, conn_ctx *x)
     snprintf(x->id, sizeof x->id, "req-%08x-%llu", s->id_salt, ++s->next_id);
 }
 
+static void inflight_add(conn_ctx *x)
+{
+    moe_server *s = x->srv;
+    x->n_pending = x->n_reqs;
+    x->next = s->inflight;
+    if (s->inflight) s->inflight->prev = x;
+    s->inflight = x;
+    watch_start(x);
+    MHD_suspend_connection(x->conn);
+}
+
+/* One sequence per member, each in its model's scheduler (server/ensemble_req.c). */
+static enum MHD_Result start_ensemble(conn_ctx *x, api_infer *q)
+{
+    moe_server *s = x->srv;
+    char err[512];
+    sched_spec sp = q->spec;
+    sp.prompt = q->prompt[0];
+    sp.n_prompt = q->n_prompt[0];
+    sp.t_arrival = x->t_start;
+    sp.deadline = x->t_start + (s->cfg->request_timeout > 0 ? s->cfg->request_timeout : 1e9);
+    int rc = ens_group_create(&q->ens, s->api, s->scheds, &sp, &x->ens, x->reqs, err, sizeof err);
+    x->model = q->model;
+    api_infer_free(q);
+    if (rc) return send_error(x, rc, err, rc == 503 ? 1 : 0, NULL);
+    int n = ens_group_n_members(x->ens), full;
+    for (int i = 0; i < n; i++) x->reqs[i]->owner = x;
+    x->n_reqs = ens_group_submit(x->ens, x->reqs, n, &full);
+    for (int i = x->n_reqs; i < n; i++) sched_req_free(x->reqs[i]);
+    if (x->n_reqs == 0) {
+        ens_group_free(x->ens);
+        x->ens = NULL;
+        if (full >= 0) {
+            snprintf(err, sizeof err, "queue full (%d waiting for model '%s', --max-queue); retry shortly",
+                     s->cfg->max_queue, s->api[full].name);
+            return send_error(x, 503, err, 1, NULL);
+        }
+        return send_error(x, 503, "the server is shutting down; retry on another replica", 5, NULL);
+    }
+    inflight_add(x);  /* a partial submit comes back as 503 (the group is closed) */
+    return MHD_YES;
+}
+
 static enum MHD_Result handle_infer(conn_ctx *x)
 {
     moe_server *s = x->srv;
@@ -256,6 +301,7 @@ static enum MHD_Result handle_infer(conn_ctx *x)
     char err[768];
     int rc = api_parse_infer(x->body ? x->body : "", x->body_len, s->api, s->n_models, &q, err, sizeof err);
     if (rc) return send_error(x, rc, err, rc == 503 ? 1 : 0, NULL);
+    if (q.ens) return start_ensemble(x, &q);
 
     const api_model *am = &s->api[q.model];
     x->model = q.model;
@@ -315,7 +361,12 @@ static void infer_finished(moe_server *s, conn_ctx *x)
             msg = x->reqs[i]->errmsg;
         }
     if (status == 200) {
-        x->resp_body = api_infer_response(&s->api[x->model], x->id, x->reqs, x->n_reqs, x->multi, &x->resp_len);
+        if (x->ens) {
+            x->resp_body = ens_infer_response(x->ens, s->api, x->id, x->reqs, &x->resp_len);
+            ens_group_record_metrics(x->ens, s->metrics);
+        } else {
+            x->resp_body = api_infer_response(&s->api[x->model], x->id, x->reqs, x->n_reqs, x->multi, &x->resp_len);
+        }
         if (!x->resp_body) { status = 500; msg = "out of memory building the response"; }
     }
     if (status != 200) {
@@ -362,6 +413,7 @@ static void log_and_count(moe_server *s, conn_ctx *x)
 static void ctx_free(conn_ctx *x)
 {
     for (int i = 0; i < x->n_reqs; i++) sched_req_free(x->reqs[i]);
+    ens_group_free(x->ens);
     free(x->body);
     free(x->resp_body);
     free(x->resp_error);
