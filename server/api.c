@@ -360,7 +360,7 @@ static int parse_prompts(json_t *o, const api_model *am, api_infer *q, char *err
 
 /* KV blocks are reserved for the whole request: it must fit the pool at all.
  * Optional outputs are bounded too, so one request cannot ask for gigabytes. */
-#define API_MAX_OUTPUT_CELLS (16L << 20)
+#define API_MAX_OUTPUT_CELLS (4L << 20)  /* ~40 bytes each as JSON values */
 
 static int check_fits(const api_model *am, const api_infer *q, char *err, size_t errlen)
 {
