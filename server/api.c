@@ -365,16 +365,21 @@ static int parse_prompts(json_t *o, const api_model *am, api_infer *q, char *err
 static int check_fits(const api_model *am, const api_infer *q, char *err, size_t errlen)
 {
     const moe_hparams *hp = &am->model->weights.hp;
-    long route_cells = 0, full_cells = 0;
+    long route_cells = 0, full_cells = 0, logit_cells = 0;
     for (int i = 0; i < q->n_prompts; i++) {
         long pos = (long)q->n_prompt[i] + q->spec.max_tokens;
+        long entries = q->spec.logits == LOGITS_ALL ? pos : q->spec.logits == LOGITS_LAST ? 1 : 0;
+        logit_cells += entries * (4L * q->spec.top_n + 1);  /* id, token, logit, logprob each */
         if (q->spec.routing) route_cells += pos * hp->n_layer * (hp->n_expert_used > 0 ? hp->n_expert_used : 0);
         if (q->spec.full_logits) full_cells += hp->n_vocab;
     }
-    if (route_cells > API_MAX_OUTPUT_CELLS || full_cells > API_MAX_OUTPUT_CELLS) {
-        snprintf(err, errlen, "the requested %s output is too large (%ld values, at most %ld): "
-                 "ask for fewer prompts or tokens", route_cells > API_MAX_OUTPUT_CELLS ? "routing" : "full_logits",
-                 route_cells > full_cells ? route_cells : full_cells, API_MAX_OUTPUT_CELLS);
+    const char *what = route_cells > API_MAX_OUTPUT_CELLS  ? "routing"
+                       : full_cells > API_MAX_OUTPUT_CELLS   ? "full_logits"
+                       : logit_cells > API_MAX_OUTPUT_CELLS  ? "logits"
+                                                             : NULL;
+    if (what) {
+        snprintf(err, errlen, "the requested %s output is too large (over %ld values): ask for fewer prompts, "
+                 "tokens or top_logprobs", what, API_MAX_OUTPUT_CELLS);
         return 413;
     }
     for (int i = 0; i < q->n_prompts; i++) {
