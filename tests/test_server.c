@@ -640,6 +640,39 @@ START_TEST(batching_gives_the_same_answers)
 }
 END_TEST
 
+START_TEST(kv_admission_waits_for_blocks)
+{
+    server s;
+    /* 64 positions of KV: each request below reserves 3 blocks of 16, so only one
+     * runs at a time and the others wait for its blocks, yet all complete alike. */
+    server_start(&s, (const char *[]){"--model", g_model_a, "--kv-cache-tokens", "64", NULL});
+    const char *body = "{\"prompt\":\"blocks please\",\"max_tokens\":30,\"logits\":\"last\"}";
+    client alone = {s.port, body, NULL, NULL};
+    client_main(&alone);
+    ck_assert(alone.answer);
+    client c[4];
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        c[i] = (client){s.port, body, NULL, NULL};
+        pthread_create(&th[i], NULL, client_main, &c[i]);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        ck_assert_msg(c[i].answer && !strcmp(c[i].answer, alone.answer), "client %d", i);
+        free(c[i].answer);
+    }
+    free(alone.answer);
+    ck_assert(metric(s.port, "moeserve_kv_cache_blocks_capacity", NULL, NULL) == 4);
+    ck_assert(metric(s.port, "moeserve_kv_cache_blocks_used", NULL, NULL) == 0);
+    /* A request that could never fit the pool is refused up front. */
+    http_resp r;
+    http(s.port, "POST", "/infer", NULL, "{\"prompt\":\"x\",\"max_tokens\":100}", &r);
+    expect_error(&r, 413, "kv-cache");
+    http_resp_free(&r);
+    server_stop(&s);
+}
+END_TEST
+
 /* A long request: 64 prompts of 400 tokens each, one sequence at a time. */
 static const char *long_body(void)
 {
@@ -1014,6 +1047,7 @@ int main(void)
     if (want(only, "infer_outputs")) tcase_add_test(tc, infer_outputs);
     if (want(only, "request_errors")) tcase_add_test(tc, request_errors);
     if (want(only, "batching_gives_the_same_answers")) tcase_add_test(tc, batching_gives_the_same_answers);
+    if (want(only, "kv_admission_waits_for_blocks")) tcase_add_test(tc, kv_admission_waits_for_blocks);
     if (want(only, "disconnect_frees_the_sequence")) tcase_add_test(tc, disconnect_frees_the_sequence);
     if (want(only, "overload_and_deadline")) tcase_add_test(tc, overload_and_deadline);
     if (want(only, "auth_on_and_off")) tcase_add_test(tc, auth_on_and_off);
