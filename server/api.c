@@ -583,3 +583,24 @@ char *api_models_response(const api_model *models, int n_models, size_t *len)
     }
     return dump(json_pack("{s:o}", "models", a), len);
 }
+
+/* The OpenAI list shape: each /models entry plus "id", "object" and "owned_by". */
+char *api_models_v1_response(const api_model *models, int n_models, size_t *len)
+{
+    size_t n;
+    char *body = api_models_response(models, n_models, &n);
+    json_t *o = body ? json_loadb(body, n, 0, NULL) : NULL;
+    free(body);
+    if (!o) return NULL;
+    json_t *data = json_object_get(o, "models"), *m;
+    size_t i;
+    json_array_foreach(data, i, m) {
+        json_object_set(m, "id", json_object_get(m, "name"));
+        json_object_set_new(m, "object", json_string("model"));
+        json_object_set_new(m, "created", json_integer(0));
+        json_object_set_new(m, "owned_by", json_string("moeserve"));
+    }
+    json_t *list = json_pack("{s:s,s:O}", "object", "list", "data", data);
+    json_decref(o);
+    return dump(list, len);
+}

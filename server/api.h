@@ -48,8 +48,9 @@ void api_infer_free(api_infer *q);
 /* Response body of finished requests (reqs in prompt order), malloc'd JSON. */
 char *api_infer_response(const api_model *m, const char *id, sched_req *const *reqs, int n,
                          int multi, size_t *len);
-/* GET /models body. */
+/* GET /models body; openai: GET /v1/models ({"object": "list", "data": [...]}). */
 char *api_models_response(const api_model *models, int n_models, size_t *len);
+char *api_models_v1_response(const api_model *models, int n_models, size_t *len);
 
 /* The error envelope; type from the status. malloc'd JSON. */
 char *api_error_body(int status, const char *message, size_t *len);

@@ -153,7 +153,7 @@ static enum MHD_Result send_static(conn_ctx *x, int status, const char *json)
 static metrics_endpoint endpoint_of(const char *url)
 {
     if (!strcmp(url, "/infer")) return EP_INFER;
-    if (!strcmp(url, "/models")) return EP_MODELS;
+    if (!strcmp(url, "/models") || !strcmp(url, "/v1/models")) return EP_MODELS;
     if (!strcmp(url, "/health") || !strcmp(url, "/livez")) return EP_HEALTH;
     if (!strcmp(url, "/ready") || !strcmp(url, "/readyz")) return EP_READY;
     if (!strcmp(url, "/metrics")) return EP_METRICS;
@@ -184,7 +184,8 @@ static enum MHD_Result handle_metrics(conn_ctx *x)
 static enum MHD_Result handle_models(conn_ctx *x)
 {
     size_t len;
-    char *body = api_models_response(x->srv->api, x->srv->n_models, &len);
+    char *body = strcmp(x->path, "/v1/models") ? api_models_response(x->srv->api, x->srv->n_models, &len)
+                                              : api_models_v1_response(x->srv->api, x->srv->n_models, &len);
     return body ? send_json(x, 200, body, len) : send_error(x, 500, "out of memory", 0, NULL);
 }
 
