@@ -1,4 +1,5 @@
-# moeserve container: docker build -f deploy/Dockerfile -t moeserve .
+# moeserve container: docker build -t moeserve .
+#   docker run -p 8080:8080 moeserve                      (the default model, as make run)
 #   docker run -p 8080:8080 -v /path/to/models:/models:ro moeserve --model /models/model.gguf
 # Stop with SIGTERM (docker stop): /ready turns 503, in-flight work drains, exit 0;
 # give docker stop -t more than MOESERVE_DRAIN_DELAY + MOESERVE_DRAIN_TIMEOUT.
@@ -19,6 +20,7 @@ RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --no-create-home --shell /usr/sbin/nologin moeserve
 COPY --from=build /src/build/moeserve /src/build/moe /usr/local/bin/
+COPY --from=build /src/models/tinyshakespeare-moe.gguf /usr/local/share/moeserve/
 USER moeserve
 ENV MOESERVE_HOST=0.0.0.0 \
     MOESERVE_PORT=8080 \
@@ -28,4 +30,4 @@ ENV MOESERVE_HOST=0.0.0.0 \
 EXPOSE 8080
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/moeserve"]
-CMD ["--model", "/models/model.gguf"]
+CMD ["--model", "/usr/local/share/moeserve/tinyshakespeare-moe.gguf"]
