@@ -337,15 +337,23 @@ int ens_group_create(ens_spec **specp, const api_model *models, sched *const *sc
         return failf(err, errlen, 500, "out of memory%s", "");
     }
     for (int i = 0; i < g->n; i++) {
+        /* A model named k times runs k sequences that wait for each other: all of
+         * them must fit its slots and KV pool at once, or they would wait forever. */
         const api_model *am = &models[spec->model[i]];
         long need = (long)sp.n_prompt + (sp.max_tokens > 0 ? sp.max_tokens - 1 : 0);
         if (need > max_seq_len) need = max_seq_len;
-        if (need > am->kv_positions) {
-            snprintf(err, errlen, "the request needs %ld KV cache positions but model '%s' holds %d", need, am->name,
-                     am->kv_positions);
+        int k = 0;
+        for (int j = 0; j < g->n; j++) k += spec->model[j] == spec->model[i];
+        long bs = moe_engine_kv_block_size(sched_engine(g->sc[i]));
+        long blocks = (need + bs - 1) / bs * bs * k;
+        if (k > sched_max_seqs(g->sc[i]) || blocks > am->kv_positions) {
+            snprintf(err, errlen, "model '%s' appears %d times in the ensemble: the request needs %d sequences and "
+                     "%ld KV cache positions at once, the model has %d and %d (fewer copies, tokens, or a larger pool)",
+                     am->name, k, k, blocks, sched_max_seqs(g->sc[i]), am->kv_positions);
             for (int j = 0; j < i; j++) sched_req_free(reqs[j]);
+            int too_many = k > sched_max_seqs(g->sc[i]);
             ens_group_free(g);
-            return 413;
+            return too_many ? 400 : 413;
         }
         reqs[i] = sched_req_create(&am->model->weights.hp, max_seq_len, &sp, err, errlen);
         if (!reqs[i]) {

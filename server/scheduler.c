@@ -271,6 +271,7 @@ void sched_free(sched *s)
 }
 
 int sched_max_seq_len(const sched *s) { return s->p.max_seq_len; }
+int sched_max_seqs(const sched *s) { return s->p.max_seqs; }
 int sched_kv_positions(const sched *s)
 {
     return moe_engine_kv_blocks_total(s->engine) * moe_engine_kv_block_size(s->engine);
@@ -776,7 +777,11 @@ static int step(sched *s, int abort_all)
                     if (finished > 0) finish_text(s, r);
                     for (int j = 0; j < s->n_running; j++)
                         if (s->running[j] == r) { running_remove(s, j); break; }
+                    int status; const char *msg;
                     if (finished > 0) req_finish(s, &done, r, 200, fin, NULL);
+                    /* A group another member closed (its client left, its deadline
+                     * passed) ends this member for the same reason, not as an error. */
+                    else if (cancel_reason(r, 0, now, &status, &fin, &msg)) req_finish(s, &done, r, status, fin, msg);
                     else req_finish(s, &done, r, 500, FIN_ERROR, eerr);
                 }
             }

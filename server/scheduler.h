@@ -132,6 +132,7 @@ void sched_abort_all(sched *s);
 int sched_take_done(sched *s, sched_req **list);
 
 int sched_max_seq_len(const sched *s);
+int sched_max_seqs(const sched *s);         /* sequence slots */
 int sched_kv_positions(const sched *s);     /* blocks * block size */
 const moe_engine *sched_engine(const sched *s);
 

@@ -15,7 +15,7 @@ static char g_dir[64];
 #include "models/synth.h"
 #include "tests/server_util.h"
 
-static char g_a[128], g_a2[128], g_b[128], g_c[128];
+static char g_a[128], g_a2[128], g_b[128], g_c[128], g_sa[128], g_sb[128];
 static int g_have_c;
 static server g_srv;
 static int g_started;
@@ -346,6 +346,114 @@ START_TEST(bad_ensembles_get_400)
 }
 END_TEST
 
+/* Concurrency ------------------------------------------------------------------- */
+
+#define N_CONC 5
+static const char *const conc_bodies[N_CONC] = {
+    "{\"tokens\":" PROMPT ",\"max_tokens\":12,\"ensemble\":{\"members\":[{\"model\":\"a\",\"weight\":0.7},"
+    "{\"model\":\"b\",\"weight\":0.3}],\"method\":\"mean_prob\"}}",
+    "{\"tokens\":" PROMPT ",\"max_tokens\":9,\"ensemble\":{\"members\":[{\"model\":\"b\"},{\"model\":\"a\"},"
+    "{\"model\":\"a2\"}],\"method\":\"vote\"}}",
+    "{\"tokens\":" PROMPT ",\"labels\":[\"yes\",\"no way\",\"maybe so\"],\"ensemble\":{\"members\":[{\"model\":\"a\"},"
+    "{\"model\":\"b\"}],\"method\":\"mean_logprob\"}}",
+    "{\"tokens\":[5,6,7],\"max_tokens\":12,\"model\":\"a\"}",
+    "{\"tokens\":[9,8],\"max_tokens\":7,\"ensemble\":{\"members\":[{\"model\":\"a\"},{\"model\":\"a\"},{\"model\":\"b\"}],"
+    "\"method\":\"mean_logprob\"}}",
+};
+
+/* What must not depend on what else runs: tokens, votes, label scores. */
+static char *answer_key(json_t *j)
+{
+    json_t *k = json_pack("{s:O*,s:O*,s:O*}", "tokens", json_object_get(j, "tokens"), "votes",
+                          json_object_get(j, "votes"), "labels", json_object_get(j, "labels"));
+    char *s = json_dumps(k, JSON_COMPACT | JSON_SORT_KEYS | JSON_REAL_PRECISION(6));
+    json_decref(k);
+    return s;
+}
+
+/* Members of many requests park and resume across two schedulers at once; the
+ * answers equal the ones each request gets alone. */
+START_TEST(concurrent_requests_give_the_same_answers)
+{
+    int p = port();
+    char *alone[N_CONC];
+    for (int i = 0; i < N_CONC; i++) {
+        json_t *j = infer_ok(p, conc_bodies[i]);
+        alone[i] = answer_key(j);
+        json_decref(j);
+    }
+    for (int round = 0; round < 2; round++) {
+        int fd[2 * N_CONC];
+        for (int i = 0; i < 2 * N_CONC; i++) {
+            fd[i] = http_send(p, "POST", "/infer", NULL, conc_bodies[i % N_CONC]);
+            ck_assert(fd[i] >= 0);
+        }
+        for (int i = 0; i < 2 * N_CONC; i++) {
+            http_resp r;
+            http_recv(fd[i], &r);
+            ck_assert_msg(r.status == 200, "%d: %.300s", r.status, r.body ? r.body : "");
+            json_t *j = parse_json(&r);
+            char *k = answer_key(j);
+            ck_assert_msg(!strcmp(k, alone[i % N_CONC]), "request %d differs when run with others", i % N_CONC);
+            free(k);
+            json_decref(j);
+            http_resp_free(&r);
+        }
+    }
+    for (int i = 0; i < N_CONC; i++) free(alone[i]);
+}
+END_TEST
+
+/* One slot per model: ensembles still all finish (admission is FIFO in every
+ * scheduler and the loop submits a request's members together), and a model
+ * named twice cannot fit and is refused. */
+START_TEST(one_slot_per_model)
+{
+    server s;
+    server_start(&s, (const char *[]){"--model", g_a, "--model", g_b, "--max-seqs", "1", NULL});
+    http_resp r;
+    http(s.port, "POST", "/infer", NULL, "{\"prompt\":\"hi\",\"ensemble\":{\"members\":[{\"model\":\"a\"},{\"model\":\"a\"}]}}", &r);
+    expect_error(&r, 400, "appears 2 times");
+    http_resp_free(&r);
+    const char *bodies[2] = {
+        "{\"tokens\":" PROMPT ",\"max_tokens\":6,\"ensemble\":{\"members\":[{\"model\":\"a\"},{\"model\":\"b\"}]}}",
+        "{\"tokens\":" PROMPT ",\"max_tokens\":6,\"ensemble\":{\"members\":[{\"model\":\"b\"},{\"model\":\"a\"}],"
+        "\"method\":\"vote\"}}"};
+    int fd[6];
+    for (int i = 0; i < 6; i++) fd[i] = http_send(s.port, "POST", "/infer", NULL, bodies[i % 2]);
+    for (int i = 0; i < 6; i++) {
+        http_recv(fd[i], &r);
+        ck_assert_msg(r.status == 200, "%d: %.300s", r.status, r.body ? r.body : "");
+        http_resp_free(&r);
+    }
+    server_stop(&s);
+}
+END_TEST
+
+/* A client that goes away: both members come back cancelled, slots free again.
+ * Small-preset members with a 1000-token request keep the ensemble busy for
+ * seconds, so the disconnect cannot race its natural end. */
+START_TEST(disconnect_cancels_every_member)
+{
+    server s;
+    server_start(&s, (const char *[]){"--model", g_sa, "--model", g_sb, "--max-seqs", "1", NULL});
+    const char *body = "{\"tokens\":" PROMPT ",\"max_tokens\":1000,\"ensemble\":{\"members\":[{\"model\":\"sa\"},"
+                       "{\"model\":\"sb\"}]}}";
+    int f = http_send(s.port, "POST", "/infer", NULL, body);
+    ck_assert(f >= 0);
+    WAIT_FOR(metric(s.port, "moeserve_generated_tokens_total", NULL, NULL) > 0, "generation to start");
+    close(f);
+    WAIT_FOR(metric(s.port, "moeserve_sequences_finished_total", "reason=\"cancelled\"", NULL) == 2,
+             "both members cancelled");
+    WAIT_FOR(metric(s.port, "moeserve_running_sequences", NULL, NULL) == 0, "slots free");
+    ck_assert(metric(s.port, "moeserve_kv_cache_blocks_used", NULL, NULL) == 0);
+    ck_assert(metric(s.port, "moeserve_sequences_finished_total", "reason=\"length\"", NULL) == 0);
+    json_decref(infer_ok(s.port, "{\"tokens\":" PROMPT ",\"max_tokens\":4,\"ensemble\":{\"members\":["
+                                 "{\"model\":\"sa\"},{\"model\":\"sb\"}],\"method\":\"vote\"}}"));
+    server_stop(&s);
+}
+END_TEST
+
 /* Metrics and /models ----------------------------------------------------------- */
 
 START_TEST(metrics_count_ensembles)
@@ -408,8 +516,12 @@ int main(void)
     snprintf(g_c, sizeof g_c, "c=%s/c.gguf", g_dir);
     snprintf(g_a2, sizeof g_a2, "a2=%s/a.gguf", g_dir);
     char err[256], vocab[256] = "";
+    snprintf(g_sa, sizeof g_sa, "sa=%s/sa.gguf", g_dir);
+    snprintf(g_sb, sizeof g_sb, "sb=%s/sb.gguf", g_dir);
     synth_params pa = {"llama", "tiny", 1, NULL, 0}, pb = {"llama", "tiny", 2, NULL, 0};
-    if (synth_write(&pa, g_a + 2, err, sizeof err) || synth_write(&pb, g_b + 2, err, sizeof err)) {
+    synth_params psa = {"llama", "small", 1, NULL, 0}, psb = {"llama", "small", 2, NULL, 0};
+    if (synth_write(&pa, g_a + 2, err, sizeof err) || synth_write(&pb, g_b + 2, err, sizeof err) ||
+        synth_write(&psa, g_sa + 3, err, sizeof err) || synth_write(&psb, g_sb + 3, err, sizeof err)) {
         fprintf(stderr, "synth_write: %s\n", err);
         return EXIT_FAILURE;
     }
@@ -435,6 +547,9 @@ int main(void)
     tcase_add_test(tc, one_member_and_copies_equal_the_model);
     tcase_add_test(tc, labels_equal_summed_token_logprobs);
     tcase_add_test(tc, bad_ensembles_get_400);
+    tcase_add_test(tc, concurrent_requests_give_the_same_answers);
+    tcase_add_test(tc, one_slot_per_model);
+    tcase_add_test(tc, disconnect_cancels_every_member);
     tcase_add_test(tc, metrics_count_ensembles);
     tcase_add_checked_fixture(tc, NULL, stop_server);  /* each test's server, in its own process */
     suite_add_tcase(s, tc);
