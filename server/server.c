@@ -336,12 +336,7 @@ static enum MHD_Result handle_infer(conn_ctx *x)
         }
         return send_error(x, 503, "the server is shutting down; retry on another replica", 5, NULL);
     }
-    x->n_pending = x->n_reqs;
-    x->next = s->inflight;
-    if (s->inflight) s->inflight->prev = x;
-    s->inflight = x;
-    watch_start(x);
-    MHD_suspend_connection(x->conn);
+    inflight_add(x);
     return MHD_YES;
 }
 
