@@ -43,7 +43,7 @@ ifneq ($(wildcard server/main.c),)
 PROGRAMS += $(BUILD)/moeserve
 endif
 
-.PHONY: all deps test tests bench bench-server run clean
+.PHONY: all deps test tests bench bench-server bench-ensemble run clean
 .SECONDARY:
 
 all: $(BUILD)/libmoe.a $(PROGRAMS)
@@ -91,6 +91,11 @@ bench-server:
 	@$(MAKE) --no-print-directory deps
 	@$(MAKE) --no-print-directory all
 	@sh tests/bench_server.sh $(BUILD)
+
+bench-ensemble:
+	@$(MAKE) --no-print-directory deps
+	@$(MAKE) --no-print-directory all
+	@sh tests/bench_ensemble.sh $(BUILD)
 
 run:
 	@$(MAKE) --no-print-directory deps

@@ -21,6 +21,7 @@
 #include <float.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -584,6 +585,42 @@ int gguf_open_memory(const void *data, size_t size, gguf_file **out, char *err, 
     return 0;
 }
 
+/* Maps the file read-only at a 2 MiB-aligned address and asks for huge pages.
+ * Decode streams every selected expert's weights from this mapping each step;
+ * with 4 KiB pages the TLB misses cost more than half the memory bandwidth
+ * (measured on the bench model, 2 threads: a plain read of the mapping 15-23 GB/s,
+ * the same file in 2 MiB folios 49-51 GB/s, batch-1 decode 36 -> 53 tok/s).
+ * The kernel maps a page-cache folio with one PMD entry only when the virtual
+ * address is aligned, and reads a VM_HUGEPAGE mapping's faults into PMD-sized
+ * folios. Both are hints: without THP the mapping works as a plain one. */
+static void *map_huge_aligned(int fd, size_t size)
+{
+    const size_t huge = (size_t)2 << 20;
+    if (size > SIZE_MAX - huge) {
+        errno = ENOMEM;
+        return MAP_FAILED;
+    }
+    char *res = mmap(NULL, size + huge, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (res == MAP_FAILED) return mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    char *at = (char *)(((uintptr_t)res + huge - 1) & ~(uintptr_t)(huge - 1));
+    void *base = mmap(at, size, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 0);
+    if (base == MAP_FAILED) {
+        int e = errno;
+        munmap(res, size + huge);
+        errno = e;
+        return MAP_FAILED;
+    }
+    /* give back the slack on both sides of the file's mapping */
+    if (at > res) munmap(res, (size_t)(at - res));
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    char *end = at + (size + page - 1) / page * page;
+    if (res + size + huge > end) munmap(end, (size_t)(res + size + huge - end));
+#ifdef MADV_HUGEPAGE
+    (void)madvise(base, size, MADV_HUGEPAGE);
+#endif
+    return base;
+}
+
 int gguf_open(const char *path, gguf_file **out, char *err, size_t errlen)
 {
     *out = NULL;
@@ -609,7 +646,7 @@ int gguf_open(const char *path, gguf_file **out, char *err, size_t errlen)
         return -1;
     }
     size_t size = (size_t)st.st_size;
-    void *base = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    void *base = map_huge_aligned(fd, size);
     int map_errno = errno;
     close(fd); /* the mapping keeps the file */
     if (base == MAP_FAILED) {

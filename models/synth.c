@@ -543,6 +543,15 @@ static int skeleton_write(gguf_writer *w, const synth_list *l, int f16, const ch
     return rc;
 }
 
+/* Writes a large file's pages out and drops them from the page cache. They were
+ * cached in 4 KiB pages by the writes through small mappings; dropped, they are
+ * read back at the first load into the 2 MiB folios models/gguf.c asks for,
+ * which decode streams about twice as fast. Best effort: errors only cost speed. */
+static void drop_cached(int fd)
+{
+    if (fdatasync(fd) == 0) (void)posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+}
+
 /* Pass 2: generate every tensor in place, mapping one tensor at a time so the
  * resident set stays at the largest tensor even for the bench preset. The header
  * is parsed from a read-only mapping only to learn where each tensor's data is. */
@@ -588,6 +597,7 @@ static int tensors_fill(const synth_list *l, const synth_params *p, const char *
     }
     if (f) gguf_close(f);
     munmap((void *)map, size);
+    if (rc == 0 && size >= ((size_t)64 << 20)) drop_cached(fd);
     close(fd);
     return rc;
 }
