@@ -8,19 +8,10 @@ ARCH=${BENCH_ARCH:-qwen3moe}
 THREADS=${BENCH_THREADS:-2}
 SHARED=${MOE_SHARED:-../shared}
 MODEL="$BUILD/bench-$ARCH.gguf"
-VOCAB="$SHARED/testdata/vocab/ggml-vocab-llama-spm.gguf"
 TEXT="$SHARED/corpus/tinyshakespeare.txt"
 
-if [ ! -f "$MODEL" ]; then
-    echo "== writing the bench preset ($ARCH) to $MODEL (once; a few GB)"
-    if [ -f "$VOCAB" ]; then
-        "$BUILD/moe" synth --arch "$ARCH" --preset bench --seed 1 --vocab "$VOCAB" -o "$MODEL.tmp"
-    else
-        echo "   ($VOCAB absent: built-in byte-level vocabulary)"
-        "$BUILD/moe" synth --arch "$ARCH" --preset bench --seed 1 -o "$MODEL.tmp"
-    fi
-    mv "$MODEL.tmp" "$MODEL"
-fi
+. tests/bench_lib.sh
+bench_synth 1 "$MODEL"
 "$BUILD/moe" info "$MODEL"
 quick=""
 [ "${BENCH_QUICK:-0}" = 1 ] && quick="--quick"

@@ -15,35 +15,17 @@ ARCH=${BENCH_ARCH:-qwen3moe}
 THREADS=${BENCH_THREADS:-2}
 ROUNDS=${BENCH_ROUNDS:-6}
 SHARED=${MOE_SHARED:-../shared}
-VOCAB="$SHARED/testdata/vocab/ggml-vocab-llama-spm.gguf"
 MODEL_A=${BENCH_MODEL:-$BUILD/bench-$ARCH.gguf}
 MODEL_B=${BENCH_MODEL2:-$BUILD/bench-$ARCH-seed2.gguf}
 
-synth() {  # synth SEED FILE
-    [ -f "$2" ] && return 0
-    echo "== writing the bench preset ($ARCH, seed $1) to $2 (once; a few GB)"
-    if [ -f "$VOCAB" ]; then
-        "$BUILD/moe" synth --arch "$ARCH" --preset bench --seed "$1" --vocab "$VOCAB" -o "$2.tmp"
-    else
-        "$BUILD/moe" synth --arch "$ARCH" --preset bench --seed "$1" -o "$2.tmp"
-    fi
-    mv "$2.tmp" "$2"
-}
-synth 1 "$MODEL_A"
-synth 2 "$MODEL_B"
+. tests/bench_lib.sh
+bench_synth 1 "$MODEL_A"
+bench_synth 2 "$MODEL_B"
 
 LOG=$(mktemp)
-"$BUILD/moeserve" --model "a=$MODEL_A" --model "b=$MODEL_B" --port 0 --threads "$THREADS" --quiet 2>"$LOG" &
-PID=$!
+PID=""
 trap 'kill $PID 2>/dev/null || true; rm -f "$LOG" "$LOG".*' EXIT INT TERM
-URL=""
-until [ -n "$URL" ] && curl -sf "$URL/ready" >/dev/null 2>&1; do
-    kill -0 $PID 2>/dev/null || { cat "$LOG"; exit 1; }
-    [ -z "$URL" ] && URL=$(sed -n 's|.*listening on \(http://[^ ]*\).*|\1|p' "$LOG" | head -n 1)
-    sleep 0.01
-done
-
-now_ms() { date +%s%3N; }
+bench_serve "$LOG" --model "a=$MODEL_A" --model "b=$MODEL_B" --threads "$THREADS"
 post() {  # post BODY [TAG]: fails loudly on anything but 200
     out="$LOG.out${2:-}"
     code=$(curl -s -o "$out" -w '%{http_code}' "$URL/infer" -d "$1")

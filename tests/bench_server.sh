@@ -16,8 +16,6 @@ SECONDS_PER=${BENCH_SECONDS:-30}
 CONC=${BENCH_CONC:-"1 4 16 64"}
 SHARED=${MOE_SHARED:-../shared}
 MODEL=${BENCH_MODEL:-$BUILD/bench-$ARCH.gguf}
-VOCAB="$SHARED/testdata/vocab/ggml-vocab-llama-spm.gguf"
-PORT=${BENCH_PORT:-0}   # 0: any free port, read back from the log
 
 if ! command -v wrk >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -27,33 +25,18 @@ if ! command -v wrk >/dev/null; then
     fi
     command -v wrk >/dev/null || { echo "bench-server: wrk not installed (apt-get install wrk)" >&2; exit 1; }
 fi
-if [ ! -f "$MODEL" ]; then
-    echo "== writing the bench preset ($ARCH) to $MODEL (once; a few GB)"
-    if [ -f "$VOCAB" ]; then
-        "$BUILD/moe" synth --arch "$ARCH" --preset bench --seed 1 --vocab "$VOCAB" -o "$MODEL.tmp"
-    else
-        "$BUILD/moe" synth --arch "$ARCH" --preset bench --seed 1 -o "$MODEL.tmp"
-    fi
-    mv "$MODEL.tmp" "$MODEL"
-fi
+. tests/bench_lib.sh
+bench_synth 1 "$MODEL"
 
-now_ms() { date +%s%3N; }
 metric() {  # sum of a metric family's samples
     curl -s "$URL/metrics" | awk -v n="$1" '$1 ~ "^"n"({|$)" {s += $2} END {printf "%.6f\n", s}'
 }
 
 LOG=$(mktemp)
-t0=$(now_ms)
-"$BUILD/moeserve" --model "bench=$MODEL" --port "$PORT" --threads "$THREADS" \
-    --quiet $BENCH_SERVER_ARGS 2>"$LOG" &
-PID=$!
+PID=""
 trap 'kill $PID 2>/dev/null || true; rm -f "$LOG"' EXIT INT TERM
-URL=""
-until [ -n "$URL" ] && curl -sf "$URL/ready" >/dev/null 2>&1; do
-    kill -0 $PID 2>/dev/null || { cat "$LOG"; exit 1; }
-    [ -z "$URL" ] && URL=$(sed -n 's|.*listening on \(http://[^ ]*\).*|\1|p' "$LOG" | head -n 1)
-    sleep 0.01
-done
+t0=$(now_ms)
+bench_serve "$LOG" --model "bench=$MODEL" --threads "$THREADS" $BENCH_SERVER_ARGS
 t1=$(now_ms)
 echo "== start to /ready: $((t1 - t0)) ms (threads $THREADS)"
 grep "loaded" "$LOG" | sed 's/^/   /'
