@@ -98,6 +98,58 @@ START_TEST(health_ready_models_and_paths)
 }
 END_TEST
 
+/* A model still loading: /health 200, /ready 503 naming the progress, the loaded
+ * model serves, the loading one answers 503 + Retry-After, /models lists it as not
+ * loaded. The second model is a FIFO, so its loader blocks in open() until the
+ * test opens the other end: no race with a fast load. It is not a regular file, so
+ * the server then exits 1 with a message that says so. */
+START_TEST(ready_503_while_loading)
+{
+    char fifo[128], arg[160], v[64];
+    snprintf(fifo, sizeof fifo, "%s/slow.gguf", g_dir);
+    unlink(fifo);
+    ck_assert_int_eq(mkfifo(fifo, 0600), 0);
+    snprintf(arg, sizeof arg, "slow=%s", fifo);
+    server s;
+    server_start_env(&s, NULL, 0, (const char *[]){"--model", g_model_a, "--model", arg, NULL});
+    http_resp r;
+    for (;;) {  /* the first model loads; the second stays in open() */
+        http(s.port, "GET", "/ready", NULL, NULL, &r);
+        ck_assert_int_eq(r.status, 503);
+        int one_loaded = strstr(r.body, "loading models (1 of 2 loaded)") != NULL;
+        ck_assert_msg(one_loaded || strstr(r.body, "loading models (0 of 2 loaded)"), "%s", r.body);
+        ck_assert(header(&r, "Retry-After", v, sizeof v));
+        http_resp_free(&r);
+        if (one_loaded) break;
+        nap();
+    }
+    ck_assert_int_eq(http_status(s.port, "GET", "/health"), 200);
+    json_decref(infer_ok(s.port, "{\"model\":\"a\",\"prompt\":\"hi\",\"max_tokens\":2}"));
+    http(s.port, "POST", "/infer", NULL, "{\"model\":\"slow\",\"prompt\":\"hi\"}", &r);
+    expect_error(&r, 503, "still loading");
+    ck_assert(header(&r, "Retry-After", v, sizeof v));
+    http_resp_free(&r);
+    http(s.port, "GET", "/models", NULL, NULL, &r);
+    ck_assert_int_eq(r.status, 200);
+    json_t *j = parse_json(&r), *m = json_array_get(json_object_get(j, "models"), 1);
+    ck_assert_str_eq(json_string_value(json_object_get(m, "name")), "slow");
+    ck_assert(json_is_false(json_object_get(m, "loaded")));
+    json_decref(j);
+    http_resp_free(&r);
+    int fd = open(fifo, O_WRONLY);  /* lets the loader's open() return */
+    ck_assert_int_ge(fd, 0);
+    close(fd);
+    ck_assert_int_eq(server_wait(&s), 1);
+    FILE *f = fopen(s.log, "r");
+    char line[1024];
+    int said = 0;
+    while (f && fgets(line, sizeof line, f)) said |= strstr(line, "not a regular file") != NULL;
+    if (f) fclose(f);
+    ck_assert_msg(said, "the log names the problem (log %s)", s.log);
+    unlink(fifo);
+}
+END_TEST
+
 START_TEST(help_and_bad_flags)
 {
     char cmd[512];
@@ -780,6 +832,7 @@ int main(void)
     /* SERVER_TEST=name runs one test (while debugging). */
     const char *only = getenv("SERVER_TEST");
     if (want(only, "health_ready_models_and_paths")) tcase_add_test(tc, health_ready_models_and_paths);
+    if (want(only, "ready_503_while_loading")) tcase_add_test(tc, ready_503_while_loading);
     if (want(only, "help_and_bad_flags")) tcase_add_test(tc, help_and_bad_flags);
     if (want(only, "infer_outputs")) tcase_add_test(tc, infer_outputs);
     if (want(only, "request_errors")) tcase_add_test(tc, request_errors);
