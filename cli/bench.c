@@ -372,13 +372,13 @@ int bench_run(const bench_opts *o, char *err, size_t errlen)
     if (measure_sgemm(p, o->quick, &peak, err, errlen)) goto done;
     printf("machine: %d threads, memory read %.1f GB/s, triad %.1f GB/s, matmul peak %.1f GFLOP/s\n",
            o->threads, rd, triad, peak);
-    if (moe_model_load(o->model, &m, err, errlen)) goto done;
+    if (moe_model_load_mode(o->model, o->copy_weights ? GGUF_LOAD_COPY : GGUF_LOAD_MMAP, &m, err, errlen)) goto done;
     const moe_hparams *hp = &m->weights.hp;
-    printf("model: %s, %s, %.2f G params (%.2f G active), %d experts top-%d, %d layers\n",
+    printf("model: %s, %s, %.2f G params (%.2f G active), %d experts top-%d, %d layers; weights %s in %.0f ms\n",
            o->model, moe_arch_get(hp->arch)->name,
            moe_hparams_n_params(hp, m->tied_output) / 1e9,
            moe_hparams_n_params_active(hp, m->tied_output) / 1e9, hp->n_expert,
-           hp->n_expert_used, hp->n_layer);
+           hp->n_expert_used, hp->n_layer, m->copied ? "copied" : "mapped", m->load_ms);
     if (bench_engine(m, o->threads, o->quick, rd, peak, err, errlen)) goto done;
     bench_tokenizer(m, o->text);
     rc = 0;

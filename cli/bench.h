@@ -10,6 +10,7 @@ typedef struct {
     const char *text;   /* optional text for the tokenizer benchmark */
     int threads;
     int quick;          /* fewer repetitions (smoke runs) */
+    int copy_weights;   /* --weights copy: load with GGUF_LOAD_COPY */
 } bench_opts;
 
 typedef struct {

@@ -40,7 +40,8 @@ static int usage(void)
         "  synth --arch llama|qwen2moe|olmoe|qwen3moe --preset tiny|small|bench|dense\n"
         "        [--seed N] [--vocab FILE] [--f16] -o FILE   write a synthetic model\n"
         "  eval -m FILE --text FILE [--ctx N] [--threads N]  bits per byte of a text\n"
-        "  bench [-m FILE] [--threads N] [--quick]    throughput and rooflines\n");
+        "  bench -m FILE [--threads N] [--quick] [--weights mmap|copy]\n"
+        "                                              throughput and rooflines\n");
     return 2;
 }
 
@@ -105,8 +106,9 @@ static int cmd_info(int argc, char **argv)
         printf("experts:        none (dense FFN width %d)\n", hp->n_ff);
     printf("vocabulary:     %d%s\n", hp->n_vocab, m->tokenizer ? "" : " (no tokenizer in file)");
     printf("context:        %d\n", hp->n_ctx_train);
-    printf("memory:         %.1f MiB mapped, %.1f MiB converted to F32 at load (F16/BF16)\n",
-           m->mapped_bytes / 1048576.0, m->converted_bytes / 1048576.0);
+    printf("memory:         %.1f MiB %s, %.1f MiB converted to F32 at load (F16/BF16)\n",
+           m->mapped_bytes / 1048576.0, m->copied ? "copied into huge pages" : "mapped",
+           m->converted_bytes / 1048576.0);
     printf("kv cache:       %.1f KiB per token (F32)\n",
            2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim * 4 / 1024.0);
     printf("load time:      %.1f ms\n", m->load_ms);
@@ -539,7 +541,9 @@ static int cmd_bench(int argc, char **argv)
         if (!strcmp(argv[i], "-m")) o.model = v;
         else if (!strcmp(argv[i], "--threads")) { if (parse_int(v, 1, 256, &l)) return usage(); o.threads = (int)l; }
         else if (!strcmp(argv[i], "--text")) o.text = v;
-        else { fprintf(stderr, "moe: bench: unknown option %s\n", argv[i]); return 2; }
+        else if (!strcmp(argv[i], "--weights") && (!strcmp(v, "mmap") || !strcmp(v, "copy")))
+            o.copy_weights = !strcmp(v, "copy");
+        else { fprintf(stderr, "moe: bench: unknown option %s %s (--weights takes mmap or copy)\n", argv[i], v); return 2; }
         i++;
     }
     char err[ERRLEN];

@@ -585,6 +585,36 @@ int gguf_open_memory(const void *data, size_t size, gguf_file **out, char *err, 
     return 0;
 }
 
+#define HUGE_PAGE ((size_t)2 << 20)
+
+/* Reserves size bytes at a 2 MiB-aligned address (PROT_NONE, nothing committed);
+ * the caller maps or commits over it with MAP_FIXED / mprotect. */
+static char *reserve_aligned(size_t size)
+{
+    if (size > SIZE_MAX - HUGE_PAGE) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    char *res = mmap(NULL, size + HUGE_PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (res == MAP_FAILED) return NULL;
+    char *at = (char *)(((uintptr_t)res + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
+    /* give back the slack on both sides */
+    if (at > res) munmap(res, (size_t)(at - res));
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    char *end = at + (size + page - 1) / page * page;
+    if (res + size + HUGE_PAGE > end) munmap(end, (size_t)(res + size + HUGE_PAGE - end));
+    return at;
+}
+
+static void advise_huge(void *p, size_t size)
+{
+#ifdef MADV_HUGEPAGE
+    (void)madvise(p, size, MADV_HUGEPAGE);
+#else
+    (void)p; (void)size;
+#endif
+}
+
 /* Maps the file read-only at a 2 MiB-aligned address and asks for huge pages.
  * Decode streams every selected expert's weights from this mapping each step;
  * with 4 KiB pages the TLB misses cost more than half the memory bandwidth
@@ -592,36 +622,58 @@ int gguf_open_memory(const void *data, size_t size, gguf_file **out, char *err, 
  * the same file in 2 MiB folios 49-51 GB/s, batch-1 decode 36 -> 53 tok/s).
  * The kernel maps a page-cache folio with one PMD entry only when the virtual
  * address is aligned, and reads a VM_HUGEPAGE mapping's faults into PMD-sized
- * folios. Both are hints: without THP the mapping works as a plain one. */
+ * folios (kernels with large page-cache folios for the file system; elsewhere
+ * the mapping works as a plain one, and GGUF_LOAD_COPY is the way to huge pages). */
 static void *map_huge_aligned(int fd, size_t size)
 {
-    const size_t huge = (size_t)2 << 20;
-    if (size > SIZE_MAX - huge) {
-        errno = ENOMEM;
-        return MAP_FAILED;
-    }
-    char *res = mmap(NULL, size + huge, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (res == MAP_FAILED) return mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
-    char *at = (char *)(((uintptr_t)res + huge - 1) & ~(uintptr_t)(huge - 1));
+    char *at = reserve_aligned(size);
+    if (!at) return mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     void *base = mmap(at, size, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 0);
     if (base == MAP_FAILED) {
         int e = errno;
-        munmap(res, size + huge);
+        munmap(at, size);
         errno = e;
         return MAP_FAILED;
     }
-    /* give back the slack on both sides of the file's mapping */
-    if (at > res) munmap(res, (size_t)(at - res));
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    char *end = at + (size + page - 1) / page * page;
-    if (res + size + huge > end) munmap(end, (size_t)(res + size + huge - end));
-#ifdef MADV_HUGEPAGE
-    (void)madvise(base, size, MADV_HUGEPAGE);
-#endif
+    advise_huge(base, size);
     return base;
 }
 
-int gguf_open(const char *path, gguf_file **out, char *err, size_t errlen)
+/* Reads the whole file into anonymous memory in huge pages, then makes it
+ * read-only. Anonymous transparent huge pages work on every THP kernel, where
+ * page-cache huge folios need a recent one; the price is the copy at load
+ * (about 1-4 s for 4 GB) and memory the page cache cannot share. */
+static void *copy_huge_aligned(int fd, size_t size, char *err, size_t errlen)
+{
+    char *at = reserve_aligned(size);
+    if (!at || mprotect(at, size, PROT_READ | PROT_WRITE) != 0) {
+        snprintf(err, errlen, "cannot allocate %zu bytes for the weights: %s", size, strerror(errno));
+        if (at) munmap(at, size);
+        return MAP_FAILED;
+    }
+    advise_huge(at, size);
+    size_t done = 0;
+    while (done < size) {
+        size_t want = size - done > ((size_t)1 << 30) ? ((size_t)1 << 30) : size - done;
+        ssize_t n = pread(fd, at + done, want, (off_t)done);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+            if (n < 0) snprintf(err, errlen, "read failed at byte %zu: %s", done, strerror(errno));
+            else snprintf(err, errlen, "file shrank while reading it (%zu of %zu bytes)", done, size);
+            munmap(at, size);
+            return MAP_FAILED;
+        }
+        done += (size_t)n;
+    }
+    if (mprotect(at, size, PROT_READ) != 0) {  /* weights are never written */
+        snprintf(err, errlen, "mprotect: %s", strerror(errno));
+        munmap(at, size);
+        return MAP_FAILED;
+    }
+    return at;
+}
+
+int gguf_open_mode(const char *path, gguf_load_mode mode, gguf_file **out, char *err, size_t errlen)
 {
     *out = NULL;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -646,12 +698,19 @@ int gguf_open(const char *path, gguf_file **out, char *err, size_t errlen)
         return -1;
     }
     size_t size = (size_t)st.st_size;
-    void *base = map_huge_aligned(fd, size);
-    int map_errno = errno;
-    close(fd); /* the mapping keeps the file */
-    if (base == MAP_FAILED) {
-        snprintf(err, errlen, "cannot map %zu bytes: %s", size, strerror(map_errno));
-        return -1;
+    void *base;
+    if (mode == GGUF_LOAD_COPY) {
+        base = copy_huge_aligned(fd, size, err, errlen);
+        close(fd);
+        if (base == MAP_FAILED) return -1;
+    } else {
+        base = map_huge_aligned(fd, size);
+        int map_errno = errno;
+        close(fd); /* the mapping keeps the file */
+        if (base == MAP_FAILED) {
+            snprintf(err, errlen, "cannot map %zu bytes: %s", size, strerror(map_errno));
+            return -1;
+        }
     }
     gguf_file *f = calloc(1, sizeof *f);
     if (!f) {
@@ -668,6 +727,11 @@ int gguf_open(const char *path, gguf_file **out, char *err, size_t errlen)
     }
     *out = f;
     return 0;
+}
+
+int gguf_open(const char *path, gguf_file **out, char *err, size_t errlen)
+{
+    return gguf_open_mode(path, GGUF_LOAD_MMAP, out, err, errlen);
 }
 
 void gguf_close(gguf_file *f) { release(f); }

@@ -51,6 +51,12 @@ typedef struct gguf_file gguf_file;
 /* Reading ---------------------------------------------------------------- */
 
 int gguf_open(const char *path, gguf_file **out, char *err, size_t errlen);
+/* How the file's bytes reach memory: MMAP maps the file (instant, shared with the
+ * page cache, huge pages where the kernel gives them to file mappings); COPY reads
+ * it into anonymous huge pages (costs the copy, gets huge pages on any THP kernel).
+ * Either way the bytes are read-only and validated the same. */
+typedef enum { GGUF_LOAD_MMAP, GGUF_LOAD_COPY } gguf_load_mode;
+int gguf_open_mode(const char *path, gguf_load_mode mode, gguf_file **out, char *err, size_t errlen);
 /* Parse a buffer the caller keeps alive (tests, fuzzing). */
 int gguf_open_memory(const void *data, size_t size, gguf_file **out, char *err, size_t errlen);
 void gguf_close(gguf_file *f);

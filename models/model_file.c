@@ -424,17 +424,18 @@ static int model_fill(moe_model *m, const char *path, char *err, size_t errlen)
     return 0;
 }
 
-int moe_model_load(const char *path, moe_model **out, char *err, size_t errlen)
+int moe_model_load_mode(const char *path, gguf_load_mode mode, moe_model **out, char *err, size_t errlen)
 {
     double t0 = now_ms();
     *out = NULL;
     moe_model *m = calloc(1, sizeof *m);
     if (!m) return fail(err, errlen, "out of memory");
-    if (gguf_open(path, &m->gguf, err, errlen)) {
+    if (gguf_open_mode(path, mode, &m->gguf, err, errlen)) {
         free(m);
         return -1;
     }
     m->mapped_bytes = gguf_file_size(m->gguf);
+    m->copied = mode == GGUF_LOAD_COPY;
     if (model_fill(m, path, err, errlen)) {
         moe_model_free(m);
         return -1;
@@ -442,6 +443,11 @@ int moe_model_load(const char *path, moe_model **out, char *err, size_t errlen)
     m->load_ms = now_ms() - t0;
     *out = m;
     return 0;
+}
+
+int moe_model_load(const char *path, moe_model **out, char *err, size_t errlen)
+{
+    return moe_model_load_mode(path, GGUF_LOAD_MMAP, out, err, errlen);
 }
 
 void moe_model_free(moe_model *m)

@@ -40,6 +40,7 @@ typedef struct {
     double drain_timeout;    /* seconds from SIGTERM until the rest gets 503 */
     log_format log_fmt;
     int quiet;               /* no per-request log lines */
+    int copy_weights;        /* --weights copy: GGUF_LOAD_COPY instead of mmap */
 } server_config;
 
 void server_config_default(server_config *c);

@@ -625,7 +625,8 @@ static void *loader_main(void *arg)
         char err[400];
         double t0 = mono_now();
         moe_model *m;
-        if (moe_model_load(c->models[i].path, &m, err, sizeof err)) {
+        if (moe_model_load_mode(c->models[i].path, c->copy_weights ? GGUF_LOAD_COPY : GGUF_LOAD_MMAP, &m, err,
+                                sizeof err)) {
             snprintf(s->load_err, sizeof s->load_err, "model '%s' (%s): %s", c->models[i].name, c->models[i].path, err);
             atomic_store(&s->load_failed, 1);
             uv_async_send(&s->async);
@@ -651,12 +652,13 @@ static void *loader_main(void *arg)
         log_event(c->log_fmt, "info",
                   "model '%s' loaded from %s: %s, %.1fM parameters (%.1fM active), %d experts (top-%d), "
                   "%d layers, vocabulary %d, context %d, KV cache %.1f MiB (%d positions), "
-                  "steps of up to %d tokens / %d sequences, %.0f ms",
+                  "steps of up to %d tokens / %d sequences, weights %s, %.0f ms",
                   c->models[i].name, c->models[i].path, moe_arch_get(hp->arch)->name,
                   moe_hparams_n_params(hp, m->tied_output) / 1e6, moe_hparams_n_params_active(hp, m->tied_output) / 1e6,
                   hp->n_expert, hp->n_expert_used, hp->n_layer, hp->n_vocab, sched_max_seq_len(sc),
                   moe_engine_kv_bytes(e) / 1048576.0, sched_kv_positions(sc), sp.max_batch_tokens,
-                  sp.max_seqs < sp.max_batch_tokens ? sp.max_seqs : sp.max_batch_tokens, secs * 1e3);
+                  sp.max_seqs < sp.max_batch_tokens ? sp.max_seqs : sp.max_batch_tokens,
+                  m->copied ? "copied into huge pages" : "mapped", secs * 1e3);
         s->models[i] = m;
         s->scheds[i] = sc;
         atomic_store_explicit(&s->n_loaded, i + 1, memory_order_release);

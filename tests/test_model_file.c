@@ -523,6 +523,55 @@ START_TEST(not_a_model_file)
 }
 END_TEST
 
+/* --weights copy: the same bytes in other memory, the same weights, read-only, and
+ * the same errors for files that are not models. */
+START_TEST(copy_mode_equals_mmap)
+{
+    fixture fx;
+    fixture_synth(&fx, "qwen2moe", "tiny", 0);
+    moe_model *a, *b;
+    ck_assert_msg(moe_model_load(fx.path, &a, err, sizeof err) == 0, "%s", err);
+    ck_assert_msg(moe_model_load_mode(fx.path, GGUF_LOAD_COPY, &b, err, sizeof err) == 0, "%s", err);
+    ck_assert(!a->copied && b->copied);
+    ck_assert_uint_eq(a->mapped_bytes, b->mapped_bytes);
+    const gguf_tensor *ta = gguf_find_tensor(a->gguf, "blk.1.ffn_down_exps.weight");
+    const gguf_tensor *tb = gguf_find_tensor(b->gguf, "blk.1.ffn_down_exps.weight");
+    ck_assert(ta && tb && ta->data != tb->data && ta->nbytes == tb->nbytes);
+    ck_assert(memcmp(ta->data, tb->data, (size_t)ta->nbytes) == 0);
+    ck_assert(in_mapping(b, b->weights.layers[1].exp_down));
+    const moe_hparams *h = &a->weights.hp;
+    size_t n_out = (size_t)h->n_vocab * (size_t)h->n_embd;
+    ck_assert(memcmp(a->weights.output, b->weights.output, n_out * sizeof(float)) == 0);
+    ck_assert_str_eq(a->name, b->name);
+    moe_model_free(a);
+    moe_model_free(b);
+
+    /* not models: the same refusals as mapping them */
+    moe_model *m = (moe_model *)1;
+    ck_assert_int_eq(moe_model_load_mode("/nonexistent/model.gguf", GGUF_LOAD_COPY, &m, err, sizeof err), -1);
+    ck_assert_ptr_null(m);
+    ck_assert_err_has(err, "cannot open");
+    ck_assert_int_eq(moe_model_load_mode(fx.dir, GGUF_LOAD_COPY, &m, err, sizeof err), -1);
+    ck_assert_err_has(err, "not a regular file");
+    FILE *f = fopen(fx.other, "wb");
+    ck_assert_ptr_nonnull(f);
+    fclose(f);
+    ck_assert_int_eq(moe_model_load_mode(fx.other, GGUF_LOAD_COPY, &m, err, sizeof err), -1);
+    ck_assert_err_has(err, "empty file");
+    gguf_file *g;
+    ck_assert_int_eq(gguf_open(fx.path, &g, err, sizeof err), 0);
+    size_t half = gguf_file_size(g) / 2;
+    gguf_close(g);
+    ck_assert_int_eq(truncate(fx.path, (off_t)half), 0);
+    char want[sizeof err];
+    load_error(fx.path);
+    snprintf(want, sizeof want, "%s", err);
+    ck_assert_int_eq(moe_model_load_mode(fx.path, GGUF_LOAD_COPY, &m, err, sizeof err), -1);
+    ck_assert_str_eq(err, want);
+    fixture_done(&fx);
+}
+END_TEST
+
 START_TEST(synth_rejects_bad_params)
 {
     fixture fx;
@@ -625,6 +674,7 @@ int main(void)
     tcase_add_test(th, absurd_dims_are_rejected_before_use);
     tcase_add_test(th, unknown_architecture_lists_the_supported);
     tcase_add_test(th, not_a_model_file);
+    tcase_add_test(th, copy_mode_equals_mmap);
     tcase_add_test(th, synth_rejects_bad_params);
     suite_add_tcase(s, th);
     return tu_run_suite(s);

@@ -740,6 +740,42 @@ START_TEST(config_flags_and_environment)
     ck_assert(strstr(err, "port"));
     server_config_free(&c);
     unsetenv("MOESERVE_PORT");
+    char *argv4[] = {"moeserve", "--model", "m.gguf", "--weights", "copy", NULL};
+    server_config_default(&c);
+    ck_assert_int_eq(c.copy_weights, 0);
+    ck_assert_int_eq(server_config_parse(&c, 5, argv4, err, sizeof err), 0);
+    ck_assert_int_eq(c.copy_weights, 1);
+    server_config_free(&c);
+    argv4[4] = "heap";
+    server_config_default(&c);
+    ck_assert_int_eq(server_config_parse(&c, 5, argv4, err, sizeof err), -1);
+    ck_assert(strstr(err, "mmap or copy"));
+    server_config_free(&c);
+}
+END_TEST
+
+/* --weights copy (here from the environment) serves the same answers as the
+ * default mapping, and says so at load. */
+START_TEST(weights_copy_serves_the_same)
+{
+    const char *body = "{\"prompt\":\"weights\",\"max_tokens\":8,\"logits\":\"last\",\"top_logprobs\":3}";
+    server s;
+    server_start(&s, (const char *[]){"--model", g_model_a, NULL});
+    json_t *a = infer_ok(s.port, body);
+    server_stop(&s);
+    server_start_env(&s, (const char *[]){"MOESERVE_WEIGHTS=copy", NULL}, 1, (const char *[]){"--model", g_model_a, NULL});
+    json_t *b = infer_ok(s.port, body);
+    server_stop(&s);
+    ck_assert(json_equal(json_object_get(a, "tokens"), json_object_get(b, "tokens")));
+    ck_assert(json_equal(json_object_get(a, "logits"), json_object_get(b, "logits")));
+    json_decref(a);
+    json_decref(b);
+    FILE *f = fopen(s.log, "r");
+    char line[1024];
+    int said = 0;
+    while (f && fgets(line, sizeof line, f)) said |= strstr(line, "weights copied into huge pages") != NULL;
+    if (f) fclose(f);
+    ck_assert_msg(said, "the load line says the weights were copied (log %s)", s.log);
 }
 END_TEST
 
@@ -846,6 +882,7 @@ int main(void)
     if (want(only, "second_signal_exits_at_once")) tcase_add_test(tc, second_signal_exits_at_once);
     if (want(only, "hostile_bodies_get_4xx")) tcase_add_test(tc, hostile_bodies_get_4xx);
     if (want(only, "config_flags_and_environment")) tcase_add_test(tc, config_flags_and_environment);
+    if (want(only, "weights_copy_serves_the_same")) tcase_add_test(tc, weights_copy_serves_the_same);
     if (want(only, "utf8_cleaning")) tcase_add_test(tc, utf8_cleaning);
     if (want(only, "metrics_pass_promtool_and_logs_are_json")) tcase_add_test(tc, metrics_pass_promtool_and_logs_are_json);
     suite_add_tcase(s, tc);
