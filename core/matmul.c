@@ -31,7 +31,9 @@
 #define SGEMM_MIN_ROWS 64
 #endif
 /* Output columns per task: fixed, never derived from the thread count. */
+#ifndef SLICE_KERNEL
 #define SLICE_KERNEL 64
+#endif
 #define SLICE_SGEMM 256
 
 /* Vector primitives ------------------------------------------------------- */

@@ -28,7 +28,9 @@
  * n_embd 1024) per task, fine enough to balance two threads over a few experts;
  * sgemm slices are wider, fewer calls (its speed does not depend on the width
  * from 64 columns up, measured). */
+#ifndef SLICE_FEW
 #define SLICE_FEW 64
+#endif
 #define SLICE_MANY 256
 /* Rows per combine task. */
 #define COMBINE_ROWS 16

@@ -3,8 +3,15 @@
  * A job is published by bumping `generation`; workers spin briefly on it (a decode
  * step runs a few pool_runs per layer, milliseconds apart, so a sleeping worker
  * would pay a futex wake-up each time) and then sleep on a condition variable.
- * Tasks are claimed with an atomic counter, so a slow thread (the cores are
- * shared) simply claims fewer tasks. The caller is thread 0 and takes part. */
+ * The caller is thread 0 and takes part.
+ *
+ * Claiming: the tasks are cut into one contiguous segment per thread; a thread
+ * claims the tasks of its own segment in order, then claims what is left of the
+ * others'. Consecutive tasks usually read consecutive memory (slices of one
+ * weight matrix), so each thread streams one long run the hardware prefetcher
+ * follows instead of hopping between short pieces (tasks handed out round-robin
+ * from one counter cost decode 10-30%), while fine tasks keep the tail at the
+ * barrier short and a slow thread (the cores are shared) simply claims fewer. */
 #include "core/pool.h"
 
 #include <pthread.h>
@@ -20,6 +27,13 @@
  * step, short enough not to steal a shared core for long). */
 #define POOL_SPIN 4000
 
+/* One thread's share of the current job's tasks, on its own cache line. */
+typedef struct {
+    atomic_int next;            /* next unclaimed task of the segment */
+    int end;
+    char pad[64 - sizeof(atomic_int) - sizeof(int)];
+} pool_segment;
+
 struct pool {
     int n_threads;              /* including the caller */
     pthread_t *threads;         /* (n_threads - 1) workers */
@@ -32,7 +46,7 @@ struct pool {
 
     atomic_uint_fast64_t generation;
     atomic_int stop;
-    atomic_int next;            /* next unclaimed task */
+    pool_segment *seg;          /* (n_threads) */
     atomic_int pending;         /* workers still inside the current job */
 
     /* The current job: written by pool_run before the generation bump (release),
@@ -54,14 +68,18 @@ static inline void cpu_relax(void)
 #endif
 }
 
-/* Claims and runs tasks until none are left. */
+/* Claims and runs tasks until none are left: its own segment first, then the
+ * rest of the others' in turn. */
 static void pool_drain(pool *p, int thread)
 {
-    int n = p->n_tasks;
-    for (;;) {
-        int t = atomic_fetch_add_explicit(&p->next, 1, memory_order_relaxed);
-        if (t >= n) break;
-        p->fn(p->ctx, t, thread);
+    int n = p->n_threads;
+    for (int i = 0; i < n; i++) {
+        pool_segment *s = &p->seg[(thread + i) % n];
+        for (;;) {
+            int t = atomic_fetch_add_explicit(&s->next, 1, memory_order_relaxed);
+            if (t >= s->end) break;
+            p->fn(p->ctx, t, thread);
+        }
     }
 }
 
@@ -112,6 +130,7 @@ void pool_free(pool *p)
     pthread_cond_destroy(&p->done);
     pthread_cond_destroy(&p->wake);
     pthread_mutex_destroy(&p->mu);
+    free(p->seg);
     free(p->args);
     free(p->threads);
     free(p);
@@ -129,13 +148,17 @@ int pool_create(int n_threads, pool **out, char *err, size_t errlen)
     p->n_threads = n_threads;
     p->threads = calloc((size_t)n_threads, sizeof *p->threads);
     p->args = calloc((size_t)n_threads, sizeof *p->args);
-    if (!p->threads || !p->args) goto fail_arrays;
+    p->seg = aligned_alloc(sizeof(pool_segment), (size_t)n_threads * sizeof(pool_segment));
+    if (!p->threads || !p->args || !p->seg) goto fail_arrays;
+    for (int i = 0; i < n_threads; i++) {
+        atomic_init(&p->seg[i].next, 0);
+        p->seg[i].end = 0;
+    }
     if (pthread_mutex_init(&p->mu, NULL)) goto fail_arrays;
     if (pthread_cond_init(&p->wake, NULL)) goto fail_mutex;
     if (pthread_cond_init(&p->done, NULL)) goto fail_wake;
     atomic_init(&p->generation, 0);
     atomic_init(&p->stop, 0);
-    atomic_init(&p->next, 0);
     atomic_init(&p->pending, 0);
     for (int i = 0; i < n_threads - 1; i++) {
         p->args[i] = (struct worker_arg){p, i + 1};
@@ -155,6 +178,7 @@ fail_wake:
 fail_mutex:
     pthread_mutex_destroy(&p->mu);
 fail_arrays:
+    free(p->seg);
     free(p->args);
     free(p->threads);
     free(p);
@@ -175,7 +199,11 @@ void pool_run(pool *p, int n_tasks, pool_fn fn, void *ctx)
     p->n_tasks = n_tasks;
     p->fn = fn;
     p->ctx = ctx;
-    atomic_store_explicit(&p->next, 0, memory_order_relaxed);
+    for (int i = 0; i < p->n_threads; i++) {
+        atomic_store_explicit(&p->seg[i].next, (int)((int64_t)n_tasks * i / p->n_threads),
+                              memory_order_relaxed);
+        p->seg[i].end = (int)((int64_t)n_tasks * (i + 1) / p->n_threads);
+    }
     atomic_store_explicit(&p->pending, p->n_threads - 1, memory_order_relaxed);
 
     pthread_mutex_lock(&p->mu);

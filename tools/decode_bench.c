@@ -1,0 +1,98 @@
+/* decode_bench.c -- throwaway timing of decode steps on a model file, for A/B work
+ * on the kernels (faster than `moe bench`: no bandwidth/sgemm/prefill runs).
+ * Usage: decode_bench MODEL THREADS STEPS REPS B1 [B2 ...]
+ * Prints, per batch size, tok/s of each repetition and the best. Build (after
+ * `make BUILD=DIR`):
+ *   cc -O3 -march=native -I. tools/decode_bench.c DIR/libmoe.a -o /tmp/decb \
+ *      $(pkg-config --libs openblas) -lpthread -lm
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/engine.h"
+#include "models/model_file.h"
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 6) {
+        fprintf(stderr, "usage: %s MODEL THREADS STEPS REPS B...\n", argv[0]);
+        return 2;
+    }
+    char err[256];
+    moe_model *m;
+    if (moe_model_load(argv[1], &m, err, sizeof err)) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    int threads = atoi(argv[2]), steps = atoi(argv[3]), reps = atoi(argv[4]);
+    const moe_hparams *hp = &m->weights.hp;
+    moe_engine_params ep = moe_engine_default_params(hp);
+    ep.n_threads = threads;
+    ep.max_seqs = 64;
+    ep.max_batch_tokens = 512;
+    ep.max_seq_len = 512;
+    ep.kv_n_blocks = 64 * 512 / ep.kv_block_size;
+    moe_engine *e;
+    if (moe_engine_create(&m->weights, &ep, &e, err, sizeof err)) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    int32_t tok[512], pos[512], seq[512];
+    uint8_t want[512];
+    float *logits = malloc((size_t)64 * hp->n_vocab * sizeof *logits);
+    for (int bi = 5; bi < argc; bi++) {
+        int B = atoi(argv[bi]);
+        if (B < 1 || B > 64) continue;
+        printf("batch %2d:", B);
+        double best = 0;
+        for (int r = 0; r < reps; r++) {
+            int ctx0 = 64;
+            for (int q = 0; q < B; q++) {
+                moe_engine_seq_release(e, q);
+                if (moe_engine_seq_reserve(e, q, ctx0 + steps, err, sizeof err)) {
+                    fprintf(stderr, "%s\n", err);
+                    return 1;
+                }
+                for (int i = 0; i < ctx0; i++) {
+                    tok[i] = (q * 131 + i * 7919 + 3) % hp->n_vocab;
+                    pos[i] = i; seq[i] = q; want[i] = 0;
+                }
+                moe_batch b = {.n_tokens = ctx0, .token = tok, .pos = pos, .seq = seq, .want_logits = want};
+                if (moe_engine_forward(e, &b, logits, err, sizeof err)) {
+                    fprintf(stderr, "%s\n", err);
+                    return 1;
+                }
+            }
+            double t0 = now_s();
+            for (int st = 0; st < steps; st++) {
+                for (int q = 0; q < B; q++) {
+                    tok[q] = (q * 31 + st * 17 + 5) % hp->n_vocab;
+                    pos[q] = ctx0 + st; seq[q] = q; want[q] = 1;
+                }
+                moe_batch b = {.n_tokens = B, .token = tok, .pos = pos, .seq = seq, .want_logits = want};
+                if (moe_engine_forward(e, &b, logits, err, sizeof err)) {
+                    fprintf(stderr, "%s\n", err);
+                    return 1;
+                }
+            }
+            double tps = B * steps / (now_s() - t0);
+            if (tps > best) best = tps;
+            printf(" %6.1f", tps);
+            fflush(stdout);
+        }
+        printf("   best %6.1f tok/s\n", best);
+    }
+    moe_engine_free(e);
+    free(logits);
+    moe_model_free(m);
+    return 0;
+}
