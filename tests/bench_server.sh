@@ -65,12 +65,12 @@ for c in $CONC; do
                v["p50_ms"], v["p99_ms"], (tc > 0 ? ts / tc * 1000 : 0), v["errors"] }'
 done
 
-# Liveness while the model is busy: 200 sequential /health probes during a c=16 load.
+# Liveness while the model is busy: 1000 sequential /health probes during a c=16 load.
 wrk -t 2 -c 16 -d "${SECONDS_PER}s" -s tests/server/bench.lua "$URL/infer" >/dev/null &
 WPID=$!
 sleep 1
-for i in $(seq 200); do curl -s -o /dev/null -w '%{time_total}\n' "$URL/health"; done | sort -n |
-    awk '{a[NR] = $1} END {printf "== /health under load: p50 %.2f ms, p99 %.2f ms (200 probes)\n", a[int(NR*0.5)]*1000, a[int(NR*0.99)]*1000}'
+for i in $(seq 1000); do curl -s -o /dev/null -w '%{time_total}\n' "$URL/health"; done | sort -n |
+    awk '{a[NR] = $1} END {printf "== /health under load: p50 %.2f ms, p99 %.2f ms (1000 probes)\n", a[int(NR*0.5)]*1000, a[int(NR*0.99)]*1000}'
 kill $WPID 2>/dev/null || true
 wait $WPID 2>/dev/null || true
 echo "== compare with: $BUILD/moe bench -m $MODEL --threads $THREADS (decode at batch 1 and 16)"
