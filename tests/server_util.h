@@ -117,6 +117,17 @@ static inline void server_stop(server *s)
     ck_assert_msg(rc == 0, "moeserve exited with %d after SIGTERM (log %s)", rc, s->log);
 }
 
+/* Whether the server's log has a line containing needle. */
+static inline int log_has(const server *s, const char *needle)
+{
+    FILE *f = fopen(s->log, "r");
+    char line[1024];
+    int found = 0;
+    while (f && !found && fgets(line, sizeof line, f)) found = strstr(line, needle) != NULL;
+    if (f) fclose(f);
+    return found;
+}
+
 /* HTTP over a plain socket -------------------------------------------------------- */
 
 typedef struct {
