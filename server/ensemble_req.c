@@ -279,6 +279,33 @@ void ens_group_free(ens_group *g)
     free(g);
 }
 
+/* A model named k times runs k sequences that wait for each other: all of them
+ * must fit its slots and KV pool at once, or they would wait forever. Each needs
+ * `need` positions, rounded up to whole KV blocks as admission counts them.
+ * Returns 0, or 400/413 with the message in err. */
+static int member_fits(const ens_spec *spec, int i, const api_model *am, const sched *sc, long need, char *err,
+                       size_t errlen)
+{
+    int k = 0;
+    for (int j = 0; j < spec->n; j++) k += spec->model[j] == spec->model[i];
+    if (k > sched_max_seqs(sc)) {
+        snprintf(err, errlen, "model '%s' appears %d times in the ensemble but has %d sequence slots (--max-seqs): "
+                 "name it fewer times", am->name, k, sched_max_seqs(sc));
+        return 400;
+    }
+    long bs = moe_engine_kv_block_size(sched_engine(sc));
+    long positions = (need + bs - 1) / bs * bs * k;
+    if (positions <= am->kv_positions) return 0;
+    if (k == 1)
+        snprintf(err, errlen, "the request needs %ld KV cache positions but model '%s' holds %d", positions, am->name,
+                 am->kv_positions);
+    else
+        snprintf(err, errlen, "model '%s' appears %d times in the ensemble: its %d sequences need %ld KV cache "
+                 "positions at once, the model holds %d (fewer copies or tokens, or a larger pool)", am->name, k, k,
+                 positions, am->kv_positions);
+    return 413;
+}
+
 int ens_group_create(ens_spec **specp, const api_model *models, sched *const *scheds,
                      const sched_spec *base, ens_group **out, sched_req **reqs, char *err, size_t errlen)
 {
@@ -336,24 +363,15 @@ int ens_group_create(ens_spec **specp, const api_model *models, sched *const *sc
         ens_group_free(g);
         return failf(err, errlen, 500, "out of memory%s", "");
     }
+    long need = (long)sp.n_prompt + (sp.max_tokens > 0 ? sp.max_tokens - 1 : 0);
+    if (need > max_seq_len) need = max_seq_len;
     for (int i = 0; i < g->n; i++) {
-        /* A model named k times runs k sequences that wait for each other: all of
-         * them must fit its slots and KV pool at once, or they would wait forever. */
         const api_model *am = &models[spec->model[i]];
-        long need = (long)sp.n_prompt + (sp.max_tokens > 0 ? sp.max_tokens - 1 : 0);
-        if (need > max_seq_len) need = max_seq_len;
-        int k = 0;
-        for (int j = 0; j < g->n; j++) k += spec->model[j] == spec->model[i];
-        long bs = moe_engine_kv_block_size(sched_engine(g->sc[i]));
-        long blocks = (need + bs - 1) / bs * bs * k;
-        if (k > sched_max_seqs(g->sc[i]) || blocks > am->kv_positions) {
-            snprintf(err, errlen, "model '%s' appears %d times in the ensemble: the request needs %d sequences and "
-                     "%ld KV cache positions at once, the model has %d and %d (fewer copies, tokens, or a larger pool)",
-                     am->name, k, k, blocks, sched_max_seqs(g->sc[i]), am->kv_positions);
+        int status = member_fits(spec, i, am, g->sc[i], need, err, errlen);
+        if (status) {
             for (int j = 0; j < i; j++) sched_req_free(reqs[j]);
-            int too_many = k > sched_max_seqs(g->sc[i]);
             ens_group_free(g);
-            return too_many ? 400 : 413;
+            return status;
         }
         reqs[i] = sched_req_create(&am->model->weights.hp, max_seq_len, &sp, err, errlen);
         if (!reqs[i]) {
