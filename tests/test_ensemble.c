@@ -29,18 +29,6 @@ static void random_row(float *row, int n, double scale)
     for (int j = 0; j < n; j++) row[j] = (float)((urand() * 2.0 - 1.0) * scale);
 }
 
-static sampler_params settings(float temp, uint64_t seed)
-{
-    sampler_params p = sampler_default_params();
-    p.temperature = temp;
-    p.top_k = 0;
-    p.top_p = 1.0f;
-    p.min_p = 0.0f;
-    p.repeat_penalty = 1.0f;
-    p.seed = seed;
-    return p;
-}
-
 static ensemble *make(int m, int v, const double *w, ensemble_method method, sampler_params sp)
 {
     ensemble *e = NULL;
@@ -124,7 +112,7 @@ END_TEST
 START_TEST(weights_are_validated_and_normalised)
 {
     const char *names[3] = {"a", "b", "c"};
-    sampler_params sp = settings(0.0f, 1);
+    sampler_params sp = tu_sampler_plain(0.0f, 1);
     ensemble *e = (ensemble *)1;
     struct { double w[3]; const char *msg; } bad[] = {
         {{0.5, -0.5, 1.0}, "members[1] (\"b\") has negative weight -0.5"},
@@ -208,7 +196,7 @@ static void check_mean_method(ensemble_method method)
         }
         if (trial == 5) w[1] = 0.0;   /* a member that counts for nothing */
         float T = temps[trial % 3];
-        ensemble *e = make(M, V, w, method, settings(T, (uint64_t)trial));
+        ensemble *e = make(M, V, w, method, tu_sampler_plain(T, (uint64_t)trial));
         ensemble_result r;
         ck_assert_msg(ensemble_step_rows(e, (const float *const *)rows, NULL, 0, &r, err, sizeof err) == 0,
                       "%s", err);
@@ -252,7 +240,7 @@ static void check_draws(ensemble_method method)
     double w[M] = {0.35, 0.65}, p[V];
     const float T = 0.9f;
     direct_combined(M, V, rows, w, method, T, p);
-    ensemble *e = make(M, V, w, method, settings(T, 77));
+    ensemble *e = make(M, V, w, method, tu_sampler_plain(T, 77));
     int count[V] = {0};
     ensemble_result r;
     for (int n = 0; n < N; n++) {
@@ -262,7 +250,7 @@ static void check_draws(ensemble_method method)
     for (int j = 0; j < V; j++) ck_assert_double_eq_tol((double)count[j] / N, p[j], 0.02);
     ensemble_free(e);
 
-    sampler_params sp = settings(T, 78);
+    sampler_params sp = tu_sampler_plain(T, 78);
     sp.top_k = 2;
     e = make(M, V, w, method, sp);
     int order[V], seen[V] = {0};
@@ -322,7 +310,7 @@ START_TEST(vote_matches_direct_calculation)
             random_row(buf[i], V, 2.0);
             w[i] = 0.05 + urand();
         }
-        ensemble *e = make(M, V, w, ENSEMBLE_VOTE, settings(0.0f, 1));
+        ensemble *e = make(M, V, w, ENSEMBLE_VOTE, tu_sampler_plain(0.0f, 1));
         ensemble_result r;
         ck_assert_int_eq(ensemble_step_rows(e, (const float *const *)rows, NULL, 0, &r, err, sizeof err), 0);
         int pick[M];
@@ -346,7 +334,7 @@ START_TEST(vote_matches_direct_calculation)
     ck_assert_int_gt(decided_by_weight, 0);   /* the vote is not just mean_prob's argmax */
 
     /* Sampled: the members draw from the request's RNG in member order. */
-    sampler_params sp = settings(0.8f, 4242);
+    sampler_params sp = tu_sampler_plain(0.8f, 4242);
     sp.top_k = 4;
     sp.top_p = 0.9f;
     sp.min_p = 0.05f;
@@ -381,7 +369,7 @@ START_TEST(vote_ties_follow_the_rules)
      * higher id. a: 2 best, 5 nearly as good; b: 5 best. S(5) > S(2). */
     float a[V] = {0, 0, 3.0f, 0, 0, 2.9f, 0, 0}, b[V] = {0, 0, 0, 0, 0, 1.0f, 0, 0};
     const float *rows[2] = {a, b};
-    ensemble *e = make(2, V, half, ENSEMBLE_VOTE, settings(0.0f, 1));
+    ensemble *e = make(2, V, half, ENSEMBLE_VOTE, tu_sampler_plain(0.0f, 1));
     ck_assert_int_eq(ensemble_step_rows(e, rows, NULL, 0, &r, err, sizeof err), 0);
     ck_assert_int_eq(r.members[0].token, 2);
     ck_assert_int_eq(r.members[1].token, 5);
@@ -410,7 +398,7 @@ START_TEST(vote_ties_follow_the_rules)
     float f[V] = {0, 0, 0, 2.0f, 0, 0, 0, 2.5f}, g[V] = {0, 0, 0, 1.9f, 0, 0, 0, 2.0f};
     float h[V] = {0, 0, 0, 0.3f, 0, 0, 0, 0};
     const float *three[3] = {f, g, h};   /* 7, 7 vs 3 */
-    e = make(3, V, w3, ENSEMBLE_VOTE, settings(0.0f, 1));
+    e = make(3, V, w3, ENSEMBLE_VOTE, tu_sampler_plain(0.0f, 1));
     ck_assert_int_eq(ensemble_step_rows(e, three, NULL, 0, &r, err, sizeof err), 0);
     double p[V];
     float *tr[3] = {f, g, h};
@@ -429,7 +417,7 @@ START_TEST(vote_ties_follow_the_rules)
     float tie[V] = {0, 3.0f, 0, 0, 0, 0, 3.0f, 0};
     const float *tt[2] = {tie, tie};
     for (int m = 0; m < 3; m++) {
-        e = make(2, V, half, (ensemble_method)m, settings(0.0f, 1));
+        e = make(2, V, half, (ensemble_method)m, tu_sampler_plain(0.0f, 1));
         ck_assert_int_eq(ensemble_step_rows(e, tt, NULL, 0, &r, err, sizeof err), 0);
         ck_assert_int_eq(r.token, 1);
         ck_assert_int_eq(r.members[0].token, 1);
@@ -440,7 +428,7 @@ START_TEST(vote_ties_follow_the_rules)
     double w64[2] = {0.6, 0.4};
     float x[V] = {0, 1.0f, 0, 0, 0, 0, 0, 0}, y[V] = {0, 0, 0, 0, 0, 0, 9.0f, 0};
     const float *xy[2] = {x, y};
-    e = make(2, V, w64, ENSEMBLE_VOTE, settings(0.0f, 1));
+    e = make(2, V, w64, ENSEMBLE_VOTE, tu_sampler_plain(0.0f, 1));
     ck_assert_int_eq(ensemble_step_rows(e, xy, NULL, 0, &r, err, sizeof err), 0);
     ck_assert_int_eq(r.token, 1);
     ck_assert_double_eq_tol(r.agreement, 0.6, 1e-7);
@@ -505,7 +493,7 @@ static void check_equals_single(int copies, ensemble_method method, sampler_para
 
 START_TEST(one_member_equals_the_model)
 {
-    sampler_params greedy = settings(0.0f, 5), plain = settings(0.8f, 6), filtered = settings(1.1f, 7);
+    sampler_params greedy = tu_sampler_plain(0.0f, 5), plain = tu_sampler_plain(0.8f, 6), filtered = tu_sampler_plain(1.1f, 7);
     filtered.top_k = 40;
     filtered.top_p = 0.9f;
     filtered.min_p = 0.02f;
@@ -525,7 +513,7 @@ END_TEST
  * distribution, not draw for draw; greedy it is exact. */
 START_TEST(two_copies_equal_the_model)
 {
-    sampler_params greedy = settings(0.0f, 8), filtered = settings(0.9f, 9);
+    sampler_params greedy = tu_sampler_plain(0.0f, 8), filtered = tu_sampler_plain(0.9f, 9);
     filtered.top_k = 20;
     filtered.top_p = 0.95f;
     filtered.repeat_penalty = 1.2f;
@@ -545,7 +533,7 @@ START_TEST(zero_weight_member_changes_nothing)
     enum { V = 200, STEPS = 100 };
     static float a[V], b[V];
     double w[2] = {0.0, 2.5};
-    sampler_params sp = settings(0.9f, 31);
+    sampler_params sp = tu_sampler_plain(0.9f, 31);
     sp.top_k = 30;
     sp.top_p = 0.9f;
     for (int m = 0; m < 3; m++) {
@@ -608,7 +596,7 @@ START_TEST(infinite_and_nan_logits_give_no_nan)
     for (int m = 0; m < 3; m++) {
         for (int t = 0; t < 2; t++) {
             for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-                ensemble *e = make(2, V, w, (ensemble_method)m, settings(temps[t], 3));
+                ensemble *e = make(2, V, w, (ensemble_method)m, tu_sampler_plain(temps[t], 3));
                 ensemble_result r;
                 ck_assert_int_eq(ensemble_step_rows(e, cases[c], NULL, 0, &r, err, sizeof err), 0);
                 assert_no_nan(e, &r, 2, V);
@@ -619,7 +607,7 @@ START_TEST(infinite_and_nan_logits_give_no_nan)
     /* Disjoint supports under mean_logprob: the product is empty, so the mean of
      * probabilities decides (0 with 2.0 beats the rest). */
     const float *dis[2] = {masked, other};
-    ensemble *e = make(2, V, w, ENSEMBLE_MEAN_LOGPROB, settings(0.0f, 1));
+    ensemble *e = make(2, V, w, ENSEMBLE_MEAN_LOGPROB, tu_sampler_plain(0.0f, 1));
     ensemble_result r;
     ck_assert_int_eq(ensemble_step_rows(e, dis, NULL, 0, &r, err, sizeof err), 0);
     float *dr[2] = {masked, other};
@@ -629,7 +617,7 @@ START_TEST(infinite_and_nan_logits_give_no_nan)
     ck_assert_double_eq_tol(r.prob, p[r.token], 1e-6);
     ensemble_free(e);
     /* The same with sampling: temperature applied once, also in the fallback. */
-    e = make(2, V, w, ENSEMBLE_MEAN_LOGPROB, settings(0.5f, 2));
+    e = make(2, V, w, ENSEMBLE_MEAN_LOGPROB, tu_sampler_plain(0.5f, 2));
     direct_combined(2, V, dr, w, ENSEMBLE_MEAN_PROB, 0.5, p);
     for (int k = 0; k < 20; k++) {
         ck_assert_int_eq(ensemble_step_rows(e, dis, NULL, 0, &r, err, sizeof err), 0);
@@ -645,7 +633,7 @@ START_TEST(infinite_and_nan_logits_give_no_nan)
     ensemble_free(e);
     /* An all -inf row is one-hot on its first token, as the sampler falls back. */
     const float *one[1] = {allneg};
-    e = make(1, V, w, ENSEMBLE_MEAN_PROB, settings(0.9f, 1));
+    e = make(1, V, w, ENSEMBLE_MEAN_PROB, tu_sampler_plain(0.9f, 1));
     ck_assert_int_eq(ensemble_step_rows(e, one, NULL, 0, &r, err, sizeof err), 0);
     ck_assert_int_eq(r.token, 0);
     ck_assert_double_eq_tol(r.prob, 1.0, 1e-7);
@@ -662,7 +650,7 @@ START_TEST(summary_counts_agreement_and_overrules)
     float *rows[M];
     double w[M] = {0.5, 0.3, 0.2}, agree = 0;
     uint64_t over[M] = {0};
-    ensemble *e = make(M, V, w, ENSEMBLE_VOTE, settings(1.0f, 11));
+    ensemble *e = make(M, V, w, ENSEMBLE_VOTE, tu_sampler_plain(1.0f, 11));
     ensemble_summary sum;
     ensemble_summary_get(e, &sum);
     ck_assert_uint_eq(sum.steps, 0);
@@ -692,7 +680,7 @@ START_TEST(top_entries_are_sorted_best_first)
     b[17] = b[18] = 9.0f;   /* a tie at the top of member 1: lower id first */
     const float *rows[M] = {a, b};
     double w[M] = {0.5, 0.5};
-    ensemble *e = make(M, V, w, ENSEMBLE_MEAN_LOGPROB, settings(0.0f, 1));
+    ensemble *e = make(M, V, w, ENSEMBLE_MEAN_LOGPROB, tu_sampler_plain(0.0f, 1));
     int32_t ids[N];
     float lps[N];
     ck_assert_int_eq(ensemble_top(e, -1, N, ids, lps), 0);   /* nothing before a step */
@@ -756,7 +744,7 @@ START_TEST(labels_combine_as_computed_by_hand)
     }
     for (int l = 0; l < L; l++) ml[l] /= z;
     for (int m = 0; m < 3; m++) {
-        ensemble *e = make(M, 10, w, (ensemble_method)m, settings(0.7f, 1));
+        ensemble *e = make(M, 10, w, (ensemble_method)m, tu_sampler_plain(0.7f, 1));
         ensemble_label_result r;
         ck_assert_int_eq(ensemble_labels(e, L, lp, &r, err, sizeof err), 0);
         const double *want = m == ENSEMBLE_MEAN_LOGPROB ? ml : mp;
@@ -780,7 +768,7 @@ START_TEST(labels_combine_as_computed_by_hand)
     /* Vote ties: 0.5/0.5 split between labels 0 and 2 -> the summed probability;
      * a symmetric split -> the lower label. */
     double half[2] = {0.5, 0.5};
-    ensemble *e = make(2, 10, half, ENSEMBLE_VOTE, settings(0.0f, 1));
+    ensemble *e = make(2, 10, half, ENSEMBLE_VOTE, tu_sampler_plain(0.0f, 1));
     ensemble_label_result r;
     double split[6] = {-0.1, -5.0, -0.2, -9.0, -9.0, -0.1};   /* S(2) > S(0) */
     ck_assert_int_eq(ensemble_labels(e, 3, split, &r, err, sizeof err), 0);
@@ -791,7 +779,7 @@ START_TEST(labels_combine_as_computed_by_hand)
     ck_assert_int_eq(r.label, 0);
     double flat[6] = {-2.0, -1.0, -1.0, -2.0, -1.0, -1.0};   /* labels 1 and 2 tie everywhere */
     for (int m = 0; m < 3; m++) {
-        ensemble *f = make(2, 10, half, (ensemble_method)m, settings(0.0f, 1));
+        ensemble *f = make(2, 10, half, (ensemble_method)m, tu_sampler_plain(0.0f, 1));
         ck_assert_int_eq(ensemble_labels(f, 3, flat, &r, err, sizeof err), 0);
         ck_assert_int_eq(r.label, 1);
         ck_assert_int_eq(r.members[0].token, 1);
@@ -818,7 +806,7 @@ START_TEST(labels_with_one_model)
     double w[1] = {1.0}, lp[4] = {-7.0, -2.0, -2.5, -30.0}, s = 0;
     for (int l = 0; l < 4; l++) s += exp(lp[l]);
     for (int m = 0; m < 3; m++) {
-        ensemble *e = make(1, 10, w, (ensemble_method)m, settings(0.0f, 1));
+        ensemble *e = make(1, 10, w, (ensemble_method)m, tu_sampler_plain(0.0f, 1));
         ensemble_label_result r;
         ck_assert_int_eq(ensemble_labels(e, 4, lp, &r, err, sizeof err), 0);
         ck_assert_int_eq(r.label, 1);

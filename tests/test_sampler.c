@@ -15,18 +15,6 @@ static sampler *make(int n_vocab, sampler_params p)
     return s;
 }
 
-static sampler_params plain(float temp, uint64_t seed)
-{
-    sampler_params p = sampler_default_params();
-    p.temperature = temp;
-    p.top_k = 0;
-    p.top_p = 1.0f;
-    p.min_p = 0.0f;
-    p.repeat_penalty = 1.0f;
-    p.seed = seed;
-    return p;
-}
-
 START_TEST(defaults_validate)
 {
     sampler_params p = sampler_default_params();
@@ -63,7 +51,7 @@ END_TEST
 START_TEST(greedy_is_argmax)
 {
     float logits[6] = {0.1f, 2.0f, -1.0f, 3.5f, 3.5f, 0.0f};
-    sampler *s = make(6, plain(0.0f, 1));
+    sampler *s = make(6, tu_sampler_plain(0.0f, 1));
     for (int i = 0; i < 5; i++) ck_assert_int_eq(sampler_sample(s, logits, NULL, 0), 3);
     double z = 0;
     for (int i = 0; i < 6; i++) z += exp(logits[i] - 3.5);
@@ -78,7 +66,7 @@ START_TEST(top_k_one_is_greedy)
     for (int i = 0; i < 50; i++) logits[i] = sinf((float)i * 1.7f) * 3.0f;
     int best = 0;
     for (int i = 1; i < 50; i++) if (logits[i] > logits[best]) best = i;
-    sampler_params p = plain(1.5f, 42);
+    sampler_params p = tu_sampler_plain(1.5f, 42);
     p.top_k = 1;
     sampler *s = make(50, p);
     for (int i = 0; i < 100; i++) ck_assert_int_eq(sampler_sample(s, logits, NULL, 0), best);
@@ -119,7 +107,7 @@ START_TEST(draws_follow_the_distribution)
 {
     float logits[4] = {1.0f, 0.0f, 2.0f, -1.0f};
     const float T = 0.7f;
-    sampler *s = make(4, plain(T, 7));
+    sampler *s = make(4, tu_sampler_plain(T, 7));
     int count[4] = {0};
     const int N = 20000;
     for (int i = 0; i < N; i++) count[sampler_sample(s, logits, NULL, 0)]++;
@@ -134,7 +122,7 @@ END_TEST
 START_TEST(top_k_keeps_only_k_best)
 {
     float logits[8] = {0.5f, 0.4f, 0.3f, 0.2f, 0.1f, 0.0f, -0.1f, 0.45f};
-    sampler_params p = plain(1.0f, 3);
+    sampler_params p = tu_sampler_plain(1.0f, 3);
     p.top_k = 3;   /* ids 0, 7, 1 */
     sampler *s = make(8, p);
     int seen[8] = {0};
@@ -150,7 +138,7 @@ END_TEST
 START_TEST(top_p_and_min_p_exclude_the_tail)
 {
     float logits[4] = {logf(0.5f), logf(0.3f), logf(0.15f), logf(0.05f)};
-    sampler_params p = plain(1.0f, 11);
+    sampler_params p = tu_sampler_plain(1.0f, 11);
     p.top_p = 0.7f;
     sampler *s = make(4, p);
     int seen[4] = {0};
@@ -162,7 +150,7 @@ START_TEST(top_p_and_min_p_exclude_the_tail)
     ck_assert_double_eq_tol(seen[0] / 4000.0, 0.625, 0.04);
     sampler_free(s);
 
-    p = plain(1.0f, 12);
+    p = tu_sampler_plain(1.0f, 12);
     p.min_p = 0.25f;
     s = make(4, p);
     memset(seen, 0, sizeof seen);
@@ -191,7 +179,7 @@ START_TEST(top_p_on_a_large_vocabulary)
     int keep = 0;
     while (acc < 0.9 * total) acc += exp(-0.05 * keep++);
     ck_assert_int_eq(keep, 47);
-    sampler_params p = plain(1.0f, 99);
+    sampler_params p = tu_sampler_plain(1.0f, 99);
     p.top_p = 0.9f;
     sampler *s = make(V, p);
     memset(seen, 0, sizeof seen);
@@ -210,7 +198,7 @@ START_TEST(repetition_penalty_lowers_repeated_tokens)
      * greedy picks token 2 */
     float logits[4] = {2.0f, 1.9f, 1.5f, -1.0f};
     int32_t hist[5] = {0, 1, 0, 0, 99 /* out of range: ignored */};
-    sampler_params p = plain(0.0f, 0);
+    sampler_params p = tu_sampler_plain(0.0f, 0);
     p.repeat_penalty = 1.5f;
     p.repeat_last_n = 64;
     sampler *s = make(4, p);

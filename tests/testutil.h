@@ -8,6 +8,22 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "core/sampler.h"
+
+/* Sampling at temperature temp with every filter (top-k, top-p, min-p, penalty)
+ * off, so a test's expectation is plain softmax(l / temp). */
+static inline sampler_params tu_sampler_plain(float temp, uint64_t seed)
+{
+    sampler_params p = sampler_default_params();
+    p.temperature = temp;
+    p.top_k = 0;
+    p.top_p = 1.0f;
+    p.min_p = 0.0f;
+    p.repeat_penalty = 1.0f;
+    p.seed = seed;
+    return p;
+}
+
 /* Path of ../shared (beside the project root), or NULL when absent. Tests that
  * need it print why they skip. */
 static inline const char *tu_shared_dir(void)
