@@ -4,13 +4,18 @@
  *   block b: [layer][K|V][position in block][n_head_kv * head_dim]
  * so a sequence's K (or V) vectors inside one block are contiguous. Each sequence
  * slot keeps a table of its blocks in position order; free blocks sit on a stack.
- * All memory is allocated at create; reserve and release only move block ids.
+ * All memory is allocated at create, in huge pages and committed there (core/hugemem.h):
+ * a server's first long request does not pay the page faults (or meet the
+ * out-of-memory killer) that a lazily faulted pool would, and attention reads
+ * the blocks without TLB misses. Reserve and release only move block ids.
  */
 #include "core/kv_cache.h"
 
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+
+#include "core/hugemem.h"
 
 struct kv_cache {
     int n_layer;
@@ -60,7 +65,7 @@ int kv_cache_create(int n_layer, int n_head_kv, int head_dim, int block_size, in
     kv->max_seq_len = max_seq_len;
     kv->blocks_per_seq = (int)(((int64_t)max_seq_len + block_size - 1) / block_size);
     kv->block_floats = per_block * kv_dim;
-    kv->data = calloc((size_t)n_blocks, kv->block_floats * sizeof(float));
+    kv->data = hugemem_alloc((size_t)n_blocks * kv->block_floats * sizeof(float));
     kv->free_stack = malloc((size_t)n_blocks * sizeof *kv->free_stack);
     kv->table = malloc((size_t)max_seqs * (size_t)kv->blocks_per_seq * sizeof *kv->table);
     kv->n_held = calloc((size_t)max_seqs, sizeof *kv->n_held);
@@ -80,7 +85,7 @@ oom:
 void kv_cache_free(kv_cache *kv)
 {
     if (!kv) return;
-    free(kv->data);
+    hugemem_free(kv->data, kv_cache_bytes(kv));
     free(kv->free_stack);
     free(kv->table);
     free(kv->n_held);

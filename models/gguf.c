@@ -29,6 +29,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/hugemem.h"
+
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "gguf.c reads and writes little-endian GGUF with memcpy: port it for big-endian hosts"
 #endif
@@ -585,36 +587,6 @@ int gguf_open_memory(const void *data, size_t size, gguf_file **out, char *err, 
     return 0;
 }
 
-#define HUGE_PAGE ((size_t)2 << 20)
-
-/* Reserves size bytes at a 2 MiB-aligned address (PROT_NONE, nothing committed);
- * the caller maps or commits over it with MAP_FIXED / mprotect. */
-static char *reserve_aligned(size_t size)
-{
-    if (size > SIZE_MAX - HUGE_PAGE) {
-        errno = ENOMEM;
-        return NULL;
-    }
-    char *res = mmap(NULL, size + HUGE_PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (res == MAP_FAILED) return NULL;
-    char *at = (char *)(((uintptr_t)res + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
-    /* give back the slack on both sides */
-    if (at > res) munmap(res, (size_t)(at - res));
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    char *end = at + (size + page - 1) / page * page;
-    if (res + size + HUGE_PAGE > end) munmap(end, (size_t)(res + size + HUGE_PAGE - end));
-    return at;
-}
-
-static void advise_huge(void *p, size_t size)
-{
-#ifdef MADV_HUGEPAGE
-    (void)madvise(p, size, MADV_HUGEPAGE);
-#else
-    (void)p; (void)size;
-#endif
-}
-
 /* Maps the file read-only at a 2 MiB-aligned address and asks for huge pages.
  * Decode streams every selected expert's weights from this mapping each step;
  * with 4 KiB pages the TLB misses cost more than half the memory bandwidth
@@ -626,7 +598,7 @@ static void advise_huge(void *p, size_t size)
  * the mapping works as a plain one, and GGUF_LOAD_COPY is the way to huge pages). */
 static void *map_huge_aligned(int fd, size_t size)
 {
-    char *at = reserve_aligned(size);
+    char *at = hugemem_reserve(size);
     if (!at) return mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     void *base = mmap(at, size, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 0);
     if (base == MAP_FAILED) {
@@ -635,7 +607,7 @@ static void *map_huge_aligned(int fd, size_t size)
         errno = e;
         return MAP_FAILED;
     }
-    advise_huge(base, size);
+    hugemem_advise(base, size);
     return base;
 }
 
@@ -645,13 +617,13 @@ static void *map_huge_aligned(int fd, size_t size)
  * (about 1-4 s for 4 GB) and memory the page cache cannot share. */
 static void *copy_huge_aligned(int fd, size_t size, char *err, size_t errlen)
 {
-    char *at = reserve_aligned(size);
+    char *at = hugemem_reserve(size);
     if (!at || mprotect(at, size, PROT_READ | PROT_WRITE) != 0) {
         snprintf(err, errlen, "cannot allocate %zu bytes for the weights: %s", size, strerror(errno));
         if (at) munmap(at, size);
         return MAP_FAILED;
     }
-    advise_huge(at, size);
+    hugemem_advise(at, size);
     size_t done = 0;
     while (done < size) {
         size_t want = size - done > ((size_t)1 << 30) ? ((size_t)1 << 30) : size - done;
