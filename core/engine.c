@@ -482,6 +482,38 @@ static void att_pass(const float *const *q, float *const *o, const int *last, in
     }
 }
 
+#if defined(__AVX512F__)
+/* dst[j * ldd + i] = src[i][d0 + j] for i, j < 16: the keys of 16 positions
+ * transposed in registers (interleave 32-bit, then 64-bit, then 128-bit lanes
+ * twice). A plain copy: the scores are the same bits as with a scalar gather,
+ * which took about half of decode attention (16 strided scalar stores a key). */
+static void transpose16(const float *const *src, int d0, float *dst, int ldd)
+{
+    __m512 r[16], t[16], u[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src[i] + d0);
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);       /* lane k: i[4k] i+1[4k] i[4k+1] i+1[4k+1] */
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);   /* the same for 4k+2, 4k+3 */
+    }
+    for (int g = 0; g < 16; g += 4) {                    /* rows g..g+3 of elements 4k+0..3 */
+        __m512d lo0 = _mm512_castps_pd(t[g]), lo1 = _mm512_castps_pd(t[g + 2]);
+        __m512d hi0 = _mm512_castps_pd(t[g + 1]), hi1 = _mm512_castps_pd(t[g + 3]);
+        u[g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo0, lo1));
+        u[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo0, lo1));
+        u[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi0, hi1));
+        u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi0, hi1));
+    }
+    for (int e = 0; e < 4; e++) {                        /* element 4k + e sits in 128-bit lane k */
+        __m512 v0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x88), v1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xDD);
+        __m512 v2 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x88), v3 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xDD);
+        _mm512_storeu_ps(dst + (size_t)(0 + e) * (size_t)ldd, _mm512_shuffle_f32x4(v0, v2, 0x88));
+        _mm512_storeu_ps(dst + (size_t)(4 + e) * (size_t)ldd, _mm512_shuffle_f32x4(v1, v3, 0x88));
+        _mm512_storeu_ps(dst + (size_t)(8 + e) * (size_t)ldd, _mm512_shuffle_f32x4(v0, v2, 0xDD));
+        _mm512_storeu_ps(dst + (size_t)(12 + e) * (size_t)ldd, _mm512_shuffle_f32x4(v1, v3, 0xDD));
+    }
+}
+#endif
+
 static void attend(void *ctx, int task, int thread)
 {
     const layer_job *j = ctx;
@@ -497,7 +529,21 @@ static void attend(void *ctx, int task, int thread)
     float *w = kt + (size_t)hd * (size_t)e->att_ld;
     const float **vrow = e->att_vrow + (size_t)thread * (size_t)e->att_ld;
 
-    for (int t = 0; t < n_pos; t++) {
+    int t = 0;
+#if defined(__AVX512F__)
+    for (; t + 16 <= n_pos; t += 16) {
+        const float *k[16];
+        for (int i = 0; i < 16; i++) {
+            k[i] = kv_cache_k(e->kv, j->layer, seq, t + i) + (size_t)g * (size_t)hd;
+            vrow[t + i] = kv_cache_v(e->kv, j->layer, seq, t + i) + (size_t)g * (size_t)hd;
+        }
+        int d = 0;
+        for (; d + 16 <= hd; d += 16) transpose16(k, d, kt + (size_t)d * (size_t)ldk + t, ldk);
+        for (; d < hd; d++)
+            for (int i = 0; i < 16; i++) kt[(size_t)d * (size_t)ldk + t + i] = k[i][d];
+    }
+#endif
+    for (; t < n_pos; t++) {
         const float *k = kv_cache_k(e->kv, j->layer, seq, t) + (size_t)g * (size_t)hd;
         for (int d = 0; d < hd; d++) kt[(size_t)d * (size_t)ldk + t] = k[d];
         vrow[t] = kv_cache_v(e->kv, j->layer, seq, t) + (size_t)g * (size_t)hd;
