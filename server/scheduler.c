@@ -383,14 +383,20 @@ static int cancel_reason(const sched_req *r, int abort_all, double now, int *sta
     return 1;
 }
 
-/* Drops cancelled, timed-out and (when draining is over) all requests. */
-static void sweep(sched *s, req_list *done, int abort_all, int *n_dequeued)
+static int ens_take(sched *s, req_list *done, int i, double now, int *n_gen);
+
+/* Drops cancelled, timed-out and (when draining is over) all requests. An
+ * ensemble member whose group closed may hold the group's last token: another
+ * member can combine it and finish between this thread's ens_poll and here, so
+ * the token is taken first (the group closes only after it is handed out). */
+static void sweep(sched *s, req_list *done, int abort_all, int *n_dequeued, int *n_gen)
 {
     double now = mono_now();
     int status; finish_kind fin; const char *msg;
     for (int i = 0; i < s->n_running;) {
         sched_req *r = s->running[i];
         if (cancel_reason(r, abort_all, now, &status, &fin, &msg)) {
+            if (status == 200 && ens_take(s, done, i, now, n_gen)) continue;
             running_remove(s, i);
             req_finish(s, done, r, status, fin, msg);
         } else {
@@ -651,27 +657,29 @@ static int ens_next(sched *s, sched_req *r, const float *row, int pos, double no
     return accept_token(s, r, id, pos, now, fin);
 }
 
-/* Parked members whose group combined a token: apply it (before the sweep, so a
- * group that just finished hands every member its last token). */
+/* A parked member's combined token, if its group has one for it: applies it.
+ * Returns 1 when that finished the request (then removed from running[i]). */
+static int ens_take(sched *s, req_list *done, int i, double now, int *n_gen)
+{
+    sched_req *r = s->running[i];
+    int32_t id;
+    finish_kind fin;
+    if (!r->ens || !r->ens_wait || ens_group_poll(r->ens, r->ens_member, &id) != ENS_TOKEN) return 0;
+    r->ens_wait = 0;
+    (*n_gen)++;
+    if (!accept_token(s, r, id, r->n_past - 1, now, &fin)) return 0;
+    finish_text(s, r);
+    running_remove(s, i);
+    req_finish(s, done, r, 200, fin, NULL);
+    return 1;
+}
+
+/* Parked members whose group combined a token: apply it. */
 static void ens_poll(sched *s, req_list *done, int *n_gen)
 {
     double now = mono_now();
-    for (int i = 0; i < s->n_running;) {
-        sched_req *r = s->running[i];
-        int32_t id;
-        finish_kind fin;
-        if (r->ens && r->ens_wait && ens_group_poll(r->ens, r->ens_member, &id) == ENS_TOKEN) {
-            r->ens_wait = 0;
-            (*n_gen)++;
-            if (accept_token(s, r, id, r->n_past - 1, now, &fin)) {
-                finish_text(s, r);
-                running_remove(s, i);
-                req_finish(s, done, r, 200, fin, NULL);
-                continue;
-            }
-        }
-        i++;
-    }
+    for (int i = 0; i < s->n_running;)
+        if (!ens_take(s, done, i, now, n_gen)) i++;
 }
 
 static void publish(sched *s, req_list *done, int n_dequeued, double fwd_s, int n_rows,
@@ -723,7 +731,7 @@ static int step(sched *s, int abort_all)
     req_list done = {0};
     int n_dequeued = 0, n_gen = 0;
     ens_poll(s, &done, &n_gen);
-    sweep(s, &done, abort_all, &n_dequeued);
+    sweep(s, &done, abort_all, &n_dequeued, &n_gen);
     admit(s, &done, &n_dequeued);
 
     int n_want, any_routing;
