@@ -29,6 +29,7 @@
 #include "core/moe_layer.h"
 #include "core/ops.h"
 #include "core/pool.h"
+#include "core/vexp.h"
 
 /* Attention tiling (see attend()). */
 #define ATT_RUN 16   /* rows per run */
@@ -64,6 +65,7 @@ struct moe_engine {
     size_t att_scratch_stride;  /* floats per thread: Kt (head_dim, att_ld), w (ATT_Q, att_ld) */
     float *att_scratch;         /* (n_threads, att_scratch_stride) */
     const float **att_vrow;     /* (n_threads, att_ld) V row of each position */
+    float *att_zero;            /* (head_dim) zeros: the keys of the padding positions */
     int32_t *run_start;         /* (B) first row of each attention run */
     int32_t *run_len;           /* (B) rows in it */
     int n_runs;
@@ -171,12 +173,13 @@ int moe_engine_create(const moe_weights *w, const moe_engine_params *p,
     e->att_scratch_stride = (size_t)(hp->head_dim + ATT_Q) * (size_t)e->att_ld;
     e->att_scratch = malloc((size_t)p->n_threads * e->att_scratch_stride * sizeof(float));
     e->att_vrow = malloc((size_t)p->n_threads * (size_t)e->att_ld * sizeof *e->att_vrow);
+    e->att_zero = calloc((size_t)hp->head_dim, sizeof *e->att_zero);
     e->run_start = malloc(B * sizeof *e->run_start);
     e->run_len = malloc(B * sizeof *e->run_len);
     e->logit_rows = malloc(B * sizeof *e->logit_rows);
     if (!e->n_past || !e->next_pos || !e->routed || !e->dropped || !e->inv_freq || !e->x ||
         !e->xb || !e->q || !e->k || !e->v || !e->att || !e->out || !e->rope_cs || !e->att_scratch ||
-        !e->att_vrow || !e->run_start || !e->run_len ||
+        !e->att_vrow || !e->att_zero || !e->run_start || !e->run_len ||
         !e->logit_rows) {
         snprintf(err, errlen, "engine: out of memory for scratch (%d batch tokens)", p->max_batch_tokens);
         goto fail;
@@ -212,6 +215,7 @@ void moe_engine_free(moe_engine *e)
     free(e->rope_cs);
     free(e->att_scratch);
     free(e->att_vrow);
+    free(e->att_zero);
     free(e->run_start);
     free(e->run_len);
     free(e->logit_rows);
@@ -399,12 +403,31 @@ static inline v16 v16_madd(float s, v16 x, v16 acc)
 }
 #endif
 
-/* sc[a * lds + t] = q[a] . Kt[., t] for t < limit (a multiple of ATT_T). */
+/* sc[a * lds + t] = q[a] . Kt[., t] for t < limit (a multiple of ATT_T). Two
+ * blocks of ATT_T positions per pass: with one, the ATT_Q chains of 4-cycle
+ * multiply-adds leave half the FMA issue slots empty. */
 static inline __attribute__((always_inline))
 void att_scores(const float *const *q, const int na, const float *kt, int ldk, int hd,
                 int limit, float *sc, int lds)
 {
-    for (int t0 = 0; t0 < limit; t0 += ATT_T) {
+    int t0 = 0;
+    for (; t0 + 2 * ATT_T <= limit; t0 += 2 * ATT_T) {
+        v16 acc0[ATT_Q], acc1[ATT_Q];
+        for (int a = 0; a < na; a++) acc0[a] = acc1[a] = v16_zero();
+        for (int d = 0; d < hd; d++) {
+            v16 k0 = v16_load(kt + (size_t)d * (size_t)ldk + t0);
+            v16 k1 = v16_load(kt + (size_t)d * (size_t)ldk + t0 + ATT_T);
+            for (int a = 0; a < na; a++) {
+                acc0[a] = v16_madd(q[a][d], k0, acc0[a]);
+                acc1[a] = v16_madd(q[a][d], k1, acc1[a]);
+            }
+        }
+        for (int a = 0; a < na; a++) {
+            v16_store(sc + (size_t)a * (size_t)lds + t0, acc0[a]);
+            v16_store(sc + (size_t)a * (size_t)lds + t0 + ATT_T, acc1[a]);
+        }
+    }
+    for (; t0 < limit; t0 += ATT_T) {
         v16 acc[ATT_Q];
         for (int a = 0; a < na; a++) acc[a] = v16_zero();
         for (int d = 0; d < hd; d++) {
@@ -415,7 +438,8 @@ void att_scores(const float *const *q, const int na, const float *kt, int ldk, i
     }
 }
 
-/* o[a][d] = sum over t <= last[a] of w[a][t] * vrow[t][d], in order of t. */
+/* o[a][d] = sum over t <= last[a] of w[a][t] * vrow[t][d], in order of t. Two
+ * blocks of ATT_T dims per pass, for the same reason as in att_scores. */
 static inline __attribute__((always_inline))
 void att_values(float *const *o, const int na, const float *w, int ldw, const int *last,
                 const float *const *vrow, int hd)
@@ -423,6 +447,23 @@ void att_values(float *const *o, const int na, const float *w, int ldw, const in
     int tmax = 0;
     for (int a = 0; a < na; a++) if (last[a] + 1 > tmax) tmax = last[a] + 1;
     int d0 = 0;
+    for (; d0 + 2 * ATT_T <= hd; d0 += 2 * ATT_T) {
+        v16 acc0[ATT_Q], acc1[ATT_Q];
+        for (int a = 0; a < na; a++) acc0[a] = acc1[a] = v16_zero();
+        for (int t = 0; t < tmax; t++) {
+            v16 v0 = v16_load(vrow[t] + d0), v1 = v16_load(vrow[t] + d0 + ATT_T);
+            for (int a = 0; a < na; a++)
+                if (t <= last[a]) {
+                    float wt = w[(size_t)a * (size_t)ldw + t];
+                    acc0[a] = v16_madd(wt, v0, acc0[a]);
+                    acc1[a] = v16_madd(wt, v1, acc1[a]);
+                }
+        }
+        for (int a = 0; a < na; a++) {
+            v16_store(o[a] + d0, acc0[a]);
+            v16_store(o[a] + d0 + ATT_T, acc1[a]);
+        }
+    }
     for (; d0 + ATT_T <= hd; d0 += ATT_T) {
         v16 acc[ATT_Q];
         for (int a = 0; a < na; a++) acc[a] = v16_zero();
@@ -441,18 +482,46 @@ void att_values(float *const *o, const int na, const float *w, int ldw, const in
         }
 }
 
-/* Softmax weights of one query in place: w[t] = exp(s[t] - max) / sum, t <= last. */
-static void att_softmax(float *w, int last)
+/* Softmax weights of one query in place over the n = last + 1 scores it sees:
+ * w[t] = exp(scale * s[t] - max) / sum. The AVX-512 path (an expf call per
+ * score was a sixth of decode attention) sums in 16 lane-wise partial sums; the
+ * order depends only on n, never on the batch or the thread. */
+static void att_softmax(float *w, int n, float scale)
 {
+#if defined(__AVX512F__)
+    __m512 vmax = _mm512_set1_ps(-INFINITY), vscale = _mm512_set1_ps(scale);
+    for (int t = 0; t < n; t += 16) {
+        __mmask16 m = n - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - t)) - 1u);
+        __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + t), vscale);
+        _mm512_mask_storeu_ps(w + t, m, x);
+        vmax = _mm512_mask_max_ps(vmax, m, vmax, x);
+    }
+    __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax)), vsum = _mm512_setzero_ps();
+    for (int t = 0; t < n; t += 16) {
+        __mmask16 m = n - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - t)) - 1u);
+        __m512 x = vexp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, w + t), max));
+        _mm512_mask_storeu_ps(w + t, m, x);
+        vsum = _mm512_mask_add_ps(vsum, m, vsum, x);
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+    for (int t = 0; t < n; t += 16) {
+        __mmask16 m = n - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - t)) - 1u);
+        _mm512_mask_storeu_ps(w + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + t), inv));
+    }
+#else
     float max = -INFINITY;
-    for (int t = 0; t <= last; t++) if (w[t] > max) max = w[t];
+    for (int t = 0; t < n; t++) {
+        w[t] *= scale;
+        if (w[t] > max) max = w[t];
+    }
     float sum = 0.0f;
-    for (int t = 0; t <= last; t++) {
+    for (int t = 0; t < n; t++) {
         w[t] = expf(w[t] - max);
         sum += w[t];
     }
     float inv = 1.0f / sum;
-    for (int t = 0; t <= last; t++) w[t] *= inv;
+    for (int t = 0; t < n; t++) w[t] *= inv;
+#endif
 }
 
 /* Up to ATT_Q query vectors against the gathered keys and values. */
@@ -469,11 +538,7 @@ static void att_pass(const float *const *q, float *const *o, const int *last, in
     case 3: att_scores(q, 3, kt, ldk, hd, limit, w, ldw); break;
     default: att_scores(q, ATT_Q, kt, ldk, hd, limit, w, ldw); break;
     }
-    for (int a = 0; a < na; a++) {
-        float *wa = w + (size_t)a * (size_t)ldw;
-        for (int t = 0; t <= last[a]; t++) wa[t] *= scale;
-        att_softmax(wa, last[a]);
-    }
+    for (int a = 0; a < na; a++) att_softmax(w + (size_t)a * (size_t)ldw, last[a] + 1, scale);
     switch (na) {
     case 1: att_values(o, 1, w, ldw, last, vrow, hd); break;
     case 2: att_values(o, 2, w, ldw, last, vrow, hd); break;
@@ -514,6 +579,54 @@ static void transpose16(const float *const *src, int d0, float *dst, int ldd)
 }
 #endif
 
+/* The values are read only after all the scores: asking for them while the keys
+ * are gathered lets both stream from memory together (the value loads were the
+ * largest stall of decode attention at batch 64, where the KV cache is 300+ MB a
+ * step and nothing of it is in cache). */
+static inline void prefetch_l2(const float *p, int n)
+{
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+    for (int i = 0; i < n; i += 16) _mm_prefetch((const char *)(p + i), _MM_HINT_T1);
+#else
+    (void)p; (void)n;
+#endif
+}
+
+/* Kt[d][t] for t < ldk (the positions past n_pos are zeros) and each
+ * position's V row, for KV head g of seq. */
+static void gather_keys(const moe_engine *e, int layer, int seq, int g, int n_pos, float *kt, int ldk,
+                        const float **vrow)
+{
+    int hd = e->w.hp.head_dim;
+#if defined(__AVX512F__)
+    for (int t = 0; t < n_pos; t += 16) {
+        const float *k[16];
+        for (int i = 0; i < 16; i++) {
+            if (t + i >= n_pos) {
+                k[i] = e->att_zero;
+                continue;
+            }
+            k[i] = kv_cache_k(e->kv, layer, seq, t + i) + (size_t)g * (size_t)hd;
+            vrow[t + i] = kv_cache_v(e->kv, layer, seq, t + i) + (size_t)g * (size_t)hd;
+            prefetch_l2(vrow[t + i], hd);
+        }
+        int d = 0;
+        for (; d + 16 <= hd; d += 16) transpose16(k, d, kt + (size_t)d * (size_t)ldk + t, ldk);
+        for (; d < hd; d++)
+            for (int i = 0; i < 16; i++) kt[(size_t)d * (size_t)ldk + t + i] = k[i][d];
+    }
+#else
+    for (int t = 0; t < n_pos; t++) {
+        const float *k = kv_cache_k(e->kv, layer, seq, t) + (size_t)g * (size_t)hd;
+        for (int d = 0; d < hd; d++) kt[(size_t)d * (size_t)ldk + t] = k[d];
+        vrow[t] = kv_cache_v(e->kv, layer, seq, t) + (size_t)g * (size_t)hd;
+        prefetch_l2(vrow[t], hd);
+    }
+    for (int d = 0; d < hd; d++)
+        for (int t = n_pos; t < ldk; t++) kt[(size_t)d * (size_t)ldk + t] = 0.0f;
+#endif
+}
+
 static void attend(void *ctx, int task, int thread)
 {
     const layer_job *j = ctx;
@@ -529,28 +642,7 @@ static void attend(void *ctx, int task, int thread)
     float *w = kt + (size_t)hd * (size_t)e->att_ld;
     const float **vrow = e->att_vrow + (size_t)thread * (size_t)e->att_ld;
 
-    int t = 0;
-#if defined(__AVX512F__)
-    for (; t + 16 <= n_pos; t += 16) {
-        const float *k[16];
-        for (int i = 0; i < 16; i++) {
-            k[i] = kv_cache_k(e->kv, j->layer, seq, t + i) + (size_t)g * (size_t)hd;
-            vrow[t + i] = kv_cache_v(e->kv, j->layer, seq, t + i) + (size_t)g * (size_t)hd;
-        }
-        int d = 0;
-        for (; d + 16 <= hd; d += 16) transpose16(k, d, kt + (size_t)d * (size_t)ldk + t, ldk);
-        for (; d < hd; d++)
-            for (int i = 0; i < 16; i++) kt[(size_t)d * (size_t)ldk + t + i] = k[i][d];
-    }
-#endif
-    for (; t < n_pos; t++) {
-        const float *k = kv_cache_k(e->kv, j->layer, seq, t) + (size_t)g * (size_t)hd;
-        for (int d = 0; d < hd; d++) kt[(size_t)d * (size_t)ldk + t] = k[d];
-        vrow[t] = kv_cache_v(e->kv, j->layer, seq, t) + (size_t)g * (size_t)hd;
-    }
-    for (int d = 0; d < hd; d++)
-        for (int t = n_pos; t < ldk; t++) kt[(size_t)d * (size_t)ldk + t] = 0.0f;
-
+    gather_keys(e, j->layer, seq, g, n_pos, kt, ldk, vrow);
     float scale = 1.0f / sqrtf((float)hd);
     const float *q[ATT_Q];
     float *o[ATT_Q];

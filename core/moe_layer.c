@@ -27,6 +27,7 @@
 
 #include "core/matmul.h"
 #include "core/ops.h"
+#include "core/vexp.h"
 
 /* Output columns per task: the few-rows kernel streams 64 weight rows (256 KB at
  * n_embd 1024) per task, fine enough to balance two threads over a few experts;
@@ -345,31 +346,13 @@ static int tasks_build(moe_ffn *f, int down)
 
 /* g[c] = silu(g[c]) * up[c] for c < n. The scalar silu costs an expf call per
  * element (4% of a batch-64 decode step); the AVX-512 path computes
- * silu(g) = g / (1 + exp(-g)) sixteen at a time, exp by range reduction
- * (2^i * e^r, |r| <= ln2/2, degree-6 Taylor: ~1 ulp). Every element, the tail
- * included (masked), goes through the same arithmetic, so a value does not
+ * silu(g) = g / (1 + exp(-g)) sixteen at a time (core/vexp.h). Every element, the
+ * tail included (masked), goes through the same arithmetic, so a value does not
  * depend on where it sits in the slice. */
 #if defined(__AVX512F__)
-static inline __m512 exp_ps(__m512 t)
-{
-    t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
-    __m512 i = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(i, _mm512_set1_ps(0.693145751953125f), t);
-    r = _mm512_fnmadd_ps(i, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, i);   /* p * 2^i, inf/0 past the range */
-}
-
 static inline __m512 swiglu_ps(__m512 g, __m512 up)
 {
-    __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    __m512 e = vexp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
     return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), up);
 }
 #endif
