@@ -711,9 +711,8 @@ static void attention_layer(moe_engine *e, const moe_batch *b, int l)
     int n = b->n_tokens;
     layer_job job = {e, b, l};
     rows_rmsnorm(e->xb, e->x, L->attn_norm, n, hp->n_embd, hp->rms_eps);
-    matmul(e->pool, e->xb, n, hp->n_embd, L->wq, e->q_dim, e->q);
-    matmul(e->pool, e->xb, n, hp->n_embd, L->wk, e->kv_dim, e->k);
-    matmul(e->pool, e->xb, n, hp->n_embd, L->wv, e->kv_dim, e->v);
+    matmul_out qkv[3] = {{L->wq, e->q_dim, e->q}, {L->wk, e->kv_dim, e->k}, {L->wv, e->kv_dim, e->v}};
+    matmul_multi(e->pool, e->xb, n, hp->n_embd, qkv, 3);
     pool_run(e->pool, n, qkv_row, &job);
     pool_run(e->pool, e->n_runs * hp->n_head_kv, attend, &job);
     matmul(e->pool, e->att, n, e->q_dim, L->wo, hp->n_embd, e->out);

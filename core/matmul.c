@@ -80,9 +80,15 @@ typedef float vf;
 #endif
 
 /* Prefetch into L2 the same position of the next tile's weight rows (a tile
- * ahead: ~16 KB at k 1024). Each tile's rows span a few fresh 4 KB pages, where
- * the hardware prefetcher has to retrain; measured +10-20% at m 1-2 from DRAM.
- * A prefetch past the end of W is harmless (it never faults). */
+ * ahead: ~16 KB at k 1024), when the tile dots at least PF_MIN_X rows of x.
+ * With 4 KB pages this helped every m (+10-20% at m 1-2); with the weights in
+ * 2 MiB pages the hardware prefetcher follows one or two rows well and the extra
+ * load-queue entries cost m = 1 about 5-7% (tools/stream_ab-style A/B against a
+ * raw read, alternated: m 1 84 -> 90% of the read rate at ~70 GB/s, 93 -> 97% at
+ * ~45), while from 3-4 rows of x, where the loop spends longer per byte, the
+ * prefetch still gains 5-15%. A prefetch past the end of W is harmless (it never
+ * faults). */
+#define PF_MIN_X 3
 #if VL > 1
 /* The address is formed as an integer: it may lie past the end of W. */
 #define VPREFETCH(base, off) \
@@ -109,7 +115,7 @@ void tile(const float *x, int k, const float *w, float *y, int ldy, const int nw
     for (; t + VL <= k; t += VL) {
         vf wv[TILE_W];
         for (int a = 0; a < nw; a++) {
-            VPREFETCH(w, (size_t)(a + nw) * k + t);
+            if (nx >= PF_MIN_X) VPREFETCH(w, (size_t)(a + nw) * k + t);
             wv[a] = vload(w + (size_t)a * k + t);
             VREG(wv[a]);
         }
@@ -205,27 +211,46 @@ void matmul_range(const float *x, int m, int k, const float *w, int n0, int n1, 
     else matmul_few_rows(x, m, k, w, n0, n1, y, ldy);
 }
 
-typedef struct {
-    const float *x, *w;
-    float *y;
-    int m, k, n, slice;
-} matmul_job;
-
-static void matmul_task(void *ctx, int task, int thread)
-{
-    (void)thread;
-    const matmul_job *j = ctx;
-    int n0 = task * j->slice;
-    int n1 = n0 + j->slice < j->n ? n0 + j->slice : j->n;
-    matmul_range(j->x, j->m, j->k, j->w, n0, n1, j->y, j->n);
-}
-
 void matmul(pool *p, const float *x, int m, int k, const float *w, int n, float *y)
 {
-    if (m <= 0 || n <= 0) return;
-    int slice = m >= SGEMM_MIN_ROWS ? SLICE_SGEMM : SLICE_KERNEL;
-    matmul_job j = {x, w, y, m, k, n, slice};
-    pool_run(p, (n + slice - 1) / slice, matmul_task, &j);
+    matmul_out o = {w, n, y};
+    matmul_multi(p, x, m, k, &o, 1);
+}
+
+#define MULTI_MAX 4
+
+typedef struct {
+    const float *x;
+    int m, k, slice, n_outs;
+    matmul_out outs[MULTI_MAX];
+    int first[MULTI_MAX + 1];   /* first task of each output; first[n_outs] = all */
+} multi_job;
+
+static void multi_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    const multi_job *j = ctx;
+    int i = 0;
+    while (task >= j->first[i + 1]) i++;
+    const matmul_out *o = &j->outs[i];
+    int n0 = (task - j->first[i]) * j->slice;
+    int n1 = n0 + j->slice < o->n ? n0 + j->slice : o->n;
+    matmul_range(j->x, j->m, j->k, o->w, n0, n1, o->y, o->n);
+}
+
+void matmul_multi(pool *p, const float *x, int m, int k, const matmul_out *outs, int n_outs)
+{
+    if (m <= 0) return;
+    for (int base = 0; base < n_outs; base += MULTI_MAX) {
+        multi_job j = {.x = x, .m = m, .k = k, .slice = m >= SGEMM_MIN_ROWS ? SLICE_SGEMM : SLICE_KERNEL};
+        for (int i = base; i < n_outs && j.n_outs < MULTI_MAX; i++) {
+            if (outs[i].n <= 0) continue;
+            j.outs[j.n_outs] = outs[i];
+            j.first[j.n_outs + 1] = j.first[j.n_outs] + (outs[i].n + j.slice - 1) / j.slice;
+            j.n_outs++;
+        }
+        pool_run(p, j.first[j.n_outs], multi_task, &j);
+    }
 }
 
 void matmul_ref(const float *x, int m, int k, const float *w, int n, float *y)

@@ -17,6 +17,17 @@ void matmul_range(const float *x, int m, int k, const float *w, int n0, int n1, 
 /* Parallel over slices of n on the pool (p may be NULL: serial). */
 void matmul(pool *p, const float *x, int m, int k, const float *w, int n, float *y);
 
+/* Several products of the same x in one parallel run: y_i = x W_i^T for each
+ * (w, n, y) of outs. One run instead of several saves the barriers between them
+ * and keeps the threads streaming across the weights (the q, k and v projections
+ * of a decode step are 8 + 2 + 2 MB). Same results as separate matmul calls. */
+typedef struct {
+    const float *w;
+    int n;
+    float *y;
+} matmul_out;
+void matmul_multi(pool *p, const float *x, int m, int k, const matmul_out *outs, int n_outs);
+
 /* Plain triple loop, the reference the tests compare both paths against. */
 void matmul_ref(const float *x, int m, int k, const float *w, int n, float *y);
 
