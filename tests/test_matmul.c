@@ -145,6 +145,42 @@ START_TEST(few_rows_result_independent_of_m)
 }
 END_TEST
 
+/* matmul_multi gives the bits separate matmul calls give, for any number of
+ * outputs (more than one job holds), with empty ones among them. */
+START_TEST(multi_equals_separate_calls)
+{
+    rng_state = 17;
+    int k = 70, ns[6] = {130, 0, 64, 1, 257, 33};
+    char err[128];
+    pool *p;
+    ck_assert_int_eq(pool_create(2, &p, err, sizeof err), 0);
+    int rows[] = {1, 3, 7, matmul_sgemm_min_rows()};
+    for (size_t r = 0; r < sizeof rows / sizeof rows[0]; r++) {
+        int m = rows[r];
+        float *x = rand_array((size_t)m * k), *w[6], *y[6], *want[6];
+        matmul_out outs[6];
+        for (int i = 0; i < 6; i++) {
+            size_t ny = (size_t)m * (size_t)(ns[i] ? ns[i] : 1);
+            w[i] = rand_array((size_t)(ns[i] ? ns[i] : 1) * k);
+            y[i] = malloc(ny * sizeof(float));
+            want[i] = malloc(ny * sizeof(float));
+            ck_assert(y[i] && want[i]);
+            for (size_t t = 0; t < ny; t++) y[i][t] = want[i][t] = -7.0f;
+            matmul(NULL, x, m, k, w[i], ns[i], want[i]);
+            outs[i] = (matmul_out){w[i], ns[i], y[i]};
+        }
+        matmul_multi(p, x, m, k, outs, 6);
+        for (int i = 0; i < 6; i++) {
+            size_t ny = (size_t)m * (size_t)(ns[i] ? ns[i] : 1);
+            ck_assert_msg(memcmp(y[i], want[i], ny * sizeof(float)) == 0, "m=%d output %d", m, i);
+            free(w[i]); free(y[i]); free(want[i]);
+        }
+        free(x);
+    }
+    pool_free(p);
+}
+END_TEST
+
 START_TEST(empty_shapes_do_nothing)
 {
     float x[4] = {1, 2, 3, 4}, w[4] = {1, 1, 1, 1}, y[4] = {9, 9, 9, 9};
@@ -169,6 +205,7 @@ int main(void)
     tcase_add_test(tc, range_writes_only_its_columns);
     tcase_add_test(tc, bit_identical_across_thread_counts);
     tcase_add_test(tc, few_rows_result_independent_of_m);
+    tcase_add_test(tc, multi_equals_separate_calls);
     tcase_add_test(tc, empty_shapes_do_nothing);
     suite_add_tcase(s, tc);
     return tu_run_suite(s);
