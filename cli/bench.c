@@ -441,8 +441,8 @@ int bench_run(const bench_opts *o, char *err, size_t errlen)
     bw_ctx bw = {0};
     if (measure_bandwidth(p, o->quick, &bw, &rd, &triad, err, errlen)) goto done;
     if (measure_sgemm(p, o->quick, &peak, err, errlen)) goto done;
-    printf("machine: %d threads, memory read %.1f GB/s, triad %.1f GB/s (%zu MB arrays), matmul peak %.1f GFLOP/s\n",
-           o->threads, rd, triad, bw.n * sizeof(float) >> 20, peak);
+    printf("machine: %d threads, memory read %.1f GB/s, triad %.1f GB/s (%zu MB arrays), matmul peak %.1f GFLOP/s (OpenBLAS %s kernels)\n",
+           o->threads, rd, triad, bw.n * sizeof(float) >> 20, peak, matmul_blas_corename());
     if (moe_model_load_mode(o->model, o->copy_weights ? GGUF_LOAD_COPY : GGUF_LOAD_MMAP, &m, err, errlen)) goto done;
     const moe_hparams *hp = &m->weights.hp;
     printf("model: %s, %s, %.2f G params (%.2f G active), %d experts top-%d, %d layers; weights %s in %.0f ms\n",

@@ -238,6 +238,12 @@ static void matmul_sgemm(const float *x, int m, int k, const float *w, int n0, i
 
 /* API --------------------------------------------------------------------- */
 
+const char *matmul_blas_corename(void)
+{
+    const char *name = openblas_get_corename();
+    return name ? name : "unknown";
+}
+
 int matmul_sgemm_min_rows(void)
 {
     return SGEMM_MIN_ROWS;

@@ -31,6 +31,12 @@ void matmul_multi(pool *p, const float *x, int m, int k, const matmul_out *outs,
 /* Plain triple loop, the reference the tests compare both paths against. */
 void matmul_ref(const float *x, int m, int k, const float *w, int n, float *y);
 
+/* The OpenBLAS kernel set in use (e.g. "Haswell", "Cooperlake"): the library
+ * picks it at load by CPU model, or from OPENBLAS_CORETYPE. On AVX-512 machines
+ * the 256-bit Haswell set has half the sgemm peak (docs/PERFORMANCE.md), so the
+ * benchmark and the server's ready line say which one runs. */
+const char *matmul_blas_corename(void);
+
 /* Rows at or above which matmul_range uses sgemm (measured, see docs/PERFORMANCE.md). */
 int matmul_sgemm_min_rows(void);
 

@@ -566,7 +566,8 @@ static void on_async(uv_async_t *a)
     if (n == s->n_models && !s->ready) {
         s->ready = 1;
         metrics_set_state(s->metrics, is_ready(s), s->draining);
-        log_event(s->cfg->log_fmt, "info", "ready: %d model(s) loaded", n);
+        log_event(s->cfg->log_fmt, "info", "ready: %d model(s) loaded (matmul: OpenBLAS %s kernels)", n,
+                  matmul_blas_corename());
     }
     if (atomic_load(&s->load_failed) && !s->shutting_down) {
         log_event(s->cfg->log_fmt, "error", "%s", s->load_err);
