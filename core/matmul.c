@@ -17,6 +17,7 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -28,7 +29,7 @@
  * 256 (kernel 82-118 depending on k, sgemm 83-102), and sgemm's cache blocking is
  * the safer choice for long rows and large m. */
 #ifndef SGEMM_MIN_ROWS
-#define SGEMM_MIN_ROWS 64
+#define SGEMM_MIN_ROWS 0   /* 0: decided at run time, sgemm_min_rows() */
 #endif
 /* Output columns per task: fixed, never derived from the thread count. */
 #ifndef SLICE_KERNEL
@@ -236,6 +237,32 @@ static void matmul_sgemm(const float *x, int m, int k, const float *w, int n0, i
                 w + (size_t)n0 * k, k, 0.0f, y + n0, ldy);
 }
 
+/* With 512-bit OpenBLAS kernels (SkylakeX, Cooperlake, SapphireRapids) sgemm
+ * passes the kernel at about 64 rows. With 256-bit ones (what OpenBLAS runs
+ * when it does not know the CPU, or when OPENBLAS_CORETYPE pins them) under an
+ * AVX-512 build of the kernel, the kernel stays ahead up to 128 rows and more
+ * (Zen 5, 2 threads, W 1024x2048 / 2048x1024: m 64 245-288 vs 206-224 GFLOP/s,
+ * m 128 251-286 vs 221-230, m 192 226-287 vs 236-238). */
+static pthread_once_t rows_once = PTHREAD_ONCE_INIT;
+static int min_rows_at_run_time;   /* written once, under rows_once */
+
+static int blas_is_512_bit(const char *name)
+{
+    return name && (strstr(name, "SkylakeX") || strstr(name, "Cooperlake") || strstr(name, "SapphireRapids"));
+}
+
+static void decide_min_rows(void)
+{
+    min_rows_at_run_time = VL >= 16 && !blas_is_512_bit(openblas_get_corename()) ? 128 : 64;
+}
+
+static int sgemm_min_rows(void)
+{
+    if (SGEMM_MIN_ROWS > 0) return SGEMM_MIN_ROWS;
+    pthread_once(&rows_once, decide_min_rows);
+    return min_rows_at_run_time;
+}
+
 /* API --------------------------------------------------------------------- */
 
 const char *matmul_blas_corename(void)
@@ -246,13 +273,13 @@ const char *matmul_blas_corename(void)
 
 int matmul_sgemm_min_rows(void)
 {
-    return SGEMM_MIN_ROWS;
+    return sgemm_min_rows();
 }
 
 void matmul_range(const float *x, int m, int k, const float *w, int n0, int n1, float *y, int ldy)
 {
     if (m <= 0 || n1 <= n0) return;
-    if (m >= SGEMM_MIN_ROWS && k > 0) matmul_sgemm(x, m, k, w, n0, n1, y, ldy);
+    if (m >= sgemm_min_rows() && k > 0) matmul_sgemm(x, m, k, w, n0, n1, y, ldy);
     else matmul_few_rows(x, m, k, w, n0, n1, y, ldy);
 }
 
@@ -287,7 +314,7 @@ void matmul_multi(pool *p, const float *x, int m, int k, const matmul_out *outs,
 {
     if (m <= 0) return;
     for (int base = 0; base < n_outs; base += MULTI_MAX) {
-        multi_job j = {.x = x, .m = m, .k = k, .slice = m >= SGEMM_MIN_ROWS ? SLICE_SGEMM : SLICE_KERNEL};
+        multi_job j = {.x = x, .m = m, .k = k, .slice = m >= sgemm_min_rows() ? SLICE_SGEMM : SLICE_KERNEL};
         for (int i = base; i < n_outs && j.n_outs < MULTI_MAX; i++) {
             if (outs[i].n <= 0) continue;
             j.outs[j.n_outs] = outs[i];

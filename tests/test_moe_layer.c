@@ -347,7 +347,7 @@ static double rel_err(const float *a, const float *b, size_t n)
     return num / (den > 0 ? den : 1.0);
 }
 
-/* Runs one architecture at several batch sizes (200 rows puts some queues on the
+/* Runs one architecture at several batch sizes (600 rows puts some queues on the
  * sgemm path, checked below), with 1, 2 and 3 threads. */
 static void check_arch(moe_arch arch, int k)
 {
@@ -359,15 +359,15 @@ static void check_arch(moe_arch arch, int k)
     pool *pools[3];
     for (int i = 0; i < 3; i++) ck_assert_int_eq(pool_create(i + 1, &pools[i], err, sizeof err), 0);
     moe_ffn *f = NULL;
-    int max_rows = 200;
+    int max_rows = 600;
     ck_assert_msg(moe_ffn_create(&t.hp, max_rows, 3, &f, err, sizeof err) == 0, "%s", err);
     float *x = tl_array(&t, (size_t)max_rows * d, 1.0f);
     float *ref = malloc((size_t)max_rows * d * sizeof *ref);
     float *out[3];
     for (int i = 0; i < 3; i++) out[i] = malloc((size_t)max_rows * d * sizeof(float));
-    int32_t ref_ids[200 * 8], trace[200 * 8];
+    static int32_t ref_ids[600 * 8], trace[600 * 8];
     ck_assert(ref && out[0] && out[1] && out[2]);
-    int sizes[] = {1, 7, 40, 200};
+    int sizes[] = {1, 7, 40, 600};
     for (size_t si = 0; si < 4; si++) {
         int n = sizes[si];
         ref_moe(&t, a, x, n, -1, ref, ref_ids);
@@ -388,7 +388,7 @@ static void check_arch(moe_arch arch, int k)
             ck_assert_uint_eq(dropped[e], 0);
         }
         ck_assert_uint_eq(sum, 3ull * n * k);   /* three forwards */
-        if (n == 200) ck_assert_uint_ge(longest / 3, (uint64_t)matmul_sgemm_min_rows());
+        if (n == 600) ck_assert_uint_ge(longest / 3, (uint64_t)matmul_sgemm_min_rows());
     }
     for (int i = 0; i < 3; i++) free(out[i]);
     free(ref);
