@@ -1,6 +1,6 @@
 /* hugemem.h -- large anonymous buffers in 2 MiB pages.
  *
- *   float *kv = hugemem_alloc(bytes);   // zeroed, every page already present
+ *   float *kv = hugemem_alloc(bytes);   // zeroed, 2 MiB-aligned, huge pages asked for
  *   hugemem_free(kv, bytes);
  *
  * Weights, the KV cache and the benchmark's arrays are streamed at memory
@@ -20,9 +20,9 @@ void *hugemem_reserve(size_t size);
 /* Asks for huge pages on [p, p + size). */
 void hugemem_advise(void *p, size_t size);
 
-/* Zeroed read-write memory, 2 MiB-aligned, huge pages requested, and every page
- * touched now, so the faults (and an out-of-memory) happen here rather than in the
- * middle of a request. NULL with errno on failure. */
+/* Zeroed read-write memory, 2 MiB-aligned, huge pages requested. Accounted at
+ * once (a size the machine cannot hold fails here), faulted in at first use, a
+ * 2 MiB page at a time. NULL with errno on failure. */
 void *hugemem_alloc(size_t size);
 
 /* Frees what hugemem_alloc or hugemem_reserve returned (NULL is a no-op). */
