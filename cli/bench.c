@@ -162,9 +162,9 @@ static void peak_free(peak_ctx *c)
     free(c->x); free(c->w); free(c->y);
 }
 
-static int peak_init(peak_ctx *c, int quick, char *err, size_t errlen)
+static int peak_init(peak_ctx *c, char *err, size_t errlen)
 {
-    c->n = quick ? 1024 : 2048;
+    c->n = 2048;   /* --quick too: a smaller square runs sgemm below its peak */
     size_t sz = (size_t)c->n * (size_t)c->n;
     c->x = malloc(sz * sizeof *c->x); c->w = malloc(sz * sizeof *c->w); c->y = malloc(sz * sizeof *c->y);
     if (!c->x || !c->w || !c->y) {
@@ -383,15 +383,17 @@ static int decode_measure(bench_state *s, pool *p, bw_ctx *x, peak_ctx *pc, int 
     return 0;
 }
 
-/* The shared host's bandwidth moves by tens of percent within a minute, so a
- * decode figure is only comparable with a bandwidth measured beside it: each
- * batch size runs `rounds` times, each round a read pass and then the decode
- * steps, and the round with the median ratio is printed (all ratios after it). */
-/* Index of the round with the median ratio. */
-static int median_round(const double *ratio, int n)
+/* The shared host's bandwidth and share of the cores move by tens of percent
+ * within a minute, so a figure is only comparable with a roof measured beside it:
+ * each figure runs `rounds` times, each round measuring its roof (read pass,
+ * matmul peak) right before its timing, and the round with the median ratio is
+ * printed, all ratios after it. */
+enum { MAX_ROUNDS = 5 };
+
+/* order[] = round indices by ascending ratio; returns the median round. */
+static int rounds_sort(const double *ratio, int n, int *order)
 {
-    int order[8];
-    for (int k = 0; k < n; k++) {   /* insertion sort of round indices by ratio */
+    for (int k = 0; k < n; k++) {
         int at = k;
         while (at > 0 && ratio[order[at - 1]] > ratio[k]) { order[at] = order[at - 1]; at--; }
         order[at] = k;
@@ -399,16 +401,14 @@ static int median_round(const double *ratio, int n)
     return order[n / 2];
 }
 
-static void print_all_rounds(const double *ratio, int n)
+static void rounds_print(const double *ratio, int n, const int *order)
 {
-    if (n < 2) { printf("\n"); return; }
-    double sorted[8];
-    memcpy(sorted, ratio, (size_t)n * sizeof *ratio);
-    for (int i = 1; i < n; i++)
-        for (int j = i; j > 0 && sorted[j - 1] > sorted[j]; j--) { double t = sorted[j]; sorted[j] = sorted[j - 1]; sorted[j - 1] = t; }
-    printf("   [rounds:");
-    for (int k = 0; k < n; k++) printf(" %.1f%%", 100.0 * sorted[k]);
-    printf("]\n");
+    if (n > 1) {
+        printf("   [rounds:");
+        for (int k = 0; k < n; k++) printf(" %.1f%%", 100.0 * ratio[order[k]]);
+        printf("]");
+    }
+    printf("\n");
 }
 
 static int bench_engine(const moe_model *m, pool *p, bw_ctx *x, peak_ctx *pc, int threads, int quick,
@@ -421,8 +421,7 @@ static int bench_engine(const moe_model *m, pool *p, bw_ctx *x, peak_ctx *pc, in
     int n_prefill = hp->n_ctx_train >= 512 ? 512 : hp->n_ctx_train;
     double secs = 0;
     if (bench_prefill(&s, 32, &secs, err, errlen)) goto done;              /* warm-up */
-    enum { MAX_ROUNDS = 5 };
-    int rounds = quick ? 1 : 3, steps = quick ? 4 : 16;
+    int rounds = quick ? 1 : 3, steps = quick ? 4 : 16, order[MAX_ROUNDS];
     /* causal: token i attends to i + 1 positions; only the last row wants logits */
     double flops = forward_flops(hp, n_prefill, 1, n_prefill * (n_prefill + 1.0) / 2);
     /* Prefill runs on sgemm, so its bound is the sgemm peak (as the issue sets
@@ -434,12 +433,12 @@ static int bench_engine(const moe_model *m, pool *p, bw_ctx *x, peak_ctx *pc, in
         if (bench_prefill(&s, n_prefill, &pf_secs[r], err, errlen)) goto done;
         pf_ratio[r] = flops / (pf_sgemm[r] * 1e9) / pf_secs[r];
     }
-    int pm = median_round(pf_ratio, rounds);
+    int pm = rounds_sort(pf_ratio, rounds, order);
     printf("prefill  %4d tokens: %9.1f tok/s   bound %9.1f tok/s (%.1f GFLOP at %.0f GFLOP/s sgemm peak; "
            "%.0f%% of the best matmul, %.0f GFLOP/s)   %5.1f%%",
            n_prefill, n_prefill / pf_secs[pm], n_prefill / (flops / (pf_sgemm[pm] * 1e9)), flops / 1e9,
            pf_sgemm[pm], 100.0 * flops / (pf_best[pm] * 1e9) / pf_secs[pm], pf_best[pm], 100.0 * pf_ratio[pm]);
-    print_all_rounds(pf_ratio, rounds);
+    rounds_print(pf_ratio, rounds, order);
 
     static const int batches[] = {1, 4, 16, 64};
     for (size_t i = 0; i < sizeof batches / sizeof *batches; i++) {
@@ -450,11 +449,11 @@ static int bench_engine(const moe_model *m, pool *p, bw_ctx *x, peak_ctx *pc, in
             if (decode_measure(&s, p, x, pc, quick, B, steps, &r[k], err, errlen)) goto done;
             ratio[k] = r[k].ratio;
         }
-        const decode_round *med = &r[median_round(ratio, rounds)];
+        const decode_round *med = &r[rounds_sort(ratio, rounds, order)];
         printf("decode   batch %2d:    %9.1f tok/s   bound %9.1f tok/s (%s: %.0f MB/step at %.1f GB/s, %.2f GFLOP/step at %.0f GFLOP/s)   %5.1f%%",
                B, med->tps, med->bound_tps, med->mem_bound ? "bandwidth" : "matmul peak",
                med->bytes / 1e6, med->bw, med->flops / 1e9, med->peak, 100.0 * med->ratio);
-        print_all_rounds(ratio, rounds);
+        rounds_print(ratio, rounds, order);
     }
     rc = 0;
 done:
@@ -497,7 +496,7 @@ int bench_run(const bench_opts *o, char *err, size_t errlen)
     bw_ctx bw = {0};
     peak_ctx pc = {0};
     if (measure_bandwidth(p, o->quick, &bw, &rd, &triad, err, errlen)) goto done;
-    if (peak_init(&pc, o->quick, err, errlen)) goto done;
+    if (peak_init(&pc, err, errlen)) goto done;
     double peak = peak_measure(p, &pc, o->quick);
     printf("machine: %d threads, memory read %.1f GB/s, triad %.1f GB/s (%zu MB arrays), matmul peak %.1f GFLOP/s "
            "(OpenBLAS sgemm %.1f with its %s kernels, engine kernel %.1f at %d rows)\n",
