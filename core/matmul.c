@@ -218,12 +218,17 @@ static void matmul_few_rows(const float *x, int m, int k, const float *w, int n0
         return;
     default: break;
     }
-    int j = n0;
-    for (; j + TILE_W <= n1; j += TILE_W)
-        for (int i = 0; i < m; i += TILE_X) {
-            int nx = m - i < TILE_X ? m - i : TILE_X;
+    /* x block outer, weight tiles inner: the block (TILE_X rows) stays in L1 while
+     * the slice's weights come from L2 after the first block (the other order
+     * reads every x row from L2 for every tile). Same tiles, same bits; m 16 +6%,
+     * m 24-48 +13-16%, m 64 +7% (A/B as above). */
+    int j_end = n0 + (n1 - n0) / TILE_W * TILE_W;
+    for (int i = 0; i < m; i += TILE_X) {
+        int nx = m - i < TILE_X ? m - i : TILE_X;
+        for (int j = n0; j < j_end; j += TILE_W)
             tile_full(x + (size_t)i * k, nx, k, w + (size_t)j * k, y + (size_t)i * ldy + j, ldy);
-        }
+    }
+    int j = j_end;
     for (; j < n1; j++)
         for (int i = 0; i < m; i += TILE_X) {
             int nx = m - i < TILE_X ? m - i : TILE_X;
