@@ -331,9 +331,10 @@ static void multi_task(void *ctx, int task, int thread)
 void matmul_multi(pool *p, const float *x, int m, int k, const matmul_out *outs, int n_outs)
 {
     if (m <= 0) return;
-    for (int base = 0; base < n_outs; base += MULTI_MAX) {
+    int i = 0;
+    while (i < n_outs) {   /* up to MULTI_MAX non-empty outputs a job */
         multi_job j = {.x = x, .m = m, .k = k, .slice = m >= sgemm_min_rows() ? SLICE_SGEMM : SLICE_KERNEL};
-        for (int i = base; i < n_outs && j.n_outs < MULTI_MAX; i++) {
+        for (; i < n_outs && j.n_outs < MULTI_MAX; i++) {
             if (outs[i].n <= 0) continue;
             j.outs[j.n_outs] = outs[i];
             j.first[j.n_outs + 1] = j.first[j.n_outs] + (outs[i].n + j.slice - 1) / j.slice;
