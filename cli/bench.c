@@ -13,7 +13,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -367,14 +366,13 @@ static int decode_measure(bench_state *s, pool *p, bw_ctx *x, peak_ctx *pc, int 
     const moe_hparams *hp = &s->m->weights.hp;
     r->bw = bw_measure(p, x, bw_read_task, (double)x->n * sizeof(float), 3);
     r->peak = peak_measure(p, pc, quick);
-    double peak = r->peak;
     double secs;
     if (bench_decode(s, B, 64, steps, &secs, &r->bytes, err, errlen)) return -1;
     /* Roofline: a step takes at least its bytes over the bandwidth and at least
      * its FLOPs over the matmul peak; small batches hit the first, big ones the second. */
     double ctx = 64 + (steps + 1) / 2.0;   /* mean positions attended per step */
     r->flops = forward_flops(hp, B, B, ctx * B);
-    double per_step = secs / steps, mem_s = r->bytes / (r->bw * 1e9), flop_s = r->flops / (peak * 1e9);
+    double per_step = secs / steps, mem_s = r->bytes / (r->bw * 1e9), flop_s = r->flops / (r->peak * 1e9);
     double bound_step = mem_s > flop_s ? mem_s : flop_s;
     r->mem_bound = mem_s >= flop_s;
     r->tps = B / per_step;

@@ -482,6 +482,14 @@ void att_values(float *const *o, const int na, const float *w, int ldw, const in
         }
 }
 
+#if defined(__AVX512F__)
+/* The lanes of a 16-wide chunk that hold the `left` remaining elements. */
+static inline __mmask16 tail_mask16(int left)
+{
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+#endif
+
 /* Softmax weights of one query in place over the n = last + 1 scores it sees:
  * w[t] = exp(scale * s[t] - max) / sum. The AVX-512 path (an expf call per
  * score was a sixth of decode attention) sums in 16 lane-wise partial sums; the
@@ -491,21 +499,21 @@ static void att_softmax(float *w, int n, float scale)
 #if defined(__AVX512F__)
     __m512 vmax = _mm512_set1_ps(-INFINITY), vscale = _mm512_set1_ps(scale);
     for (int t = 0; t < n; t += 16) {
-        __mmask16 m = n - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - t)) - 1u);
+        __mmask16 m = tail_mask16(n - t);
         __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + t), vscale);
         _mm512_mask_storeu_ps(w + t, m, x);
         vmax = _mm512_mask_max_ps(vmax, m, vmax, x);
     }
     __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax)), vsum = _mm512_setzero_ps();
     for (int t = 0; t < n; t += 16) {
-        __mmask16 m = n - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - t)) - 1u);
+        __mmask16 m = tail_mask16(n - t);
         __m512 x = vexp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, w + t), max));
         _mm512_mask_storeu_ps(w + t, m, x);
         vsum = _mm512_mask_add_ps(vsum, m, vsum, x);
     }
     __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
     for (int t = 0; t < n; t += 16) {
-        __mmask16 m = n - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - t)) - 1u);
+        __mmask16 m = tail_mask16(n - t);
         _mm512_mask_storeu_ps(w + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + t), inv));
     }
 #else
