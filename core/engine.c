@@ -403,43 +403,60 @@ static inline v16 v16_madd(float s, v16 x, v16 acc)
 }
 #endif
 
-/* sc[a * lds + t] = q[a] . Kt[., t] for t < limit (a multiple of ATT_T). Two
- * blocks of ATT_T positions per pass: with one, the ATT_Q chains of 4-cycle
- * multiply-adds leave half the FMA issue slots empty. */
+/* Scores of nb (1 or 2, a constant after inlining) blocks of ATT_T positions
+ * from t0: sc[a * lds + t] = q[a] . Kt[., t]. Two blocks a pass where they fit:
+ * with one, the ATT_Q chains of 4-cycle multiply-adds leave half the FMA issue
+ * slots empty. */
+static inline __attribute__((always_inline))
+void att_scores_blocks(const float *const *q, const int na, const float *kt, int ldk, int hd,
+                       int t0, float *sc, int lds, const int nb)
+{
+    v16 acc[2][ATT_Q];
+    for (int c = 0; c < nb; c++)
+        for (int a = 0; a < na; a++) acc[c][a] = v16_zero();
+    for (int d = 0; d < hd; d++) {
+        v16 kv[2];
+        for (int c = 0; c < nb; c++) kv[c] = v16_load(kt + (size_t)d * (size_t)ldk + t0 + c * ATT_T);
+        for (int a = 0; a < na; a++)
+            for (int c = 0; c < nb; c++) acc[c][a] = v16_madd(q[a][d], kv[c], acc[c][a]);
+    }
+    for (int c = 0; c < nb; c++)
+        for (int a = 0; a < na; a++) v16_store(sc + (size_t)a * (size_t)lds + t0 + c * ATT_T, acc[c][a]);
+}
+
+/* sc[a * lds + t] = q[a] . Kt[., t] for t < limit (a multiple of ATT_T). */
 static inline __attribute__((always_inline))
 void att_scores(const float *const *q, const int na, const float *kt, int ldk, int hd,
                 int limit, float *sc, int lds)
 {
     int t0 = 0;
-    for (; t0 + 2 * ATT_T <= limit; t0 += 2 * ATT_T) {
-        v16 acc0[ATT_Q], acc1[ATT_Q];
-        for (int a = 0; a < na; a++) acc0[a] = acc1[a] = v16_zero();
-        for (int d = 0; d < hd; d++) {
-            v16 k0 = v16_load(kt + (size_t)d * (size_t)ldk + t0);
-            v16 k1 = v16_load(kt + (size_t)d * (size_t)ldk + t0 + ATT_T);
-            for (int a = 0; a < na; a++) {
-                acc0[a] = v16_madd(q[a][d], k0, acc0[a]);
-                acc1[a] = v16_madd(q[a][d], k1, acc1[a]);
-            }
-        }
-        for (int a = 0; a < na; a++) {
-            v16_store(sc + (size_t)a * (size_t)lds + t0, acc0[a]);
-            v16_store(sc + (size_t)a * (size_t)lds + t0 + ATT_T, acc1[a]);
-        }
-    }
-    for (; t0 < limit; t0 += ATT_T) {
-        v16 acc[ATT_Q];
-        for (int a = 0; a < na; a++) acc[a] = v16_zero();
-        for (int d = 0; d < hd; d++) {
-            v16 kv = v16_load(kt + (size_t)d * (size_t)ldk + t0);
-            for (int a = 0; a < na; a++) acc[a] = v16_madd(q[a][d], kv, acc[a]);
-        }
-        for (int a = 0; a < na; a++) v16_store(sc + (size_t)a * (size_t)lds + t0, acc[a]);
-    }
+    for (; t0 + 2 * ATT_T <= limit; t0 += 2 * ATT_T) att_scores_blocks(q, na, kt, ldk, hd, t0, sc, lds, 2);
+    if (t0 < limit) att_scores_blocks(q, na, kt, ldk, hd, t0, sc, lds, 1);
 }
 
-/* o[a][d] = sum over t <= last[a] of w[a][t] * vrow[t][d], in order of t. Two
- * blocks of ATT_T dims per pass, for the same reason as in att_scores. */
+/* Outputs of nb (1 or 2) blocks of ATT_T dims from d0, for the same reason:
+ * o[a][d] = sum over t <= last[a] of w[a][t] * vrow[t][d], in order of t. */
+static inline __attribute__((always_inline))
+void att_values_blocks(float *const *o, const int na, const float *w, int ldw, const int *last,
+                       const float *const *vrow, int tmax, int d0, const int nb)
+{
+    v16 acc[2][ATT_Q];
+    for (int c = 0; c < nb; c++)
+        for (int a = 0; a < na; a++) acc[c][a] = v16_zero();
+    for (int t = 0; t < tmax; t++) {
+        v16 v[2];
+        for (int c = 0; c < nb; c++) v[c] = v16_load(vrow[t] + d0 + c * ATT_T);
+        for (int a = 0; a < na; a++) {
+            if (t > last[a]) continue;
+            float wt = w[(size_t)a * (size_t)ldw + t];
+            for (int c = 0; c < nb; c++) acc[c][a] = v16_madd(wt, v[c], acc[c][a]);
+        }
+    }
+    for (int c = 0; c < nb; c++)
+        for (int a = 0; a < na; a++) v16_store(o[a] + d0 + c * ATT_T, acc[c][a]);
+}
+
+/* o[a][d] = sum over t <= last[a] of w[a][t] * vrow[t][d], in order of t. */
 static inline __attribute__((always_inline))
 void att_values(float *const *o, const int na, const float *w, int ldw, const int *last,
                 const float *const *vrow, int hd)
@@ -447,32 +464,10 @@ void att_values(float *const *o, const int na, const float *w, int ldw, const in
     int tmax = 0;
     for (int a = 0; a < na; a++) if (last[a] + 1 > tmax) tmax = last[a] + 1;
     int d0 = 0;
-    for (; d0 + 2 * ATT_T <= hd; d0 += 2 * ATT_T) {
-        v16 acc0[ATT_Q], acc1[ATT_Q];
-        for (int a = 0; a < na; a++) acc0[a] = acc1[a] = v16_zero();
-        for (int t = 0; t < tmax; t++) {
-            v16 v0 = v16_load(vrow[t] + d0), v1 = v16_load(vrow[t] + d0 + ATT_T);
-            for (int a = 0; a < na; a++)
-                if (t <= last[a]) {
-                    float wt = w[(size_t)a * (size_t)ldw + t];
-                    acc0[a] = v16_madd(wt, v0, acc0[a]);
-                    acc1[a] = v16_madd(wt, v1, acc1[a]);
-                }
-        }
-        for (int a = 0; a < na; a++) {
-            v16_store(o[a] + d0, acc0[a]);
-            v16_store(o[a] + d0 + ATT_T, acc1[a]);
-        }
-    }
-    for (; d0 + ATT_T <= hd; d0 += ATT_T) {
-        v16 acc[ATT_Q];
-        for (int a = 0; a < na; a++) acc[a] = v16_zero();
-        for (int t = 0; t < tmax; t++) {
-            v16 v = v16_load(vrow[t] + d0);
-            for (int a = 0; a < na; a++)
-                if (t <= last[a]) acc[a] = v16_madd(w[(size_t)a * (size_t)ldw + t], v, acc[a]);
-        }
-        for (int a = 0; a < na; a++) v16_store(o[a] + d0, acc[a]);
+    for (; d0 + 2 * ATT_T <= hd; d0 += 2 * ATT_T) att_values_blocks(o, na, w, ldw, last, vrow, tmax, d0, 2);
+    if (d0 + ATT_T <= hd) {
+        att_values_blocks(o, na, w, ldw, last, vrow, tmax, d0, 1);
+        d0 += ATT_T;
     }
     for (; d0 < hd; d0++)   /* head sizes that are not a multiple of ATT_T */
         for (int a = 0; a < na; a++) {
