@@ -617,13 +617,11 @@ static void *map_huge_aligned(int fd, size_t size)
  * (about 1-4 s for 4 GB) and memory the page cache cannot share. */
 static void *copy_huge_aligned(int fd, size_t size, char *err, size_t errlen)
 {
-    char *at = hugemem_reserve(size);
-    if (!at || mprotect(at, size, PROT_READ | PROT_WRITE) != 0) {
+    char *at = hugemem_alloc(size);
+    if (!at) {
         snprintf(err, errlen, "cannot allocate %zu bytes for the weights: %s", size, strerror(errno));
-        if (at) munmap(at, size);
         return MAP_FAILED;
     }
-    hugemem_advise(at, size);
     size_t done = 0;
     while (done < size) {
         size_t want = size - done > ((size_t)1 << 30) ? ((size_t)1 << 30) : size - done;
