@@ -168,15 +168,18 @@ static void tile_one(const float *x, int nx, int k, const float *w, float *y, in
  * TILE_W rows side by side. Each y element is the same lane-wise chain and
  * reduction as in tile(), so the bits do not depend on which kernel ran.
  * Measured against a raw read pass, alternated (2 threads, W 3 GB, k 1024): m 1
- * +3-9%, m 2 +10-15%, m 3 +7%; from m 4 the x loads (one per FMA) make it slower
- * than the tile, except as two passes of 2 rows over a task's slice (256-512 KB,
- * so the second pass reads it from L2). */
-#define ROW_MAX_X 3
+ * +3-9%, m 2 +10-15%, m 3 +7% over the tile. With x read through the padded copy
+ * (PAD_X below), 4 rows in one pass also beat the tile and the two 2-row passes
+ * that replaced it: 6 rounds each, host at 60+ GB/s, k 1024: 65.0 -> 79.8-81.5%
+ * of the read rate; at 40-60 GB/s, k 512: 87.2 -> 95.1-97.8%. From 5 rows the x
+ * loads (one per FMA) cost more than the tile's reuse saves (m 5 69-92% against
+ * 71-87%, m 6-8 down to 44-50% when the memory is fast). */
+#define ROW_MAX_X 4
 /* From 2 x rows each weight line costs more instructions than the reorder window
  * can hold enough of to keep the stream's misses in flight, so those rows_dot
  * calls prefetch the weights 8 KB ahead (A/B as above, alternated, 3 runs at
- * 54-68 GB/s: m 2 +4-10, m 3 +11-16, m 4 (two passes of 2) +3-6 points of the read
- * rate; m 1 gains nothing). Past the end of the slice it touches the next task's
+ * 54-68 GB/s: m 2 +4-10, m 3 +11-16, m 4 (then two passes of 2) +3-6 points of
+ * the read rate; m 1 gains nothing). Past the end of the slice it touches the next task's
  * weights, harmlessly. */
 #define ROW_PF_AHEAD 2048
 /* Rows of x whose stride is a multiple of 4 KB (k 1024, 2048, ...) sit in the
@@ -244,7 +247,7 @@ static void matmul_few_rows(const float *x, int m, int k, const float *w, int n0
         rows_dot(x, k, k, w, n0, n1, y, ldy, 1);
         return;
     }
-    if (m <= 4) {
+    if (m <= ROW_MAX_X) {
         float xp[PAD_FLOATS];
         int ldx = k;
         if ((size_t)m * (size_t)(k + PAD_X) <= PAD_FLOATS) {
@@ -255,10 +258,7 @@ static void matmul_few_rows(const float *x, int m, int k, const float *w, int n0
         switch (m) {
         case 2: rows_dot(x, ldx, k, w, n0, n1, y, ldy, 2); return;
         case 3: rows_dot(x, ldx, k, w, n0, n1, y, ldy, 3); return;
-        default:   /* two passes of 2: the second reads the slice from L2 (+3-7% over a tile) */
-            rows_dot(x, ldx, k, w, n0, n1, y, ldy, 2);
-            rows_dot(x + 2 * (size_t)ldx, ldx, k, w, n0, n1, y + 2 * (size_t)ldy, ldy, 2);
-            return;
+        default: rows_dot(x, ldx, k, w, n0, n1, y, ldy, 4); return;
         }
     }
     switch (m) {
