@@ -105,19 +105,34 @@ typedef float vf;
                     * 5-20% over 4 rows at 6-48 rows (fewer loads per FMA) */
 #define PAIR_X 8   /* x rows of a 2-weight-row tile (16 accumulators), see pair_tiles() */
 
+/* Memory the tiles of a slice's later passes prefetch: those passes read the
+ * slice from L2 and leave the memory idle, so they fetch the next slice (the
+ * pool hands a thread consecutive tasks, whose slices are consecutive) into the
+ * cache, `per_step` lines a step, `n` floats from `base` for this tile. */
+typedef struct {
+    uintptr_t base;   /* an integer: the next slice may lie past the end of W */
+    int per_step, n;
+} next_slice;
+
 /* y[b * ldy + a] = x[b] . w[a] for a < nw, b < nx (both compile-time after
- * inlining, so acc lives in registers). */
+ * inlining, so acc lives in registers). With ns NULL (a compile-time constant
+ * too) the tile prefetches the next tile's rows, as the first pass over a slice
+ * must; otherwise the part of the next slice ns gives. */
 static inline __attribute__((always_inline))
-void tile(const float *x, int k, const float *w, float *y, int ldy, const int nw, const int nx)
+void tile(const float *x, int k, const float *w, float *y, int ldy, const int nw, const int nx,
+          const next_slice *ns)
 {
     vf acc[TILE_W][PAIR_X];   /* only the nw x nx used ones are registers */
     for (int a = 0; a < nw; a++)
         for (int b = 0; b < nx; b++) acc[a][b] = vzero();
     int t = 0;
     for (; t + VL <= k; t += VL) {
+        if (ns && t * ns->per_step < ns->n)
+            for (int l = 0; l < ns->per_step; l++)
+                VPREFETCH(ns->base, (size_t)t * (size_t)ns->per_step + (size_t)l * VL);
         vf wv[TILE_W];
         for (int a = 0; a < nw; a++) {
-            if (nx >= PF_MIN_X) VPREFETCH(w, (size_t)(a + nw) * k + t);
+            if (!ns && nx >= PF_MIN_X) VPREFETCH(w, (size_t)(a + nw) * k + t);
             wv[a] = vload(w + (size_t)a * k + t);
             VREG(wv[a]);
         }
@@ -142,24 +157,30 @@ void tile(const float *x, int k, const float *w, float *y, int ldy, const int nw
         for (int b = 0; b < nx; b++) y[(size_t)b * ldy + a] = vsum(acc[a][b]);
 }
 
-#define TILE_CASES(NW)                                                        \
+#define TILE_CASES(NW, NS)                                                    \
     switch (nx) {                                                             \
-    case 1: tile(x, k, w, y, ldy, NW, 1); break;                              \
-    case 2: tile(x, k, w, y, ldy, NW, 2); break;                              \
-    case 3: tile(x, k, w, y, ldy, NW, 3); break;                              \
-    case 4: tile(x, k, w, y, ldy, NW, 4); break;                              \
-    case 5: tile(x, k, w, y, ldy, NW, 5); break;                              \
-    default: tile(x, k, w, y, ldy, NW, 6); break;                             \
+    case 1: tile(x, k, w, y, ldy, NW, 1, NS); break;                          \
+    case 2: tile(x, k, w, y, ldy, NW, 2, NS); break;                          \
+    case 3: tile(x, k, w, y, ldy, NW, 3, NS); break;                          \
+    case 4: tile(x, k, w, y, ldy, NW, 4, NS); break;                          \
+    case 5: tile(x, k, w, y, ldy, NW, 5, NS); break;                          \
+    default: tile(x, k, w, y, ldy, NW, 6, NS); break;                         \
     }
 
 static void tile_full(const float *x, int nx, int k, const float *w, float *y, int ldy)
 {
-    TILE_CASES(TILE_W)
+    TILE_CASES(TILE_W, NULL)
+}
+
+static void tile_full_next(const float *x, int nx, int k, const float *w, float *y, int ldy,
+                           const next_slice *ns)
+{
+    TILE_CASES(TILE_W, ns)
 }
 
 static void tile_one(const float *x, int nx, int k, const float *w, float *y, int ldy)
 {
-    TILE_CASES(1)
+    TILE_CASES(1, NULL)
 }
 
 /* Up to ROW_MAX_X rows of x (decode at batch 1, most expert queues): the weight
@@ -229,12 +250,12 @@ static void pair_tiles(const float *x, int m, int k, const float *w, int n0, int
 {
     int j = n0;
     for (; j + 2 <= n1; j += 2) {
-        if (m == 7) tile(x, k, w + (size_t)j * k, y + j, ldy, 2, 7);
-        else tile(x, k, w + (size_t)j * k, y + j, ldy, 2, 8);
+        if (m == 7) tile(x, k, w + (size_t)j * k, y + j, ldy, 2, 7, NULL);
+        else tile(x, k, w + (size_t)j * k, y + j, ldy, 2, 8, NULL);
     }
     if (j < n1) {
-        if (m == 7) tile(x, k, w + (size_t)j * k, y + j, ldy, 1, 7);
-        else tile(x, k, w + (size_t)j * k, y + j, ldy, 1, 8);
+        if (m == 7) tile(x, k, w + (size_t)j * k, y + j, ldy, 1, 7, NULL);
+        else tile(x, k, w + (size_t)j * k, y + j, ldy, 1, 8, NULL);
     }
 }
 
@@ -271,10 +292,22 @@ static void matmul_few_rows(const float *x, int m, int k, const float *w, int n0
      * reads every x row from L2 for every tile). Same tiles, same bits; m 16 +6%,
      * m 24-48 +13-16%, m 64 +7% (A/B as above). */
     int j_end = n0 + (n1 - n0) / TILE_W * TILE_W;
-    for (int i = 0; i < m; i += TILE_X) {
+    for (int j = n0; j < j_end; j += TILE_W)
+        tile_full(x, m < TILE_X ? m : TILE_X, k, w + (size_t)j * k, y + j, ldy);
+    /* The later passes, each tile fetching its share of the next slice. */
+    int calls = (m - 1) / TILE_X * ((j_end - n0) / TILE_W), q = 0;
+    size_t total = (size_t)(n1 - n0) * (size_t)k, per = 0;
+    if (calls > 0) per = (total + (size_t)calls - 1) / (size_t)calls;
+    per = (per + VL - 1) / VL * VL;
+    int per_step = (int)((per + (size_t)k - 1) / (size_t)k);
+    for (int i = TILE_X; i < m; i += TILE_X) {
         int nx = m - i < TILE_X ? m - i : TILE_X;
-        for (int j = n0; j < j_end; j += TILE_W)
-            tile_full(x + (size_t)i * k, nx, k, w + (size_t)j * k, y + (size_t)i * ldy + j, ldy);
+        for (int j = n0; j < j_end; j += TILE_W, q++) {
+            size_t done = (size_t)q * per, left = done < total ? total - done : 0;
+            next_slice ns = {(uintptr_t)(w + (size_t)n1 * k) + done * sizeof(float), per_step,
+                             (int)(left < per ? left : per)};
+            tile_full_next(x + (size_t)i * k, nx, k, w + (size_t)j * k, y + (size_t)i * ldy + j, ldy, &ns);
+        }
     }
     int j = j_end;
     for (; j < n1; j++)
