@@ -356,8 +356,10 @@ static void qkv_row(void *ctx, int i, int thread)
     for (int h = 0; h < hp->n_head; h++) rope_apply(q + h * hd, cs, half, a->rope);
     for (int h = 0; h < hp->n_head_kv; h++) rope_apply(k + h * hd, cs, half, a->rope);
     int seq = j->b->seq[i], pos = j->b->pos[i];
-    memcpy(kv_cache_k(e->kv, j->layer, seq, pos), k, (size_t)e->kv_dim * sizeof(float));
-    memcpy(kv_cache_v(e->kv, j->layer, seq, pos), v, (size_t)e->kv_dim * sizeof(float));
+    for (int h = 0; h < hp->n_head_kv; h++) {
+        memcpy(kv_cache_k(e->kv, j->layer, seq, pos, h), k + h * hd, (size_t)hd * sizeof(float));
+        memcpy(kv_cache_v(e->kv, j->layer, seq, pos, h), v + h * hd, (size_t)hd * sizeof(float));
+    }
 }
 
 /* Causal attention, one task per (run, KV head). A run is up to ATT_RUN
@@ -609,8 +611,8 @@ static void gather_keys(const moe_engine *e, int layer, int seq, int g, int n_po
                 k[i] = e->att_zero;
                 continue;
             }
-            k[i] = kv_cache_k(e->kv, layer, seq, t + i) + (size_t)g * (size_t)hd;
-            vrow[t + i] = kv_cache_v(e->kv, layer, seq, t + i) + (size_t)g * (size_t)hd;
+            k[i] = kv_cache_k(e->kv, layer, seq, t + i, g);
+            vrow[t + i] = kv_cache_v(e->kv, layer, seq, t + i, g);
             prefetch_l2(vrow[t + i], hd);
         }
         int d = 0;
@@ -620,9 +622,9 @@ static void gather_keys(const moe_engine *e, int layer, int seq, int g, int n_po
     }
 #else
     for (int t = 0; t < n_pos; t++) {
-        const float *k = kv_cache_k(e->kv, layer, seq, t) + (size_t)g * (size_t)hd;
+        const float *k = kv_cache_k(e->kv, layer, seq, t, g);
         for (int d = 0; d < hd; d++) kt[(size_t)d * (size_t)ldk + t] = k[d];
-        vrow[t] = kv_cache_v(e->kv, layer, seq, t) + (size_t)g * (size_t)hd;
+        vrow[t] = kv_cache_v(e->kv, layer, seq, t, g);
         prefetch_l2(vrow[t], hd);
     }
     for (int d = 0; d < hd; d++)

@@ -1,8 +1,10 @@
 /* kv_cache.c -- a fixed pool of F32 KV blocks handed to sequences.
  *
  * One block holds block_size consecutive positions of one sequence for every layer:
- *   block b: [layer][K|V][position in block][n_head_kv * head_dim]
- * so a sequence's K (or V) vectors inside one block are contiguous. Each sequence
+ *   block b: [layer][K|V][KV head][position in block][head_dim]
+ * so one head's K (or V) vectors of a block's positions are contiguous: attention
+ * reads a head over many positions, and it then reads whole lines in order
+ * rather than a head_dim slice of every n_head_kv * head_dim row. Each sequence
  * slot keeps a table of its blocks in position order; free blocks sit on a stack.
  * All memory is allocated at create, in huge pages (core/hugemem.h): accounted
  * there, so a pool the machine cannot hold fails at start; faulted in a 2 MiB
@@ -21,6 +23,7 @@
 struct kv_cache {
     int n_layer;
     int kv_dim;           /* n_head_kv * head_dim: floats per position per layer, K or V */
+    int head_dim;
     int block_size;       /* positions per block */
     int n_blocks;
     int max_seqs;
@@ -60,6 +63,7 @@ int kv_cache_create(int n_layer, int n_head_kv, int head_dim, int block_size, in
     if (!kv) goto oom;
     kv->n_layer = n_layer;
     kv->kv_dim = (int)kv_dim;
+    kv->head_dim = head_dim;
     kv->block_size = block_size;
     kv->n_blocks = n_blocks;
     kv->max_seqs = max_seqs;
@@ -132,24 +136,25 @@ int kv_cache_seq_capacity(const kv_cache *kv, int seq)
     return cap > kv->max_seq_len ? kv->max_seq_len : (int)cap;
 }
 
-/* Start of the K vector of (layer, seq, pos); V follows block_size positions later. */
-static float *kv_slot(kv_cache *kv, int layer, int seq, int pos)
+/* The head_dim floats of head `head` of (layer, K or V, seq, pos). */
+static float *kv_slot(kv_cache *kv, int layer, int is_v, int seq, int pos, int head)
 {
     int32_t block = kv->table[(size_t)seq * (size_t)kv->blocks_per_seq + (size_t)(pos / kv->block_size)];
+    size_t layer_part = (size_t)layer * 2 + (size_t)is_v;                    /* block_size * kv_dim each */
+    size_t head_part = layer_part * (size_t)(kv->kv_dim / kv->head_dim) + (size_t)head;
     size_t off = (size_t)block * kv->block_floats +
-                 ((size_t)layer * 2 * (size_t)kv->block_size + (size_t)(pos % kv->block_size)) *
-                 (size_t)kv->kv_dim;
+                 (head_part * (size_t)kv->block_size + (size_t)(pos % kv->block_size)) * (size_t)kv->head_dim;
     return kv->data + off;
 }
 
-float *kv_cache_k(kv_cache *kv, int layer, int seq, int pos)
+float *kv_cache_k(kv_cache *kv, int layer, int seq, int pos, int head)
 {
-    return kv_slot(kv, layer, seq, pos);
+    return kv_slot(kv, layer, 0, seq, pos, head);
 }
 
-float *kv_cache_v(kv_cache *kv, int layer, int seq, int pos)
+float *kv_cache_v(kv_cache *kv, int layer, int seq, int pos, int head)
 {
-    return kv_slot(kv, layer, seq, pos) + (size_t)kv->block_size * (size_t)kv->kv_dim;
+    return kv_slot(kv, layer, 1, seq, pos, head);
 }
 
 int kv_cache_blocks_total(const kv_cache *kv) { return kv->n_blocks; }

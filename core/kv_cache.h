@@ -25,10 +25,11 @@ void kv_cache_seq_release(kv_cache *kv, int seq);
 /* Positions reserved for seq. */
 int kv_cache_seq_capacity(const kv_cache *kv, int seq);
 
-/* Pointer to the K (or V) vector (n_head_kv * head_dim floats) of seq at pos in
- * layer; pos must be reserved. */
-float *kv_cache_k(kv_cache *kv, int layer, int seq, int pos);
-float *kv_cache_v(kv_cache *kv, int layer, int seq, int pos);
+/* Pointer to the K (or V) vector (head_dim floats) of KV head `head` of seq at pos
+ * in layer; pos must be reserved. A head's vectors of consecutive positions are
+ * contiguous within a block. */
+float *kv_cache_k(kv_cache *kv, int layer, int seq, int pos, int head);
+float *kv_cache_v(kv_cache *kv, int layer, int seq, int pos, int head);
 
 int kv_cache_blocks_total(const kv_cache *kv);
 int kv_cache_blocks_free(const kv_cache *kv);

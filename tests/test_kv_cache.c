@@ -91,38 +91,46 @@ START_TEST(pointers_are_disjoint_and_in_bounds)
     for (int s = 0; s < S; s++) ck_assert_int_eq(kv_cache_seq_reserve(kv, s, len[s], err, sizeof err), 0);
     ck_assert_int_eq(kv_cache_blocks_free(kv), 0);
 
-    float *base = kv_cache_k(kv, 0, 0, 0);
+    float *base = kv_cache_k(kv, 0, 0, 0, 0);
     size_t total = kv_cache_bytes(kv) / sizeof(float);
+    ck_assert_uint_eq(total, (size_t)NB * BS * L * 2 * kvd);
     /* the lowest pointer of all is the start of the pool */
     for (int l = 0; l < L; l++)
         for (int s = 0; s < S; s++)
-            for (int p = 0; p < len[s]; p++) {
-                if (kv_cache_k(kv, l, s, p) < base) base = kv_cache_k(kv, l, s, p);
-                if (kv_cache_v(kv, l, s, p) < base) base = kv_cache_v(kv, l, s, p);
-            }
+            for (int p = 0; p < len[s]; p++)
+                for (int h = 0; h < H; h++) {
+                    if (kv_cache_k(kv, l, s, p, h) < base) base = kv_cache_k(kv, l, s, p, h);
+                    if (kv_cache_v(kv, l, s, p, h) < base) base = kv_cache_v(kv, l, s, p, h);
+                }
     uint8_t *used = calloc(total, 1);
     ck_assert_ptr_nonnull(used);
     for (int l = 0; l < L; l++)
         for (int s = 0; s < S; s++)
             for (int p = 0; p < len[s]; p++)
-                for (int kvsel = 0; kvsel < 2; kvsel++) {
-                    float *v = kvsel ? kv_cache_v(kv, l, s, p) : kv_cache_k(kv, l, s, p);
-                    ptrdiff_t off = v - base;
-                    ck_assert(off >= 0 && (size_t)off + (size_t)kvd <= total);
-                    for (int i = 0; i < kvd; i++) {
-                        ck_assert_int_eq(used[off + i], 0);
-                        used[off + i] = 1;
-                        v[i] = (float)(((l * 16 + s) * 16 + p) * 4 + kvsel) + 0.001f * (float)i;
+                for (int kvsel = 0; kvsel < 2; kvsel++)
+                    for (int h = 0; h < H; h++) {
+                        float *v = kvsel ? kv_cache_v(kv, l, s, p, h) : kv_cache_k(kv, l, s, p, h);
+                        ptrdiff_t off = v - base;
+                        ck_assert(off >= 0 && (size_t)off + (size_t)D <= total);
+                        for (int i = 0; i < D; i++) {
+                            ck_assert_int_eq(used[off + i], 0);
+                            used[off + i] = 1;
+                            v[i] = (float)((((l * 16 + s) * 16 + p) * 4 + kvsel) * 4 + h) + 0.001f * (float)i;
+                        }
                     }
-                }
+    /* a head's vectors of consecutive positions in one block are contiguous */
+    ck_assert_ptr_eq(kv_cache_k(kv, 1, 0, 5, 1), kv_cache_k(kv, 1, 0, 4, 1) + D);
+    ck_assert_ptr_eq(kv_cache_v(kv, 2, 2, 2, 0), kv_cache_v(kv, 2, 2, 1, 0) + D);
     for (int l = 0; l < L; l++)
         for (int s = 0; s < S; s++)
             for (int p = 0; p < len[s]; p++)
-                for (int kvsel = 0; kvsel < 2; kvsel++) {
-                    float *v = kvsel ? kv_cache_v(kv, l, s, p) : kv_cache_k(kv, l, s, p);
-                    for (int i = 0; i < kvd; i++)
-                        ck_assert_float_eq(v[i], (float)(((l * 16 + s) * 16 + p) * 4 + kvsel) + 0.001f * (float)i);
-                }
+                for (int kvsel = 0; kvsel < 2; kvsel++)
+                    for (int h = 0; h < H; h++) {
+                        float *v = kvsel ? kv_cache_v(kv, l, s, p, h) : kv_cache_k(kv, l, s, p, h);
+                        for (int i = 0; i < D; i++)
+                            ck_assert_float_eq(v[i], (float)((((l * 16 + s) * 16 + p) * 4 + kvsel) * 4 + h) +
+                                                         0.001f * (float)i);
+                    }
     free(used);
     kv_cache_free(kv);
 }
@@ -133,10 +141,10 @@ START_TEST(release_then_reserve_reuses_blocks)
     kv_cache *kv;
     ck_assert_int_eq(kv_cache_create(1, 1, 2, 2, 4, 2, 8, &kv, err, sizeof err), 0);
     ck_assert_int_eq(kv_cache_seq_reserve(kv, 0, 8, err, sizeof err), 0);
-    float *k0 = kv_cache_k(kv, 0, 0, 5);
+    float *k0 = kv_cache_k(kv, 0, 0, 5, 0);
     kv_cache_seq_release(kv, 0);
     ck_assert_int_eq(kv_cache_seq_reserve(kv, 1, 8, err, sizeof err), 0);
-    ck_assert_ptr_eq(kv_cache_k(kv, 0, 1, 5), k0);
+    ck_assert_ptr_eq(kv_cache_k(kv, 0, 1, 5, 0), k0);
     kv_cache_free(kv);
 }
 END_TEST
