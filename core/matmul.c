@@ -115,21 +115,24 @@ typedef struct {
 } next_slice;
 
 /* y[b * ldy + a] = x[b] . w[a] for a < nw, b < nx (both compile-time after
- * inlining, so acc lives in registers). With ns NULL (a compile-time constant
- * too) the tile prefetches the next tile's rows, as the first pass over a slice
- * must; otherwise the part of the next slice ns gives. */
+ * inlining, so acc lives in registers), over columns [t0, t1) of k: a tile that
+ * does not start at 0 takes its accumulators from carry, one that does not end at
+ * k leaves them there (k chunks, see tiles_group), so each y element is still the
+ * one chain of tile() over all of k. With ns NULL (a compile-time constant too)
+ * the tile prefetches the next tile's rows, as the first pass over a slice must;
+ * otherwise the part of the next slice ns gives. */
 static inline __attribute__((always_inline))
 void tile(const float *x, int k, const float *w, float *y, int ldy, const int nw, const int nx,
-          const next_slice *ns)
+          const next_slice *ns, int t0, int t1, vf *carry)
 {
     vf acc[TILE_W][PAIR_X];   /* only the nw x nx used ones are registers */
     for (int a = 0; a < nw; a++)
-        for (int b = 0; b < nx; b++) acc[a][b] = vzero();
-    int t = 0;
-    for (; t + VL <= k; t += VL) {
-        if (ns && t * ns->per_step < ns->n)
+        for (int b = 0; b < nx; b++) acc[a][b] = t0 > 0 ? carry[a * TILE_X + b] : vzero();
+    int t = t0;
+    for (; t + VL <= t1; t += VL) {
+        if (ns && (t - t0) * ns->per_step < ns->n)
             for (int l = 0; l < ns->per_step; l++)
-                VPREFETCH(ns->base, (size_t)t * (size_t)ns->per_step + (size_t)l * VL);
+                VPREFETCH(ns->base, (size_t)(t - t0) * (size_t)ns->per_step + (size_t)l * VL);
         vf wv[TILE_W];
         for (int a = 0; a < nw; a++) {
             if (!ns && nx >= PF_MIN_X) VPREFETCH(w, (size_t)(a + nw) * k + t);
@@ -143,8 +146,8 @@ void tile(const float *x, int k, const float *w, float *y, int ldy, const int nw
         }
     }
 #if VL > 1
-    if (t < k) {
-        int r = k - t;
+    if (t < t1) {   /* only the last chunk has a tail: t0 and chunk sizes are multiples of VL */
+        int r = t1 - t;
         vf wv[TILE_W];
         for (int a = 0; a < nw; a++) wv[a] = vload_n(w + (size_t)a * k + t, r);
         for (int b = 0; b < nx; b++) {
@@ -153,34 +156,40 @@ void tile(const float *x, int k, const float *w, float *y, int ldy, const int nw
         }
     }
 #endif
+    if (t1 < k) {
+        for (int a = 0; a < nw; a++)
+            for (int b = 0; b < nx; b++) carry[a * TILE_X + b] = acc[a][b];
+        return;
+    }
     for (int a = 0; a < nw; a++)
         for (int b = 0; b < nx; b++) y[(size_t)b * ldy + a] = vsum(acc[a][b]);
 }
 
-#define TILE_CASES(NW, NS)                                                    \
+#define TILE_CASES(NW, NS, T0, T1, C)                                         \
     switch (nx) {                                                             \
-    case 1: tile(x, k, w, y, ldy, NW, 1, NS); break;                          \
-    case 2: tile(x, k, w, y, ldy, NW, 2, NS); break;                          \
-    case 3: tile(x, k, w, y, ldy, NW, 3, NS); break;                          \
-    case 4: tile(x, k, w, y, ldy, NW, 4, NS); break;                          \
-    case 5: tile(x, k, w, y, ldy, NW, 5, NS); break;                          \
-    default: tile(x, k, w, y, ldy, NW, 6, NS); break;                         \
+    case 1: tile(x, k, w, y, ldy, NW, 1, NS, T0, T1, C); break;               \
+    case 2: tile(x, k, w, y, ldy, NW, 2, NS, T0, T1, C); break;               \
+    case 3: tile(x, k, w, y, ldy, NW, 3, NS, T0, T1, C); break;               \
+    case 4: tile(x, k, w, y, ldy, NW, 4, NS, T0, T1, C); break;               \
+    case 5: tile(x, k, w, y, ldy, NW, 5, NS, T0, T1, C); break;               \
+    default: tile(x, k, w, y, ldy, NW, 6, NS, T0, T1, C); break;              \
     }
 
-static void tile_full(const float *x, int nx, int k, const float *w, float *y, int ldy)
+static void tile_full(const float *x, int nx, int k, const float *w, float *y, int ldy,
+                      int t0, int t1, vf *carry)
 {
-    TILE_CASES(TILE_W, NULL)
+    TILE_CASES(TILE_W, NULL, t0, t1, carry)
 }
 
 static void tile_full_next(const float *x, int nx, int k, const float *w, float *y, int ldy,
-                           const next_slice *ns)
+                           int t0, int t1, vf *carry, const next_slice *ns)
 {
-    TILE_CASES(TILE_W, ns)
+    TILE_CASES(TILE_W, ns, t0, t1, carry)
 }
 
 static void tile_one(const float *x, int nx, int k, const float *w, float *y, int ldy)
 {
-    TILE_CASES(1, NULL)
+    TILE_CASES(1, NULL, 0, k, NULL)
 }
 
 /* Up to ROW_MAX_X rows of x (decode at batch 1, most expert queues): the weight
@@ -250,12 +259,55 @@ static void pair_tiles(const float *x, int m, int k, const float *w, int n0, int
 {
     int j = n0;
     for (; j + 2 <= n1; j += 2) {
-        if (m == 7) tile(x, k, w + (size_t)j * k, y + j, ldy, 2, 7, NULL);
-        else tile(x, k, w + (size_t)j * k, y + j, ldy, 2, 8, NULL);
+        if (m == 7) tile(x, k, w + (size_t)j * k, y + j, ldy, 2, 7, NULL, 0, k, NULL);
+        else tile(x, k, w + (size_t)j * k, y + j, ldy, 2, 8, NULL, 0, k, NULL);
     }
     if (j < n1) {
-        if (m == 7) tile(x, k, w + (size_t)j * k, y + j, ldy, 1, 7, NULL);
-        else tile(x, k, w + (size_t)j * k, y + j, ldy, 1, 8, NULL);
+        if (m == 7) tile(x, k, w + (size_t)j * k, y + j, ldy, 1, 7, NULL, 0, k, NULL);
+        else tile(x, k, w + (size_t)j * k, y + j, ldy, 1, 8, NULL, 0, k, NULL);
+    }
+}
+
+/* Tiles over weight rows [g0, g1) (whole tiles, at most GROUP_W rows), in passes
+ * of TILE_X x rows: x block outer, weight tiles inner, so the block stays in L1
+ * while the rows come from L2 after the first pass (the other order reads every
+ * x row from L2 for every tile; same tiles, same bits; m 16 +6%, m 24-48 +13-16%,
+ * m 64 +7%, A/B as above). Rows longer than KC_MAX are taken in chunks of it,
+ * each chunk over all the tiles before the next, so the block's chunk (6 x 4 KB)
+ * stays in L1 too: at k 2048 a whole block is 48 KB, the size of L1, and the x
+ * loads went to L2 (hot, 2 threads, m 16: 261-335 -> 329-364 GFLOP/s; m 64
+ * 315-353 -> 364-371). The passes after the first fetch the next group's rows
+ * (next_slice). */
+#define GROUP_W 64    /* = SLICE_KERNEL: one task's slice is one group */
+#define KC_MAX 1024   /* a multiple of VL */
+static void tiles_group(const float *x, int m, int k, const float *w, int g0, int g1, float *y, int ldy)
+{
+    vf carry[GROUP_W / TILE_W * TILE_W * TILE_X];   /* 24 KB with AVX-512 */
+    int kc = k > KC_MAX ? KC_MAX : k, n_chunks = (k + kc - 1) / kc;
+    int calls = (m - 1) / TILE_X * n_chunks * ((g1 - g0) / TILE_W), q = 0;
+    size_t total = (size_t)(g1 - g0) * (size_t)k, per = 0;
+    if (calls > 0) per = (total + (size_t)calls - 1) / (size_t)calls;
+    per = (per + VL - 1) / VL * VL;
+    int per_step = (int)((per + (size_t)kc - 1) / (size_t)kc);
+    for (int i = 0; i < m; i += TILE_X) {
+        int nx = m - i < TILE_X ? m - i : TILE_X;
+        const float *xb = x + (size_t)i * k;
+        for (int t0 = 0; t0 < k; t0 += kc) {
+            int t1 = t0 + kc < k ? t0 + kc : k;
+            for (int j = g0; j < g1; j += TILE_W) {
+                vf *c = carry + (j - g0) / TILE_W * (TILE_W * TILE_X);
+                float *yb = y + (size_t)i * ldy + j;
+                if (i == 0) {
+                    tile_full(xb, nx, k, w + (size_t)j * k, yb, ldy, t0, t1, c);
+                    continue;
+                }
+                size_t done = (size_t)q * per, left = done < total ? total - done : 0;
+                next_slice ns = {(uintptr_t)(w + (size_t)g1 * k) + done * sizeof(float), per_step,
+                                 (int)(left < per ? left : per)};
+                tile_full_next(xb, nx, k, w + (size_t)j * k, yb, ldy, t0, t1, c, &ns);
+                q++;
+            }
+        }
     }
 }
 
@@ -287,28 +339,9 @@ static void matmul_few_rows(const float *x, int m, int k, const float *w, int n0
     case 8: pair_tiles(x, m, k, w, n0, n1, y, ldy); return;
     default: break;
     }
-    /* x block outer, weight tiles inner: the block (TILE_X rows) stays in L1 while
-     * the slice's weights come from L2 after the first block (the other order
-     * reads every x row from L2 for every tile). Same tiles, same bits; m 16 +6%,
-     * m 24-48 +13-16%, m 64 +7% (A/B as above). */
     int j_end = n0 + (n1 - n0) / TILE_W * TILE_W;
-    for (int j = n0; j < j_end; j += TILE_W)
-        tile_full(x, m < TILE_X ? m : TILE_X, k, w + (size_t)j * k, y + j, ldy);
-    /* The later passes, each tile fetching its share of the next slice. */
-    int calls = (m - 1) / TILE_X * ((j_end - n0) / TILE_W), q = 0;
-    size_t total = (size_t)(n1 - n0) * (size_t)k, per = 0;
-    if (calls > 0) per = (total + (size_t)calls - 1) / (size_t)calls;
-    per = (per + VL - 1) / VL * VL;
-    int per_step = (int)((per + (size_t)k - 1) / (size_t)k);
-    for (int i = TILE_X; i < m; i += TILE_X) {
-        int nx = m - i < TILE_X ? m - i : TILE_X;
-        for (int j = n0; j < j_end; j += TILE_W, q++) {
-            size_t done = (size_t)q * per, left = done < total ? total - done : 0;
-            next_slice ns = {(uintptr_t)(w + (size_t)n1 * k) + done * sizeof(float), per_step,
-                             (int)(left < per ? left : per)};
-            tile_full_next(x + (size_t)i * k, nx, k, w + (size_t)j * k, y + (size_t)i * ldy + j, ldy, &ns);
-        }
-    }
+    for (int g0 = n0; g0 < j_end; g0 += GROUP_W)
+        tiles_group(x, m, k, w, g0, g0 + GROUP_W < j_end ? g0 + GROUP_W : j_end, y, ldy);
     int j = j_end;
     for (; j < n1; j++)
         for (int i = 0; i < m; i += TILE_X) {

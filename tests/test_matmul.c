@@ -52,7 +52,7 @@ static void compare_shape(pool *p, int m, int k, int n)
 START_TEST(few_rows_and_sgemm_match_reference)
 {
     rng_state = 1;
-    static const int ks[] = {1, 3, 8, 15, 16, 17, 33, 100, 257};
+    static const int ks[] = {1, 3, 8, 15, 16, 17, 33, 100, 257, 1100};   /* 1100: two k chunks, masked tail */
     static const int ns[] = {1, 3, 4, 5, 63, 64, 65, 130};
     int ms[40], nm = 0;
     for (int m = 1; m <= 20; m++) ms[nm++] = m;
