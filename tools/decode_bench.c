@@ -1,8 +1,10 @@
 /* decode_bench.c -- throwaway timing of decode steps on a model file, for A/B work
  * on the kernels (faster than `moe bench`: no bandwidth/sgemm/prefill runs).
  * Usage: decode_bench MODEL THREADS STEPS REPS B1 [B2 ...]
- * Prints, per batch size, tok/s of each repetition and the best. Build (after
- * `make BUILD=DIR`):
+ * Prints, per batch size, tok/s of each repetition and the best, each repetition
+ * preceded by its own read-bandwidth pass ([raw GB/s]): the host's bandwidth moves
+ * from minute to minute, so an A/B of two builds alternates them and compares
+ * rounds that met the same raw rate. Build (after `make BUILD=DIR`):
  *   cc -O3 -march=native -I. tools/decode_bench.c DIR/libmoe.a -o /tmp/decb \
  *      $(pkg-config --libs openblas) -lpthread -lm
  */
@@ -12,7 +14,36 @@
 #include <time.h>
 
 #include "core/engine.h"
+#include "core/hugemem.h"
+#include "core/pool.h"
 #include "models/model_file.h"
+
+/* Read bandwidth: 8 independent sums per task over a huge-page array (as moe bench). */
+typedef float bw_vec __attribute__((vector_size(32)));
+typedef struct {
+    const float *a;
+    size_t n;
+    int n_tasks;
+    double sums[256];
+} bw_ctx;
+
+static void bw_task(void *vctx, int task, int thread)
+{
+    (void)thread;
+    bw_ctx *x = vctx;
+    size_t lo = x->n * (size_t)task / (size_t)x->n_tasks, hi = x->n * (size_t)(task + 1) / (size_t)x->n_tasks;
+    bw_vec acc[8] = {{0}};
+    for (size_t i = lo; i + 64 <= hi; i += 64)
+        for (int j = 0; j < 8; j++) {
+            bw_vec v;
+            memcpy(&v, x->a + i + 8 * j, sizeof v);
+            acc[j] += v;
+        }
+    double t = 0;
+    for (int j = 0; j < 8; j++)
+        for (int l = 0; l < 8; l++) t += acc[j][l];
+    x->sums[task] = t;
+}
 
 static double now_s(void)
 {
@@ -46,6 +77,15 @@ int main(int argc, char **argv)
         fprintf(stderr, "%s\n", err);
         return 1;
     }
+    size_t bw_n = (size_t)384 * 1024 * 1024;   /* 1.5 GB: well past the L3 */
+    float *bw = hugemem_alloc(bw_n * sizeof *bw);
+    pool *bw_pool;
+    if (!bw || pool_create(threads, &bw_pool, err, sizeof err)) {
+        fprintf(stderr, "no memory or threads for the bandwidth pass\n");
+        return 1;
+    }
+    for (size_t i = 0; i < bw_n; i++) bw[i] = 1.0f;
+    bw_ctx bc = {bw, bw_n, 256, {0}};
     int32_t tok[512], pos[512], seq[512];
     uint8_t want[512];
     float *logits = malloc((size_t)64 * hp->n_vocab * sizeof *logits);
@@ -72,6 +112,9 @@ int main(int argc, char **argv)
                     return 1;
                 }
             }
+            double tr = now_s();
+            pool_run(bw_pool, bc.n_tasks, bw_task, &bc);
+            printf(" [raw %5.1f]", (double)bw_n * sizeof *bw / 1e9 / (now_s() - tr));
             double t0 = now_s();
             for (int st = 0; st < steps; st++) {
                 for (int q = 0; q < B; q++) {
@@ -92,6 +135,8 @@ int main(int argc, char **argv)
         printf("   best %6.1f tok/s\n", best);
     }
     moe_engine_free(e);
+    pool_free(bw_pool);
+    hugemem_free(bw, bw_n * sizeof *bw);
     free(logits);
     moe_model_free(m);
     return 0;
