@@ -255,17 +255,12 @@ void rows_dot(const float *x, int ldx, int k, const float *w, int n0, int n1, fl
  * host at 44-46 GB/s): k 1024 m 7/8 82.1/76.9 -> 83.8/80.4% of the read rate,
  * k 512 73.8/71.5 -> 80.9/81.1%; at 5-6 rows it gains nothing, so they stay on
  * the 4x6 tiles. */
-static void pair_tiles(const float *x, int m, int k, const float *w, int n0, int n1, float *y, int ldy)
+static inline __attribute__((always_inline))
+void pair_tiles(const float *x, int k, const float *w, int n0, int n1, float *y, int ldy, const int nx)
 {
     int j = n0;
-    for (; j + 2 <= n1; j += 2) {
-        if (m == 7) tile(x, k, w + (size_t)j * k, y + j, ldy, 2, 7, NULL, 0, k, NULL);
-        else tile(x, k, w + (size_t)j * k, y + j, ldy, 2, 8, NULL, 0, k, NULL);
-    }
-    if (j < n1) {
-        if (m == 7) tile(x, k, w + (size_t)j * k, y + j, ldy, 1, 7, NULL, 0, k, NULL);
-        else tile(x, k, w + (size_t)j * k, y + j, ldy, 1, 8, NULL, 0, k, NULL);
-    }
+    for (; j + 2 <= n1; j += 2) tile(x, k, w + (size_t)j * k, y + j, ldy, 2, nx, NULL, 0, k, NULL);
+    if (j < n1) tile(x, k, w + (size_t)j * k, y + j, ldy, 1, nx, NULL, 0, k, NULL);
 }
 
 /* Tiles over weight rows [g0, g1) (whole tiles, at most GROUP_W rows), in passes
@@ -335,8 +330,8 @@ static void matmul_few_rows(const float *x, int m, int k, const float *w, int n0
         }
     }
     switch (m) {
-    case 7:
-    case 8: pair_tiles(x, m, k, w, n0, n1, y, ldy); return;
+    case 7: pair_tiles(x, k, w, n0, n1, y, ldy, 7); return;
+    case 8: pair_tiles(x, k, w, n0, n1, y, ldy, 8); return;
     default: break;
     }
     int j_end = n0 + (n1 - n0) / TILE_W * TILE_W;
