@@ -23,7 +23,7 @@
 struct kv_cache {
     int n_layer;
     int kv_dim;           /* n_head_kv * head_dim: floats per position per layer, K or V */
-    int head_dim;
+    int n_head_kv, head_dim;
     int block_size;       /* positions per block */
     int n_blocks;
     int max_seqs;
@@ -63,6 +63,7 @@ int kv_cache_create(int n_layer, int n_head_kv, int head_dim, int block_size, in
     if (!kv) goto oom;
     kv->n_layer = n_layer;
     kv->kv_dim = (int)kv_dim;
+    kv->n_head_kv = n_head_kv;
     kv->head_dim = head_dim;
     kv->block_size = block_size;
     kv->n_blocks = n_blocks;
@@ -141,7 +142,7 @@ static float *kv_slot(kv_cache *kv, int layer, int is_v, int seq, int pos, int h
 {
     int32_t block = kv->table[(size_t)seq * (size_t)kv->blocks_per_seq + (size_t)(pos / kv->block_size)];
     size_t layer_part = (size_t)layer * 2 + (size_t)is_v;                    /* block_size * kv_dim each */
-    size_t head_part = layer_part * (size_t)(kv->kv_dim / kv->head_dim) + (size_t)head;
+    size_t head_part = layer_part * (size_t)kv->n_head_kv + (size_t)head;
     size_t off = (size_t)block * kv->block_floats +
                  (head_part * (size_t)kv->block_size + (size_t)(pos % kv->block_size)) * (size_t)kv->head_dim;
     return kv->data + off;
