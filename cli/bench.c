@@ -7,6 +7,7 @@
  * bandwidth; prefill by its FLOPs over the measured matmul peak.
  */
 #include "cli/bench.h"
+#include "cli/membw.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -36,7 +37,7 @@ typedef struct {
     float *a, *b, *c;
     size_t n;          /* floats per array */
     int n_tasks;
-    double sums[64];   /* per task, so the reads cannot be optimised away */
+    membw read;        /* the read pass over a */
 } bw_ctx;
 
 static void bw_init_task(void *vctx, int task, int thread)
@@ -47,50 +48,12 @@ static void bw_init_task(void *vctx, int task, int thread)
     for (size_t i = lo; i < hi; i++) { x->a[i] = 1.0f; x->b[i] = 2.0f; x->c[i] = 0.5f; }
 }
 
-/* Eight independent vector sums, so the loop is limited by memory, not by the
- * latency of one chain of additions (a too-slow read loop would understate the
- * bandwidth and flatter every roofline ratio). */
-typedef float bw_vec __attribute__((vector_size(32)));
-
-static void bw_read_task(void *vctx, int task, int thread)
-{
-    (void)thread;
-    bw_ctx *x = vctx;
-    size_t lo = x->n * (size_t)task / (size_t)x->n_tasks, hi = x->n * (size_t)(task + 1) / (size_t)x->n_tasks;
-    bw_vec acc[8] = {{0}};
-    size_t i = lo;
-    for (; i + 64 <= hi; i += 64)
-        for (int j = 0; j < 8; j++) {
-            bw_vec v;
-            memcpy(&v, x->a + i + 8 * j, sizeof v);
-            acc[j] += v;
-        }
-    double t = 0;
-    for (int j = 0; j < 8; j++)
-        for (int l = 0; l < 8; l++) t += acc[j][l];
-    for (; i < hi; i++) t += x->a[i];
-    x->sums[task] = t;
-}
-
 static void bw_triad_task(void *vctx, int task, int thread)
 {
     (void)thread;
     bw_ctx *x = vctx;
     size_t lo = x->n * (size_t)task / (size_t)x->n_tasks, hi = x->n * (size_t)(task + 1) / (size_t)x->n_tasks;
     for (size_t i = lo; i < hi; i++) x->a[i] = x->b[i] + 3.0f * x->c[i];
-}
-
-/* Best of `reps` runs of one pass over the arrays; returns GB/s. */
-static double bw_measure(pool *p, bw_ctx *x, pool_fn fn, double bytes_per_pass, int reps)
-{
-    double best = 1e30;
-    for (int r = 0; r < reps; r++) {
-        double t0 = now_s();
-        pool_run(p, x->n_tasks, fn, x);
-        double dt = now_s() - t0;
-        if (dt < best) best = dt;
-    }
-    return bytes_per_pass / best / 1e9;
 }
 
 /* Floats per bandwidth array: STREAM's rule, each array at least 4x the last-level
@@ -124,7 +87,7 @@ static int measure_bandwidth(pool *p, int quick, bw_ctx *x, double *read_gbs, do
 {
     /* Many chunks claimed dynamically: one descheduled thread does not stall the pass. */
     *x = (bw_ctx){.n = bw_array_floats(quick), .n_tasks = 16 * pool_n_threads(p)};
-    if (x->n_tasks > 64) x->n_tasks = 64;
+    if (x->n_tasks > MEMBW_MAX_TASKS) x->n_tasks = MEMBW_MAX_TASKS;
     size_t bytes = x->n * sizeof(float);
     x->a = hugemem_alloc(bytes);
     x->b = hugemem_alloc(bytes);
@@ -135,8 +98,9 @@ static int measure_bandwidth(pool *p, int quick, bw_ctx *x, double *read_gbs, do
         return -1;
     }
     pool_run(p, x->n_tasks, bw_init_task, x);   /* first touch on the threads that read */
-    *read_gbs = bw_measure(p, x, bw_read_task, (double)bytes, quick ? 3 : 8);
-    *triad_gbs = bw_measure(p, x, bw_triad_task, 3.0 * (double)bytes, quick ? 2 : 5);
+    x->read = (membw){.a = x->a, .n = x->n, .n_tasks = x->n_tasks};
+    *read_gbs = membw_read_gbs(p, &x->read, quick ? 3 : 8);
+    *triad_gbs = membw_pass_gbs(p, x->n_tasks, bw_triad_task, x, 3.0 * (double)bytes, quick ? 2 : 5);
     hugemem_free(x->b, bytes); hugemem_free(x->c, bytes);
     x->b = x->c = NULL;
     return 0;
@@ -364,7 +328,7 @@ static int decode_measure(bench_state *s, pool *p, bw_ctx *x, peak_ctx *pc, int 
                           decode_round *r, char *err, size_t errlen)
 {
     const moe_hparams *hp = &s->m->weights.hp;
-    r->bw = bw_measure(p, x, bw_read_task, (double)x->n * sizeof(float), 3);
+    r->bw = membw_read_gbs(p, &x->read, 3);
     r->peak = peak_measure(p, pc, quick);
     double secs;
     if (bench_decode(s, B, 64, steps, &secs, &r->bytes, err, errlen)) return -1;

@@ -5,7 +5,7 @@
  * preceded by its own read-bandwidth pass ([raw GB/s]): the host's bandwidth moves
  * from minute to minute, so an A/B of two builds alternates them and compares
  * rounds that met the same raw rate. Build (after `make BUILD=DIR`):
- *   cc -O3 -march=native -I. tools/decode_bench.c DIR/libmoe.a -o /tmp/decb \
+ *   cc -O3 -march=native -I. tools/decode_bench.c cli/membw.c DIR/libmoe.a -o /tmp/decb \
  *      $(pkg-config --libs openblas) -lpthread -lm
  */
 #include <stdio.h>
@@ -13,37 +13,11 @@
 #include <string.h>
 #include <time.h>
 
+#include "cli/membw.h"
 #include "core/engine.h"
 #include "core/hugemem.h"
 #include "core/pool.h"
 #include "models/model_file.h"
-
-/* Read bandwidth: 8 independent sums per task over a huge-page array (as moe bench). */
-typedef float bw_vec __attribute__((vector_size(32)));
-typedef struct {
-    const float *a;
-    size_t n;
-    int n_tasks;
-    double sums[256];
-} bw_ctx;
-
-static void bw_task(void *vctx, int task, int thread)
-{
-    (void)thread;
-    bw_ctx *x = vctx;
-    size_t lo = x->n * (size_t)task / (size_t)x->n_tasks, hi = x->n * (size_t)(task + 1) / (size_t)x->n_tasks;
-    bw_vec acc[8] = {{0}};
-    for (size_t i = lo; i + 64 <= hi; i += 64)
-        for (int j = 0; j < 8; j++) {
-            bw_vec v;
-            memcpy(&v, x->a + i + 8 * j, sizeof v);
-            acc[j] += v;
-        }
-    double t = 0;
-    for (int j = 0; j < 8; j++)
-        for (int l = 0; l < 8; l++) t += acc[j][l];
-    x->sums[task] = t;
-}
 
 static double now_s(void)
 {
@@ -85,7 +59,7 @@ int main(int argc, char **argv)
         return 1;
     }
     for (size_t i = 0; i < bw_n; i++) bw[i] = 1.0f;
-    bw_ctx bc = {bw, bw_n, 256, {0}};
+    membw rd = {.a = bw, .n = bw_n, .n_tasks = MEMBW_MAX_TASKS};
     int32_t tok[512], pos[512], seq[512];
     uint8_t want[512];
     float *logits = malloc((size_t)64 * hp->n_vocab * sizeof *logits);
@@ -112,9 +86,7 @@ int main(int argc, char **argv)
                     return 1;
                 }
             }
-            double tr = now_s();
-            pool_run(bw_pool, bc.n_tasks, bw_task, &bc);
-            printf(" [raw %5.1f]", (double)bw_n * sizeof *bw / 1e9 / (now_s() - tr));
+            printf(" [raw %5.1f]", membw_read_gbs(bw_pool, &rd, 1));
             double t0 = now_s();
             for (int st = 0; st < steps; st++) {
                 for (int q = 0; q < B; q++) {
