@@ -1,5 +1,5 @@
 # moeserve -- see README.md. Variants: `make` (release), `make SAN=1` (ASan+UBSan,
-# into build-san/), `make test`, `make bench`, `make run`.
+# into build-san/), `make test`, `make bench`, `make run`, `make tools`.
 
 CC       ?= cc
 SAN      ?= 0
@@ -30,10 +30,12 @@ MODELS_SRC := $(wildcard models/*.c)
 CLI_SRC    := $(wildcard cli/*.c)
 SERVER_SRC := $(filter-out server/main.c,$(wildcard server/*.c))
 TEST_SRC   := $(wildcard tests/test_*.c)
+TOOL_SRC   := $(wildcard tools/*.c)
 
 LIB_OBJ    := $(patsubst %.c,$(BUILD)/obj/%.o,$(CORE_SRC) $(MODELS_SRC))
 SERVER_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(SERVER_SRC))
 TEST_BIN   := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
+TOOL_BIN   := $(patsubst tools/%.c,$(BUILD)/tools/%,$(TOOL_SRC))
 
 PROGRAMS :=
 ifneq ($(wildcard cli/moe.c),)
@@ -43,7 +45,7 @@ ifneq ($(wildcard server/main.c),)
 PROGRAMS += $(BUILD)/moeserve
 endif
 
-.PHONY: all deps test tests bench bench-server bench-ensemble run clean
+.PHONY: all deps test tests tools bench bench-server bench-ensemble run clean
 .SECONDARY:
 
 all: $(BUILD)/libmoe.a $(PROGRAMS)
@@ -73,7 +75,15 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(BUILD)/libmoeserver.a $(BUILD)/libmoe
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS) $(CHECK_LIBS)
 
-tests: all $(TEST_BIN)
+# The A/B timing programs of tools/ (docs/PERFORMANCE.md). `make test` builds
+# them too, so they keep compiling against the library they measure.
+$(BUILD)/tools/%: $(BUILD)/obj/tools/%.o $(BUILD)/obj/cli/membw.o $(BUILD)/libmoe.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+tools: $(TOOL_BIN)
+
+tests: all $(TEST_BIN) $(TOOL_BIN)
 
 # Installs missing Debian packages first (as root), then builds in a fresh make so
 # pkg-config sees them, then runs every suite. SAN=1 runs the same under sanitizers.

@@ -1,12 +1,14 @@
 /* decode_bench.c -- throwaway timing of decode steps on a model file, for A/B work
  * on the kernels (faster than `moe bench`: no bandwidth/sgemm/prefill runs).
- * Usage: decode_bench MODEL THREADS STEPS REPS B1 [B2 ...]
- * Prints, per batch size, tok/s of each repetition and the best, each repetition
+ * Usage: [DECODE_CTX=N] decode_bench MODEL THREADS STEPS REPS B1 [B2 ...]
+ * Each sequence is prefilled with N tokens (default 64, at most 2048: the KV
+ * cache is sized for 64 sequences of N + STEPS positions) before its steps, so
+ * long contexts show what attention costs. Prints, per batch size, tok/s of each repetition and the best, each repetition
  * preceded by its own read-bandwidth pass ([raw GB/s]): the host's bandwidth moves
  * from minute to minute, so an A/B of two builds alternates them and compares
- * rounds that met the same raw rate. Build (after `make BUILD=DIR`):
- *   cc -O3 -march=native -I. tools/decode_bench.c cli/membw.c DIR/libmoe.a -o /tmp/decb \
- *      $(pkg-config --libs openblas) -lpthread -lm
+ * rounds that met the same raw rate. Built by `make tools` (and `make test`) as
+ * build/tools/decode_bench; the other side of an A/B by `make tools BUILD=DIR`
+ * in the other tree.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,13 +41,19 @@ int main(int argc, char **argv)
         return 1;
     }
     int threads = atoi(argv[2]), steps = atoi(argv[3]), reps = atoi(argv[4]);
+    const char *ctx_env = getenv("DECODE_CTX");
+    int ctx0 = ctx_env ? atoi(ctx_env) : 64;
+    if (ctx0 < 1 || ctx0 > 2048 || steps < 1 || steps > 2048) {
+        fprintf(stderr, "DECODE_CTX must be 1..2048 and STEPS 1..2048\n");
+        return 2;
+    }
     const moe_hparams *hp = &m->weights.hp;
     moe_engine_params ep = moe_engine_default_params(hp);
     ep.n_threads = threads;
     ep.max_seqs = 64;
     ep.max_batch_tokens = 512;
-    ep.max_seq_len = 512;
-    ep.kv_n_blocks = 64 * 512 / ep.kv_block_size;
+    ep.max_seq_len = ctx0 + steps;
+    ep.kv_n_blocks = 64 * ((ctx0 + steps + ep.kv_block_size - 1) / ep.kv_block_size);
     moe_engine *e;
     if (moe_engine_create(&m->weights, &ep, &e, err, sizeof err)) {
         fprintf(stderr, "%s\n", err);
@@ -69,21 +77,23 @@ int main(int argc, char **argv)
         printf("batch %2d:", B);
         double best = 0;
         for (int r = 0; r < reps; r++) {
-            int ctx0 = 64;
             for (int q = 0; q < B; q++) {
                 moe_engine_seq_release(e, q);
                 if (moe_engine_seq_reserve(e, q, ctx0 + steps, err, sizeof err)) {
                     fprintf(stderr, "%s\n", err);
                     return 1;
                 }
-                for (int i = 0; i < ctx0; i++) {
-                    tok[i] = (q * 131 + i * 7919 + 3) % hp->n_vocab;
-                    pos[i] = i; seq[i] = q; want[i] = 0;
-                }
-                moe_batch b = {.n_tokens = ctx0, .token = tok, .pos = pos, .seq = seq, .want_logits = want};
-                if (moe_engine_forward(e, &b, logits, err, sizeof err)) {
-                    fprintf(stderr, "%s\n", err);
-                    return 1;
+                for (int p0 = 0; p0 < ctx0; p0 += 512) {   /* prefill in batches of 512 */
+                    int n = ctx0 - p0 < 512 ? ctx0 - p0 : 512;
+                    for (int i = 0; i < n; i++) {
+                        tok[i] = (q * 131 + (p0 + i) * 7919 + 3) % hp->n_vocab;
+                        pos[i] = p0 + i; seq[i] = q; want[i] = 0;
+                    }
+                    moe_batch b = {.n_tokens = n, .token = tok, .pos = pos, .seq = seq, .want_logits = want};
+                    if (moe_engine_forward(e, &b, logits, err, sizeof err)) {
+                        fprintf(stderr, "%s\n", err);
+                        return 1;
+                    }
                 }
             }
             printf(" [raw %5.1f]", membw_read_gbs(bw_pool, &rd, 1));
