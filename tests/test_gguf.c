@@ -7,6 +7,11 @@
 
 #include "models/gguf.h"
 #include "tests/testutil.h"
+/* The libFuzzer target's body (LLVMFuzzerTestOneInput): it reads everything an
+ * accepted file offers and aborts when an invariant fails. Built here, it runs on
+ * every mutation below with each `make test` (and under ASan/UBSan with SAN=1),
+ * and it cannot stop compiling unnoticed (tests/fuzz/run.sh is not part of CI). */
+#include "tests/fuzz/fuzz_gguf.c"
 
 static char err[512];
 
@@ -695,6 +700,47 @@ START_TEST(truncation_at_every_byte)
 }
 END_TEST
 
+/* Every truncation and every byte of the hand-made file set to 0x00, 0xFF and
+ * its value + 1, each through the fuzz target: a clean error or a file whose every
+ * key, array element and tensor byte reads inside the buffer. A copy of exactly
+ * the input's size, so ASan sees a read one past it. */
+START_TEST(fuzz_target_on_every_mutation)
+{
+    spec s = default_spec();
+    s.has_align = 1;
+    s.align_type = GGUF_TYPE_UINT32;
+    s.align = 64;
+    s.b_off = 64;
+    blob b = {0};
+    build(&b, &s);
+    int accepted = 0;
+    for (size_t len = 0; len <= b.n; len++) {
+        uint8_t *c = malloc(len ? len : 1);
+        ck_assert_ptr_nonnull(c);
+        memcpy(c, b.p, len);
+        ck_assert_int_eq(LLVMFuzzerTestOneInput(c, len), 0);
+        free(c);
+    }
+    for (size_t at = 0; at < b.n; at++)
+        for (int m = 0; m < 3; m++) {
+            uint8_t *c = malloc(b.n);
+            ck_assert_ptr_nonnull(c);
+            memcpy(c, b.p, b.n);
+            c[at] = m == 0 ? 0x00 : m == 1 ? 0xFF : (uint8_t)(c[at] + 1);
+            ck_assert_int_eq(LLVMFuzzerTestOneInput(c, b.n), 0);
+            gguf_file *f;
+            if (gguf_open_memory(c, b.n, &f, err, sizeof err) == 0) {
+                accepted++;
+                gguf_close(f);
+            }
+            free(c);
+        }
+    /* the data bytes and some header bytes (values, padding) leave a valid file */
+    ck_assert_int_gt(accepted, 0);
+    free(b.p);
+}
+END_TEST
+
 START_TEST(absurd_counts_and_lengths)
 {
     spec s = default_spec();
@@ -1100,6 +1146,7 @@ Suite *gguf_suite(void)
     TCase *bad = tcase_create("hostile");
     tcase_add_test(bad, hand_made_file_is_valid);
     tcase_add_test(bad, truncation_at_every_byte);
+    tcase_add_test(bad, fuzz_target_on_every_mutation);
     tcase_add_test(bad, absurd_counts_and_lengths);
     tcase_add_test(bad, bad_magic_and_version);
     tcase_add_test(bad, bad_type_ids);

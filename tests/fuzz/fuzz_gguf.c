@@ -1,4 +1,5 @@
-/* fuzz_gguf.c -- libFuzzer target for the GGUF reader (not part of `make test`).
+/* fuzz_gguf.c -- libFuzzer target for the GGUF reader (tests/fuzz/run.sh; test_gguf.c
+ * also runs it on every mutation of a hand-made file).
  *
  * Parses the input with gguf_open_memory; when it is accepted, reads every key with
  * every getter, every array element, the first and last byte of every tensor, and

@@ -10,7 +10,7 @@ CC=${FUZZ_CC:-clang}
 mkdir -p "$BUILD/corpus" "$BUILD/crashes"
 $CC -std=c11 -g -O1 -D_DEFAULT_SOURCE -D_POSIX_C_SOURCE=200809L -I. \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-    tests/fuzz/fuzz_gguf.c models/gguf.c -o "$BUILD/fuzz_gguf"
+    tests/fuzz/fuzz_gguf.c models/gguf.c core/hugemem.c -o "$BUILD/fuzz_gguf"
 
 # Seeds: small valid files covering every value type, arrays, and tensors of each type.
 ${PYTHON:-python3} - "$BUILD/corpus" <<'PY'
