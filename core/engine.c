@@ -35,6 +35,13 @@
 #define ATT_RUN 16   /* rows per run */
 #define ATT_T 16     /* positions per score vector; Kt rows are padded to this */
 #define ATT_Q 4      /* query vectors per pass */
+/* ATT_T-wide blocks per kernel pass: 4 (16 accumulators) where there are 32
+ * vector registers, 2 with AVX2's 16 (see att_scores_blocks) */
+#if defined(__AVX512F__)
+#define ATT_NB 4
+#else
+#define ATT_NB 2
+#endif
 
 struct moe_engine {
     moe_weights w;              /* pointers borrowed: the model must outlive the engine */
@@ -444,20 +451,22 @@ static inline void key_prefetch_step(key_prefetch *p)
     }
 }
 
-/* Scores of nb (1 or 2, a constant after inlining) blocks of ATT_T positions
- * from t0: sc[a * lds + t] = q[a] . Kt[., t]. Two blocks a pass where they fit:
- * with one, the ATT_Q chains of 4-cycle multiply-adds leave half the FMA issue
- * slots empty. */
+/* Scores of nb (1, 2 or ATT_NB, a constant after inlining) blocks of ATT_T
+ * positions from t0: sc[a * lds + t] = q[a] . Kt[., t]. Several blocks a pass
+ * where they fit: with one, the ATT_Q chains of 4-cycle multiply-adds leave half
+ * the FMA issue slots empty, and with four each query element loaded feeds four
+ * multiply-adds instead of two (prefill attention -7%). Every score is the same
+ * chain over d whichever pass computes it. */
 static inline __attribute__((always_inline))
 void att_scores_blocks(const float *const *q, const int na, const float *kt, int ldk, int hd,
                        int t0, float *sc, int lds, const int nb, key_prefetch *pf)
 {
-    v16 acc[2][ATT_Q];
+    v16 acc[ATT_NB][ATT_Q];
     for (int c = 0; c < nb; c++)
         for (int a = 0; a < na; a++) acc[c][a] = v16_zero();
     for (int d = 0; d < hd; d++) {
         key_prefetch_step(pf);
-        v16 kv[2];
+        v16 kv[ATT_NB];
         for (int c = 0; c < nb; c++) kv[c] = v16_load(kt + (size_t)d * (size_t)ldk + t0 + c * ATT_T);
         for (int a = 0; a < na; a++)
             for (int c = 0; c < nb; c++) acc[c][a] = v16_madd(q[a][d], kv[c], acc[c][a]);
@@ -472,22 +481,25 @@ void att_scores(const float *const *q, const int na, const float *kt, int ldk, i
                 int limit, float *sc, int lds, key_prefetch *pf)
 {
     int t0 = 0;
+    for (; t0 + ATT_NB * ATT_T <= limit; t0 += ATT_NB * ATT_T)
+        att_scores_blocks(q, na, kt, ldk, hd, t0, sc, lds, ATT_NB, pf);
     for (; t0 + 2 * ATT_T <= limit; t0 += 2 * ATT_T) att_scores_blocks(q, na, kt, ldk, hd, t0, sc, lds, 2, pf);
     if (t0 < limit) att_scores_blocks(q, na, kt, ldk, hd, t0, sc, lds, 1, pf);
 }
 
-/* Outputs of nb (1 or 2) blocks of ATT_T dims from d0, for the same reason:
+/* Outputs of nb (1, 2 or ATT_NB) blocks of ATT_T dims from d0, for the same
+ * reasons (and with four, two passes over the V rows at head_dim 128, not four):
  * o[a][d] = sum over t <= last[a] of w[a][t] * vrow[t][d], in order of t. */
 static inline __attribute__((always_inline))
 void att_values_blocks(float *const *o, const int na, const float *w, int ldw, const int *last,
                        const float *const *vrow, int tmax, int d0, const int nb, key_prefetch *pf)
 {
-    v16 acc[2][ATT_Q];
+    v16 acc[ATT_NB][ATT_Q];
     for (int c = 0; c < nb; c++)
         for (int a = 0; a < na; a++) acc[c][a] = v16_zero();
     for (int t = 0; t < tmax; t++) {
         key_prefetch_step(pf);
-        v16 v[2];
+        v16 v[ATT_NB];
         for (int c = 0; c < nb; c++) v[c] = v16_load(vrow[t] + d0 + c * ATT_T);
         for (int a = 0; a < na; a++) {
             if (t > last[a]) continue;
@@ -507,6 +519,8 @@ void att_values(float *const *o, const int na, const float *w, int ldw, const in
     int tmax = 0;
     for (int a = 0; a < na; a++) if (last[a] + 1 > tmax) tmax = last[a] + 1;
     int d0 = 0;
+    for (; d0 + ATT_NB * ATT_T <= hd; d0 += ATT_NB * ATT_T)
+        att_values_blocks(o, na, w, ldw, last, vrow, tmax, d0, ATT_NB, pf);
     for (; d0 + 2 * ATT_T <= hd; d0 += 2 * ATT_T) att_values_blocks(o, na, w, ldw, last, vrow, tmax, d0, 2, pf);
     if (d0 + ATT_T <= hd) {
         att_values_blocks(o, na, w, ldw, last, vrow, tmax, d0, 1, pf);
