@@ -364,12 +364,17 @@ static void matmul_sgemm(const float *x, int m, int k, const float *w, int n0, i
                 w + (size_t)n0 * k, k, 0.0f, y + n0, ldy);
 }
 
-/* With 512-bit OpenBLAS kernels (SkylakeX, Cooperlake, SapphireRapids) sgemm
- * passes the kernel at about 64 rows. With 256-bit ones (what OpenBLAS runs
- * when it does not know the CPU, or when OPENBLAS_CORETYPE pins them) under an
- * AVX-512 build of the kernel, the kernel stays ahead up to 128 rows and more
- * (Zen 5, 2 threads, W 1024x2048 / 2048x1024: m 64 245-288 vs 206-224 GFLOP/s,
- * m 128 251-286 vs 221-230, m 192 226-287 vs 236-238). */
+/* Under an AVX-512 build of the kernel: with 256-bit OpenBLAS kernels (what
+ * OpenBLAS runs when it does not know the CPU, or when OPENBLAS_CORETYPE pins
+ * them) the kernel stays ahead up to 128 rows and more (Zen 5, 2 threads, W
+ * 1024x2048 / 2048x1024: m 64 245-288 vs 206-224 GFLOP/s, m 128 251-286 vs
+ * 221-230, m 192 226-287 vs 236-238). With 512-bit ones (SkylakeX, Cooperlake,
+ * SapphireRapids) sgemm takes over at 96: since the k-chunked tiles the kernel
+ * leads at 64 rows (hot, 332-351 vs 322-324 GFLOP/s), the two are even at 72-88,
+ * and sgemm leads from 96 (362-366 vs 307-347). Moving this switch from 64 to 96
+ * took `moe bench` with Cooperlake kernels from 384 to 426-427 tok/s at batch 64
+ * (its 64-row projections) and prefill from 74.3-74.9 to 76.2-76.3% of the sgemm
+ * peak (two runs each, alternated). An AVX2 build of the kernel hands over at 64. */
 static pthread_once_t rows_once = PTHREAD_ONCE_INIT;
 static int min_rows_at_run_time;   /* written once, under rows_once */
 
@@ -380,7 +385,8 @@ static int blas_is_512_bit(const char *name)
 
 static void decide_min_rows(void)
 {
-    min_rows_at_run_time = VL >= 16 && !blas_is_512_bit(openblas_get_corename()) ? 128 : 64;
+    if (VL < 16) min_rows_at_run_time = 64;
+    else min_rows_at_run_time = blas_is_512_bit(openblas_get_corename()) ? 96 : 128;
 }
 
 static int sgemm_min_rows(void)
