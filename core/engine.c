@@ -442,6 +442,10 @@ typedef struct {
 
 static inline void key_prefetch_step(key_prefetch *p)
 {
+#if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__))
+    (void)p;
+    return;   /* no prefetch instruction: spare the lookups */
+#endif
     if (p->pos >= p->n_pos) return;
     if (p->line == 0) p->row = kv_cache_k(p->kv, p->layer, p->seq, p->pos, p->head);
     prefetch_l2(p->row + (size_t)p->line * 16, 1);
