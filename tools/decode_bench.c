@@ -3,10 +3,10 @@
  * Usage: [DECODE_CTX=N] decode_bench MODEL THREADS STEPS REPS B1 [B2 ...]
  * Each sequence is prefilled with N tokens (default 64, at most 2048: the KV
  * cache is sized for 64 sequences of N + STEPS positions) before its steps, so
- * long contexts show what attention costs. Prints, per batch size, tok/s of each repetition and the best, each repetition
- * preceded by its own read-bandwidth pass ([raw GB/s]): the host's bandwidth moves
- * from minute to minute, so an A/B of two builds alternates them and compares
- * rounds that met the same raw rate. Built by `make tools` (and `make test`) as
+ * long contexts show what attention costs. Prints, per batch size, tok/s of each
+ * repetition and the best, each repetition preceded by its own read-bandwidth
+ * pass ([raw GB/s]): the host's bandwidth moves from minute to minute, so an A/B
+ * of two builds alternates them and compares rounds that met the same raw rate. Built by `make tools` (and `make test`) as
  * build/tools/decode_bench; the other side of an A/B by `make tools BUILD=DIR`
  * in the other tree.
  */
