@@ -46,7 +46,20 @@ typedef __m512 vf;
 #define vload(p) _mm512_loadu_ps(p)
 #define vload_n(p, r) _mm512_maskz_loadu_ps((__mmask16)((1u << (r)) - 1u), (p))
 #define vfma(a, b, c) _mm512_fmadd_ps((a), (b), (c))
-#define vsum(v) _mm512_reduce_add_ps(v)
+#define vsum(v) vsum16(v)
+/* The horizontal sum written out, not left to _mm512_reduce_add_ps, whose tree
+ * is the compiler header's choice: lanes i + (i + 8), then + (i + 4), then
+ * [0] + [2] and [1] + [3], then those two (GCC's order, so the bits are what
+ * they were). core/packed.c adds its 16 lane partials in the same tree, which
+ * is what makes its results equal to these to the bit. */
+static inline float vsum16(__m512 v)
+{
+    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    __m256 a = _mm256_add_ps(hi, _mm512_castps512_ps256(v));
+    __m128 b = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
+    __m128 c = _mm_add_ps(b, _mm_shuffle_ps(b, b, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 typedef __m256 vf;
 #define VL 8
