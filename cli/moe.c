@@ -109,6 +109,10 @@ static int cmd_info(int argc, char **argv)
     printf("memory:         %.1f MiB %s, %.1f MiB converted to F32 at load (F16/BF16)\n",
            m->mapped_bytes / 1048576.0, m->copied ? "copied into huge pages" : "mapped",
            m->converted_bytes / 1048576.0);
+    size_t packed = moe_engine_packed_bytes_for(hp);
+    if (packed)
+        printf("packed copy:    %.1f MiB more when it runs: the attention and output projections packed\n"
+               "                for the many-row kernel (core/packed.h)\n", packed / 1048576.0);
     printf("kv cache:       %.1f KiB per token (F32)\n",
            2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim * 4 / 1024.0);
     printf("load time:      %.1f ms\n", m->load_ms);

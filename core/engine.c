@@ -31,8 +31,10 @@
 #include "core/matmul.h"
 #include "core/moe_layer.h"
 #include "core/ops.h"
+#include "core/packed.h"
 #include "core/pool.h"
 #include "core/vexp.h"
+#include "core/vtranspose.h"
 
 /* Attention tiling (see attend()). */
 #define ATT_RUN 16   /* rows per run */
@@ -55,6 +57,11 @@ struct moe_engine {
 
     pool *pool;
     moe_ffn *ffn;
+    /* packed copies (p.packed_projections): per layer, then the output */
+    packed_w **pk_q, **pk_k, **pk_v, **pk_o;
+    packed_w *pk_out;
+    packed_scratch *pk_scratch;
+    size_t pk_bytes;
     kv_cache *kv;
     int32_t *n_past;            /* (max_seqs) positions the cache holds per sequence */
     int32_t *next_pos;          /* (max_seqs) validation scratch */
@@ -98,6 +105,7 @@ moe_engine_params moe_engine_default_params(const moe_hparams *hp)
         .kv_block_size = 16,
         .max_seq_len = len,
         .capacity_factor = 0.0f,
+        .packed_projections = packed_supported(),
     };
     p.kv_n_blocks = 8 * ((len + p.kv_block_size - 1) / p.kv_block_size);
     return p;
@@ -125,6 +133,10 @@ static int params_validate(const moe_hparams *hp, const moe_engine_params *p, ch
                  p->max_seq_len, hp->n_ctx_train);
         return -1;
     }
+    if (p->packed_projections && !packed_supported()) {
+        snprintf(err, errlen, "engine: packed projections need an AVX-512 build");
+        return -1;
+    }
     if (!(p->capacity_factor == p->capacity_factor) || p->capacity_factor > 1e6f) {
         snprintf(err, errlen, "engine: capacity_factor must be a number <= 1e6 (<= 0: dropless)");
         return -1;
@@ -133,6 +145,57 @@ static int params_validate(const moe_hparams *hp, const moe_engine_params *p, ch
 }
 
 /* Lifecycle -------------------------------------------------------------- */
+
+static void packed_free(moe_engine *e)
+{
+    for (int l = 0; l < e->w.hp.n_layer; l++) {
+        if (e->pk_q) packed_w_free(e->pk_q[l]);
+        if (e->pk_k) packed_w_free(e->pk_k[l]);
+        if (e->pk_v) packed_w_free(e->pk_v[l]);
+        if (e->pk_o) packed_w_free(e->pk_o[l]);
+    }
+    free(e->pk_q);
+    free(e->pk_k);
+    free(e->pk_v);
+    free(e->pk_o);
+    packed_w_free(e->pk_out);
+    packed_scratch_free(e->pk_scratch);
+}
+
+static int packed_one(moe_engine *e, const float *w, int n, int k, packed_w **out, char *err, size_t errlen)
+{
+    if (packed_w_create(e->pool, w, n, k, out, err, errlen)) return -1;
+    e->pk_bytes += packed_w_bytes(*out);
+    return 0;
+}
+
+/* The packed copies of every layer's q, k, v and attention output weights and of
+ * the output projection, packed on the engine's pool. */
+static int packed_create(moe_engine *e, char *err, size_t errlen)
+{
+    const moe_hparams *hp = &e->w.hp;
+    size_t L = (size_t)hp->n_layer;
+    e->pk_q = calloc(L, sizeof *e->pk_q);
+    e->pk_k = calloc(L, sizeof *e->pk_k);
+    e->pk_v = calloc(L, sizeof *e->pk_v);
+    e->pk_o = calloc(L, sizeof *e->pk_o);
+    if (!e->pk_q || !e->pk_k || !e->pk_v || !e->pk_o) {
+        snprintf(err, errlen, "engine: out of memory for packed weights");
+        return -1;
+    }
+    int d = hp->n_embd, max_k = d > e->q_dim ? d : e->q_dim;
+    if (packed_scratch_create(e->p.max_batch_tokens, max_k, e->p.n_threads, &e->pk_scratch, err, errlen))
+        return -1;
+    for (int l = 0; l < hp->n_layer; l++) {
+        const moe_layer_weights *W = &e->w.layers[l];
+        if (packed_one(e, W->wq, e->q_dim, d, &e->pk_q[l], err, errlen) ||
+            packed_one(e, W->wk, e->kv_dim, d, &e->pk_k[l], err, errlen) ||
+            packed_one(e, W->wv, e->kv_dim, d, &e->pk_v[l], err, errlen) ||
+            packed_one(e, W->wo, d, e->q_dim, &e->pk_o[l], err, errlen))
+            return -1;
+    }
+    return packed_one(e, e->w.output, hp->n_vocab, d, &e->pk_out, err, errlen);
+}
 
 int moe_engine_create(const moe_weights *w, const moe_engine_params *p,
                       moe_engine **out, char *err, size_t errlen)
@@ -194,6 +257,7 @@ int moe_engine_create(const moe_weights *w, const moe_engine_params *p,
         snprintf(err, errlen, "engine: out of memory for scratch (%d batch tokens)", p->max_batch_tokens);
         goto fail;
     }
+    if (e->p.packed_projections && packed_create(e, err, errlen)) goto fail;
     /* Same angle formula as ops.c rope(): theta = pos * base^(-2i/d), in double. */
     for (int i = 0; i < half; i++)
         e->inv_freq[i] = pow((double)hp->rope_base, -2.0 * (double)i / (double)hp->rope_dim);
@@ -207,6 +271,7 @@ fail:
 void moe_engine_free(moe_engine *e)
 {
     if (!e) return;
+    packed_free(e);
     kv_cache_free(e->kv);
     moe_ffn_free(e->ffn);
     pool_free(e->pool);
@@ -622,37 +687,6 @@ static void att_pass(const float *const *q, float *const *o, const int *last, in
     }
 }
 
-#if defined(__AVX512F__)
-/* dst[j * ldd + i] = src[i][d0 + j] for i, j < 16: the keys of 16 positions
- * transposed in registers (interleave 32-bit, then 64-bit, then 128-bit lanes
- * twice). A plain copy: the scores are the same bits as with a scalar gather,
- * which took about half of decode attention (16 strided scalar stores a key). */
-static void transpose16(const float *const *src, int d0, float *dst, int ldd)
-{
-    __m512 r[16], t[16], u[16];
-    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src[i] + d0);
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);       /* lane k: i[4k] i+1[4k] i[4k+1] i+1[4k+1] */
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);   /* the same for 4k+2, 4k+3 */
-    }
-    for (int g = 0; g < 16; g += 4) {                    /* rows g..g+3 of elements 4k+0..3 */
-        __m512d lo0 = _mm512_castps_pd(t[g]), lo1 = _mm512_castps_pd(t[g + 2]);
-        __m512d hi0 = _mm512_castps_pd(t[g + 1]), hi1 = _mm512_castps_pd(t[g + 3]);
-        u[g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo0, lo1));
-        u[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo0, lo1));
-        u[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi0, hi1));
-        u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi0, hi1));
-    }
-    for (int e = 0; e < 4; e++) {                        /* element 4k + e sits in 128-bit lane k */
-        __m512 v0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x88), v1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xDD);
-        __m512 v2 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x88), v3 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xDD);
-        _mm512_storeu_ps(dst + (size_t)(0 + e) * (size_t)ldd, _mm512_shuffle_f32x4(v0, v2, 0x88));
-        _mm512_storeu_ps(dst + (size_t)(4 + e) * (size_t)ldd, _mm512_shuffle_f32x4(v1, v3, 0x88));
-        _mm512_storeu_ps(dst + (size_t)(8 + e) * (size_t)ldd, _mm512_shuffle_f32x4(v0, v2, 0xDD));
-        _mm512_storeu_ps(dst + (size_t)(12 + e) * (size_t)ldd, _mm512_shuffle_f32x4(v1, v3, 0xDD));
-    }
-}
-#endif
 
 /* Kt[d][t] for t < ldk (the positions past n_pos are zeros) and each
  * position's V row, for KV head g of seq. */
@@ -673,7 +707,7 @@ static void gather_keys(const moe_engine *e, int layer, int seq, int g, int n_po
             prefetch_l2(vrow[t + i], hd);
         }
         int d = 0;
-        for (; d + 16 <= hd; d += 16) transpose16(k, d, kt + (size_t)d * (size_t)ldk + t, ldk);
+        for (; d + 16 <= hd; d += 16) transpose16(k, d, kt + (size_t)d * (size_t)ldk + t, (size_t)ldk);
         for (; d < hd; d++)
             for (int i = 0; i < 16; i++) kt[(size_t)d * (size_t)ldk + t + i] = k[i][d];
     }
@@ -781,11 +815,21 @@ static void attention_layer(moe_engine *e, const moe_batch *b, int l)
     int n = b->n_tokens;
     layer_job job = {e, b, l};
     rows_rmsnorm(e->xb, e->x, L->attn_norm, n, hp->n_embd, hp->rms_eps);
-    matmul_out qkv[3] = {{L->wq, e->q_dim, e->q}, {L->wk, e->kv_dim, e->k}, {L->wv, e->kv_dim, e->v}};
-    matmul_multi(e->pool, e->xb, n, hp->n_embd, qkv, 3);
+    if (e->p.packed_projections) {
+        packed_out qkv[3] = {{e->pk_q[l], e->q}, {e->pk_k[l], e->k}, {e->pk_v[l], e->v}};
+        packed_matmul(e->pool, e->pk_scratch, e->xb, n, hp->n_embd, qkv, 3);
+    } else {
+        matmul_out qkv[3] = {{L->wq, e->q_dim, e->q}, {L->wk, e->kv_dim, e->k}, {L->wv, e->kv_dim, e->v}};
+        matmul_multi(e->pool, e->xb, n, hp->n_embd, qkv, 3);
+    }
     pool_run(e->pool, n, qkv_row, &job);
     pool_run(e->pool, e->n_runs * hp->n_head_kv, attend, &job);
-    matmul(e->pool, e->att, n, e->q_dim, L->wo, hp->n_embd, e->out);
+    if (e->p.packed_projections) {
+        packed_out wo = {e->pk_o[l], e->out};
+        packed_matmul(e->pool, e->pk_scratch, e->att, n, e->q_dim, &wo, 1);
+    } else {
+        matmul(e->pool, e->att, n, e->q_dim, L->wo, hp->n_embd, e->out);
+    }
     rows_add(e->x, e->out, (size_t)n * (size_t)hp->n_embd);
 }
 
@@ -824,7 +868,12 @@ static void output_logits(moe_engine *e, const moe_batch *b, int n_logits, float
     for (int r = 0; r < n_logits; r++)
         rmsnorm(e->xb + (size_t)r * d, e->x + (size_t)e->logit_rows[r] * d, e->w.output_norm,
                 hp->n_embd, hp->rms_eps);
-    matmul(e->pool, e->xb, n_logits, hp->n_embd, e->w.output, hp->n_vocab, logits);
+    if (e->p.packed_projections) {
+        packed_out o = {e->pk_out, logits};
+        packed_matmul(e->pool, e->pk_scratch, e->xb, n_logits, hp->n_embd, &o, 1);
+    } else {
+        matmul(e->pool, e->xb, n_logits, hp->n_embd, e->w.output, hp->n_vocab, logits);
+    }
 }
 
 int moe_engine_forward(moe_engine *e, const moe_batch *b, float *logits, char *err, size_t errlen)
@@ -862,3 +911,12 @@ int moe_engine_kv_blocks_free(const moe_engine *e) { return kv_cache_blocks_free
 int moe_engine_kv_blocks_total(const moe_engine *e) { return kv_cache_blocks_total(e->kv); }
 int moe_engine_kv_block_size(const moe_engine *e) { return kv_cache_block_size(e->kv); }
 size_t moe_engine_kv_bytes(const moe_engine *e) { return kv_cache_bytes(e->kv); }
+size_t moe_engine_packed_bytes(const moe_engine *e) { return e->pk_bytes; }
+
+size_t moe_engine_packed_bytes_for(const moe_hparams *hp)
+{
+    if (!packed_supported()) return 0;
+    int q = hp->n_head * hp->head_dim, kv = hp->n_head_kv * hp->head_dim, d = hp->n_embd;
+    size_t layer = packed_w_bytes_for(q, d) + 2 * packed_w_bytes_for(kv, d) + packed_w_bytes_for(d, q);
+    return (size_t)hp->n_layer * layer + packed_w_bytes_for(hp->n_vocab, d);
+}

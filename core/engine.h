@@ -30,6 +30,10 @@ typedef struct {
     int kv_n_blocks;         /* blocks in the pool */
     int max_seq_len;         /* longest sequence (<= context length) */
     float capacity_factor;   /* <= 0: dropless (default) */
+    int packed_projections;  /* nonzero: Q/K/V, attention output and logits run on copies of
+                              * those weights packed for core/packed.c (same bits, faster
+                              * from a few rows up, costs their memory again); the default
+                              * where the build has AVX-512 (packed_supported()) */
 } moe_engine_params;
 
 /* Defaults for a model: 1 thread, 8 seqs, 512 tokens, KV for 8 full contexts. */
@@ -69,5 +73,10 @@ int moe_engine_kv_blocks_free(const moe_engine *e);
 int moe_engine_kv_blocks_total(const moe_engine *e);
 int moe_engine_kv_block_size(const moe_engine *e);
 size_t moe_engine_kv_bytes(const moe_engine *e);
+/* Memory of the packed projection weights (0 when packed_projections is off). */
+size_t moe_engine_packed_bytes(const moe_engine *e);
+/* What the packed copies take for a model with these hyperparameters in this
+ * build (0 without AVX-512), before any engine exists (moe info). */
+size_t moe_engine_packed_bytes_for(const moe_hparams *hp);
 
 #endif

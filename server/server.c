@@ -653,11 +653,13 @@ static void *loader_main(void *arg)
         log_event(c->log_fmt, "info",
                   "model '%s' loaded from %s: %s, %.1fM parameters (%.1fM active), %d experts (top-%d), "
                   "%d layers, vocabulary %d, context %d, KV cache %.1f MiB (%d positions), "
+                  "packed projections %.1f MiB, "
                   "steps of up to %d tokens / %d sequences, weights %s, %.0f ms",
                   c->models[i].name, c->models[i].path, moe_arch_get(hp->arch)->name,
                   moe_hparams_n_params(hp, m->tied_output) / 1e6, moe_hparams_n_params_active(hp, m->tied_output) / 1e6,
                   hp->n_expert, hp->n_expert_used, hp->n_layer, hp->n_vocab, sched_max_seq_len(sc),
-                  moe_engine_kv_bytes(e) / 1048576.0, sched_kv_positions(sc), sp.max_batch_tokens,
+                  moe_engine_kv_bytes(e) / 1048576.0, sched_kv_positions(sc), moe_engine_packed_bytes(e) / 1048576.0,
+                  sp.max_batch_tokens,
                   sp.max_seqs < sp.max_batch_tokens ? sp.max_seqs : sp.max_batch_tokens,
                   m->copied ? "copied into huge pages" : "mapped", secs * 1e3);
         s->models[i] = m;

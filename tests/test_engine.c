@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "core/engine.h"
+#include "core/packed.h"
 #include "core/matmul.h"
 #include "tests/testutil.h"
 
@@ -292,9 +293,10 @@ static void ref_forward(const tmodel *m, const int32_t *tok, int T, double *logi
 
 /* Engine helpers ---------------------------------------------------------- */
 
-static moe_engine *engine_make(const tmodel *m, int threads, float cf)
+static moe_engine *engine_make_packed(const tmodel *m, int threads, float cf, int packed)
 {
     moe_engine_params p = moe_engine_default_params(&m->w.hp);
+    p.packed_projections = packed;
     p.n_threads = threads;
     p.max_seqs = 4;
     p.max_batch_tokens = 32;
@@ -305,6 +307,11 @@ static moe_engine *engine_make(const tmodel *m, int threads, float cf)
     moe_engine *e = NULL;
     ck_assert_msg(moe_engine_create(&m->w, &p, &e, err, sizeof err) == 0, "%s", err);
     return e;
+}
+
+static moe_engine *engine_make(const tmodel *m, int threads, float cf)
+{
+    return engine_make_packed(m, threads, cf, packed_supported());
 }
 
 /* One batch row. */
@@ -491,9 +498,9 @@ END_TEST
 /* Threads ----------------------------------------------------------------- */
 
 /* A 20-row prefill (the sgemm path) plus decode steps of three sequences. */
-static void thread_run(const tmodel *m, int threads, float *logits)
+static void thread_run(const tmodel *m, int threads, int packed, float *logits)
 {
-    moe_engine *e = engine_make(m, threads, 0.0f);
+    moe_engine *e = engine_make_packed(m, threads, 0.0f, packed);
     int V = m->w.hp.n_vocab;
     int32_t t[3][24];
     for (int s = 0; s < 3; s++) {
@@ -521,9 +528,44 @@ START_TEST(one_thread_equals_two)
     tmodel *m = model_make(_i, 300 + _i);
     size_t n = (size_t)(20 + 12) * m->w.hp.n_vocab;
     float *a = calloc(n, sizeof(float)), *b = calloc(n, sizeof(float));
-    thread_run(m, 1, a);
-    thread_run(m, 2, b);
+    thread_run(m, 1, packed_supported(), a);
+    thread_run(m, 2, packed_supported(), b);
     ck_assert(memcmp(a, b, n * sizeof(float)) == 0);
+    free(a);
+    free(b);
+    model_free(m);
+}
+END_TEST
+
+/* The packed copies of the projections change no bit of the logits (a prompt of
+ * 20 and steps of 3 rows, below the sgemm switch), and a build without the
+ * kernel refuses to be asked for them. */
+START_TEST(packed_projections_change_no_bit)
+{
+    tmodel *m = model_make(_i, 400 + _i);
+    if (!packed_supported()) {
+        moe_engine_params p = moe_engine_default_params(&m->w.hp);
+        ck_assert_int_eq(p.packed_projections, 0);
+        p.packed_projections = 1;
+        moe_engine *e = NULL;
+        ck_assert_int_ne(moe_engine_create(&m->w, &p, &e, err, sizeof err), 0);
+        ck_assert_msg(strstr(err, "AVX-512") != NULL, "%s", err);
+        printf("packed projections: not in this build (no AVX-512), refused as it should be\n");
+        model_free(m);
+        return;
+    }
+    size_t n = (size_t)(20 + 12) * m->w.hp.n_vocab;
+    float *a = calloc(n, sizeof(float)), *b = calloc(n, sizeof(float));
+    thread_run(m, 2, 1, a);
+    thread_run(m, 2, 0, b);
+    ck_assert(memcmp(a, b, n * sizeof(float)) == 0);
+    moe_engine *e = engine_make_packed(m, 1, 0.0f, 1);
+    ck_assert_uint_gt(moe_engine_packed_bytes(e), 0);
+    ck_assert_uint_eq(moe_engine_packed_bytes(e), moe_engine_packed_bytes_for(&m->w.hp));
+    moe_engine_free(e);
+    e = engine_make_packed(m, 1, 0.0f, 0);
+    ck_assert_uint_eq(moe_engine_packed_bytes(e), 0);
+    moe_engine_free(e);
     free(a);
     free(b);
     model_free(m);
@@ -751,6 +793,7 @@ int main(void)
     tcase_add_loop_test(tc, matches_reference, 0, CFG_COUNT);
     tcase_add_loop_test(tc, batch_composition_does_not_matter, 0, CFG_COUNT);
     tcase_add_loop_test(tc, one_thread_equals_two, 0, CFG_COUNT);
+    tcase_add_loop_test(tc, packed_projections_change_no_bit, 0, CFG_COUNT);
     tcase_add_test(tc, truncate_then_continue_equals_fresh);
     tcase_add_test(tc, bad_batches_fail_and_change_nothing);
     tcase_add_test(tc, create_rejects_bad_input);

@@ -7,19 +7,7 @@
 
 static uint32_t rng_state;
 
-static float frand(void)
-{
-    rng_state = rng_state * 1664525u + 1013904223u;
-    return (float)((rng_state >> 8) & 0xffff) / 32768.0f - 1.0f;
-}
-
-static float *rand_array(size_t n)
-{
-    float *a = malloc(n * sizeof *a);
-    ck_assert_ptr_nonnull(a);
-    for (size_t i = 0; i < n; i++) a[i] = frand();
-    return a;
-}
+static float *rand_array(size_t n) { return tu_rand_array(&rng_state, n); }
 
 /* |y - ref| within a relative bound of the sum of |x_t w_t| (the scale rounding
  * errors of a float dot product grow with). */

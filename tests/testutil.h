@@ -3,6 +3,7 @@
 #define MOE_TESTS_TESTUTIL_H
 
 #include <check.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +62,22 @@ static inline int tu_run_suite(Suite *s)
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
+
+/* Uniform in [-1, 1) from a 32-bit LCG: the suites' seedable source. */
+static inline float tu_frand(uint32_t *state)
+{
+    *state = *state * 1664525u + 1013904223u;
+    return (float)((*state >> 8) & 0xffff) / 32768.0f - 1.0f;
+}
+
+/* n of them in a malloc'd array. */
+static inline float *tu_rand_array(uint32_t *state, size_t n)
+{
+    float *a = malloc(n * sizeof *a);
+    ck_assert_ptr_nonnull(a);
+    for (size_t i = 0; i < n; i++) a[i] = tu_frand(state);
+    return a;
 }
 
 #endif
