@@ -20,6 +20,7 @@
 #include "core/engine.h"
 #include "core/hugemem.h"
 #include "core/matmul.h"
+#include "core/packed.h"
 #include "core/pool.h"
 #include "models/model_file.h"
 #include "models/tokenizer.h"
@@ -107,25 +108,32 @@ static int measure_bandwidth(pool *p, int quick, bw_ctx *x, double *read_gbs, do
 }
 
 /* Matmul peak, the compute roof: the best of OpenBLAS sgemm on a large square
- * (prefill's path) and the engine's few-rows kernel at 48 rows (the path of every
- * decode matmul under 64 rows), both on the pool. The kernel is AVX-512 where the
- * CPU has it, while OpenBLAS may run 256-bit kernels (OPENBLAS_CORETYPE), so
- * either can be the faster; the roof is whichever is. Like the bandwidth, it is
- * measured again beside every timed figure: the host's share of the cores moves. */
+ * (the experts' path in prefill), the engine's few-rows kernel at 48 rows (the
+ * experts' path in decode) and, where the build has it, the packed kernel of the
+ * projections (core/packed.h) on the same square, all on the pool. The kernels
+ * are AVX-512 where the CPU has it, while OpenBLAS may run 256-bit kernels
+ * (OPENBLAS_CORETYPE), so any can be the fastest; the roof is whichever is. Like
+ * the bandwidth, it is measured again beside every timed figure: the host's share
+ * of the cores moves. */
 typedef struct {
-    int n;                /* square side */
-    float *x, *w, *y;     /* (n, n) each */
-    double sgemm, kernel; /* GFLOP/s of the last measure */
+    int n;                        /* square side */
+    float *x, *w, *y;             /* (n, n) each */
+    packed_w *pw;                 /* w packed, when the build has the kernel */
+    packed_scratch *ps;
+    double sgemm, kernel, packed; /* GFLOP/s of the last measure (packed 0: none) */
 } peak_ctx;
 
 #define PEAK_KERNEL_ROWS 48
+#define PEAK_PACKED_ROWS 512   /* a prefill chunk (the engine's default batch) */
 
 static void peak_free(peak_ctx *c)
 {
     free(c->x); free(c->w); free(c->y);
+    packed_w_free(c->pw);
+    packed_scratch_free(c->ps);
 }
 
-static int peak_init(peak_ctx *c, char *err, size_t errlen)
+static int peak_init(pool *p, peak_ctx *c, char *err, size_t errlen)
 {
     c->n = 2048;   /* --quick too: a smaller square runs sgemm below its peak */
     size_t sz = (size_t)c->n * (size_t)c->n;
@@ -136,6 +144,12 @@ static int peak_init(peak_ctx *c, char *err, size_t errlen)
         return -1;
     }
     for (size_t i = 0; i < sz; i++) { c->x[i] = (float)(i % 7) * 0.1f; c->w[i] = (float)(i % 5) * 0.1f; }
+    if (packed_supported() &&
+        (packed_w_create(p, c->w, c->n, c->n, &c->pw, err, errlen) ||
+         packed_scratch_create(PEAK_PACKED_ROWS, c->n, pool_n_threads(p), &c->ps, err, errlen))) {
+        peak_free(c);
+        return -1;
+    }
     return 0;
 }
 
@@ -151,12 +165,33 @@ static double best_gflops(pool *p, const peak_ctx *c, int m, int reps)
     return 2.0 * m * (double)c->n * c->n / best / 1e9;
 }
 
-/* Returns the roof in GFLOP/s; c->sgemm and c->kernel keep the two parts. */
+static double packed_gflops(pool *p, const peak_ctx *c, int m, int reps)
+{
+    double best = 1e30;
+    packed_out o = {c->pw, c->y};
+    for (int r = 0; r < reps; r++) {
+        double t0 = now_s();
+        packed_matmul(p, c->ps, c->x, m, c->n, &o, 1);
+        double dt = now_s() - t0;
+        if (dt < best) best = dt;
+    }
+    return 2.0 * m * (double)c->n * c->n / best / 1e9;
+}
+
+/* Returns the roof in GFLOP/s; c->sgemm, c->kernel and c->packed keep the parts. */
 static double peak_measure(pool *p, peak_ctx *c, int quick)
 {
     c->sgemm = best_gflops(p, c, c->n, quick ? 2 : 3);
     c->kernel = best_gflops(p, c, PEAK_KERNEL_ROWS, quick ? 4 : 10);
-    return c->sgemm > c->kernel ? c->sgemm : c->kernel;
+    /* the packed kernel at decode's and prefill's row counts: its x is re-read
+     * for every panel, so it is slower on the whole square (docs/PERFORMANCE.md) */
+    c->packed = 0.0;
+    for (int i = 0; c->pw && i < 2; i++) {
+        double g = packed_gflops(p, c, i ? PEAK_PACKED_ROWS : PEAK_KERNEL_ROWS, quick ? 3 : 6);
+        if (g > c->packed) c->packed = g;
+    }
+    double roof = c->sgemm > c->kernel ? c->sgemm : c->kernel;
+    return roof > c->packed ? roof : c->packed;
 }
 
 /* Engine benchmarks ------------------------------------------------------ */
@@ -390,8 +425,9 @@ static int bench_engine(const moe_model *m, pool *p, bw_ctx *x, peak_ctx *pc, in
     int rounds = quick ? 1 : 3, steps = quick ? 4 : 16, order[MAX_ROUNDS];
     /* causal: token i attends to i + 1 positions; only the last row wants logits */
     double flops = forward_flops(hp, n_prefill, 1, n_prefill * (n_prefill + 1.0) / 2);
-    /* Prefill runs on sgemm, so its bound is the sgemm peak (as the issue sets
-     * it); the share of the best matmul of this process is printed beside it. */
+    /* The issue sets prefill's bound at the sgemm peak (its experts run on sgemm,
+     * its projections on the packed kernel where the build has it); the share of
+     * the best matmul of this process is printed beside it. */
     double pf_secs[MAX_ROUNDS], pf_sgemm[MAX_ROUNDS], pf_best[MAX_ROUNDS], pf_ratio[MAX_ROUNDS];
     for (int r = 0; r < rounds; r++) {
         pf_best[r] = peak_measure(p, pc, quick);
@@ -462,12 +498,12 @@ int bench_run(const bench_opts *o, char *err, size_t errlen)
     bw_ctx bw = {0};
     peak_ctx pc = {0};
     if (measure_bandwidth(p, o->quick, &bw, &rd, &triad, err, errlen)) goto done;
-    if (peak_init(&pc, err, errlen)) goto done;
+    if (peak_init(p, &pc, err, errlen)) goto done;
     double peak = peak_measure(p, &pc, o->quick);
     printf("machine: %d threads, memory read %.1f GB/s, triad %.1f GB/s (%zu MB arrays), matmul peak %.1f GFLOP/s "
-           "(OpenBLAS sgemm %.1f with its %s kernels, engine kernel %.1f at %d rows)\n",
+           "(OpenBLAS sgemm %.1f with its %s kernels, engine kernel %.1f at %d rows, packed kernel %.1f at %d or %d)\n",
            o->threads, rd, triad, bw.n * sizeof(float) >> 20, peak, pc.sgemm, matmul_blas_corename(), pc.kernel,
-           PEAK_KERNEL_ROWS);
+           PEAK_KERNEL_ROWS, pc.packed, PEAK_KERNEL_ROWS, PEAK_PACKED_ROWS);
     if (moe_model_load_mode(o->model, o->copy_weights ? GGUF_LOAD_COPY : GGUF_LOAD_MMAP, &m, err, errlen)) goto done;
     const moe_hparams *hp = &m->weights.hp;
     printf("model: %s, %s, %.2f G params (%.2f G active), %d experts top-%d, %d layers; weights %s in %.0f ms\n",
