@@ -422,6 +422,11 @@ int matmul_sgemm_min_rows(void)
     return sgemm_min_rows();
 }
 
+int matmul_blas_512_bit(void)
+{
+    return blas_is_512_bit(openblas_get_corename());
+}
+
 void matmul_range(const float *x, int m, int k, const float *w, int n0, int n1, float *y, int ldy)
 {
     if (m <= 0 || n1 <= n0) return;

@@ -40,4 +40,9 @@ const char *matmul_blas_corename(void);
 /* Rows at or above which matmul_range uses sgemm (measured, see docs/PERFORMANCE.md). */
 int matmul_sgemm_min_rows(void);
 
+/* Nonzero when OpenBLAS runs its 512-bit kernels (SkylakeX, Cooperlake,
+ * SapphireRapids): then its sgemm is as fast as the engine's best kernels on
+ * many rows, and the engine keeps using it there. */
+int matmul_blas_512_bit(void);
+
 #endif
