@@ -25,7 +25,7 @@ static const opt_def opts[] = {
     {"threads", OPT_INT, OFF(threads), 0, 1024, "N  compute threads per model (default: online CPUs)"},
     {"compute-nice", OPT_INT, OFF(compute_nice), 0, 19, "N  nice increment of compute threads so the HTTP loop preempts them (default 10; 0 = off)"},
     {"max-seqs", OPT_INT, OFF(max_seqs), 1, 4096, "N  sequences decoding at once per model (default 64)"},
-    {"max-batch-tokens", OPT_INT, OFF(max_batch_tokens), 0, 1 << 20, "N  tokens per forward step (default 0 = auto: the most that stay on the engine's row kernel, 63 or 127 (the model-loaded log line gives it), so results never depend on batching)"},
+    {"max-batch-tokens", OPT_INT, OFF(max_batch_tokens), 0, 1 << 20, "N  tokens per forward step (default 0 = auto: the most that stay on the engine's row kernel, 95 or 127, 63 in an AVX2 build (the model-loaded log line gives it), so results never depend on batching)"},
     {"batch-wait-us", OPT_INT, OFF(batch_wait_us), 0, 10000000, "N  wait this long for more arrivals before an idle step (default 0)"},
     {"kv-cache-mb", OPT_INT, OFF(kv_cache_mb), 0, 1 << 22, "N  KV cache pool per model in MiB (default: max-seqs full contexts, at most 1024)"},
     {"kv-cache-tokens", OPT_INT, OFF(kv_cache_tokens), 0, 1 << 28, "N  KV cache pool per model in positions (instead of --kv-cache-mb)"},
