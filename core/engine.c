@@ -16,6 +16,8 @@
 #include "core/engine.h"
 
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,11 +59,18 @@ struct moe_engine {
 
     pool *pool;
     moe_ffn *ffn;
-    /* packed copies (p.packed_projections): per layer, then the output */
+    /* packed copies (p.packed_projections): per layer, then the output. With
+     * MOE_PACK_BACKGROUND a thread of the engine's own fills them while forwards
+     * run on the row kernel, then sets pk_ready (release); forwards read pk_ready
+     * (acquire) before they touch them. */
     packed_w **pk_q, **pk_k, **pk_v, **pk_o;
     packed_w *pk_out;
     packed_scratch *pk_scratch;
     size_t pk_bytes;
+    atomic_int pk_ready;
+    atomic_int pk_stop;         /* engine free: the packer stops at the next matrix */
+    pthread_t pk_thread;
+    int pk_thread_started;
     kv_cache *kv;
     int32_t *n_past;            /* (max_seqs) positions the cache holds per sequence */
     int32_t *next_pos;          /* (max_seqs) validation scratch */
@@ -105,7 +114,7 @@ moe_engine_params moe_engine_default_params(const moe_hparams *hp)
         .kv_block_size = 16,
         .max_seq_len = len,
         .capacity_factor = 0.0f,
-        .packed_projections = packed_supported(),
+        .packed_projections = packed_supported() ? MOE_PACK_AT_CREATE : MOE_PACK_OFF,
     };
     p.kv_n_blocks = 8 * ((len + p.kv_block_size - 1) / p.kv_block_size);
     return p;
@@ -131,6 +140,11 @@ static int params_validate(const moe_hparams *hp, const moe_engine_params *p, ch
     if (hp->n_ctx_train > 0 && p->max_seq_len > hp->n_ctx_train) {
         snprintf(err, errlen, "engine: max_seq_len %d exceeds the model's context length %d",
                  p->max_seq_len, hp->n_ctx_train);
+        return -1;
+    }
+    if (p->packed_projections < MOE_PACK_OFF || p->packed_projections > MOE_PACK_BACKGROUND) {
+        snprintf(err, errlen, "engine: packed_projections must be %d, %d or %d", MOE_PACK_OFF, MOE_PACK_AT_CREATE,
+                 MOE_PACK_BACKGROUND);
         return -1;
     }
     if (p->packed_projections && !packed_supported()) {
@@ -162,15 +176,46 @@ static void packed_free(moe_engine *e)
     packed_scratch_free(e->pk_scratch);
 }
 
-static int packed_one(moe_engine *e, const float *w, int n, int k, packed_w **out, char *err, size_t errlen)
+static int packed_one(moe_engine *e, pool *p, const float *w, int n, int k, packed_w **out,
+                      char *err, size_t errlen)
 {
-    if (packed_w_create(e->pool, w, n, k, out, err, errlen)) return -1;
-    e->pk_bytes += packed_w_bytes(*out);
-    return 0;
+    if (atomic_load_explicit(&e->pk_stop, memory_order_relaxed)) {
+        snprintf(err, errlen, "engine: packing stopped");
+        return -1;
+    }
+    return packed_w_create(p, w, n, k, out, err, errlen);
 }
 
-/* The packed copies of every layer's q, k, v and attention output weights and of
- * the output projection, packed on the engine's pool. */
+/* Packs every layer's q, k, v and attention output weights and the output
+ * projection, on pool p (NULL: on the calling thread). */
+static int packed_fill(moe_engine *e, pool *p, char *err, size_t errlen)
+{
+    const moe_hparams *hp = &e->w.hp;
+    int d = hp->n_embd;
+    for (int l = 0; l < hp->n_layer; l++) {
+        const moe_layer_weights *W = &e->w.layers[l];
+        if (packed_one(e, p, W->wq, e->q_dim, d, &e->pk_q[l], err, errlen) ||
+            packed_one(e, p, W->wk, e->kv_dim, d, &e->pk_k[l], err, errlen) ||
+            packed_one(e, p, W->wv, e->kv_dim, d, &e->pk_v[l], err, errlen) ||
+            packed_one(e, p, W->wo, d, e->q_dim, &e->pk_o[l], err, errlen))
+            return -1;
+    }
+    return packed_one(e, p, e->w.output, hp->n_vocab, d, &e->pk_out, err, errlen);
+}
+
+/* The background packer: one thread, so the pool stays free for forwards. If it
+ * fails (memory) the engine keeps the row kernel, which gives the same bits. */
+static void *packer_main(void *arg)
+{
+    moe_engine *e = arg;
+    char err[128];
+    if (packed_fill(e, NULL, err, sizeof err) == 0)
+        atomic_store_explicit(&e->pk_ready, 1, memory_order_release);
+    return NULL;
+}
+
+/* The packed copies' holders and scratch, then the copies: on the pool now, or
+ * by the background packer. */
 static int packed_create(moe_engine *e, char *err, size_t errlen)
 {
     const moe_hparams *hp = &e->w.hp;
@@ -186,15 +231,18 @@ static int packed_create(moe_engine *e, char *err, size_t errlen)
     int d = hp->n_embd, max_k = d > e->q_dim ? d : e->q_dim;
     if (packed_scratch_create(e->p.max_batch_tokens, max_k, e->p.n_threads, &e->pk_scratch, err, errlen))
         return -1;
-    for (int l = 0; l < hp->n_layer; l++) {
-        const moe_layer_weights *W = &e->w.layers[l];
-        if (packed_one(e, W->wq, e->q_dim, d, &e->pk_q[l], err, errlen) ||
-            packed_one(e, W->wk, e->kv_dim, d, &e->pk_k[l], err, errlen) ||
-            packed_one(e, W->wv, e->kv_dim, d, &e->pk_v[l], err, errlen) ||
-            packed_one(e, W->wo, d, e->q_dim, &e->pk_o[l], err, errlen))
+    e->pk_bytes = moe_engine_packed_bytes_for(hp);
+    if (e->p.packed_projections == MOE_PACK_BACKGROUND) {
+        if (pthread_create(&e->pk_thread, NULL, packer_main, e) != 0) {
+            snprintf(err, errlen, "engine: cannot start the packing thread");
             return -1;
+        }
+        e->pk_thread_started = 1;
+        return 0;
     }
-    return packed_one(e, e->w.output, hp->n_vocab, d, &e->pk_out, err, errlen);
+    if (packed_fill(e, e->pool, err, errlen)) return -1;
+    atomic_store_explicit(&e->pk_ready, 1, memory_order_release);
+    return 0;
 }
 
 int moe_engine_create(const moe_weights *w, const moe_engine_params *p,
@@ -215,6 +263,8 @@ int moe_engine_create(const moe_weights *w, const moe_engine_params *p,
         return -1;
     }
     e->w = *w;
+    atomic_init(&e->pk_ready, 0);
+    atomic_init(&e->pk_stop, 0);
     e->arch = moe_arch_get(hp->arch);
     e->p = *p;
     if (e->p.capacity_factor < 0.0f) e->p.capacity_factor = 0.0f;
@@ -271,6 +321,10 @@ fail:
 void moe_engine_free(moe_engine *e)
 {
     if (!e) return;
+    if (e->pk_thread_started) {
+        atomic_store_explicit(&e->pk_stop, 1, memory_order_relaxed);
+        pthread_join(e->pk_thread, NULL);
+    }
     packed_free(e);
     kv_cache_free(e->kv);
     moe_ffn_free(e->ffn);
@@ -815,7 +869,8 @@ static void rope_table(moe_engine *e, const moe_batch *b)
  * 76.9-79.8% with sgemm; with the 256-bit ones the packed kernel is 1.7x sgemm). */
 static int use_packed(const moe_engine *e, int m)
 {
-    return e->p.packed_projections && (m < matmul_sgemm_min_rows() || !matmul_blas_512_bit());
+    return e->p.packed_projections && atomic_load_explicit(&e->pk_ready, memory_order_acquire) &&
+           (m < matmul_sgemm_min_rows() || !matmul_blas_512_bit());
 }
 
 static void attention_layer(moe_engine *e, const moe_batch *b, int l)
@@ -922,6 +977,7 @@ int moe_engine_kv_blocks_total(const moe_engine *e) { return kv_cache_blocks_tot
 int moe_engine_kv_block_size(const moe_engine *e) { return kv_cache_block_size(e->kv); }
 size_t moe_engine_kv_bytes(const moe_engine *e) { return kv_cache_bytes(e->kv); }
 size_t moe_engine_packed_bytes(const moe_engine *e) { return e->pk_bytes; }
+int moe_engine_packed_ready(const moe_engine *e) { return atomic_load_explicit(&e->pk_ready, memory_order_acquire); }
 
 size_t moe_engine_packed_bytes_for(const moe_hparams *hp)
 {

@@ -30,11 +30,17 @@ typedef struct {
     int kv_n_blocks;         /* blocks in the pool */
     int max_seq_len;         /* longest sequence (<= context length) */
     float capacity_factor;   /* <= 0: dropless (default) */
-    int packed_projections;  /* nonzero: Q/K/V, attention output and logits run on copies of
+    int packed_projections;  /* moe_pack_mode: Q/K/V, attention output and logits on copies of
                               * those weights packed for core/packed.c (same bits, faster
-                              * from a few rows up, costs their memory again); the default
-                              * where the build has AVX-512 (packed_supported()) */
+                              * from a few rows up, costs their memory again) */
 } moe_engine_params;
+
+/* When the packed copies are made. AT_CREATE is the default where the build has
+ * AVX-512 (packed_supported()), OFF elsewhere. BACKGROUND returns from create at
+ * once and packs on a thread of the engine's own; forwards run on the row kernel
+ * until the copies are complete, with the same results (a server's readiness
+ * need not wait for the copy). */
+enum { MOE_PACK_OFF = 0, MOE_PACK_AT_CREATE = 1, MOE_PACK_BACKGROUND = 2 };
 
 /* Defaults for a model: 1 thread, 8 seqs, 512 tokens, KV for 8 full contexts. */
 moe_engine_params moe_engine_default_params(const moe_hparams *hp);
@@ -75,6 +81,8 @@ int moe_engine_kv_block_size(const moe_engine *e);
 size_t moe_engine_kv_bytes(const moe_engine *e);
 /* Memory of the packed projection weights (0 when packed_projections is off). */
 size_t moe_engine_packed_bytes(const moe_engine *e);
+/* Nonzero once the packed copies are complete and in use. */
+int moe_engine_packed_ready(const moe_engine *e);
 /* What the packed copies take for a model with these hyperparameters in this
  * build (0 without AVX-512), before any engine exists (moe info). */
 size_t moe_engine_packed_bytes_for(const moe_hparams *hp);

@@ -653,7 +653,7 @@ static void *loader_main(void *arg)
         log_event(c->log_fmt, "info",
                   "model '%s' loaded from %s: %s, %.1fM parameters (%.1fM active), %d experts (top-%d), "
                   "%d layers, vocabulary %d, context %d, KV cache %.1f MiB (%d positions), "
-                  "packed projections %.1f MiB, "
+                  "packed projections %.1f MiB (made in the background), "
                   "steps of up to %d tokens / %d sequences, weights %s, %.0f ms",
                   c->models[i].name, c->models[i].path, moe_arch_get(hp->arch)->name,
                   moe_hparams_n_params(hp, m->tied_output) / 1e6, moe_hparams_n_params_active(hp, m->tied_output) / 1e6,

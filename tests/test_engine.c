@@ -556,14 +556,24 @@ START_TEST(packed_projections_change_no_bit)
     }
     size_t n = (size_t)(20 + 12) * m->w.hp.n_vocab;
     float *a = calloc(n, sizeof(float)), *b = calloc(n, sizeof(float));
-    thread_run(m, 2, 1, a);
-    thread_run(m, 2, 0, b);
+    thread_run(m, 2, MOE_PACK_AT_CREATE, a);
+    thread_run(m, 2, MOE_PACK_OFF, b);
     ck_assert(memcmp(a, b, n * sizeof(float)) == 0);
-    moe_engine *e = engine_make_packed(m, 1, 0.0f, 1);
+    /* packed in the background: the copies take over whenever they are done */
+    thread_run(m, 2, MOE_PACK_BACKGROUND, b);
+    ck_assert(memcmp(a, b, n * sizeof(float)) == 0);
+    moe_engine *e = engine_make_packed(m, 1, 0.0f, MOE_PACK_AT_CREATE);
+    ck_assert(moe_engine_packed_ready(e));
     ck_assert_uint_gt(moe_engine_packed_bytes(e), 0);
     ck_assert_uint_eq(moe_engine_packed_bytes(e), moe_engine_packed_bytes_for(&m->w.hp));
     moe_engine_free(e);
-    e = engine_make_packed(m, 1, 0.0f, 0);
+    e = engine_make_packed(m, 1, 0.0f, MOE_PACK_BACKGROUND);
+    for (int i = 0; i < 10000 && !moe_engine_packed_ready(e); i++) usleep(1000);
+    ck_assert_msg(moe_engine_packed_ready(e), "the background packer did not finish in 10 s");
+    moe_engine_free(e);
+    moe_engine_free(engine_make_packed(m, 2, 0.0f, MOE_PACK_BACKGROUND));   /* freed while packing */
+    e = engine_make_packed(m, 1, 0.0f, MOE_PACK_OFF);
+    ck_assert(!moe_engine_packed_ready(e));
     ck_assert_uint_eq(moe_engine_packed_bytes(e), 0);
     moe_engine_free(e);
     free(a);
@@ -705,6 +715,10 @@ START_TEST(create_rejects_bad_input)
     q = p;
     q.max_batch_tokens = 0;
     ck_assert_int_eq(moe_engine_create(&m->w, &q, &e, err, sizeof err), -1);
+    q = p;
+    q.packed_projections = 3;
+    ck_assert_int_eq(moe_engine_create(&m->w, &q, &e, err, sizeof err), -1);
+    ck_assert(strstr(err, "packed_projections") != NULL);
     m->L[1].exp_up = NULL;   /* weights that do not validate */
     ck_assert_int_eq(moe_engine_create(&m->w, &p, &e, err, sizeof err), -1);
     ck_assert(strstr(err, "layer 1") != NULL);
