@@ -37,8 +37,11 @@
 #define PH 16         /* phases: the lanes of core/matmul.c's chains */
 #define MR 6          /* x rows per micro-tile: 24 accumulators, 4 weight vectors, 1 broadcast */
 #define MC 64         /* x rows per chunk: its partials (16 x 64 x 64 floats, 256 KB) stay in L2 */
-#define TB 64         /* steps of a phase per pass (k 1024): the pass's weights and x (16 KB
-                       * each at 64 rows) stay in L1; longer rows continue the chains */
+#define TB 64         /* steps of a phase per pass (k 1024) when several micro-tiles share
+                       * it: the pass's weights and x (16 KB each at 64 rows) stay in L1;
+                       * longer rows continue the chains. A single micro-tile takes whole
+                       * phases, so it reads the panel in one sequential stream (passes
+                       * of 64 steps made batch-1 decode's k-2048 projection 17% slower) */
 #define MAX_OUTS 8
 /* Below this many x rows the loop is a plain stream the hardware prefetcher
  * follows; from it up each weight line takes long enough that the task fetches
@@ -95,12 +98,11 @@ int packed_supported(void) { return 1; }
 /* Packing ----------------------------------------------------------------- */
 
 /* The 16 x 16 block src[i][d0 + e] (i < rows, d0 + e < k; zero elsewhere)
- * transposed into dst[e * ldd + i] for i < keep. The full blocks go through
- * the register transpose straight; the edges through a zero-padded copy. */
-static void block_transpose(const float *const *src, int rows, int d0, int k, float *dst,
-                            size_t ldd, int keep)
+ * transposed into dst[e * ldd + i]. The full blocks go through the register
+ * transpose straight; the edges through a zero-padded copy. */
+static void block_transpose(const float *const *src, int rows, int d0, int k, float *dst, size_t ldd)
 {
-    if (rows == 16 && d0 + 16 <= k && keep == 16) {
+    if (rows == 16 && d0 + 16 <= k) {
         transpose16(src, d0, dst, ldd);
         return;
     }
@@ -111,7 +113,7 @@ static void block_transpose(const float *const *src, int rows, int d0, int k, fl
         rp[i] = in[i];
     }
     transpose16(rp, 0, &out[0][0], 16);
-    for (int e = 0; e < 16; e++) memcpy(dst + (size_t)e * ldd, out[e], (size_t)keep * sizeof(float));
+    for (int e = 0; e < 16; e++) memcpy(dst + (size_t)e * ldd, out[e], sizeof out[e]);
 }
 
 typedef struct {
@@ -133,7 +135,7 @@ static void pack_panel(void *ctx, int p, int thread)
         const float *src[16];
         for (int i = 0; i < 16; i++) src[i] = job->w + (size_t)(c0 + (i < rows ? i : 0)) * (size_t)pw->k;
         for (int t = 0; t < pw->steps; t++)
-            block_transpose(src, rows, t * PH, pw->k, panel + (size_t)t * NR + (size_t)g * 16, ldd, 16);
+            block_transpose(src, rows, t * PH, pw->k, panel + (size_t)t * NR + (size_t)g * 16, ldd);
     }
 }
 
@@ -172,19 +174,38 @@ oom:
  * = x[m0 + r][16t + j] for r < rows, zero past k. */
 static size_t chunk_at(int m0, int T) { return (size_t)m0 * PH * (size_t)T; }
 
+/* One row's 16 values of step t (zero past k) to its 16 phases: a scatter, for
+ * the rows outside whole 16-row blocks and the last, partial step. (The
+ * zero-padded block transpose cost a decode step at batch 1 about 6%: 64 of
+ * them a row of 1024 for a single row.) */
+static void scatter_step(const float *xr, int t, int k, float *dst, __m512i phase_at)
+{
+    int left = k - t * PH;
+    __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+    _mm512_i32scatter_ps(dst, phase_at, _mm512_maskz_loadu_ps(mask, xr + (size_t)t * PH), 4);
+}
+
 static void pack_x(const float *x, int m, int k, float *X)
 {
-    int T = steps_of(k);
+    int T = steps_of(k), full_steps = k / PH;
     for (int m0 = 0; m0 < m; m0 += MC) {
         int rows = m - m0 < MC ? m - m0 : MC;
         float *Xc = X + chunk_at(m0, T);
         size_t ldd = (size_t)T * (size_t)rows;
-        for (int r0 = 0; r0 < rows; r0 += 16) {
-            int n = rows - r0 < 16 ? rows - r0 : 16;
+        __m512i phase_at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32((int)ldd));
+        int r0 = 0;
+        for (; r0 + 16 <= rows; r0 += 16) {
             const float *src[16];
-            for (int i = 0; i < 16; i++) src[i] = x + (size_t)(m0 + r0 + (i < n ? i : 0)) * (size_t)k;
-            for (int t = 0; t < T; t++)
-                block_transpose(src, n, t * PH, k, Xc + (size_t)t * (size_t)rows + (size_t)r0, ldd, n);
+            for (int i = 0; i < 16; i++) src[i] = x + (size_t)(m0 + r0 + i) * (size_t)k;
+            for (int t = 0; t < full_steps; t++)
+                transpose16(src, t * PH, Xc + (size_t)t * (size_t)rows + (size_t)r0, ldd);
+            for (int i = 0; i < 16 && full_steps < T; i++)
+                scatter_step(src[i], full_steps, k, Xc + (size_t)full_steps * (size_t)rows + (size_t)(r0 + i), phase_at);
+        }
+        for (; r0 < rows; r0++) {
+            const float *xr = x + (size_t)(m0 + r0) * (size_t)k;
+            for (int t = 0; t < T; t++) scatter_step(xr, t, k, Xc + (size_t)t * (size_t)rows + (size_t)r0, phase_at);
         }
     }
 }
@@ -307,14 +328,14 @@ static void matmul_task(void *ctx, int task, int thread)
     const float *panel = w->p + (size_t)p * w->panel_floats;
     int m = job->m, T = job->T, cols = w->n - p * NR < NR ? w->n - p * NR : NR;
     __m512 *part = (__m512 *)(job->s->part + (size_t)thread * PH * MC * NR);
-    int chunk0 = m < MC ? m : MC, passes = (T + TB - 1) / TB;
-    next_panel np = next_panel_plan(job, task, passes * PH * ((chunk0 + MR - 1) / MR), T < TB ? T : TB);
+    int chunk0 = m < MC ? m : MC, tb = m > MR ? TB : T, passes = (T + tb - 1) / tb;
+    next_panel np = next_panel_plan(job, task, passes * PH * ((chunk0 + MR - 1) / MR), T < tb ? T : tb);
     next_panel none = {0, 0, 0};
     for (int m0 = 0; m0 < m; m0 += MC) {
         int rows = m - m0 < MC ? m - m0 : MC;
         size_t phase_stride = (size_t)rows * 4;   /* vectors from one phase's partials to the next */
-        for (int t0 = 0; t0 < T; t0 += TB) {
-            int t1 = T - t0 < TB ? T : t0 + TB;
+        for (int t0 = 0; t0 < T; t0 += tb) {
+            int t1 = T - t0 < tb ? T : t0 + tb;
             for (int j = 0; j < PH; j++) {
                 const float *pj = panel + (size_t)j * (size_t)T * NR;
                 const float *xj = job->X + chunk_at(m0, T) + (size_t)j * (size_t)T * (size_t)rows;
