@@ -11,9 +11,10 @@
  * x value per row.
  *
  * Work. One task per panel. For each chunk of up to MC rows and each phase, a
- * micro-tile of MR rows by 64 outputs keeps 24 accumulators in registers for
- * the whole phase (the phase's 16 KB of weights stay in L1 across the chunk's
- * rows), and leaves its lane partials in the thread's scratch; the tree then
+ * micro-tile of MR rows by 64 outputs keeps 24 accumulators in registers over
+ * a pass of up to TB steps of the phase (the pass's 16 KB of weights stay in L1
+ * across the chunk's rows; a longer phase continues its chains in the next
+ * pass), and leaves its lane partials in the thread's scratch; the tree then
  * adds the 16 partials of every output, the same tree as core/matmul.c's
  * vsum16. Zero padding stands where matmul.c's masked tail loads give zeros, so
  * the padded steps are the same FMAs on both sides. */
