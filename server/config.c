@@ -39,6 +39,7 @@ static const opt_def opts[] = {
     {"log-format", OPT_LOGFMT, OFF(log_fmt), 0, 0, "text|json  log format (default text)"},
     {"weights", OPT_WEIGHTS, OFF(copy_weights), 0, 0, "mmap|copy  map model files (default: instant start) or copy them into huge pages (decode ~2x faster where the kernel gives file mappings only 4 KiB pages; costs the copy at load)"},
     {"quiet", OPT_FLAG, OFF(quiet), 0, 0, "  no per-request log lines"},
+    {"no-packed-projections", OPT_FLAG, OFF(no_packed_projections), 0, 0, "  keep no packed copy of the attention and output projection weights: saves their memory again (445 MiB for the bench model; the load line gives it), costs speed from a few rows a step up; results are the same"},
 };
 #define N_OPTS (sizeof opts / sizeof opts[0])
 

@@ -41,6 +41,7 @@ typedef struct {
     log_format log_fmt;
     int quiet;               /* no per-request log lines */
     int copy_weights;        /* --weights copy: GGUF_LOAD_COPY instead of mmap */
+    int no_packed_projections; /* --no-packed-projections: no packed copy (core/packed.h) */
 } server_config;
 
 void server_config_default(server_config *c);

@@ -196,7 +196,7 @@ int sched_create(const sched_params *p, const moe_model *model, metrics *m, int 
     ep.max_seq_len = s->p.max_seq_len;
     /* packed copies made while the server already answers: /ready does not wait
      * for them, and a step before they are done gives the same bits without them */
-    if (ep.packed_projections) ep.packed_projections = MOE_PACK_BACKGROUND;
+    if (ep.packed_projections) ep.packed_projections = s->p.no_packed ? MOE_PACK_OFF : MOE_PACK_BACKGROUND;
     if (moe_engine_create(&model->weights, &ep, &s->engine, err, errlen)) goto fail;
 
     size_t nb = (size_t)s->p.max_batch_tokens, nv = (size_t)s->hp.n_vocab;

@@ -109,6 +109,7 @@ typedef struct {
     long kv_cache_mb;           /* 0: use kv_cache_tokens */
     long kv_cache_tokens;       /* 0 (with mb 0): max_seqs full contexts, at most 1 GiB */
     int max_queue;
+    int no_packed;              /* no packed projection copies (--no-packed-projections) */
 } sched_params;
 
 typedef void (*sched_notify_fn)(void *ctx);

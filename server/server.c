@@ -635,7 +635,7 @@ static void *loader_main(void *arg)
         }
         sched_params sp = {c->threads > 0 ? c->threads : (int)sysconf(_SC_NPROCESSORS_ONLN), c->max_seqs,
                            c->max_batch_tokens > 0 ? c->max_batch_tokens : auto_batch_tokens(), c->batch_wait_us, c->ctx, c->kv_cache_mb, c->kv_cache_tokens,
-                           c->max_queue};
+                           c->max_queue, c->no_packed_projections};
         if (sp.n_threads < 1) sp.n_threads = 1;
         sched *sc;
         if (sched_create(&sp, m, s->metrics, i, notify_loop, &s->async, &sc, err, sizeof err)) {
@@ -650,16 +650,18 @@ static void *loader_main(void *arg)
         const moe_engine *e = sched_engine(sc);
         metrics_model_loaded(s->metrics, i, hp->n_layer, hp->n_expert, moe_engine_kv_blocks_total(e),
                              moe_engine_kv_bytes(e), secs);
+        char packed[64] = "packed projections off";
+        if (moe_engine_packed_bytes(e))
+            snprintf(packed, sizeof packed, "packed projections %.1f MiB (made in the background)",
+                     moe_engine_packed_bytes(e) / 1048576.0);
         log_event(c->log_fmt, "info",
                   "model '%s' loaded from %s: %s, %.1fM parameters (%.1fM active), %d experts (top-%d), "
-                  "%d layers, vocabulary %d, context %d, KV cache %.1f MiB (%d positions), "
-                  "packed projections %.1f MiB (made in the background), "
+                  "%d layers, vocabulary %d, context %d, KV cache %.1f MiB (%d positions), %s, "
                   "steps of up to %d tokens / %d sequences, weights %s, %.0f ms",
                   c->models[i].name, c->models[i].path, moe_arch_get(hp->arch)->name,
                   moe_hparams_n_params(hp, m->tied_output) / 1e6, moe_hparams_n_params_active(hp, m->tied_output) / 1e6,
                   hp->n_expert, hp->n_expert_used, hp->n_layer, hp->n_vocab, sched_max_seq_len(sc),
-                  moe_engine_kv_bytes(e) / 1048576.0, sched_kv_positions(sc), moe_engine_packed_bytes(e) / 1048576.0,
-                  sp.max_batch_tokens,
+                  moe_engine_kv_bytes(e) / 1048576.0, sched_kv_positions(sc), packed, sp.max_batch_tokens,
                   sp.max_seqs < sp.max_batch_tokens ? sp.max_seqs : sp.max_batch_tokens,
                   m->copied ? "copied into huge pages" : "mapped", secs * 1e3);
         s->models[i] = m;

@@ -741,6 +741,12 @@ START_TEST(config_flags_and_environment)
     ck_assert_int_eq(server_config_parse(&c, 5, argv4, err, sizeof err), 0);
     ck_assert_int_eq(c.copy_weights, 1);
     server_config_free(&c);
+    char *argv5[] = {"moeserve", "--model", "m.gguf", "--no-packed-projections", NULL};
+    server_config_default(&c);
+    ck_assert_int_eq(c.no_packed_projections, 0);
+    ck_assert_int_eq(server_config_parse(&c, 4, argv5, err, sizeof err), 0);
+    ck_assert_int_eq(c.no_packed_projections, 1);
+    server_config_free(&c);
     argv4[4] = "heap";
     server_config_default(&c);
     ck_assert_int_eq(server_config_parse(&c, 5, argv4, err, sizeof err), -1);
