@@ -24,7 +24,6 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "core/hugemem.h"
 
@@ -98,23 +97,38 @@ int packed_supported(void) { return 1; }
 
 /* Packing ----------------------------------------------------------------- */
 
-/* The 16 x 16 block src[i][d0 + e] (i < rows, d0 + e < k; zero elsewhere)
- * transposed into dst[e * ldd + i]. The full blocks go through the register
- * transpose straight; the edges through a zero-padded copy. */
-static void block_transpose(const float *const *src, int rows, int d0, int k, float *dst, size_t ldd)
+/* One row's 16 values of step t (zero past k) to its 16 phases by a masked load
+ * and a scatter: for the rows outside whole 16-row blocks and the last, partial
+ * step. (Zero-padded 16 x 16 blocks in their place cost a batch-1 decode step
+ * about 6%: 64 of them a call for a single row of 1024.) */
+static void scatter_step(const float *row, int t, int k, float *dst, __m512i phase_at)
 {
-    if (rows == 16 && d0 + 16 <= k) {
-        transpose16(src, d0, dst, ldd);
-        return;
+    int left = k - t * PH;
+    __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+    _mm512_i32scatter_ps(dst, phase_at, _mm512_maskz_loadu_ps(mask, row + (size_t)t * PH), 4);
+}
+
+/* Rows [0, rows) of src (row-major, k long) in phase-major form:
+ * dst[(j * T + t) * ld + r] = src[r][16t + j], zero past k. The weights' panels
+ * (ld 64) and x's chunks (ld their row count) both take this form. Whole 16-row
+ * blocks of whole steps go through the register transpose. */
+static void pack_rows(const float *src, int rows, int k, float *dst, int ld)
+{
+    int T = steps_of(k), full_steps = k / PH;
+    size_t ldd = (size_t)T * (size_t)ld;   /* from one phase to the next */
+    __m512i phase_at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32((int)ldd));
+    int r0 = 0;
+    for (; r0 + 16 <= rows; r0 += 16) {
+        const float *r[16];
+        for (int i = 0; i < 16; i++) r[i] = src + (size_t)(r0 + i) * (size_t)k;
+        for (int t = 0; t < full_steps; t++) transpose16(r, t * PH, dst + (size_t)t * (size_t)ld + (size_t)r0, ldd);
+        for (int i = 0; i < 16 && full_steps < T; i++)
+            scatter_step(r[i], full_steps, k, dst + (size_t)full_steps * (size_t)ld + (size_t)(r0 + i), phase_at);
     }
-    float in[16][16], out[16][16];
-    const float *rp[16];
-    for (int i = 0; i < 16; i++) {
-        for (int e = 0; e < 16; e++) in[i][e] = i < rows && d0 + e < k ? src[i][d0 + e] : 0.0f;
-        rp[i] = in[i];
-    }
-    transpose16(rp, 0, &out[0][0], 16);
-    for (int e = 0; e < 16; e++) memcpy(dst + (size_t)e * ldd, out[e], sizeof out[e]);
+    for (; r0 < rows; r0++)
+        for (int t = 0; t < T; t++)
+            scatter_step(src + (size_t)r0 * (size_t)k, t, k, dst + (size_t)t * (size_t)ld + (size_t)r0, phase_at);
 }
 
 typedef struct {
@@ -122,22 +136,15 @@ typedef struct {
     const float *w;
 } pack_job;
 
-/* P[p][j][t][16g + i] = W[64p + 16g + i][16t + j]: 16 columns at a time. */
+/* Panel p: P[p][j][t][c] = W[64p + c][16t + j]; the columns past n stay as
+ * hugemem_alloc left them, zero. */
 static void pack_panel(void *ctx, int p, int thread)
 {
     (void)thread;
     const pack_job *job = ctx;
-    packed_w *pw = job->pw;
-    float *panel = pw->p + (size_t)p * pw->panel_floats;
-    size_t ldd = (size_t)pw->steps * NR;   /* from one phase to the next */
-    for (int g = 0; g < NR / 16; g++) {
-        int c0 = p * NR + g * 16, rows = pw->n - c0 < 16 ? pw->n - c0 : 16;
-        if (rows <= 0) break;                /* hugemem_alloc left the rest zero */
-        const float *src[16];
-        for (int i = 0; i < 16; i++) src[i] = job->w + (size_t)(c0 + (i < rows ? i : 0)) * (size_t)pw->k;
-        for (int t = 0; t < pw->steps; t++)
-            block_transpose(src, rows, t * PH, pw->k, panel + (size_t)t * NR + (size_t)g * 16, ldd);
-    }
+    const packed_w *pw = job->pw;
+    int c0 = p * NR, cols = pw->n - c0 < NR ? pw->n - c0 : NR;
+    pack_rows(job->w + (size_t)c0 * (size_t)pw->k, cols, pw->k, pw->p + (size_t)p * pw->panel_floats, NR);
 }
 
 int packed_w_create(pool *p, const float *w, int n, int k, packed_w **out, char *err, size_t errlen)
@@ -175,39 +182,11 @@ oom:
  * = x[m0 + r][16t + j] for r < rows, zero past k. */
 static size_t chunk_at(int m0, int T) { return (size_t)m0 * PH * (size_t)T; }
 
-/* One row's 16 values of step t (zero past k) to its 16 phases: a scatter, for
- * the rows outside whole 16-row blocks and the last, partial step. (The
- * zero-padded block transpose cost a decode step at batch 1 about 6%: 64 of
- * them a row of 1024 for a single row.) */
-static void scatter_step(const float *xr, int t, int k, float *dst, __m512i phase_at)
-{
-    int left = k - t * PH;
-    __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-    _mm512_i32scatter_ps(dst, phase_at, _mm512_maskz_loadu_ps(mask, xr + (size_t)t * PH), 4);
-}
-
 static void pack_x(const float *x, int m, int k, float *X)
 {
-    int T = steps_of(k), full_steps = k / PH;
     for (int m0 = 0; m0 < m; m0 += MC) {
         int rows = m - m0 < MC ? m - m0 : MC;
-        float *Xc = X + chunk_at(m0, T);
-        size_t ldd = (size_t)T * (size_t)rows;
-        __m512i phase_at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32((int)ldd));
-        int r0 = 0;
-        for (; r0 + 16 <= rows; r0 += 16) {
-            const float *src[16];
-            for (int i = 0; i < 16; i++) src[i] = x + (size_t)(m0 + r0 + i) * (size_t)k;
-            for (int t = 0; t < full_steps; t++)
-                transpose16(src, t * PH, Xc + (size_t)t * (size_t)rows + (size_t)r0, ldd);
-            for (int i = 0; i < 16 && full_steps < T; i++)
-                scatter_step(src[i], full_steps, k, Xc + (size_t)full_steps * (size_t)rows + (size_t)(r0 + i), phase_at);
-        }
-        for (; r0 < rows; r0++) {
-            const float *xr = x + (size_t)(m0 + r0) * (size_t)k;
-            for (int t = 0; t < T; t++) scatter_step(xr, t, k, Xc + (size_t)t * (size_t)rows + (size_t)r0, phase_at);
-        }
+        pack_rows(x + (size_t)m0 * (size_t)k, rows, k, X + chunk_at(m0, steps_of(k)), rows);
     }
 }
 
