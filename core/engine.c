@@ -15,6 +15,7 @@
  */
 #include "core/engine.h"
 
+#include <assert.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -66,7 +67,6 @@ struct moe_engine {
     packed_w **pk_q, **pk_k, **pk_v, **pk_o;
     packed_w *pk_out;
     packed_scratch *pk_scratch;
-    size_t pk_bytes;
     atomic_int pk_ready;
     atomic_int pk_stop;         /* engine free: the packer stops at the next matrix */
     pthread_t pk_thread;
@@ -231,7 +231,6 @@ static int packed_create(moe_engine *e, char *err, size_t errlen)
     int d = hp->n_embd, max_k = d > e->q_dim ? d : e->q_dim;
     if (packed_scratch_create(e->p.max_batch_tokens, max_k, e->p.n_threads, &e->pk_scratch, err, errlen))
         return -1;
-    e->pk_bytes = moe_engine_packed_bytes_for(hp);
     if (e->p.packed_projections == MOE_PACK_BACKGROUND) {
         if (pthread_create(&e->pk_thread, NULL, packer_main, e) != 0) {
             snprintf(err, errlen, "engine: cannot start the packing thread");
@@ -873,6 +872,36 @@ static int use_packed(const moe_engine *e, int m)
            (m < matmul_sgemm_min_rows() || !matmul_blas_512_bit());
 }
 
+/* One projection output: the weights, their packed copy (NULL when the engine
+ * has none), the width and where the m x n result goes. */
+typedef struct {
+    const float *w;
+    const packed_w *pw;
+    int n;
+    float *y;
+} proj_out;
+
+#define PROJ_MAX_OUTS 3   /* q, k and v */
+
+/* y_i = x W_i^T for each of outs, as one parallel run: on the packed copies where
+ * use_packed says so, else on core/matmul.c. */
+static void project(moe_engine *e, const float *x, int m, int k, const proj_out *outs, int n_outs)
+{
+    assert(n_outs >= 1 && n_outs <= PROJ_MAX_OUTS);
+    if (use_packed(e, m)) {
+        packed_out po[PROJ_MAX_OUTS];
+        for (int i = 0; i < n_outs; i++) po[i] = (packed_out){outs[i].pw, outs[i].y};
+        packed_matmul(e->pool, e->pk_scratch, x, m, k, po, n_outs);
+        return;
+    }
+    matmul_out mo[PROJ_MAX_OUTS];
+    for (int i = 0; i < n_outs; i++) mo[i] = (matmul_out){outs[i].w, outs[i].n, outs[i].y};
+    matmul_multi(e->pool, x, m, k, mo, n_outs);
+}
+
+/* The packed copy of a layer's matrix, when there are packed copies. */
+static const packed_w *pk_at(packed_w *const *a, int l) { return a ? a[l] : NULL; }
+
 static void attention_layer(moe_engine *e, const moe_batch *b, int l)
 {
     const moe_hparams *hp = &e->w.hp;
@@ -880,21 +909,14 @@ static void attention_layer(moe_engine *e, const moe_batch *b, int l)
     int n = b->n_tokens;
     layer_job job = {e, b, l};
     rows_rmsnorm(e->xb, e->x, L->attn_norm, n, hp->n_embd, hp->rms_eps);
-    if (use_packed(e, n)) {
-        packed_out qkv[3] = {{e->pk_q[l], e->q}, {e->pk_k[l], e->k}, {e->pk_v[l], e->v}};
-        packed_matmul(e->pool, e->pk_scratch, e->xb, n, hp->n_embd, qkv, 3);
-    } else {
-        matmul_out qkv[3] = {{L->wq, e->q_dim, e->q}, {L->wk, e->kv_dim, e->k}, {L->wv, e->kv_dim, e->v}};
-        matmul_multi(e->pool, e->xb, n, hp->n_embd, qkv, 3);
-    }
+    proj_out qkv[3] = {{L->wq, pk_at(e->pk_q, l), e->q_dim, e->q},
+                       {L->wk, pk_at(e->pk_k, l), e->kv_dim, e->k},
+                       {L->wv, pk_at(e->pk_v, l), e->kv_dim, e->v}};
+    project(e, e->xb, n, hp->n_embd, qkv, 3);
     pool_run(e->pool, n, qkv_row, &job);
     pool_run(e->pool, e->n_runs * hp->n_head_kv, attend, &job);
-    if (use_packed(e, n)) {
-        packed_out wo = {e->pk_o[l], e->out};
-        packed_matmul(e->pool, e->pk_scratch, e->att, n, e->q_dim, &wo, 1);
-    } else {
-        matmul(e->pool, e->att, n, e->q_dim, L->wo, hp->n_embd, e->out);
-    }
+    proj_out wo = {L->wo, pk_at(e->pk_o, l), hp->n_embd, e->out};
+    project(e, e->att, n, e->q_dim, &wo, 1);
     rows_add(e->x, e->out, (size_t)n * (size_t)hp->n_embd);
 }
 
@@ -933,12 +955,8 @@ static void output_logits(moe_engine *e, const moe_batch *b, int n_logits, float
     for (int r = 0; r < n_logits; r++)
         rmsnorm(e->xb + (size_t)r * d, e->x + (size_t)e->logit_rows[r] * d, e->w.output_norm,
                 hp->n_embd, hp->rms_eps);
-    if (use_packed(e, n_logits)) {
-        packed_out o = {e->pk_out, logits};
-        packed_matmul(e->pool, e->pk_scratch, e->xb, n_logits, hp->n_embd, &o, 1);
-    } else {
-        matmul(e->pool, e->xb, n_logits, hp->n_embd, e->w.output, hp->n_vocab, logits);
-    }
+    proj_out o = {e->w.output, e->pk_out, hp->n_vocab, logits};
+    project(e, e->xb, n_logits, hp->n_embd, &o, 1);
 }
 
 int moe_engine_forward(moe_engine *e, const moe_batch *b, float *logits, char *err, size_t errlen)
@@ -976,7 +994,10 @@ int moe_engine_kv_blocks_free(const moe_engine *e) { return kv_cache_blocks_free
 int moe_engine_kv_blocks_total(const moe_engine *e) { return kv_cache_blocks_total(e->kv); }
 int moe_engine_kv_block_size(const moe_engine *e) { return kv_cache_block_size(e->kv); }
 size_t moe_engine_kv_bytes(const moe_engine *e) { return kv_cache_bytes(e->kv); }
-size_t moe_engine_packed_bytes(const moe_engine *e) { return e->pk_bytes; }
+size_t moe_engine_packed_bytes(const moe_engine *e)
+{
+    return e->p.packed_projections ? moe_engine_packed_bytes_for(&e->w.hp) : 0;
+}
 int moe_engine_packed_ready(const moe_engine *e) { return atomic_load_explicit(&e->pk_ready, memory_order_acquire); }
 
 size_t moe_engine_packed_bytes_for(const moe_hparams *hp)
