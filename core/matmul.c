@@ -390,6 +390,7 @@ static void matmul_sgemm(const float *x, int m, int k, const float *w, int n0, i
  * peak (two runs each, alternated). An AVX2 build of the kernel hands over at 64. */
 static pthread_once_t rows_once = PTHREAD_ONCE_INIT;
 static int min_rows_at_run_time;   /* written once, under rows_once */
+static int blas_512_at_run_time;   /* likewise: OpenBLAS runs 512-bit kernels */
 
 static int blas_is_512_bit(const char *name)
 {
@@ -398,8 +399,9 @@ static int blas_is_512_bit(const char *name)
 
 static void decide_min_rows(void)
 {
+    blas_512_at_run_time = blas_is_512_bit(openblas_get_corename());
     if (VL < 16) min_rows_at_run_time = 64;
-    else min_rows_at_run_time = blas_is_512_bit(openblas_get_corename()) ? 96 : 128;
+    else min_rows_at_run_time = blas_512_at_run_time ? 96 : 128;
 }
 
 static int sgemm_min_rows(void)
@@ -424,7 +426,8 @@ int matmul_sgemm_min_rows(void)
 
 int matmul_blas_512_bit(void)
 {
-    return blas_is_512_bit(openblas_get_corename());
+    pthread_once(&rows_once, decide_min_rows);
+    return blas_512_at_run_time;
 }
 
 void matmul_range(const float *x, int m, int k, const float *w, int n0, int n1, float *y, int ldy)
