@@ -153,25 +153,16 @@ static int peak_init(pool *p, peak_ctx *c, char *err, size_t errlen)
     return 0;
 }
 
-static double best_gflops(pool *p, const peak_ctx *c, int m, int reps)
-{
-    double best = 1e30;
-    for (int r = 0; r < reps; r++) {
-        double t0 = now_s();
-        matmul(p, c->x, m, c->n, c->w, c->n, c->y);
-        double dt = now_s() - t0;
-        if (dt < best) best = dt;
-    }
-    return 2.0 * m * (double)c->n * c->n / best / 1e9;
-}
-
-static double packed_gflops(pool *p, const peak_ctx *c, int m, int reps)
+/* The best of reps runs of m rows against the square, on core/matmul.c (sgemm
+ * from its switch up) or, with packed, on the packed kernel. */
+static double best_gflops(pool *p, const peak_ctx *c, int m, int reps, int packed)
 {
     double best = 1e30;
     packed_out o = {c->pw, c->y};
     for (int r = 0; r < reps; r++) {
         double t0 = now_s();
-        packed_matmul(p, c->ps, c->x, m, c->n, &o, 1);
+        if (packed) packed_matmul(p, c->ps, c->x, m, c->n, &o, 1);
+        else matmul(p, c->x, m, c->n, c->w, c->n, c->y);
         double dt = now_s() - t0;
         if (dt < best) best = dt;
     }
@@ -181,13 +172,13 @@ static double packed_gflops(pool *p, const peak_ctx *c, int m, int reps)
 /* Returns the roof in GFLOP/s; c->sgemm, c->kernel and c->packed keep the parts. */
 static double peak_measure(pool *p, peak_ctx *c, int quick)
 {
-    c->sgemm = best_gflops(p, c, c->n, quick ? 2 : 3);
-    c->kernel = best_gflops(p, c, PEAK_KERNEL_ROWS, quick ? 4 : 10);
+    c->sgemm = best_gflops(p, c, c->n, quick ? 2 : 3, 0);
+    c->kernel = best_gflops(p, c, PEAK_KERNEL_ROWS, quick ? 4 : 10, 0);
     /* the packed kernel at decode's and prefill's row counts: its x is re-read
      * for every panel, so it is slower on the whole square (docs/PERFORMANCE.md) */
     c->packed = 0.0;
     for (int i = 0; c->pw && i < 2; i++) {
-        double g = packed_gflops(p, c, i ? PEAK_PACKED_ROWS : PEAK_KERNEL_ROWS, quick ? 3 : 6);
+        double g = best_gflops(p, c, i ? PEAK_PACKED_ROWS : PEAK_KERNEL_ROWS, quick ? 3 : 6, 1);
         if (g > c->packed) c->packed = g;
     }
     double roof = c->sgemm > c->kernel ? c->sgemm : c->kernel;

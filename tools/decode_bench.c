@@ -6,9 +6,9 @@
  * long contexts show what attention costs. Prints, per batch size, tok/s of each
  * repetition and the best, each repetition preceded by its own read-bandwidth
  * pass ([raw GB/s]): the host's bandwidth moves from minute to minute, so an A/B
- * of two builds alternates them and compares rounds that met the same raw rate. Built by `make tools` (and `make test`) as
- * build/tools/decode_bench; the other side of an A/B by `make tools BUILD=DIR`
- * in the other tree.
+ * of two builds alternates them and compares rounds that met the same raw rate.
+ * Built by `make tools` (and `make test`) as build/tools/decode_bench; the other
+ * side of an A/B by `make tools BUILD=DIR` in the other tree.
  */
 #include <stdio.h>
 #include <stdlib.h>
