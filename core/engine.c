@@ -37,7 +37,6 @@
 #include "core/packed.h"
 #include "core/pool.h"
 #include "core/vexp.h"
-#include "core/vtranspose.h"
 
 /* Attention tiling (see attend()). */
 #define ATT_RUN 16   /* rows per run */
@@ -91,7 +90,7 @@ struct moe_engine {
     size_t att_scratch_stride;  /* floats per thread: Kt (head_dim, att_ld), w (ATT_Q, att_ld) */
     float *att_scratch;         /* (n_threads, att_scratch_stride) */
     const float **att_vrow;     /* (n_threads, att_ld) V row of each position */
-    float *att_zero;            /* (head_dim) zeros: the keys of the padding positions */
+    const float **att_kp;       /* (n_threads, att_ld / ATT_T) keys of each ATT_T positions */
     int32_t *run_start;         /* (B) first row of each attention run */
     int32_t *run_len;           /* (B) rows in it */
     int n_runs;
@@ -295,13 +294,13 @@ int moe_engine_create(const moe_weights *w, const moe_engine_params *p,
     e->att_scratch_stride = (size_t)(hp->head_dim + ATT_Q) * (size_t)e->att_ld;
     e->att_scratch = malloc((size_t)p->n_threads * e->att_scratch_stride * sizeof(float));
     e->att_vrow = malloc((size_t)p->n_threads * (size_t)e->att_ld * sizeof *e->att_vrow);
-    e->att_zero = calloc((size_t)hp->head_dim, sizeof *e->att_zero);
+    e->att_kp = malloc((size_t)p->n_threads * (size_t)(e->att_ld / ATT_T) * sizeof *e->att_kp);
     e->run_start = malloc(B * sizeof *e->run_start);
     e->run_len = malloc(B * sizeof *e->run_len);
     e->logit_rows = malloc(B * sizeof *e->logit_rows);
     if (!e->n_past || !e->next_pos || !e->routed || !e->dropped || !e->inv_freq || !e->x ||
         !e->xb || !e->q || !e->k || !e->v || !e->att || !e->out || !e->rope_cs || !e->att_scratch ||
-        !e->att_vrow || !e->att_zero || !e->run_start || !e->run_len ||
+        !e->att_vrow || !e->att_kp || !e->run_start || !e->run_len ||
         !e->logit_rows) {
         snprintf(err, errlen, "engine: out of memory for scratch (%d batch tokens)", p->max_batch_tokens);
         goto fail;
@@ -343,7 +342,7 @@ void moe_engine_free(moe_engine *e)
     free(e->rope_cs);
     free(e->att_scratch);
     free(e->att_vrow);
-    free(e->att_zero);
+    free(e->att_kp);
     free(e->run_start);
     free(e->run_len);
     free(e->logit_rows);
@@ -485,17 +484,17 @@ static void qkv_row(void *ctx, int i, int thread)
     for (int h = 0; h < hp->n_head_kv; h++) rope_apply(k + h * hd, cs, half, a->rope);
     int seq = j->b->seq[i], pos = j->b->pos[i];
     for (int h = 0; h < hp->n_head_kv; h++) {
-        memcpy(kv_cache_k(e->kv, j->layer, seq, pos, h), k + h * hd, (size_t)hd * sizeof(float));
+        kv_cache_k_store(e->kv, j->layer, seq, pos, h, k + h * hd);
         memcpy(kv_cache_v(e->kv, j->layer, seq, pos, h), v + h * hd, (size_t)hd * sizeof(float));
     }
 }
 
 /* Causal attention, one task per (run, KV head). A run is up to ATT_RUN
  * consecutive batch rows of one sequence (a prompt chunk, or one decode row). The
- * task gathers the KV head's keys for positions [0, last) transposed (Kt[d][t]), so
- * scores for ATT_T positions at once are a chain of multiply-adds over d with no
- * horizontal sums, for up to four query vectors (the group's heads, the run's
- * rows) per pass over Kt. Every score and output element is one multiply-add
+ * cache holds the keys transposed (a tile of head_dim rows by block_size
+ * positions), so scores for ATT_T positions at once are a chain of multiply-adds
+ * over d with no horizontal sums, for up to four query vectors (the group's
+ * heads, the run's rows) per pass over the tiles. Every score and output element is one multiply-add
  * chain in a fixed order (over d, then over t <= the row's position) that does not
  * depend on which run, lane or thread computes it, so results do not depend on
  * batch composition or thread count. */
@@ -534,10 +533,8 @@ static inline v16 v16_madd(float s, v16 x, v16 acc)
 #endif
 
 /* Asks for the n floats at p to be brought into L2. Attention uses it for the
- * values while the keys are gathered (the values are read only after all the
- * scores, and the value loads were the largest stall of decode attention at
- * batch 64, where the KV cache is 300+ MB a step and none of it in cache), and
- * for the next task's keys (key_prefetch). */
+ * values before the scores (keys_locate) and for the next task's keys
+ * (key_prefetch). */
 static inline void prefetch_l2(const float *p, int n)
 {
 #if HAVE_PREFETCH
@@ -548,12 +545,12 @@ static inline void prefetch_l2(const float *p, int n)
 }
 
 /* The keys of the attention task after this one, fetched into L2 a line at a
- * time from inside this task's score and value loops. A task's gather reads its
- * keys through 16-row transposes that keep only a few misses in flight, and the
- * arithmetic after it leaves the memory idle; with the next task's keys asked
- * for meanwhile, its gather finds them in L2 (decode attention, 16 steps,
- * alternated builds: batch 64 at context 64 -16%, batch 16 at context 1024 -11%;
- * fetching the values too, or two lines an iteration, gained nothing more). The
+ * time from inside this task's score and value loops, so its first score pass
+ * does not wait on memory. (Measured when the keys were still gathered through
+ * 16-row transposes that kept only a few misses in flight: decode attention, 16
+ * steps, alternated builds, batch 64 at context 64 -16%, batch 16 at context
+ * 1024 -11%; fetching the values too, or two lines an iteration, gained nothing
+ * more.) The
  * loops ask for a line per iteration. Since the passes take four blocks
  * (ATT_NB), that covers about half of the next task's keys: asking for two lines
  * per four-block iteration measured -7% attention at batch 64 / context 64 but
@@ -562,9 +559,10 @@ static inline void prefetch_l2(const float *p, int n)
  * usually its own. */
 typedef struct {
     kv_cache *kv;
-    int layer, seq, head, n_pos;   /* n_pos 0: nothing to fetch */
-    int pos, line, lines_per_row;  /* the next line: `line` of position `pos`'s key */
-    const float *row;
+    int layer, seq, head, n_pos;    /* n_pos 0: nothing to fetch */
+    int block_size, lines_per_tile;
+    int pos, line;                  /* the next line: `line` of the tile of the block at `pos` */
+    const float *tile;
 } key_prefetch;
 
 /* The next line; without a prefetch instruction, nothing (not even the
@@ -573,26 +571,27 @@ static inline void key_prefetch_step(key_prefetch *p)
 {
 #if HAVE_PREFETCH
     if (p->pos >= p->n_pos) return;
-    if (p->line == 0) p->row = kv_cache_k(p->kv, p->layer, p->seq, p->pos, p->head);
-    prefetch_l2(p->row + (size_t)p->line * 16, 1);
-    if (++p->line == p->lines_per_row) {
+    if (p->line == 0) p->tile = kv_cache_k_tile(p->kv, p->layer, p->seq, p->pos, p->head);
+    prefetch_l2(p->tile + (size_t)p->line * 16, 1);
+    if (++p->line == p->lines_per_tile) {
         p->line = 0;
-        p->pos++;
+        p->pos += p->block_size;
     }
 #else
     (void)p;
 #endif
 }
 
-/* Scores of nb (1, 2 or ATT_NB, a constant after inlining) blocks of ATT_T
- * positions from t0: sc[a * lds + t] = q[a] . Kt[., t]. Several blocks a pass
+/* Scores of nb (1, 2 or ATT_NB, a constant after inlining) groups of ATT_T
+ * positions from group g0: sc[a * lds + t] = q[a] . key t, where element d of
+ * the keys of group g is the vector at kp[g] + d * ldk. Several groups a pass
  * where they fit: with one, the ATT_Q chains of 4-cycle multiply-adds leave half
  * the FMA issue slots empty, and with four each query element loaded feeds four
  * multiply-adds instead of two (prefill attention -7%). Every score is the same
  * chain over d whichever pass computes it. */
 static inline __attribute__((always_inline))
-void att_scores_blocks(const float *const *q, const int na, const float *kt, int ldk, int hd,
-                       int t0, float *sc, int lds, const int nb, key_prefetch *pf)
+void att_scores_blocks(const float *const *q, const int na, const float *const *kp, int ldk, int hd,
+                       int g0, float *sc, int lds, const int nb, key_prefetch *pf)
 {
     v16 acc[ATT_NB][ATT_Q];
     for (int c = 0; c < nb; c++)
@@ -600,24 +599,23 @@ void att_scores_blocks(const float *const *q, const int na, const float *kt, int
     for (int d = 0; d < hd; d++) {
         key_prefetch_step(pf);
         v16 kv[ATT_NB];
-        for (int c = 0; c < nb; c++) kv[c] = v16_load(kt + (size_t)d * (size_t)ldk + t0 + c * ATT_T);
+        for (int c = 0; c < nb; c++) kv[c] = v16_load(kp[g0 + c] + (size_t)d * (size_t)ldk);
         for (int a = 0; a < na; a++)
             for (int c = 0; c < nb; c++) acc[c][a] = v16_madd(q[a][d], kv[c], acc[c][a]);
     }
     for (int c = 0; c < nb; c++)
-        for (int a = 0; a < na; a++) v16_store(sc + (size_t)a * (size_t)lds + t0 + c * ATT_T, acc[c][a]);
+        for (int a = 0; a < na; a++) v16_store(sc + (size_t)a * (size_t)lds + (g0 + c) * ATT_T, acc[c][a]);
 }
 
-/* sc[a * lds + t] = q[a] . Kt[., t] for t < limit (a multiple of ATT_T). */
+/* sc[a * lds + t] = q[a] . key t for the n_groups groups of ATT_T positions. */
 static inline __attribute__((always_inline))
-void att_scores(const float *const *q, const int na, const float *kt, int ldk, int hd,
-                int limit, float *sc, int lds, key_prefetch *pf)
+void att_scores(const float *const *q, const int na, const float *const *kp, int ldk, int hd,
+                int n_groups, float *sc, int lds, key_prefetch *pf)
 {
-    int t0 = 0;
-    for (; t0 + ATT_NB * ATT_T <= limit; t0 += ATT_NB * ATT_T)
-        att_scores_blocks(q, na, kt, ldk, hd, t0, sc, lds, ATT_NB, pf);
-    for (; t0 + 2 * ATT_T <= limit; t0 += 2 * ATT_T) att_scores_blocks(q, na, kt, ldk, hd, t0, sc, lds, 2, pf);
-    if (t0 < limit) att_scores_blocks(q, na, kt, ldk, hd, t0, sc, lds, 1, pf);
+    int g = 0;
+    for (; g + ATT_NB <= n_groups; g += ATT_NB) att_scores_blocks(q, na, kp, ldk, hd, g, sc, lds, ATT_NB, pf);
+    for (; g + 2 <= n_groups; g += 2) att_scores_blocks(q, na, kp, ldk, hd, g, sc, lds, 2, pf);
+    if (g < n_groups) att_scores_blocks(q, na, kp, ldk, hd, g, sc, lds, 1, pf);
 }
 
 /* Outputs of nb (1, 2 or ATT_NB) blocks of ATT_T dims from d0, for the same
@@ -717,19 +715,19 @@ static void att_softmax(float *w, int n, float scale)
 #endif
 }
 
-/* Up to ATT_Q query vectors against the gathered keys and values. */
+/* Up to ATT_Q query vectors against the located keys and values. */
 static void att_pass(const float *const *q, float *const *o, const int *last, int na,
-                     const float *kt, int ldk, const float *const *vrow, int hd, float scale,
+                     const float *const *kp, int ldk, const float *const *vrow, int hd, float scale,
                      float *w, int ldw, key_prefetch *pf)
 {
     int limit = 0;
     for (int a = 0; a < na; a++) if (last[a] + 1 > limit) limit = last[a] + 1;
-    limit = (limit + ATT_T - 1) / ATT_T * ATT_T;
+    int n_groups = (limit + ATT_T - 1) / ATT_T;
     switch (na) {
-    case 1: att_scores(q, 1, kt, ldk, hd, limit, w, ldw, pf); break;
-    case 2: att_scores(q, 2, kt, ldk, hd, limit, w, ldw, pf); break;
-    case 3: att_scores(q, 3, kt, ldk, hd, limit, w, ldw, pf); break;
-    default: att_scores(q, ATT_Q, kt, ldk, hd, limit, w, ldw, pf); break;
+    case 1: att_scores(q, 1, kp, ldk, hd, n_groups, w, ldw, pf); break;
+    case 2: att_scores(q, 2, kp, ldk, hd, n_groups, w, ldw, pf); break;
+    case 3: att_scores(q, 3, kp, ldk, hd, n_groups, w, ldw, pf); break;
+    default: att_scores(q, ATT_Q, kp, ldk, hd, n_groups, w, ldw, pf); break;
     }
     for (int a = 0; a < na; a++) att_softmax(w + (size_t)a * (size_t)ldw, last[a] + 1, scale);
     switch (na) {
@@ -741,39 +739,33 @@ static void att_pass(const float *const *q, float *const *o, const int *last, in
 }
 
 
-/* Kt[d][t] for t < ldk (the positions past n_pos are zeros) and each
- * position's V row, for KV head g of seq. */
-static void gather_keys(const moe_engine *e, int layer, int seq, int g, int n_pos, float *kt, int ldk,
-                        const float **vrow)
+/* Where the keys of KV head g of seq for positions [0, n_pos) are, a pointer per
+ * ATT_T positions (kp), with element d of those keys at kp[i] + d * ldk; returns
+ * ldk. The cache keeps keys transposed (core/kv_cache.h), so with a block size
+ * that is a multiple of ATT_T the groups are read where they are, a line per d
+ * (the scores of the positions past n_pos in the last group are never used).
+ * Other block sizes are copied into kt, (head_dim, ldkt), zeros past n_pos.
+ * Also each position's V row, asked for into L2: the values are read only after
+ * all the scores, and their loads were the largest stall of decode attention at
+ * batch 64, where the KV cache is 300+ MB a step and none of it in cache. */
+static int keys_locate(const moe_engine *e, int layer, int seq, int g, int n_pos, float *kt, int ldkt,
+                       const float **kp, const float **vrow)
 {
-    int hd = e->w.hp.head_dim;
-#if defined(__AVX512F__)
-    for (int t = 0; t < n_pos; t += 16) {
-        const float *k[16];
-        for (int i = 0; i < 16; i++) {
-            if (t + i >= n_pos) {
-                k[i] = e->att_zero;
-                continue;
-            }
-            k[i] = kv_cache_k(e->kv, layer, seq, t + i, g);
-            vrow[t + i] = kv_cache_v(e->kv, layer, seq, t + i, g);
-            prefetch_l2(vrow[t + i], hd);
-        }
-        int d = 0;
-        for (; d + 16 <= hd; d += 16) transpose16(k, d, kt + (size_t)d * (size_t)ldk + t, (size_t)ldk);
-        for (; d < hd; d++)
-            for (int i = 0; i < 16; i++) kt[(size_t)d * (size_t)ldk + t + i] = k[i][d];
-    }
-#else
+    int hd = e->w.hp.head_dim, bs = kv_cache_block_size(e->kv);
     for (int t = 0; t < n_pos; t++) {
-        const float *k = kv_cache_k(e->kv, layer, seq, t, g);
-        for (int d = 0; d < hd; d++) kt[(size_t)d * (size_t)ldk + t] = k[d];
         vrow[t] = kv_cache_v(e->kv, layer, seq, t, g);
         prefetch_l2(vrow[t], hd);
     }
-    for (int d = 0; d < hd; d++)
-        for (int t = n_pos; t < ldk; t++) kt[(size_t)d * (size_t)ldk + t] = 0.0f;
-#endif
+    if (bs % ATT_T == 0) {
+        for (int t = 0; t < n_pos; t += ATT_T) kp[t / ATT_T] = kv_cache_k_tile(e->kv, layer, seq, t, g) + t % bs;
+        return bs;
+    }
+    for (int t = 0; t < ldkt; t++) {
+        const float *col = t < n_pos ? kv_cache_k_tile(e->kv, layer, seq, t, g) + t % bs : NULL;
+        for (int d = 0; d < hd; d++) kt[(size_t)d * (size_t)ldkt + t] = col ? col[(size_t)d * (size_t)bs] : 0.0f;
+    }
+    for (int t = 0; t < n_pos; t += ATT_T) kp[t / ATT_T] = kt + t;
+    return ldkt;
 }
 
 static void attend(void *ctx, int task, int thread)
@@ -786,13 +778,14 @@ static void attend(void *ctx, int task, int thread)
     int row0 = e->run_start[r], nr = e->run_len[r];
     int seq = j->b->seq[row0], pos0 = j->b->pos[row0];
     int n_pos = pos0 + nr;                       /* positions [0, n_pos) are read */
-    int ldk = (n_pos + ATT_T - 1) / ATT_T * ATT_T;
     float *kt = e->att_scratch + (size_t)thread * e->att_scratch_stride;
     float *w = kt + (size_t)hd * (size_t)e->att_ld;
     const float **vrow = e->att_vrow + (size_t)thread * (size_t)e->att_ld;
+    const float **kp = e->att_kp + (size_t)thread * (size_t)(e->att_ld / ATT_T);
 
-    gather_keys(e, j->layer, seq, g, n_pos, kt, ldk, vrow);
-    key_prefetch pf = {.kv = e->kv, .lines_per_row = (hd + 15) / 16};
+    int bs = kv_cache_block_size(e->kv);
+    int ldk = keys_locate(e, j->layer, seq, g, n_pos, kt, (n_pos + ATT_T - 1) / ATT_T * ATT_T, kp, vrow);
+    key_prefetch pf = {.kv = e->kv, .block_size = bs, .lines_per_tile = (hd * bs + 15) / 16};
     if (task + 1 < e->n_runs * hp->n_head_kv) {
         int r1 = (task + 1) / hp->n_head_kv, row1 = e->run_start[r1];
         pf.layer = j->layer;
@@ -811,11 +804,11 @@ static void attend(void *ctx, int task, int thread)
             o[na] = e->att + off;
             last[na] = pos0 + i;
             if (++na == ATT_Q) {
-                att_pass(q, o, last, na, kt, ldk, vrow, hd, scale, w, e->att_ld, &pf);
+                att_pass(q, o, last, na, kp, ldk, vrow, hd, scale, w, e->att_ld, &pf);
                 na = 0;
             }
         }
-    if (na) att_pass(q, o, last, na, kt, ldk, vrow, hd, scale, w, e->att_ld, &pf);
+    if (na) att_pass(q, o, last, na, kp, ldk, vrow, hd, scale, w, e->att_ld, &pf);
 }
 
 /* Splits the batch into runs: consecutive rows of one sequence, at most ATT_RUN. */

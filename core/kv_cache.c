@@ -1,10 +1,13 @@
 /* kv_cache.c -- a fixed pool of F32 KV blocks handed to sequences.
  *
  * One block holds block_size consecutive positions of one sequence for every layer:
- *   block b: [layer][K|V][KV head][position in block][head_dim]
- * so one head's K (or V) vectors of a block's positions are contiguous: attention
+ *   block b: [layer][K|V][KV head] then, for K, [head_dim][position in block]
+ *   (transposed), for V, [position in block][head_dim]
+ * so one head's keys (or values) of a block's positions are contiguous: attention
  * reads a head over many positions, and it then reads whole lines in order
- * rather than a head_dim slice of every n_head_kv * head_dim row. Each sequence
+ * rather than a head_dim slice of every n_head_kv * head_dim row. The keys are
+ * transposed because attention computes 16 positions' scores as one vector: a
+ * line of the tile is element d of 16 keys (block_size 16). Each sequence
  * slot keeps a table of its blocks in position order; free blocks sit on a stack.
  * All memory is allocated at create, in huge pages (core/hugemem.h): accounted
  * there, so a pool the machine cannot hold fails at start; faulted in a 2 MiB
@@ -137,25 +140,33 @@ int kv_cache_seq_capacity(const kv_cache *kv, int seq)
     return cap > kv->max_seq_len ? kv->max_seq_len : (int)cap;
 }
 
-/* The head_dim floats of head `head` of (layer, K or V, seq, pos). */
-static float *kv_slot(kv_cache *kv, int layer, int is_v, int seq, int pos, int head)
+/* The block_size * head_dim floats of head `head` of (layer, K or V) in the
+ * block holding seq's pos: K as a tile (head_dim rows of block_size), V as
+ * block_size rows of head_dim. */
+static float *kv_head_block(kv_cache *kv, int layer, int is_v, int seq, int pos, int head)
 {
     int32_t block = kv->table[(size_t)seq * (size_t)kv->blocks_per_seq + (size_t)(pos / kv->block_size)];
     size_t layer_part = (size_t)layer * 2 + (size_t)is_v;                    /* block_size * kv_dim each */
     size_t head_part = layer_part * (size_t)kv->n_head_kv + (size_t)head;
-    size_t off = (size_t)block * kv->block_floats +
-                 (head_part * (size_t)kv->block_size + (size_t)(pos % kv->block_size)) * (size_t)kv->head_dim;
+    size_t off = (size_t)block * kv->block_floats + head_part * (size_t)kv->block_size * (size_t)kv->head_dim;
     return kv->data + off;
 }
 
-float *kv_cache_k(kv_cache *kv, int layer, int seq, int pos, int head)
+float *kv_cache_k_tile(kv_cache *kv, int layer, int seq, int pos, int head)
 {
-    return kv_slot(kv, layer, 0, seq, pos, head);
+    return kv_head_block(kv, layer, 0, seq, pos, head);
+}
+
+void kv_cache_k_store(kv_cache *kv, int layer, int seq, int pos, int head, const float *k)
+{
+    float *t = kv_head_block(kv, layer, 0, seq, pos, head) + pos % kv->block_size;
+    size_t bs = (size_t)kv->block_size;
+    for (int d = 0; d < kv->head_dim; d++) t[(size_t)d * bs] = k[d];
 }
 
 float *kv_cache_v(kv_cache *kv, int layer, int seq, int pos, int head)
 {
-    return kv_slot(kv, layer, 1, seq, pos, head);
+    return kv_head_block(kv, layer, 1, seq, pos, head) + (size_t)(pos % kv->block_size) * (size_t)kv->head_dim;
 }
 
 int kv_cache_blocks_total(const kv_cache *kv) { return kv->n_blocks; }

@@ -25,10 +25,17 @@ void kv_cache_seq_release(kv_cache *kv, int seq);
 /* Positions reserved for seq. */
 int kv_cache_seq_capacity(const kv_cache *kv, int seq);
 
-/* Pointer to the K (or V) vector (head_dim floats) of KV head `head` of seq at pos
- * in layer; pos must be reserved. A head's vectors of consecutive positions are
+/* Keys are stored transposed, a tile per (block, layer, KV head): head_dim rows
+ * of block_size positions, so element d of the key at pos is
+ * tile[d * block_size + pos % block_size]. Attention then reads the scores of
+ * 16 positions as one vector per d straight from the cache, with no transpose.
+ * The tile of the block holding pos (pos must be reserved): */
+float *kv_cache_k_tile(kv_cache *kv, int layer, int seq, int pos, int head);
+/* Writes the key (head_dim floats) of KV head `head` of seq at pos into its tile. */
+void kv_cache_k_store(kv_cache *kv, int layer, int seq, int pos, int head, const float *k);
+/* Pointer to the V vector (head_dim floats) of KV head `head` of seq at pos in
+ * layer; pos must be reserved. A head's vectors of consecutive positions are
  * contiguous within a block. */
-float *kv_cache_k(kv_cache *kv, int layer, int seq, int pos, int head);
 float *kv_cache_v(kv_cache *kv, int layer, int seq, int pos, int head);
 
 int kv_cache_blocks_total(const kv_cache *kv);

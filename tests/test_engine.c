@@ -293,20 +293,25 @@ static void ref_forward(const tmodel *m, const int32_t *tok, int T, double *logi
 
 /* Engine helpers ---------------------------------------------------------- */
 
-static moe_engine *engine_make_packed(const tmodel *m, int threads, float cf, int packed)
+static moe_engine *engine_make_kv(const tmodel *m, int threads, float cf, int packed, int block_size)
 {
     moe_engine_params p = moe_engine_default_params(&m->w.hp);
     p.packed_projections = packed;
     p.n_threads = threads;
     p.max_seqs = 4;
     p.max_batch_tokens = 32;
-    p.kv_block_size = 4;
-    p.kv_n_blocks = 4 * 16;
+    p.kv_block_size = block_size;
     p.max_seq_len = 64;
+    p.kv_n_blocks = 4 * ((p.max_seq_len + block_size - 1) / block_size);
     p.capacity_factor = cf;
     moe_engine *e = NULL;
     ck_assert_msg(moe_engine_create(&m->w, &p, &e, err, sizeof err) == 0, "%s", err);
     return e;
+}
+
+static moe_engine *engine_make_packed(const tmodel *m, int threads, float cf, int packed)
+{
+    return engine_make_kv(m, threads, cf, packed, 4);
 }
 
 static moe_engine *engine_make(const tmodel *m, int threads, float cf)
@@ -582,6 +587,56 @@ START_TEST(packed_projections_change_no_bit)
 }
 END_TEST
 
+/* A 40-token prompt in chunks of 16 and 24, then 6 decode steps of three
+ * sequences, with the KV cache in blocks of block_size positions. */
+static void block_run(const tmodel *m, int block_size, float *logits)
+{
+    moe_engine *e = engine_make_kv(m, 2, 0.0f, packed_supported(), block_size);
+    int V = m->w.hp.n_vocab;
+    int32_t t[3][48];
+    for (int s = 0; s < 3; s++) {
+        random_tokens(t[s], 48, V, 90 + s);
+        ck_assert_int_eq(moe_engine_seq_reserve(e, s, 48, err, sizeof err), 0);
+    }
+    row r[32];
+    for (int c0 = 0; c0 < 40; c0 = c0 == 0 ? 16 : 40) {
+        int n = c0 == 0 ? 16 : 40 - c0;
+        for (int i = 0; i < n; i++) r[i] = (row){t[0][c0 + i], c0 + i, 0, 1};
+        ck_assert_msg(run_batch(e, r, n, logits) == 0, "%s", err);
+        logits += (size_t)n * V;
+    }
+    for (int step = 0; step < 6; step++) {
+        int n = 0;
+        for (int s = 0; s < 3; s++) {
+            int p = s == 0 ? 40 + step : step;
+            r[n++] = (row){t[s][p], p, s, 1};
+        }
+        ck_assert_msg(run_batch(e, r, n, logits) == 0, "%s", err);
+        logits += (size_t)n * V;
+    }
+    moe_engine_free(e);
+}
+
+/* Attention reads the keys in the cache's own tiles when the block size is a
+ * multiple of 16 positions and copies them otherwise; the block size (and so
+ * the path) changes no bit. */
+START_TEST(kv_block_size_changes_no_bit)
+{
+    tmodel *m = model_make(_i, 500 + _i);
+    size_t n = (size_t)(40 + 18) * m->w.hp.n_vocab;
+    float *a = calloc(n, sizeof(float)), *b = calloc(n, sizeof(float));
+    block_run(m, 16, a);
+    const int sizes[] = {4, 24, 32, 48, 7};
+    for (int i = 0; i < 5; i++) {
+        block_run(m, sizes[i], b);
+        ck_assert_msg(memcmp(a, b, n * sizeof(float)) == 0, "block size %d differs from 16", sizes[i]);
+    }
+    free(a);
+    free(b);
+    model_free(m);
+}
+END_TEST
+
 /* Truncating a sequence and continuing it differently gives what a fresh
  * sequence with that continuation gives (label scoring relies on it). */
 START_TEST(truncate_then_continue_equals_fresh)
@@ -808,6 +863,7 @@ int main(void)
     tcase_add_loop_test(tc, batch_composition_does_not_matter, 0, CFG_COUNT);
     tcase_add_loop_test(tc, one_thread_equals_two, 0, CFG_COUNT);
     tcase_add_loop_test(tc, packed_projections_change_no_bit, 0, CFG_COUNT);
+    tcase_add_loop_test(tc, kv_block_size_changes_no_bit, 0, CFG_COUNT);
     tcase_add_test(tc, truncate_then_continue_equals_fresh);
     tcase_add_test(tc, bad_batches_fail_and_change_nothing);
     tcase_add_test(tc, create_rejects_bad_input);

@@ -79,8 +79,15 @@ START_TEST(exhaustion_and_bad_requests_change_nothing)
 }
 END_TEST
 
-/* Every K and V vector of every (layer, seq, pos) lies inside the cache, is
- * kv_dim floats long and overlaps no other; values written survive other writes. */
+/* Element d of the key at pos sits in its tile at d * block_size + pos % block_size. */
+static float *key_at(kv_cache *kv, int l, int s, int p, int h, int d)
+{
+    int bs = kv_cache_block_size(kv);
+    return kv_cache_k_tile(kv, l, s, p, h) + (size_t)d * (size_t)bs + (size_t)(p % bs);
+}
+
+/* Every key element and V vector of every (layer, seq, pos) lies inside the
+ * cache and overlaps no other; values written survive other writes. */
 START_TEST(pointers_are_disjoint_and_in_bounds)
 {
     const int L = 3, H = 2, D = 3, BS = 4, NB = 7, S = 3, MAXLEN = 10;
@@ -91,7 +98,7 @@ START_TEST(pointers_are_disjoint_and_in_bounds)
     for (int s = 0; s < S; s++) ck_assert_int_eq(kv_cache_seq_reserve(kv, s, len[s], err, sizeof err), 0);
     ck_assert_int_eq(kv_cache_blocks_free(kv), 0);
 
-    float *base = kv_cache_k(kv, 0, 0, 0, 0);
+    float *base = kv_cache_k_tile(kv, 0, 0, 0, 0);
     size_t total = kv_cache_bytes(kv) / sizeof(float);
     ck_assert_uint_eq(total, (size_t)NB * BS * L * 2 * kvd);
     /* the lowest pointer of all is the start of the pool */
@@ -99,7 +106,7 @@ START_TEST(pointers_are_disjoint_and_in_bounds)
         for (int s = 0; s < S; s++)
             for (int p = 0; p < len[s]; p++)
                 for (int h = 0; h < H; h++) {
-                    if (kv_cache_k(kv, l, s, p, h) < base) base = kv_cache_k(kv, l, s, p, h);
+                    if (kv_cache_k_tile(kv, l, s, p, h) < base) base = kv_cache_k_tile(kv, l, s, p, h);
                     if (kv_cache_v(kv, l, s, p, h) < base) base = kv_cache_v(kv, l, s, p, h);
                 }
     uint8_t *used = calloc(total, 1);
@@ -108,30 +115,56 @@ START_TEST(pointers_are_disjoint_and_in_bounds)
         for (int s = 0; s < S; s++)
             for (int p = 0; p < len[s]; p++)
                 for (int kvsel = 0; kvsel < 2; kvsel++)
-                    for (int h = 0; h < H; h++) {
-                        float *v = kvsel ? kv_cache_v(kv, l, s, p, h) : kv_cache_k(kv, l, s, p, h);
-                        ptrdiff_t off = v - base;
-                        ck_assert(off >= 0 && (size_t)off + (size_t)D <= total);
+                    for (int h = 0; h < H; h++)
                         for (int i = 0; i < D; i++) {
-                            ck_assert_int_eq(used[off + i], 0);
-                            used[off + i] = 1;
-                            v[i] = (float)((((l * 16 + s) * 16 + p) * 4 + kvsel) * 4 + h) + 0.001f * (float)i;
+                            float *v = kvsel ? kv_cache_v(kv, l, s, p, h) + i : key_at(kv, l, s, p, h, i);
+                            ptrdiff_t off = v - base;
+                            ck_assert(off >= 0 && (size_t)off < total);
+                            ck_assert_int_eq(used[off], 0);
+                            used[off] = 1;
+                            *v = (float)((((l * 16 + s) * 16 + p) * 4 + kvsel) * 4 + h) + 0.001f * (float)i;
                         }
-                    }
-    /* a head's vectors of consecutive positions in one block are contiguous */
-    ck_assert_ptr_eq(kv_cache_k(kv, 1, 0, 5, 1), kv_cache_k(kv, 1, 0, 4, 1) + D);
+    /* a head's V vectors of consecutive positions in one block are contiguous,
+     * and its keys are tiles: element d of consecutive positions side by side */
     ck_assert_ptr_eq(kv_cache_v(kv, 2, 2, 2, 0), kv_cache_v(kv, 2, 2, 1, 0) + D);
+    ck_assert_ptr_eq(key_at(kv, 1, 0, 5, 1, 2), key_at(kv, 1, 0, 4, 1, 2) + 1);
+    ck_assert_ptr_eq(key_at(kv, 1, 0, 5, 1, 2), key_at(kv, 1, 0, 5, 1, 1) + BS);
+    ck_assert_ptr_eq(kv_cache_k_tile(kv, 1, 0, 5, 1), kv_cache_k_tile(kv, 1, 0, 7, 1));
     for (int l = 0; l < L; l++)
         for (int s = 0; s < S; s++)
             for (int p = 0; p < len[s]; p++)
                 for (int kvsel = 0; kvsel < 2; kvsel++)
-                    for (int h = 0; h < H; h++) {
-                        float *v = kvsel ? kv_cache_v(kv, l, s, p, h) : kv_cache_k(kv, l, s, p, h);
-                        for (int i = 0; i < D; i++)
-                            ck_assert_float_eq(v[i], (float)((((l * 16 + s) * 16 + p) * 4 + kvsel) * 4 + h) +
-                                                         0.001f * (float)i);
-                    }
+                    for (int h = 0; h < H; h++)
+                        for (int i = 0; i < D; i++) {
+                            float *v = kvsel ? kv_cache_v(kv, l, s, p, h) + i : key_at(kv, l, s, p, h, i);
+                            ck_assert_float_eq(*v, (float)((((l * 16 + s) * 16 + p) * 4 + kvsel) * 4 + h) +
+                                                       0.001f * (float)i);
+                        }
     free(used);
+    kv_cache_free(kv);
+}
+END_TEST
+
+/* kv_cache_k_store writes element d of the key to its tile place, and only there. */
+START_TEST(key_store_fills_the_tile)
+{
+    const int D = 5, BS = 3;
+    kv_cache *kv;
+    ck_assert_int_eq(kv_cache_create(2, 2, D, BS, 4, 1, 12, &kv, err, sizeof err), 0);
+    ck_assert_int_eq(kv_cache_seq_reserve(kv, 0, 12, err, sizeof err), 0);
+    float k[5];
+    for (int p = 0; p < 12; p++)
+        for (int h = 0; h < 2; h++) {
+            for (int d = 0; d < D; d++) k[d] = (float)(p * 100 + h * 10 + d);
+            kv_cache_k_store(kv, 1, 0, p, h, k);
+        }
+    for (int p = 0; p < 12; p++)
+        for (int h = 0; h < 2; h++)
+            for (int d = 0; d < D; d++) {
+                ck_assert_float_eq(*key_at(kv, 1, 0, p, h, d), (float)(p * 100 + h * 10 + d));
+                ck_assert_float_eq(*key_at(kv, 0, 0, p, h, d), 0.0f);   /* layer 0 untouched */
+                ck_assert_float_eq(kv_cache_v(kv, 1, 0, p, h)[d], 0.0f);  /* and the values */
+            }
     kv_cache_free(kv);
 }
 END_TEST
@@ -141,10 +174,10 @@ START_TEST(release_then_reserve_reuses_blocks)
     kv_cache *kv;
     ck_assert_int_eq(kv_cache_create(1, 1, 2, 2, 4, 2, 8, &kv, err, sizeof err), 0);
     ck_assert_int_eq(kv_cache_seq_reserve(kv, 0, 8, err, sizeof err), 0);
-    float *k0 = kv_cache_k(kv, 0, 0, 5, 0);
+    float *k0 = kv_cache_k_tile(kv, 0, 0, 5, 0);
     kv_cache_seq_release(kv, 0);
     ck_assert_int_eq(kv_cache_seq_reserve(kv, 1, 8, err, sizeof err), 0);
-    ck_assert_ptr_eq(kv_cache_k(kv, 0, 1, 5, 0), k0);
+    ck_assert_ptr_eq(kv_cache_k_tile(kv, 0, 1, 5, 0), k0);
     kv_cache_free(kv);
 }
 END_TEST
@@ -157,6 +190,7 @@ int main(void)
     tcase_add_test(tc, reserve_release_accounting);
     tcase_add_test(tc, exhaustion_and_bad_requests_change_nothing);
     tcase_add_test(tc, pointers_are_disjoint_and_in_bounds);
+    tcase_add_test(tc, key_store_fills_the_tile);
     tcase_add_test(tc, release_then_reserve_reuses_blocks);
     suite_add_tcase(s, tc);
     return tu_run_suite(s);
