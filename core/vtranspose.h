@@ -2,9 +2,8 @@
  *
  * dst[j * ldd + i] = src[i][d0 + j] for i, j < 16: interleave 32-bit, then
  * 64-bit, then 128-bit lanes twice. A plain copy, so whatever reads dst sees the
- * same bits as after a scalar gather. Attention uses it for the keys of 16
- * positions (16 strided scalar stores a key took about half of decode
- * attention); core/packed.c for the weights and rows it repacks. */
+ * same bits as after a scalar gather. core/packed.c uses it for the weights
+ * and rows it repacks. */
 #ifndef MOE_CORE_VTRANSPOSE_H
 #define MOE_CORE_VTRANSPOSE_H
 
