@@ -494,10 +494,10 @@ static void qkv_row(void *ctx, int i, int thread)
  * cache holds the keys transposed (a tile of head_dim rows by block_size
  * positions), so scores for ATT_T positions at once are a chain of multiply-adds
  * over d with no horizontal sums, for up to four query vectors (the group's
- * heads, the run's rows) per pass over the tiles. Every score and output element is one multiply-add
- * chain in a fixed order (over d, then over t <= the row's position) that does not
- * depend on which run, lane or thread computes it, so results do not depend on
- * batch composition or thread count. */
+ * heads, the run's rows) per pass over the tiles. Every score and output element
+ * is one multiply-add chain in a fixed order (over d, then over t <= the row's
+ * position) that does not depend on which run, lane or thread computes it, so
+ * results do not depend on batch composition or thread count. */
 
 /* 16 floats as one vector (AVX-512), two (AVX2 + FMA) or a plain array. Each lane
  * is an independent multiply-add chain, so lanes never mix. */
@@ -550,8 +550,7 @@ static inline void prefetch_l2(const float *p, int n)
  * 16-row transposes that kept only a few misses in flight: decode attention, 16
  * steps, alternated builds, batch 64 at context 64 -16%, batch 16 at context
  * 1024 -11%; fetching the values too, or two lines an iteration, gained nothing
- * more.) The
- * loops ask for a line per iteration. Since the passes take four blocks
+ * more.) The loops ask for a line per iteration. Since the passes take four blocks
  * (ATT_NB), that covers about half of the next task's keys: asking for two lines
  * per four-block iteration measured -7% attention at batch 64 / context 64 but
  * +4-8% at context 1024 (with 512 KB of next keys against a 1 MB L2), so the
