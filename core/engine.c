@@ -853,19 +853,8 @@ static void rope_table(moe_engine *e, const moe_batch *b)
     }
 }
 
-/* Whether a projection of m rows runs on the packed copy: below the sgemm switch
- * always (the row kernel's bits, faster); from it too, unless OpenBLAS runs its
- * 512-bit kernels, whose sgemm is the faster there (a 512-token prefill with the
- * Cooperlake kernels: 72.9-73.8% of the sgemm peak with the packed kernel,
- * 76.9-79.8% with sgemm; with the 256-bit ones the packed kernel is 1.7x sgemm). */
-static int use_packed(const moe_engine *e, int m)
-{
-    return e->p.packed_projections && atomic_load_explicit(&e->pk_ready, memory_order_acquire) &&
-           (m < matmul_sgemm_min_rows() || !matmul_blas_512_bit());
-}
-
 /* One projection output: the weights, their packed copy (NULL when the engine
- * has none), the width and where the m x n result goes. */
+ * has none, or not yet: see pk_at), the width and where the m x n result goes. */
 typedef struct {
     const float *w;
     const packed_w *pw;
@@ -875,12 +864,26 @@ typedef struct {
 
 #define PROJ_MAX_OUTS 3   /* q, k and v */
 
+/* Whether a projection of m rows runs on the packed copies: when every output
+ * has one (the background packer may finish between two pk_at calls), below the
+ * sgemm switch always (the row kernel's bits, faster); from it too, unless
+ * OpenBLAS runs its 512-bit kernels, whose sgemm is the faster there (a
+ * 512-token prefill with the Cooperlake kernels: 72.9-73.8% of the sgemm peak
+ * with the packed kernel, 76.9-79.8% with sgemm; with the 256-bit ones the
+ * packed kernel is 1.7x sgemm). */
+static int use_packed(int m, const proj_out *outs, int n_outs)
+{
+    for (int i = 0; i < n_outs; i++)
+        if (!outs[i].pw) return 0;
+    return m < matmul_sgemm_min_rows() || !matmul_blas_512_bit();
+}
+
 /* y_i = x W_i^T for each of outs, as one parallel run: on the packed copies where
  * use_packed says so, else on core/matmul.c. */
 static void project(moe_engine *e, const float *x, int m, int k, const proj_out *outs, int n_outs)
 {
     assert(n_outs >= 1 && n_outs <= PROJ_MAX_OUTS);
-    if (use_packed(e, m)) {
+    if (use_packed(m, outs, n_outs)) {
         packed_out po[PROJ_MAX_OUTS];
         for (int i = 0; i < n_outs; i++) po[i] = (packed_out){outs[i].pw, outs[i].y};
         packed_matmul(e->pool, e->pk_scratch, x, m, k, po, n_outs);
@@ -891,8 +894,15 @@ static void project(moe_engine *e, const float *x, int m, int k, const proj_out 
     matmul_multi(e->pool, x, m, k, mo, n_outs);
 }
 
-/* The packed copy of a layer's matrix, when there are packed copies. */
-static const packed_w *pk_at(packed_w *const *a, int l) { return a ? a[l] : NULL; }
+/* The packed copy of a layer's matrix (l -1: the output projection's), once the
+ * copies are complete; NULL before, or without copies. The background packer
+ * writes the pointers, so they are read only after the acquire of pk_ready
+ * (reading them first, even unused, is a data race). */
+static const packed_w *pk_at(const moe_engine *e, packed_w *const *a, int l)
+{
+    if (!atomic_load_explicit(&e->pk_ready, memory_order_acquire)) return NULL;
+    return l < 0 ? e->pk_out : a[l];
+}
 
 static void attention_layer(moe_engine *e, const moe_batch *b, int l)
 {
@@ -901,13 +911,13 @@ static void attention_layer(moe_engine *e, const moe_batch *b, int l)
     int n = b->n_tokens;
     layer_job job = {e, b, l};
     rows_rmsnorm(e->xb, e->x, L->attn_norm, n, hp->n_embd, hp->rms_eps);
-    proj_out qkv[3] = {{L->wq, pk_at(e->pk_q, l), e->q_dim, e->q},
-                       {L->wk, pk_at(e->pk_k, l), e->kv_dim, e->k},
-                       {L->wv, pk_at(e->pk_v, l), e->kv_dim, e->v}};
+    proj_out qkv[3] = {{L->wq, pk_at(e, e->pk_q, l), e->q_dim, e->q},
+                       {L->wk, pk_at(e, e->pk_k, l), e->kv_dim, e->k},
+                       {L->wv, pk_at(e, e->pk_v, l), e->kv_dim, e->v}};
     project(e, e->xb, n, hp->n_embd, qkv, 3);
     pool_run(e->pool, n, qkv_row, &job);
     pool_run(e->pool, e->n_runs * hp->n_head_kv, attend, &job);
-    proj_out wo = {L->wo, pk_at(e->pk_o, l), hp->n_embd, e->out};
+    proj_out wo = {L->wo, pk_at(e, e->pk_o, l), hp->n_embd, e->out};
     project(e, e->att, n, e->q_dim, &wo, 1);
     rows_add(e->x, e->out, (size_t)n * (size_t)hp->n_embd);
 }
@@ -947,7 +957,7 @@ static void output_logits(moe_engine *e, const moe_batch *b, int n_logits, float
     for (int r = 0; r < n_logits; r++)
         rmsnorm(e->xb + (size_t)r * d, e->x + (size_t)e->logit_rows[r] * d, e->w.output_norm,
                 hp->n_embd, hp->rms_eps);
-    proj_out o = {e->w.output, e->pk_out, hp->n_vocab, logits};
+    proj_out o = {e->w.output, pk_at(e, NULL, -1), hp->n_vocab, logits};
     project(e, e->xb, n_logits, hp->n_embd, &o, 1);
 }
 
