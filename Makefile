@@ -1,5 +1,6 @@
 # moeserve -- see README.md. Variants: `make` (release), `make SAN=1` (ASan+UBSan,
-# into build-san/), `make test`, `make bench`, `make run`, `make tools`.
+# into build-san/), `make SAN=thread` (ThreadSanitizer, into build-tsan/), `make test`,
+# `make bench`, `make run`, `make tools`.
 
 CC       ?= cc
 SAN      ?= 0
@@ -10,6 +11,9 @@ PKGS     := openblas jansson libuv libmicrohttpd check
 ifeq ($(SAN),1)
 BUILD    := build-san
 OPTFLAGS := -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+else ifeq ($(SAN),thread)
+BUILD    := build-tsan
+OPTFLAGS := -O1 -g -fsanitize=thread -fno-omit-frame-pointer
 else
 BUILD    := build
 OPTFLAGS := -O3 -g
@@ -86,7 +90,8 @@ tools: $(TOOL_BIN)
 tests: all $(TEST_BIN) $(TOOL_BIN)
 
 # Installs missing Debian packages first (as root), then builds in a fresh make so
-# pkg-config sees them, then runs every suite. SAN=1 runs the same under sanitizers.
+# pkg-config sees them, then runs every suite. SAN=1 and SAN=thread run the same
+# under sanitizers.
 test:
 	@$(MAKE) --no-print-directory deps
 	@$(MAKE) --no-print-directory tests
