@@ -502,30 +502,46 @@ END_TEST
 
 /* Threads ----------------------------------------------------------------- */
 
-/* A 20-row prefill (the sgemm path) plus decode steps of three sequences. */
-static void thread_run(const tmodel *m, int threads, int packed, float *logits)
+/* Sequence 0's prompt in batches of chunk[0], chunk[1], ... rows, then `steps`
+ * decode steps of three sequences (1 and 2 starting from position 0), every row
+ * wanting logits, written one batch after another. Tokens from seed + sequence.
+ * Frees e. */
+enum { RUN_MAX_POS = 48 };
+static void schedule_run(moe_engine *e, const tmodel *m, const int *chunk, int n_chunks, int steps,
+                         uint64_t seed, float *logits)
 {
-    moe_engine *e = engine_make_packed(m, threads, 0.0f, packed);
-    int V = m->w.hp.n_vocab;
-    int32_t t[3][24];
+    int V = m->w.hp.n_vocab, prompt = 0;
+    for (int c = 0; c < n_chunks; c++) prompt += chunk[c];
+    ck_assert_int_le(prompt + steps, RUN_MAX_POS);
+    int32_t t[3][RUN_MAX_POS];
     for (int s = 0; s < 3; s++) {
-        random_tokens(t[s], 24, V, 70 + s);
-        ck_assert_int_eq(moe_engine_seq_reserve(e, s, 24, err, sizeof err), 0);
+        random_tokens(t[s], RUN_MAX_POS, V, seed + (uint64_t)s);
+        ck_assert_int_eq(moe_engine_seq_reserve(e, s, prompt + steps, err, sizeof err), 0);
     }
     row r[32];
-    for (int p = 0; p < 20; p++) r[p] = (row){t[0][p], p, 0, 1};
-    ck_assert_msg(run_batch(e, r, 20, logits) == 0, "%s", err);
-    logits += (size_t)20 * V;
-    for (int step = 0; step < 4; step++) {
+    for (int c = 0, p0 = 0; c < n_chunks; p0 += chunk[c++]) {
+        ck_assert_int_le(chunk[c], 32);
+        for (int i = 0; i < chunk[c]; i++) r[i] = (row){t[0][p0 + i], p0 + i, 0, 1};
+        ck_assert_msg(run_batch(e, r, chunk[c], logits) == 0, "%s", err);
+        logits += (size_t)chunk[c] * V;
+    }
+    for (int step = 0; step < steps; step++) {
         int n = 0;
         for (int s = 0; s < 3; s++) {
-            int p = s == 0 ? 20 + step : step;
+            int p = s == 0 ? prompt + step : step;
             r[n++] = (row){t[s][p], p, s, 1};
         }
         ck_assert_msg(run_batch(e, r, n, logits) == 0, "%s", err);
         logits += (size_t)n * V;
     }
     moe_engine_free(e);
+}
+
+/* A 20-row prefill (the sgemm path) plus decode steps of three sequences. */
+static void thread_run(const tmodel *m, int threads, int packed, float *logits)
+{
+    const int chunk[] = {20};
+    schedule_run(engine_make_packed(m, threads, 0.0f, packed), m, chunk, 1, 4, 70, logits);
 }
 
 START_TEST(one_thread_equals_two)
@@ -591,30 +607,8 @@ END_TEST
  * sequences, with the KV cache in blocks of block_size positions. */
 static void block_run(const tmodel *m, int block_size, float *logits)
 {
-    moe_engine *e = engine_make_kv(m, 2, 0.0f, packed_supported(), block_size);
-    int V = m->w.hp.n_vocab;
-    int32_t t[3][48];
-    for (int s = 0; s < 3; s++) {
-        random_tokens(t[s], 48, V, 90 + s);
-        ck_assert_int_eq(moe_engine_seq_reserve(e, s, 48, err, sizeof err), 0);
-    }
-    row r[32];
-    for (int c0 = 0; c0 < 40; c0 = c0 == 0 ? 16 : 40) {
-        int n = c0 == 0 ? 16 : 40 - c0;
-        for (int i = 0; i < n; i++) r[i] = (row){t[0][c0 + i], c0 + i, 0, 1};
-        ck_assert_msg(run_batch(e, r, n, logits) == 0, "%s", err);
-        logits += (size_t)n * V;
-    }
-    for (int step = 0; step < 6; step++) {
-        int n = 0;
-        for (int s = 0; s < 3; s++) {
-            int p = s == 0 ? 40 + step : step;
-            r[n++] = (row){t[s][p], p, s, 1};
-        }
-        ck_assert_msg(run_batch(e, r, n, logits) == 0, "%s", err);
-        logits += (size_t)n * V;
-    }
-    moe_engine_free(e);
+    const int chunk[] = {16, 24};
+    schedule_run(engine_make_kv(m, 2, 0.0f, packed_supported(), block_size), m, chunk, 2, 6, 90, logits);
 }
 
 /* Attention reads the keys in the cache's own tiles when the block size is a
