@@ -894,14 +894,13 @@ static void project(moe_engine *e, const float *x, int m, int k, const proj_out 
     matmul_multi(e->pool, x, m, k, mo, n_outs);
 }
 
-/* The packed copy of a layer's matrix (l -1: the output projection's), once the
- * copies are complete; NULL before, or without copies. The background packer
- * writes the pointers, so they are read only after the acquire of pk_ready
- * (reading them first, even unused, is a data race). */
+/* a[l], one of the packed copies, once the copies are complete; NULL before,
+ * or without copies. The background packer writes the pointers, so they are
+ * read only after the acquire of pk_ready (reading them first, even unused, is
+ * a data race). */
 static const packed_w *pk_at(const moe_engine *e, packed_w *const *a, int l)
 {
-    if (!atomic_load_explicit(&e->pk_ready, memory_order_acquire)) return NULL;
-    return l < 0 ? e->pk_out : a[l];
+    return moe_engine_packed_ready(e) ? a[l] : NULL;
 }
 
 static void attention_layer(moe_engine *e, const moe_batch *b, int l)
@@ -957,7 +956,7 @@ static void output_logits(moe_engine *e, const moe_batch *b, int n_logits, float
     for (int r = 0; r < n_logits; r++)
         rmsnorm(e->xb + (size_t)r * d, e->x + (size_t)e->logit_rows[r] * d, e->w.output_norm,
                 hp->n_embd, hp->rms_eps);
-    proj_out o = {e->w.output, pk_at(e, NULL, -1), hp->n_vocab, logits};
+    proj_out o = {e->w.output, pk_at(e, &e->pk_out, 0), hp->n_vocab, logits};
     project(e, e->xb, n_logits, hp->n_embd, &o, 1);
 }
 
