@@ -97,15 +97,19 @@ int packed_supported(void) { return 1; }
 
 /* Packing ----------------------------------------------------------------- */
 
+/* The lanes of a 16-wide vector that hold the `left` remaining elements. */
+static inline __mmask16 tail_mask(int left)
+{
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
 /* One row's 16 values of step t (zero past k) to its 16 phases by a masked load
  * and a scatter: for the rows outside whole 16-row blocks and the last, partial
  * step. (Zero-padded 16 x 16 blocks in their place cost a batch-1 decode step
  * about 6%: 64 of them a call for a single row of 1024.) */
 static void scatter_step(const float *row, int t, int k, float *dst, __m512i phase_at)
 {
-    int left = k - t * PH;
-    __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-    _mm512_i32scatter_ps(dst, phase_at, _mm512_maskz_loadu_ps(mask, row + (size_t)t * PH), 4);
+    _mm512_i32scatter_ps(dst, phase_at, _mm512_maskz_loadu_ps(tail_mask(k - t * PH), row + (size_t)t * PH), 4);
 }
 
 /* Rows [0, rows) of src (row-major, k long) in phase-major form:
@@ -261,9 +265,7 @@ static void partials_sum(const __m512 *part, size_t phase_stride, float *y, int 
                                                        part[(size_t)i * phase_stride + v]);
         for (int i = 0; i < 4; i++) b[i] = _mm512_add_ps(a[i + 4], a[i]);
         __m512 s = _mm512_add_ps(_mm512_add_ps(b[0], b[2]), _mm512_add_ps(b[1], b[3]));
-        int left = cols - v * 16;
-        __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-        _mm512_mask_storeu_ps(y + v * 16, mask, s);
+        _mm512_mask_storeu_ps(y + v * 16, tail_mask(cols - v * 16), s);
     }
 }
 
@@ -337,7 +339,7 @@ void packed_matmul(pool *p, packed_scratch *s, const float *x, int m, int k,
                    const packed_out *outs, int n_outs)
 {
     assert(n_outs >= 1 && n_outs <= MAX_OUTS);
-    assert(m <= s->max_m && k <= s->max_k);
+    assert(m <= s->max_m && k <= s->max_k && (!p || pool_n_threads(p) <= s->n_threads));
     if (m <= 0) return;
     matmul_job job = {.s = s, .X = s->x, .m = m, .T = steps_of(k), .outs = outs, .n_outs = n_outs};
     for (int i = 0; i < n_outs; i++) {
