@@ -2,6 +2,11 @@
  * written with, F16 equals F32 to F16 precision, and hostile model files (missing
  * or misshapen tensors, impossible hyperparameters) fail with a message that says
  * what is wrong. */
+/* The libFuzzer target's body for the tokenizer, loader and engine
+ * (LLVMFuzzerTestOneInput), run below on mutated models so that `make test` keeps
+ * it compiling and SAN=1 sees what it reads. First: it defines _GNU_SOURCE (memfd). */
+#include "tests/fuzz/fuzz_model.c"
+
 #include <math.h>
 #include <stdint.h>
 
@@ -652,6 +657,65 @@ START_TEST(vocab_from_another_gguf)
 }
 END_TEST
 
+/* The fuzz target on each architecture's tiny model as written (tokenizer, load,
+ * engine, one forward) and with bytes of its header changed: in the first and the
+ * last 1.5 KB before the tensor data (the header, counts and hyperparameters; the
+ * last tensors' names, dims, types and offsets), every third byte set to 0x00,
+ * 0xFF or its value + 1 in turn. Each mutant must come back as a clean error or a
+ * model that runs; SAN=1 checks every read on the way. */
+static void read_whole(const char *path, uint8_t **buf, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
+    long n = ftell(f);
+    ck_assert(n > 0);
+    rewind(f);
+    *buf = malloc((size_t)n);
+    ck_assert_ptr_nonnull(*buf);
+    ck_assert_uint_eq(fread(*buf, 1, (size_t)n, f), (size_t)n);
+    fclose(f);
+    *len = (size_t)n;
+}
+
+/* Bytes before the tensor data: where the first tensor's data starts in buf. */
+static size_t header_bytes(const uint8_t *buf, size_t len)
+{
+    gguf_file *f;
+    ck_assert_msg(gguf_open_memory(buf, len, &f, err, sizeof err) == 0, "%s", err);
+    const gguf_tensor *t = gguf_get_tensor(f, 0);
+    size_t end = (size_t)((const uint8_t *)t->data - buf) - (size_t)t->offset;
+    gguf_close(f);
+    ck_assert(end > 0 && end < len);
+    return end;
+}
+
+static void mutate_range(uint8_t *buf, size_t len, size_t from, size_t to)
+{
+    for (size_t i = from; i < to; i += 3) {
+        uint8_t keep = buf[i];
+        buf[i] = i % 9 == 0 ? 0x00 : i % 9 == 3 ? 0xFF : (uint8_t)(keep + 1);
+        ck_assert_int_eq(LLVMFuzzerTestOneInput(buf, len), 0);
+        buf[i] = keep;
+    }
+}
+
+START_TEST(fuzz_target_on_mutated_models)
+{
+    fixture fx;
+    fixture_synth(&fx, archs[_i], "tiny", 0);
+    uint8_t *buf;
+    size_t len;
+    read_whole(fx.path, &buf, &len);
+    ck_assert_int_eq(LLVMFuzzerTestOneInput(buf, len), 0);
+    size_t end = header_bytes(buf, len), span = 1536;
+    mutate_range(buf, len, 0, end < span ? end : span);
+    if (end > 2 * span) mutate_range(buf, len, end - span, end);
+    free(buf);
+    fixture_done(&fx);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("model_file");
@@ -676,6 +740,7 @@ int main(void)
     tcase_add_test(th, not_a_model_file);
     tcase_add_test(th, copy_mode_equals_mmap);
     tcase_add_test(th, synth_rejects_bad_params);
+    tcase_add_loop_test(th, fuzz_target_on_mutated_models, 0, 4);
     suite_add_tcase(s, th);
     return tu_run_suite(s);
 }
