@@ -1,4 +1,4 @@
-/* fuzz_gguf.c -- libFuzzer target for the GGUF reader (tests/fuzz/run.sh; test_gguf.c
+/* fuzz_gguf.c -- libFuzzer target for the GGUF reader (sh tests/fuzz/run.sh gguf; test_gguf.c
  * also runs it on every mutation of a hand-made file).
  *
  * Parses the input with gguf_open_memory; when it is accepted, reads every key with

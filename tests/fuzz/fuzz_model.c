@@ -1,5 +1,5 @@
 /* fuzz_model.c -- libFuzzer target for what reads a GGUF file after the reader
- * (tests/fuzz/run_model.sh; test_model_file.c also runs it on mutated models).
+ * (sh tests/fuzz/run.sh model; test_model_file.c also runs it on mutated models).
  *
  * An input the reader accepts goes through tokenizer_load and, when that
  * succeeds, encode / decode / streaming / piece lookups of a few awkward texts

@@ -1,19 +1,32 @@
 #!/bin/sh
-# Builds and runs the libFuzzer target for the GGUF reader (not part of `make test`).
-#   sh tests/fuzz/run.sh [SECONDS] [BUILD_DIR]      (from the project root; default 120 s)
-# Needs clang (Debian: apt-get install -y clang). Crashing inputs are written to
-# BUILD_DIR/crashes/; replay one with BUILD_DIR/fuzz_gguf FILE.
+# Builds and runs one of the libFuzzer targets (not part of `make test`):
+#   sh tests/fuzz/run.sh [gguf|model|api] [SECONDS] [BUILD_DIR]   (from the project root)
+#   gguf  (the default; 120 s): the GGUF reader (fuzz_gguf.c), seeded with small
+#         hand-made files;
+#   model (300 s): the tokenizer, loader and engine on hostile files (fuzz_model.c),
+#         seeded with a tiny synthetic model of each architecture (written by
+#         build/moe: `make` first) and ../shared's vocabularies when they are there;
+#   api   (300 s): POST /infer bodies (fuzz_api.c), seeded with one body of each
+#         documented form.
+# Needs clang (Debian: apt-get install -y clang) and, for model and api, the
+# project's packages (make deps). Crashing inputs are written to BUILD_DIR/crashes/;
+# replay one with BUILD_DIR/fuzz_TARGET FILE.
 set -e
-SECONDS_TO_RUN=${1:-120}
+TARGET=gguf
+case "$1" in gguf|model|api) TARGET=$1; shift ;; esac
 BUILD=${2:-build-fuzz}
 CC=${FUZZ_CC:-clang}
-mkdir -p "$BUILD/corpus" "$BUILD/crashes"
-$CC -std=c11 -g -O1 -D_DEFAULT_SOURCE -D_POSIX_C_SOURCE=200809L -I. \
-    -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-    tests/fuzz/fuzz_gguf.c models/gguf.c core/hugemem.c -o "$BUILD/fuzz_gguf"
+CORPUS="$BUILD/$TARGET-corpus"
+BIN="$BUILD/fuzz_$TARGET"
+SAN="-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined"
+CFLAGS="-std=c11 -g -O1 -D_DEFAULT_SOURCE -D_POSIX_C_SOURCE=200809L -I."
+mkdir -p "$CORPUS" "$BUILD/crashes"
 
-# Seeds: small valid files covering every value type, arrays, and tensors of each type.
-${PYTHON:-python3} - "$BUILD/corpus" <<'PY'
+case $TARGET in
+gguf)
+    $CC $CFLAGS $SAN tests/fuzz/fuzz_gguf.c models/gguf.c core/hugemem.c -o "$BIN"
+    # Seeds: small valid files covering every value type, arrays, and tensors of each type.
+${PYTHON:-python3} - "$CORPUS" <<'PY'
 import struct, sys, os
 out = sys.argv[1]
 def s(x): b = x.encode(); return struct.pack("<Q", len(b)) + b
@@ -33,5 +46,29 @@ meta = hdr(len(ts), 2) + kvs[11] + kv("general.alignment", 4, struct.pack("<I", 
 data = bytes(range(32)) + bytes(range(6)) + b"\0" * 26 + bytes(range(8))
 open(os.path.join(out, "tensors.gguf"), "wb").write(pad(meta) + data)
 PY
-"$BUILD/fuzz_gguf" -max_total_time="$SECONDS_TO_RUN" -max_len=4096 -timeout=10 \
-    -artifact_prefix="$BUILD/crashes/" "$BUILD/corpus"
+    "$BIN" -max_total_time="${1:-120}" -max_len=4096 -timeout=10 -artifact_prefix="$BUILD/crashes/" "$CORPUS"
+    ;;
+model)
+    $CC $CFLAGS -march=native $(pkg-config --cflags openblas) $SAN tests/fuzz/fuzz_model.c core/*.c models/*.c \
+        -o "$BIN" $(pkg-config --libs openblas) -lpthread -lm
+    for arch in llama qwen2moe olmoe qwen3moe; do
+        build/moe synth --arch $arch --preset tiny --seed 3 -o "$CORPUS/$arch.gguf" >/dev/null
+    done
+    build/moe synth --arch llama --preset dense --seed 3 -o "$CORPUS/dense.gguf" >/dev/null
+    if [ -d ../shared/testdata/vocab ]; then
+        cp ../shared/testdata/vocab/*.gguf "$CORPUS/"
+    else
+        echo "run.sh: ../shared/testdata/vocab not found: seeding with the synthetic models only"
+    fi
+    "$BIN" -max_total_time="${1:-300}" -max_len=2000000 -timeout=30 -rss_limit_mb=6144 \
+        -artifact_prefix="$BUILD/crashes/" "$CORPUS"
+    ;;
+api)
+    $CC $CFLAGS -march=native $(pkg-config --cflags openblas jansson libuv) $SAN tests/fuzz/fuzz_api.c \
+        server/api.c server/ensemble_req.c server/scheduler.c server/log.c server/metrics.c core/*.c models/*.c \
+        -o "$BIN" $(pkg-config --libs openblas jansson libuv) -lpthread -lm
+    # LLVMFuzzerInitialize writes the seeds (fuzz_api_bodies) before the corpus is read.
+    FUZZ_API_SEEDS="$CORPUS" "$BIN" -max_total_time="${1:-300}" -max_len=4096 -timeout=10 \
+        -artifact_prefix="$BUILD/crashes/" "$CORPUS"
+    ;;
+esac
