@@ -21,8 +21,9 @@
 #include "models/synth.h"
 #include "server/api.h"
 
-/* The seeds, and what test_api.c checks is accepted: one of each form: text, ids, several prompts, sampling, stops, logits,
- * routing, ensembles (vote with member weights, mean of log-probabilities), labels. */
+/* The seeds, which test_api.c checks are accepted: one body of each form (text,
+ * ids, several prompts, sampling, stops, logits, routing, ensembles voting with
+ * member weights or averaging log-probabilities, labels). */
 static const char *const fuzz_api_bodies[] = {
     "{\"prompt\": \"Hello world\", \"max_tokens\": 4}",
     "{\"tokens\": [1, 2, 3], \"max_tokens\": 2, \"temperature\": 0.7, \"top_k\": 5, \"top_p\": 0.9, "
