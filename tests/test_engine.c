@@ -670,6 +670,120 @@ START_TEST(truncate_then_continue_equals_fresh)
 }
 END_TEST
 
+/* Random schedules ---------------------------------------------------------- */
+
+/* Continuous batching as a server does it, at random: sequences of 1-24 tokens
+ * arrive over time into whichever of the 4 slots is free (a slot is reused
+ * right after the sequence before it is released), and each batch takes a chunk
+ * of 1-8 rows from a random subset of the running sequences, their rows
+ * interleaved in random order, each row wanting logits or not. The KV block
+ * size (4, 7 or 16) and the thread count (1 or 2) are drawn too. Every logits
+ * row must equal, to the bit, that sequence run alone on a fresh engine. */
+enum { SCHED_RUNS = 20, SCHED_SEQS = 7, SCHED_MAX_LEN = 24, SCHED_SLOTS = 4 };
+
+typedef struct {
+    int len, done, slot;             /* slot -1: not started or finished */
+    int32_t tok[SCHED_MAX_LEN];
+    uint8_t want[SCHED_MAX_LEN];
+    float *logits;                   /* (len, V): the rows that wanted them */
+} sched_seq;
+
+static int rand_below(uint64_t *rng, int n)
+{
+    return (int)((urand(rng) + 1.0) * 0.5 * n) % n;
+}
+
+/* One batch: returns its rows (at most 32), each (sequence index, position). */
+static int sched_batch(sched_seq *q, uint64_t *rng, int src[32][2])
+{
+    int take[SCHED_SEQS] = {0}, n = 0;
+    for (int i = 0; i < SCHED_SEQS && n < 32; i++) {
+        if (q[i].slot < 0 || q[i].done == q[i].len || rand_below(rng, 10) < 3) continue;
+        int left = q[i].len - q[i].done, c = 1 + rand_below(rng, left < 8 ? left : 8);
+        if (n + c > 32) c = 32 - n;
+        take[i] = c;
+        n += c;
+    }
+    for (int r = 0; r < n; r++) {   /* interleave: a random sequence's next row each time */
+        int i;
+        do i = rand_below(rng, SCHED_SEQS); while (!take[i]);
+        src[r][0] = i;
+        src[r][1] = q[i].done++;
+        take[i]--;
+    }
+    return n;
+}
+
+START_TEST(random_schedules_equal_alone)
+{
+    tmodel *m = model_make(_i, 900 + _i);
+    int V = m->w.hp.n_vocab;
+    float *out = calloc((size_t)32 * V, sizeof(float)), *alone = calloc((size_t)SCHED_MAX_LEN * V, sizeof(float));
+    long batches = 0, rows = 0;
+    for (uint64_t run = 0; run < SCHED_RUNS; run++) {
+        uint64_t rng = 0x9E3779B97F4A7C15ull * (run + 1) + (uint64_t)_i;
+        static const int block_sizes[] = {4, 7, 16};
+        int bs = block_sizes[rand_below(&rng, 3)], threads = 1 + rand_below(&rng, 2);
+        moe_engine *e = engine_make_kv(m, threads, 0.0f, packed_supported(), bs);
+        sched_seq q[SCHED_SEQS];
+        for (int i = 0; i < SCHED_SEQS; i++) {
+            q[i] = (sched_seq){.len = 1 + rand_below(&rng, SCHED_MAX_LEN), .slot = -1};
+            random_tokens(q[i].tok, q[i].len, V, rng + (uint64_t)i);
+            for (int p = 0; p < q[i].len; p++) q[i].want[p] = (uint8_t)(rand_below(&rng, 3) != 0);
+            q[i].logits = calloc((size_t)q[i].len * V, sizeof(float));
+        }
+        int started = 0, finished = 0, used[SCHED_SLOTS] = {0};
+        while (finished < SCHED_SEQS) {
+            for (int sl = 0; sl < SCHED_SLOTS && started < SCHED_SEQS; sl++) {
+                if (used[sl]) continue;
+                ck_assert_int_eq(moe_engine_seq_reserve(e, sl, q[started].len, err, sizeof err), 0);
+                q[started++].slot = sl;
+                used[sl] = 1;
+            }
+            int src[32][2], n = sched_batch(q, &rng, src);
+            if (n == 0) continue;
+            batches++;
+            rows += n;
+            row r[32];
+            for (int k = 0; k < n; k++) {
+                const sched_seq *s = &q[src[k][0]];
+                r[k] = (row){s->tok[src[k][1]], src[k][1], s->slot, s->want[src[k][1]]};
+            }
+            ck_assert_msg(run_batch(e, r, n, out) == 0, "%s", err);
+            for (int k = 0, o = 0; k < n; k++)
+                if (r[k].want)
+                    memcpy(q[src[k][0]].logits + (size_t)src[k][1] * V, out + (size_t)o++ * V, sizeof(float) * V);
+            for (int i = 0; i < SCHED_SEQS; i++)
+                if (q[i].slot >= 0 && q[i].done == q[i].len) {
+                    moe_engine_seq_release(e, q[i].slot);
+                    used[q[i].slot] = 0;
+                    q[i].slot = -1;
+                    finished++;
+                }
+        }
+        moe_engine_free(e);
+        for (int i = 0; i < SCHED_SEQS; i++) {
+            moe_engine *a = engine_make(m, 1, 0.0f);
+            ck_assert_int_eq(moe_engine_seq_reserve(a, 0, q[i].len, err, sizeof err), 0);
+            row r[SCHED_MAX_LEN];
+            for (int p = 0; p < q[i].len; p++) r[p] = (row){q[i].tok[p], p, 0, 1};
+            ck_assert_msg(run_batch(a, r, q[i].len, alone) == 0, "%s", err);
+            for (int p = 0; p < q[i].len; p++)
+                ck_assert_msg(!q[i].want[p] || memcmp(q[i].logits + (size_t)p * V, alone + (size_t)p * V,
+                                                      sizeof(float) * V) == 0,
+                              "run %d (block size %d, %d threads): sequence %d position %d differs",
+                              (int)run, bs, threads, i, p);
+            moe_engine_free(a);
+            free(q[i].logits);
+        }
+    }
+    printf("random schedules, config %d: %ld batches, %ld rows, %d sequences\n", _i, batches, rows, SCHED_RUNS * SCHED_SEQS);
+    free(out);
+    free(alone);
+    model_free(m);
+}
+END_TEST
+
 /* Errors ------------------------------------------------------------------ */
 
 START_TEST(bad_batches_fail_and_change_nothing)
@@ -861,6 +975,7 @@ int main(void)
     tcase_add_loop_test(tc, packed_projections_change_no_bit, 0, CFG_COUNT);
     tcase_add_loop_test(tc, kv_block_size_changes_no_bit, 0, CFG_COUNT);
     tcase_add_loop_test(tc, truncate_then_continue_equals_fresh, 0, 2);
+    tcase_add_loop_test(tc, random_schedules_equal_alone, 0, CFG_COUNT);
     tcase_add_test(tc, bad_batches_fail_and_change_nothing);
     tcase_add_test(tc, create_rejects_bad_input);
     tcase_add_test(tc, routed_counters_sum_to_tokens_times_k);
