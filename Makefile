@@ -49,7 +49,7 @@ ifneq ($(wildcard server/main.c),)
 PROGRAMS += $(BUILD)/moeserve
 endif
 
-.PHONY: all deps test tests tools bench bench-server bench-ensemble run clean
+.PHONY: all deps pkgcheck test tests tools bench bench-server bench-ensemble run clean
 .SECONDARY:
 
 all: $(BUILD)/libmoe.a $(PROGRAMS)
@@ -57,7 +57,14 @@ all: $(BUILD)/libmoe.a $(PROGRAMS)
 deps:
 	@sh deploy/debian-deps.sh
 
-$(BUILD)/obj/%.o: %.c
+# A plain `make` does not install packages; without them the compiler's first
+# error would be an undeclared OpenBLAS function, so say what is missing instead.
+pkgcheck:
+	@pkg-config --exists $(PKGS) 2>/dev/null || { \
+	  echo "moeserve: missing libraries (pkg-config: $(PKGS)); run 'make deps' as root, or 'make test' / 'make run', which do" >&2; \
+	  exit 1; }
+
+$(BUILD)/obj/%.o: %.c | pkgcheck
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
@@ -118,6 +125,6 @@ run:
 	@sh deploy/run.sh $(BUILD)
 
 clean:
-	rm -rf build build-san
+	rm -rf build build-san build-tsan
 
 -include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)
