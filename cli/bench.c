@@ -495,13 +495,13 @@ int bench_run(const bench_opts *o, char *err, size_t errlen)
            "(OpenBLAS sgemm %.1f with its %s kernels, engine kernel %.1f at %d rows, packed kernel %.1f at %d or %d)\n",
            o->threads, rd, triad, bw.n * sizeof(float) >> 20, peak, pc.sgemm, matmul_blas_corename(), pc.kernel,
            PEAK_KERNEL_ROWS, pc.packed, PEAK_KERNEL_ROWS, PEAK_PACKED_ROWS);
-    if (moe_model_load_mode(o->model, o->copy_weights ? GGUF_LOAD_COPY : GGUF_LOAD_MMAP, &m, err, errlen)) goto done;
+    if (moe_model_load_mode(o->model, o->weights, &m, err, errlen)) goto done;
     const moe_hparams *hp = &m->weights.hp;
     printf("model: %s, %s, %.2f G params (%.2f G active), %d experts top-%d, %d layers; weights %s in %.0f ms\n",
            o->model, moe_arch_get(hp->arch)->name,
            moe_hparams_n_params(hp, m->tied_output) / 1e9,
            moe_hparams_n_params_active(hp, m->tied_output) / 1e9, hp->n_expert,
-           hp->n_expert_used, hp->n_layer, m->copied ? "copied" : "mapped", m->load_ms);
+           hp->n_expert_used, hp->n_layer, gguf_placement(m->gguf), m->load_ms);
     if (bench_engine(m, p, &bw, &pc, o->threads, o->quick, err, errlen)) goto done;
     bench_tokenizer(m, o->text);
     rc = 0;

@@ -5,12 +5,14 @@
 
 #include <stddef.h>
 
+#include "models/gguf.h"
+
 typedef struct {
     const char *model;  /* GGUF to measure (required) */
     const char *text;   /* optional text for the tokenizer benchmark */
     int threads;
     int quick;          /* fewer repetitions (smoke runs) */
-    int copy_weights;   /* --weights copy: load with GGUF_LOAD_COPY */
+    gguf_load_mode weights; /* --weights auto|mmap|copy (models/gguf.h) */
 } bench_opts;
 
 typedef struct {

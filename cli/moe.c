@@ -107,7 +107,7 @@ static int cmd_info(int argc, char **argv)
     printf("vocabulary:     %d%s\n", hp->n_vocab, m->tokenizer ? "" : " (no tokenizer in file)");
     printf("context:        %d\n", hp->n_ctx_train);
     printf("memory:         %.1f MiB %s, %.1f MiB converted to F32 at load (F16/BF16)\n",
-           m->mapped_bytes / 1048576.0, m->copied ? "copied into huge pages" : "mapped",
+           m->mapped_bytes / 1048576.0, gguf_placement(m->gguf),
            m->converted_bytes / 1048576.0);
     size_t packed = moe_engine_packed_bytes_for(hp);
     if (packed)
@@ -536,7 +536,7 @@ static int cmd_eval(int argc, char **argv)
 
 static int cmd_bench(int argc, char **argv)
 {
-    bench_opts o = {.threads = 2};
+    bench_opts o = {.threads = 2, .weights = GGUF_LOAD_AUTO};
     for (int i = 0; i < argc; i++) {
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         long l;
@@ -545,9 +545,12 @@ static int cmd_bench(int argc, char **argv)
         if (!strcmp(argv[i], "-m")) o.model = v;
         else if (!strcmp(argv[i], "--threads")) { if (parse_int(v, 1, 256, &l)) return usage(); o.threads = (int)l; }
         else if (!strcmp(argv[i], "--text")) o.text = v;
-        else if (!strcmp(argv[i], "--weights") && (!strcmp(v, "mmap") || !strcmp(v, "copy")))
-            o.copy_weights = !strcmp(v, "copy");
-        else { fprintf(stderr, "moe: bench: unknown option %s %s (--weights takes mmap or copy)\n", argv[i], v); return 2; }
+        else if (!strcmp(argv[i], "--weights")) {
+            if (gguf_load_mode_parse(v, &o.weights)) {
+                fprintf(stderr, "moe: bench: --weights %s: want auto, mmap or copy\n", v);
+                return 2;
+            }
+        } else { fprintf(stderr, "moe: bench: unknown option %s %s\n", argv[i], v); return 2; }
         i++;
     }
     char err[ERRLEN];

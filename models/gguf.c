@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "core/hugemem.h"
+#include "models/pages.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "gguf.c reads and writes little-endian GGUF with memcpy: port it for big-endian hosts"
@@ -74,6 +75,8 @@ struct gguf_file {
     const uint8_t *base;
     size_t size;
     int mapped;             /* base came from mmap: munmap at close */
+    int copied;             /* base is an anonymous copy of the file */
+    const char *placement;  /* how the bytes reached memory, for logs (static string) */
     uint32_t version;
     uint64_t alignment;
     uint64_t data_start;    /* file offset of the data section */
@@ -595,7 +598,7 @@ int gguf_open_memory(const void *data, size_t size, gguf_file **out, char *err, 
  * The kernel maps a page-cache folio with one PMD entry only when the virtual
  * address is aligned, and reads a VM_HUGEPAGE mapping's faults into PMD-sized
  * folios (kernels with large page-cache folios for the file system; elsewhere
- * the mapping works as a plain one, and GGUF_LOAD_COPY is the way to huge pages). */
+ * the mapping works in small pages, and GGUF_LOAD_AUTO copies it: place_file). */
 static void *map_huge_aligned(int fd, size_t size)
 {
     char *at = hugemem_reserve(size);
@@ -643,6 +646,128 @@ static void *copy_huge_aligned(int fd, size_t size, char *err, size_t errlen)
     return at;
 }
 
+/* Placements, as logs and `moe info` print them. */
+static const char PLACED_COPY[] = "copied into huge pages";
+static const char PLACED_COPY_AUTO[] = "copied into huge pages (the kernel maps this file in 4 KiB pages)";
+static const char PLACED_HUGE[] = "mapped in 2 MiB pages";
+static const char PLACED_SMALL[] = "mapped in 4 KiB pages (streamed about half as fast as 2 MiB pages; --weights copy)";
+static const char PLACED_SMALL_READ_ONCE[] = "mapped in 4 KiB pages (read once: most of it is F16/BF16, converted to F32 at load)";
+static const char PLACED_SMALL_NOTHP[] = "mapped in 4 KiB pages (transparent huge pages are off)";
+static const char PLACED_SMALL_NOMEM[] = "mapped in 4 KiB pages (too little free memory to copy them into huge pages)";
+static const char PLACED_MAPPED[] = "mapped";
+
+/* Maps the file and asks the kernel which page size it got. A file the page
+ * cache holds in 4 KiB folios (just written, or read before through small
+ * mappings) is mapped in 4 KiB pages; with AUTO its clean, unmapped pages are
+ * dropped from the cache (after unmapping the probe) and read again, which
+ * brings them back in 2 MiB folios where the kernel has them for this file
+ * system. */
+static void *map_probed(int fd, size_t size, gguf_load_mode mode, pages_kind *kind, char *err, size_t errlen)
+{
+    *kind = PAGES_UNKNOWN;
+    void *base = map_huge_aligned(fd, size);
+    if (base == MAP_FAILED) {
+        snprintf(err, errlen, "cannot map %zu bytes: %s", size, strerror(errno));
+        return MAP_FAILED;
+    }
+    if (size < ((size_t)2 << 20) || ((uintptr_t)base & (((uintptr_t)2 << 20) - 1))) return base;
+    *kind = pages_probe_file(base);
+    if (*kind == PAGES_SMALL && mode == GGUF_LOAD_AUTO) {
+        (void)madvise(base, (size_t)2 << 20, MADV_DONTNEED);
+        (void)posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+        *kind = pages_probe_file(base);
+    }
+    return base;
+}
+
+/* Bytes the engine reads in place from the file's bytes (F32 tensors; F16 and
+ * BF16 are converted to F32 buffers at load). */
+static uint64_t in_place_bytes(const gguf_file *f)
+{
+    uint64_t n = 0;
+    for (int64_t i = 0; i < f->n_tensors; i++)
+        if (f->tensors[i].type == GGML_TYPE_F32) n += f->tensors[i].nbytes;
+    return n;
+}
+
+/* For a parsed file mapped in 4 KiB pages: a copy into huge pages pays when
+ * most of the file is weights streamed in place, transparent huge pages are on
+ * and the copy, plus an eighth for what the server allocates beside it (KV
+ * cache, packed projections), fits in free memory. Returns whether it would,
+ * and sets the placement that says why not (AUTO copies when it would). */
+static int want_copy(const gguf_file *f, const char **placement)
+{
+    *placement = PLACED_SMALL;
+    if (in_place_bytes(f) < f->size / 2) {
+        *placement = PLACED_SMALL_READ_ONCE;
+        return 0;
+    }
+    if (!pages_thp_enabled()) {
+        *placement = PLACED_SMALL_NOTHP;
+        return 0;
+    }
+    if (pages_mem_available() / 9 * 8 < f->size) {
+        *placement = PLACED_SMALL_NOMEM;
+        return 0;
+    }
+    return 1;
+}
+
+static gguf_file *file_new(void *base, size_t size, int copied, const char *placement)
+{
+    gguf_file *f = calloc(1, sizeof *f);
+    if (!f) return NULL;
+    f->base = base;
+    f->size = size;
+    f->mapped = 1;
+    f->copied = copied;
+    f->placement = placement;
+    return f;
+}
+
+/* Opens the file's bytes placed as `mode` says (see gguf.h) and parses them.
+ * The descriptor stays open for AUTO's copy after the parse. */
+static gguf_file *open_placed(int fd, size_t size, gguf_load_mode mode, char *err, size_t errlen)
+{
+    pages_kind kind = PAGES_UNKNOWN;
+    void *base = mode == GGUF_LOAD_COPY ? copy_huge_aligned(fd, size, err, errlen)
+                                        : map_probed(fd, size, mode, &kind, err, errlen);
+    if (base == MAP_FAILED) return NULL;
+    const char *placement = mode == GGUF_LOAD_COPY ? PLACED_COPY
+                            : kind == PAGES_HUGE   ? PLACED_HUGE
+                            : kind == PAGES_SMALL  ? PLACED_SMALL
+                                                   : PLACED_MAPPED;
+    gguf_file *f = file_new(base, size, mode == GGUF_LOAD_COPY, placement);
+    if (!f) {
+        munmap(base, size);
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    if (parse(f, err, errlen)) {
+        release(f);
+        return NULL;
+    }
+    if (kind != PAGES_SMALL || !want_copy(f, &f->placement) || mode != GGUF_LOAD_AUTO) return f;
+    /* The copy is parsed again rather than re-pointed: every pointer the parse
+     * made into the mapping is then one the checks have seen. */
+    char cerr[160];
+    void *copy = copy_huge_aligned(fd, size, cerr, sizeof cerr);
+    if (copy == MAP_FAILED) return f; /* the mapping works: keep it */
+    gguf_file *g = file_new(copy, size, 1, PLACED_COPY_AUTO);
+    if (!g) {
+        munmap(copy, size);
+        return f;
+    }
+    if (parse(g, err, errlen)) { /* the file changed under us since the first parse */
+        release(g);
+        release(f);
+        return NULL;
+    }
+    release(f);
+    (void)posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED); /* the copy replaces the cached file */
+    return g;
+}
+
 int gguf_open_mode(const char *path, gguf_load_mode mode, gguf_file **out, char *err, size_t errlen)
 {
     *out = NULL;
@@ -667,34 +792,9 @@ int gguf_open_mode(const char *path, gguf_load_mode mode, gguf_file **out, char 
         close(fd);
         return -1;
     }
-    size_t size = (size_t)st.st_size;
-    void *base;
-    if (mode == GGUF_LOAD_COPY) {
-        base = copy_huge_aligned(fd, size, err, errlen);
-        close(fd);
-        if (base == MAP_FAILED) return -1;
-    } else {
-        base = map_huge_aligned(fd, size);
-        int map_errno = errno;
-        close(fd); /* the mapping keeps the file */
-        if (base == MAP_FAILED) {
-            snprintf(err, errlen, "cannot map %zu bytes: %s", size, strerror(map_errno));
-            return -1;
-        }
-    }
-    gguf_file *f = calloc(1, sizeof *f);
-    if (!f) {
-        munmap(base, size);
-        snprintf(err, errlen, "out of memory");
-        return -1;
-    }
-    f->base = base;
-    f->size = size;
-    f->mapped = 1;
-    if (parse(f, err, errlen)) {
-        release(f);
-        return -1;
-    }
+    gguf_file *f = open_placed(fd, (size_t)st.st_size, mode, err, errlen);
+    close(fd); /* a mapping keeps the file */
+    if (!f) return -1;
     *out = f;
     return 0;
 }
@@ -708,6 +808,17 @@ void gguf_close(gguf_file *f) { release(f); }
 
 uint32_t gguf_version(const gguf_file *f) { return f->version; }
 size_t gguf_file_size(const gguf_file *f) { return f->size; }
+int gguf_copied(const gguf_file *f) { return f->copied; }
+
+int gguf_load_mode_parse(const char *s, gguf_load_mode *out)
+{
+    if (!strcmp(s, "auto")) *out = GGUF_LOAD_AUTO;
+    else if (!strcmp(s, "mmap")) *out = GGUF_LOAD_MMAP;
+    else if (!strcmp(s, "copy")) *out = GGUF_LOAD_COPY;
+    else return -1;
+    return 0;
+}
+const char *gguf_placement(const gguf_file *f) { return f->placement ? f->placement : "in memory"; }
 uint64_t gguf_alignment(const gguf_file *f) { return f->alignment; }
 
 /* ---------------------------------------------------------- key/values ---- */

@@ -53,10 +53,18 @@ typedef struct gguf_file gguf_file;
 int gguf_open(const char *path, gguf_file **out, char *err, size_t errlen);
 /* How the file's bytes reach memory: MMAP maps the file (instant, shared with the
  * page cache, huge pages where the kernel gives them to file mappings); COPY reads
- * it into anonymous huge pages (costs the copy, gets huge pages on any THP kernel).
- * Either way the bytes are read-only and validated the same. */
-typedef enum { GGUF_LOAD_MMAP, GGUF_LOAD_COPY } gguf_load_mode;
+ * it into anonymous huge pages (costs the copy, gets huge pages on any THP kernel);
+ * AUTO maps it and, when the kernel maps it in 4 KiB pages, copies it if the copy
+ * fits in free memory (models/pages.h). Either way the bytes are read-only and
+ * validated the same. gguf_open is MMAP. */
+typedef enum { GGUF_LOAD_MMAP, GGUF_LOAD_COPY, GGUF_LOAD_AUTO } gguf_load_mode;
 int gguf_open_mode(const char *path, gguf_load_mode mode, gguf_file **out, char *err, size_t errlen);
+/* Whether the bytes are a copy (COPY, or AUTO's fallback), and a phrase for logs
+ * saying where they are ("mapped in 2 MiB pages", "copied into huge pages", ...). */
+int gguf_copied(const gguf_file *f);
+/* "auto", "mmap" or "copy" (command-line flags) into *out; -1 for anything else. */
+int gguf_load_mode_parse(const char *s, gguf_load_mode *out);
+const char *gguf_placement(const gguf_file *f);
 /* Parse a buffer the caller keeps alive (tests, fuzzing). */
 int gguf_open_memory(const void *data, size_t size, gguf_file **out, char *err, size_t errlen);
 void gguf_close(gguf_file *f);

@@ -435,7 +435,7 @@ int moe_model_load_mode(const char *path, gguf_load_mode mode, moe_model **out, 
         return -1;
     }
     m->mapped_bytes = gguf_file_size(m->gguf);
-    m->copied = mode == GGUF_LOAD_COPY;
+    m->copied = gguf_copied(m->gguf);
     if (model_fill(m, path, err, errlen)) {
         moe_model_free(m);
         return -1;

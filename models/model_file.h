@@ -21,8 +21,8 @@ typedef struct {
     gguf_file *gguf;           /* owned */
     moe_tokenizer *tokenizer;  /* owned; NULL when the file has no tokenizer */
     int tied_output;           /* output.weight absent: token_embd used */
-    size_t mapped_bytes;       /* file size (mapped, or copied with GGUF_LOAD_COPY) */
-    int copied;                /* loaded with GGUF_LOAD_COPY */
+    size_t mapped_bytes;       /* file size (mapped, or copied) */
+    int copied;                /* the file's bytes are an anonymous copy (gguf_copied) */
     float *converted;          /* owned: every F16/BF16 tensor converted to F32, one buffer */
     size_t converted_bytes;    /* heap used for F16/BF16 -> F32 */
     double load_ms;
@@ -30,8 +30,10 @@ typedef struct {
 } moe_model;
 
 int moe_model_load(const char *path, moe_model **out, char *err, size_t errlen);
-/* The same with the file's bytes mapped (GGUF_LOAD_MMAP, what moe_model_load does)
- * or copied into anonymous huge pages (GGUF_LOAD_COPY): see models/gguf.h. */
+/* The same with the file's bytes mapped (GGUF_LOAD_MMAP, what moe_model_load does),
+ * copied into anonymous huge pages (GGUF_LOAD_COPY), or copied only where the
+ * kernel maps the file in 4 KiB pages (GGUF_LOAD_AUTO): see models/gguf.h.
+ * gguf_placement(m->gguf) says which happened. */
 int moe_model_load_mode(const char *path, gguf_load_mode mode, moe_model **out, char *err, size_t errlen);
 void moe_model_free(moe_model *m);
 

@@ -37,7 +37,7 @@ static const opt_def opts[] = {
     {"drain-delay", OPT_SEC, OFF(drain_delay), 0, 0, "SEC  after SIGTERM keep serving this long, ready=503 (default 0)"},
     {"drain-timeout", OPT_SEC, OFF(drain_timeout), 0, 0, "SEC  after SIGTERM finish in-flight work this long, then 503 (default 30)"},
     {"log-format", OPT_LOGFMT, OFF(log_fmt), 0, 0, "text|json  log format (default text)"},
-    {"weights", OPT_WEIGHTS, OFF(copy_weights), 0, 0, "mmap|copy  map model files (default: instant start) or copy them into huge pages (decode ~2x faster where the kernel gives file mappings only 4 KiB pages; costs the copy at load)"},
+    {"weights", OPT_WEIGHTS, OFF(weights), 0, 0, "auto|mmap|copy  where model files go: auto (default) maps them and, where the kernel maps them in 4 KiB pages, copies them into huge pages when the copy fits in free memory (decode ~2x faster; costs the copy at load); mmap always maps, copy always copies. The load line says which"},
     {"quiet", OPT_FLAG, OFF(quiet), 0, 0, "  no per-request log lines"},
     {"no-packed-projections", OPT_FLAG, OFF(no_packed_projections), 0, 0, "  keep no packed copy of the attention and output projection weights: saves their memory again (445 MiB for the bench model; the load line gives it), costs speed from a few rows a step up; results are the same"},
 };
@@ -53,6 +53,7 @@ void server_config_default(server_config *c)
     c->max_body_bytes = 1 << 20;
     c->request_timeout = 600;
     c->drain_timeout = 30;
+    c->weights = GGUF_LOAD_AUTO;
 }
 
 void server_config_free(server_config *c)
@@ -192,11 +193,10 @@ static int set_opt(server_config *c, const opt_def *o, const char *v, const char
         }
         return 0;
     case OPT_WEIGHTS:
-        if (strcmp(v, "mmap") && strcmp(v, "copy")) {
-            snprintf(err, errlen, "%s --weights '%s': want mmap or copy", src, v);
+        if (gguf_load_mode_parse(v, (gguf_load_mode *)base)) {
+            snprintf(err, errlen, "%s --weights '%s': want auto, mmap or copy", src, v);
             return -1;
         }
-        c->copy_weights = !strcmp(v, "copy");
         return 0;
     case OPT_FLAG:
         *(int *)base = strcmp(v, "0") != 0;

@@ -10,6 +10,8 @@
 
 #include <stddef.h>
 
+#include "models/gguf.h"
+
 #define SERVER_MAX_MODELS 16
 
 typedef enum { LOG_TEXT = 0, LOG_JSON = 1 } log_format;
@@ -40,7 +42,7 @@ typedef struct {
     double drain_timeout;    /* seconds from SIGTERM until the rest gets 503 */
     log_format log_fmt;
     int quiet;               /* no per-request log lines */
-    int copy_weights;        /* --weights copy: GGUF_LOAD_COPY instead of mmap */
+    gguf_load_mode weights;  /* --weights auto|mmap|copy (models/gguf.h) */
     int no_packed_projections; /* --no-packed-projections: no packed copy (core/packed.h) */
 } server_config;
 

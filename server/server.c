@@ -626,7 +626,7 @@ static void *loader_main(void *arg)
         char err[400];
         double t0 = mono_now();
         moe_model *m;
-        if (moe_model_load_mode(c->models[i].path, c->copy_weights ? GGUF_LOAD_COPY : GGUF_LOAD_MMAP, &m, err,
+        if (moe_model_load_mode(c->models[i].path, c->weights, &m, err,
                                 sizeof err)) {
             snprintf(s->load_err, sizeof s->load_err, "model '%s' (%s): %s", c->models[i].name, c->models[i].path, err);
             atomic_store(&s->load_failed, 1);
@@ -663,7 +663,7 @@ static void *loader_main(void *arg)
                   hp->n_expert, hp->n_expert_used, hp->n_layer, hp->n_vocab, sched_max_seq_len(sc),
                   moe_engine_kv_bytes(e) / 1048576.0, sched_kv_positions(sc), packed, sp.max_batch_tokens,
                   sp.max_seqs < sp.max_batch_tokens ? sp.max_seqs : sp.max_batch_tokens,
-                  m->copied ? "copied into huge pages" : "mapped", secs * 1e3);
+                  gguf_placement(m->gguf), secs * 1e3);
         s->models[i] = m;
         s->scheds[i] = sc;
         atomic_store_explicit(&s->n_loaded, i + 1, memory_order_release);

@@ -7,11 +7,15 @@
  * it compiling and SAN=1 sees what it reads. First: it defines _GNU_SOURCE (memfd). */
 #include "tests/fuzz/fuzz_model.c"
 
+#include <fcntl.h>
 #include <math.h>
 #include <stdint.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 
 #include "models/gguf.h"
 #include "models/model_file.h"
+#include "models/pages.h"
 #include "models/synth.h"
 #include "tests/testutil.h"
 
@@ -577,6 +581,108 @@ START_TEST(copy_mode_equals_mmap)
 }
 END_TEST
 
+/* The smaps parser reads the field of the mapping asked for and no other: a
+ * longer name is not the field, a malformed value or a field the entry lacks
+ * is -1 (not the next entry's value). */
+START_TEST(smaps_field_of_one_mapping)
+{
+    static const char text[] =
+        "00400000-00452000 r-xp 00000000 08:02 173521 /usr/bin/daemon\n"
+        "Size:                328 kB\n"
+        "FilePmdMapped:         0 kB\n"
+        "7f0000000000-7f0000400000 r--p 00000000 fd:01 42 /models/m.gguf\n"
+        "Size:               4096 kB\n"
+        "FilePmdMappedX:        7 kB\n"
+        "FilePmdMapped:      2048 kB\n"
+        "VmFlags: rd mr mw me hg\n"
+        "7f0000400000-7f0000600000 r--p 00000000 fd:01 43 /models/n.gguf\n"
+        "FilePmdMapped:      junk\n"
+        "AnonHugePages:        12 kB\n"
+        "7f0000600000-7f0000800000 r--p 00000000 fd:01 44 /models/o.gguf\n"
+        "Size:                  8 kB\n";
+    struct { uintptr_t start; const char *field; long want; } cases[] = {
+        {0x7f0000000000, "FilePmdMapped", 2048}, {0x400000, "FilePmdMapped", 0},
+        {0x400000, "Size", 328},                 {0x7f0000400000, "FilePmdMapped", -1},
+        {0x7f0000400000, "AnonHugePages", 12},   {0x7f0000000000, "AnonHugePages", -1},
+        {0x7f0000600000, "FilePmdMapped", -1},   {0x7f0000600000, "Size", 8},
+        {0x1000, "Size", -1},                    {0x7f0000000000, "FilePmd", -1},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        FILE *f = fmemopen((void *)text, sizeof text - 1, "r");
+        ck_assert_ptr_nonnull(f);
+        long kb = pages_smaps_field_kb(f, cases[i].start, cases[i].field);
+        fclose(f);
+        ck_assert_msg(kb == cases[i].want, "%#lx %s: %ld, want %ld", (unsigned long)cases[i].start,
+                      cases[i].field, kb, cases[i].want);
+    }
+}
+END_TEST
+
+/* Holds every page of a file in the page cache as a 4 KiB folio, mapped, so that
+ * nothing can drop it: what a file read through small mappings looks like. */
+static void *pin_small_pages(const char *path, size_t *size)
+{
+    int fd = open(path, O_RDONLY);
+    ck_assert_int_ge(fd, 0);
+    struct stat st;
+    ck_assert_int_eq(fstat(fd, &st), 0);
+    *size = (size_t)st.st_size;
+    (void)posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    char *p = mmap(NULL, *size, PROT_READ, MAP_SHARED, fd, 0);
+    close(fd);
+    ck_assert(p != MAP_FAILED);
+    (void)madvise(p, *size, MADV_RANDOM); /* no readahead: one 4 KiB folio a fault */
+    volatile char sum = 0;
+    for (size_t i = 0; i < *size; i += 4096) sum = (char)(sum + p[i]);
+    (void)sum;
+    return p;
+}
+
+/* --weights auto against --weights mmap on the same file, held in 4 KiB pages.
+ * Each branch follows what the kernel reported to the mmap load: where it
+ * reported 4 KiB pages, an F32 file is copied into huge pages when THP is on
+ * and memory allows, and an F16 file (converted at load) never is; the weights
+ * are the same bytes either way. */
+static void auto_against_mmap(int f16)
+{
+    fixture fx;
+    fixture_synth(&fx, "qwen3moe", "small", f16);
+    size_t size;
+    void *pin = pin_small_pages(fx.path, &size);
+    ck_assert_uint_gt(size, (size_t)4 << 20);
+    moe_model *a, *b;
+    ck_assert_msg(moe_model_load_mode(fx.path, GGUF_LOAD_MMAP, &a, err, sizeof err) == 0, "%s", err);
+    ck_assert_msg(moe_model_load_mode(fx.path, GGUF_LOAD_AUTO, &b, err, sizeof err) == 0, "%s", err);
+    const char *pa = gguf_placement(a->gguf), *pb = gguf_placement(b->gguf);
+    ck_assert(!a->copied);
+    if (strstr(pa, "4 KiB")) {
+        int can_copy = !f16 && pages_thp_enabled() && pages_mem_available() / 9 * 8 >= size;
+        ck_assert_msg(b->copied == can_copy, "f16 %d: auto gave '%s' after mmap's '%s'", f16, pb, pa);
+        ck_assert(can_copy ? strstr(pb, "copied into huge pages") != NULL : strstr(pb, "4 KiB") != NULL);
+        if (f16) ck_assert_msg(strstr(pb, "read once"), "%s", pb);
+    } else {
+        /* the kernel did not say (no FilePmdMapped), or mapped 2 MiB anyway */
+        ck_assert_msg(!strcmp(pa, "mapped") || strstr(pa, "2 MiB"), "%s", pa);
+        ck_assert(!b->copied);
+    }
+    const moe_hparams *h = &a->weights.hp;
+    size_t n_exp = (size_t)h->n_expert * (size_t)h->n_ff * (size_t)h->n_embd;
+    ck_assert(memcmp(a->weights.layers[1].exp_down, b->weights.layers[1].exp_down, n_exp * sizeof(float)) == 0);
+    ck_assert(memcmp(a->weights.output, b->weights.output,
+                     (size_t)h->n_vocab * (size_t)h->n_embd * sizeof(float)) == 0);
+    moe_model_free(a);
+    moe_model_free(b);
+    munmap(pin, size);
+    fixture_done(&fx);
+}
+
+START_TEST(auto_mode_copies_only_what_pays)
+{
+    auto_against_mmap(0);
+    auto_against_mmap(1);
+}
+END_TEST
+
 START_TEST(synth_rejects_bad_params)
 {
     fixture fx;
@@ -739,6 +845,8 @@ int main(void)
     tcase_add_test(th, unknown_architecture_lists_the_supported);
     tcase_add_test(th, not_a_model_file);
     tcase_add_test(th, copy_mode_equals_mmap);
+    tcase_add_test(th, smaps_field_of_one_mapping);
+    tcase_add_test(th, auto_mode_copies_only_what_pays);
     tcase_add_test(th, synth_rejects_bad_params);
     tcase_add_loop_test(th, fuzz_target_on_mutated_models, 0, 4);
     suite_add_tcase(s, th);

@@ -737,9 +737,14 @@ START_TEST(config_flags_and_environment)
     unsetenv("MOESERVE_PORT");
     char *argv4[] = {"moeserve", "--model", "m.gguf", "--weights", "copy", NULL};
     server_config_default(&c);
-    ck_assert_int_eq(c.copy_weights, 0);
+    ck_assert_int_eq(c.weights, GGUF_LOAD_AUTO);
     ck_assert_int_eq(server_config_parse(&c, 5, argv4, err, sizeof err), 0);
-    ck_assert_int_eq(c.copy_weights, 1);
+    ck_assert_int_eq(c.weights, GGUF_LOAD_COPY);
+    server_config_free(&c);
+    argv4[4] = "mmap";
+    server_config_default(&c);
+    ck_assert_int_eq(server_config_parse(&c, 5, argv4, err, sizeof err), 0);
+    ck_assert_int_eq(c.weights, GGUF_LOAD_MMAP);
     server_config_free(&c);
     char *argv5[] = {"moeserve", "--model", "m.gguf", "--no-packed-projections", NULL};
     server_config_default(&c);
@@ -750,7 +755,7 @@ START_TEST(config_flags_and_environment)
     argv4[4] = "heap";
     server_config_default(&c);
     ck_assert_int_eq(server_config_parse(&c, 5, argv4, err, sizeof err), -1);
-    ck_assert(strstr(err, "mmap or copy"));
+    ck_assert(strstr(err, "auto, mmap or copy"));
     server_config_free(&c);
 }
 END_TEST
