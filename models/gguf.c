@@ -592,9 +592,9 @@ int gguf_open_memory(const void *data, size_t size, gguf_file **out, char *err, 
 
 /* Maps the file read-only at a 2 MiB-aligned address and asks for huge pages.
  * Decode streams every selected expert's weights from this mapping each step;
- * with 4 KiB pages the TLB misses cost more than half the memory bandwidth
- * (measured on the bench model, 2 threads: a plain read of the mapping 15-23 GB/s,
- * the same file in 2 MiB folios 49-51 GB/s, batch-1 decode 36 -> 53 tok/s).
+ * with 4 KiB pages the TLB misses cost bandwidth (measured on the bench model, 2
+ * threads, on Zen 4: batch-1 decode 36 -> 53 tok/s; on Zen 5 a few percent, and
+ * the first pass, which faults the pages in, 26 against 79 GB/s).
  * The kernel maps a page-cache folio with one PMD entry only when the virtual
  * address is aligned, and reads a VM_HUGEPAGE mapping's faults into PMD-sized
  * folios (kernels with large page-cache folios for the file system; elsewhere
@@ -650,10 +650,10 @@ static void *copy_huge_aligned(int fd, size_t size, char *err, size_t errlen)
 static const char PLACED_COPY[] = "copied into huge pages";
 static const char PLACED_COPY_AUTO[] = "copied into huge pages (the kernel maps this file in 4 KiB pages)";
 static const char PLACED_HUGE[] = "mapped in 2 MiB pages";
-static const char PLACED_SMALL[] = "mapped in 4 KiB pages (streamed about half as fast as 2 MiB pages; --weights copy)";
+static const char PLACED_SMALL[] = "mapped in 4 KiB pages (slower to stream than 2 MiB pages; --weights copy)";
 static const char PLACED_SMALL_READ_ONCE[] = "mapped in 4 KiB pages (read once: most of it is F16/BF16, converted to F32 at load)";
 static const char PLACED_SMALL_NOTHP[] = "mapped in 4 KiB pages (transparent huge pages are off)";
-static const char PLACED_SMALL_NOMEM[] = "mapped in 4 KiB pages (too little free memory to copy them into huge pages)";
+static const char PLACED_SMALL_NOMEM[] = "mapped in 4 KiB pages (a copy into huge pages would take more than half the free memory)";
 static const char PLACED_MAPPED[] = "mapped";
 
 /* Maps the file and asks the kernel which page size it got. A file the page
@@ -691,10 +691,12 @@ static uint64_t in_place_bytes(const gguf_file *f)
 }
 
 /* For a parsed file mapped in 4 KiB pages: a copy into huge pages pays when
- * most of the file is weights streamed in place, transparent huge pages are on
- * and the copy, plus an eighth for what the server allocates beside it (KV
- * cache, packed projections), fits in free memory. Returns whether it would,
- * and sets the placement that says why not (AUTO copies when it would). */
+ * most of the file is weights streamed in place and transparent huge pages are
+ * on. Unlike the page cache the copy cannot be reclaimed, so it is made only
+ * when it takes at most half the free memory: the rest is left for the KV
+ * cache, the packed projections and everything else on the machine. Returns
+ * whether it would copy, and sets the placement that says why not (AUTO copies
+ * when it would). */
 static int want_copy(const gguf_file *f, const char **placement)
 {
     *placement = PLACED_SMALL;
@@ -706,7 +708,7 @@ static int want_copy(const gguf_file *f, const char **placement)
         *placement = PLACED_SMALL_NOTHP;
         return 0;
     }
-    if (pages_mem_available() / 9 * 8 < f->size) {
+    if (pages_mem_available() / 2 < f->size) {
         *placement = PLACED_SMALL_NOMEM;
         return 0;
     }

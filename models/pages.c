@@ -23,8 +23,14 @@ long pages_smaps_field_kb(FILE *smaps, uintptr_t start, const char *field)
 {
     char line[512];
     size_t flen = strlen(field);
-    int in = 0;
+    int in = 0, partial = 0;
     while (fgets(line, sizeof line, smaps)) {
+        /* The rest of a line longer than the buffer (a long path) is not a line
+         * of its own, though it may look like a header ("ab-cd"). */
+        int rest = partial;
+        size_t len = strlen(line);
+        partial = len > 0 && line[len - 1] != '\n';
+        if (rest) continue;
         uintptr_t s;
         if (header_start(line, &s)) {
             if (in) return -1; /* the entry ended without the field */

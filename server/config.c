@@ -37,7 +37,7 @@ static const opt_def opts[] = {
     {"drain-delay", OPT_SEC, OFF(drain_delay), 0, 0, "SEC  after SIGTERM keep serving this long, ready=503 (default 0)"},
     {"drain-timeout", OPT_SEC, OFF(drain_timeout), 0, 0, "SEC  after SIGTERM finish in-flight work this long, then 503 (default 30)"},
     {"log-format", OPT_LOGFMT, OFF(log_fmt), 0, 0, "text|json  log format (default text)"},
-    {"weights", OPT_WEIGHTS, OFF(weights), 0, 0, "auto|mmap|copy  where model files go: auto (default) maps them and, where the kernel maps them in 4 KiB pages, copies them into huge pages when the copy fits in free memory (decode ~2x faster; costs the copy at load); mmap always maps, copy always copies. The load line says which"},
+    {"weights", OPT_WEIGHTS, OFF(weights), 0, 0, "auto|mmap|copy  where model files go: auto (default) maps them and, where the kernel maps them in 4 KiB pages, copies them into huge pages when the copy takes at most half the free memory (faster decode, by a few percent to a third depending on the CPU; costs the copy at load); mmap always maps, copy always copies. The load line says which"},
     {"quiet", OPT_FLAG, OFF(quiet), 0, 0, "  no per-request log lines"},
     {"no-packed-projections", OPT_FLAG, OFF(no_packed_projections), 0, 0, "  keep no packed copy of the attention and output projection weights: saves their memory again (445 MiB for the bench model; the load line gives it), costs speed from a few rows a step up; results are the same"},
 };

@@ -615,6 +615,16 @@ START_TEST(smaps_field_of_one_mapping)
         ck_assert_msg(kb == cases[i].want, "%#lx %s: %ld, want %ld", (unsigned long)cases[i].start,
                       cases[i].field, kb, cases[i].want);
     }
+    /* a path of 3000 bytes made of "ab-": wherever the reads split it, what follows
+     * a split is not a header */
+    char big[4096];
+    int n = snprintf(big, sizeof big, "7f0000800000-7f0000a00000 r--p 00000000 fd:01 45 /");
+    for (int i = 0; i < 1000; i++) n += snprintf(big + n, sizeof big - (size_t)n, "ab-");
+    n += snprintf(big + n, sizeof big - (size_t)n, "\nFilePmdMapped:      2048 kB\n");
+    FILE *f = fmemopen(big, (size_t)n, "r");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(pages_smaps_field_kb(f, 0x7f0000800000, "FilePmdMapped"), 2048);
+    fclose(f);
 }
 END_TEST
 
@@ -656,7 +666,7 @@ static void auto_against_mmap(int f16)
     const char *pa = gguf_placement(a->gguf), *pb = gguf_placement(b->gguf);
     ck_assert(!a->copied);
     if (strstr(pa, "4 KiB")) {
-        int can_copy = !f16 && pages_thp_enabled() && pages_mem_available() / 9 * 8 >= size;
+        int can_copy = !f16 && pages_thp_enabled() && pages_mem_available() / 2 >= size;
         ck_assert_msg(b->copied == can_copy, "f16 %d: auto gave '%s' after mmap's '%s'", f16, pb, pa);
         ck_assert(can_copy ? strstr(pb, "copied into huge pages") != NULL : strstr(pb, "4 KiB") != NULL);
         if (f16) ck_assert_msg(strstr(pb, "read once"), "%s", pb);
