@@ -90,17 +90,24 @@ static long long file_number(const char *path)
     return v;
 }
 
+/* avail capped by the room a cgroup limit leaves (limit - usage), when both
+ * files are there: a container sees the host's MemAvailable. */
+static unsigned long long cgroup_cap(unsigned long long avail, const char *limit, const char *usage)
+{
+    long long max = file_number(limit), cur = file_number(usage);
+    if (max < 0 || cur < 0) return avail;
+    unsigned long long room = max > cur ? (unsigned long long)(max - cur) : 0;
+    return room < avail ? room : avail;
+}
+
 size_t pages_mem_available(void)
 {
     long long kb = meminfo_kb("MemAvailable");
     if (kb <= 0) return 0;
     unsigned long long avail = (unsigned long long)kb * 1024;
-    long long max = file_number("/sys/fs/cgroup/memory.max");
-    long long cur = file_number("/sys/fs/cgroup/memory.current");
-    if (max >= 0 && cur >= 0) {
-        unsigned long long room = max > cur ? (unsigned long long)(max - cur) : 0;
-        if (room < avail) avail = room;
-    }
+    avail = cgroup_cap(avail, "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current");
+    avail = cgroup_cap(avail, "/sys/fs/cgroup/memory/memory.limit_in_bytes", /* cgroup v1 */
+                       "/sys/fs/cgroup/memory/memory.usage_in_bytes");
     return avail > SIZE_MAX ? SIZE_MAX : (size_t)avail;
 }
 

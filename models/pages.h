@@ -26,8 +26,9 @@ long pages_smaps_field_kb(FILE *smaps, uintptr_t start, const char *field);
  * mapped it with one 2 MiB entry (HUGE) or in small pages (SMALL). */
 pages_kind pages_probe_file(const void *base);
 
-/* Bytes this process could still allocate: MemAvailable, capped by a cgroup v2
- * limit when there is one (containers). 0 when unknown. */
+/* Bytes this process could still allocate: MemAvailable, capped by the room a
+ * cgroup (v2 or v1) memory limit leaves, when there is one (containers). 0 when
+ * unknown. */
 size_t pages_mem_available(void);
 
 /* Transparent huge pages for anonymous memory are not switched off ("never"). */

@@ -628,6 +628,33 @@ START_TEST(smaps_field_of_one_mapping)
 }
 END_TEST
 
+/* Free memory is MemAvailable or less (a cgroup limit can only lower it), and
+ * THP is on unless the kernel's setting says [never]. */
+START_TEST(free_memory_and_thp_as_the_kernel_says)
+{
+    FILE *f = fopen("/proc/meminfo", "r");
+    ck_assert_ptr_nonnull(f);
+    char line[256];
+    long long kb = -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %lld kB", &kb) == 1) break;
+    fclose(f);
+    ck_assert_int_gt(kb, 0);
+    size_t avail = pages_mem_available();
+    ck_assert_uint_gt(avail, 0);
+    /* memory moves between the two reads: allow 256 MiB */
+    ck_assert_msg(avail <= (size_t)kb * 1024 + ((size_t)256 << 20), "%zu > MemAvailable %lld kB", avail, kb);
+    f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+    if (!f) {
+        ck_assert(!pages_thp_enabled());
+        return;
+    }
+    ck_assert_ptr_nonnull(fgets(line, sizeof line, f));
+    fclose(f);
+    ck_assert_int_eq(pages_thp_enabled(), strstr(line, "[never]") == NULL);
+}
+END_TEST
+
 /* Holds every page of a file in the page cache as a 4 KiB folio, mapped, so that
  * nothing can drop it: what a file read through small mappings looks like. */
 static void *pin_small_pages(const char *path, size_t *size)
@@ -856,6 +883,7 @@ int main(void)
     tcase_add_test(th, not_a_model_file);
     tcase_add_test(th, copy_mode_equals_mmap);
     tcase_add_test(th, smaps_field_of_one_mapping);
+    tcase_add_test(th, free_memory_and_thp_as_the_kernel_says);
     tcase_add_test(th, auto_mode_copies_only_what_pays);
     tcase_add_test(th, synth_rejects_bad_params);
     tcase_add_loop_test(th, fuzz_target_on_mutated_models, 0, 4);
