@@ -812,6 +812,20 @@ uint32_t gguf_version(const gguf_file *f) { return f->version; }
 size_t gguf_file_size(const gguf_file *f) { return f->size; }
 int gguf_copied(const gguf_file *f) { return f->copied; }
 
+size_t gguf_page_in(const gguf_file *f, size_t off, size_t len)
+{
+    if (off >= f->size || len == 0) return 0;
+    if (len > f->size - off) len = f->size - off;
+    long page_l = sysconf(_SC_PAGESIZE);
+    size_t page = page_l > 0 ? (size_t)page_l : 4096;
+    volatile const uint8_t *p = f->base;
+    uint8_t sink = 0;
+    for (size_t at = off; at < off + len; at += page) sink ^= p[at];
+    sink ^= p[off + len - 1];
+    (void)sink;
+    return len;
+}
+
 int gguf_load_mode_parse(const char *s, gguf_load_mode *out)
 {
     if (!strcmp(s, "auto")) *out = GGUF_LOAD_AUTO;

@@ -39,6 +39,7 @@ static const opt_def opts[] = {
     {"log-format", OPT_LOGFMT, OFF(log_fmt), 0, 0, "text|json  log format (default text)"},
     {"weights", OPT_WEIGHTS, OFF(weights), 0, 0, "auto|mmap|copy  where model files go: auto (default) maps them and, where the kernel maps them in 4 KiB pages, copies them into huge pages when the copy takes at most half the free memory (faster decode, by a few percent to a third depending on the CPU; costs the copy at load); mmap always maps, copy always copies. The load line says which"},
     {"quiet", OPT_FLAG, OFF(quiet), 0, 0, "  no per-request log lines"},
+    {"no-preload", OPT_FLAG, OFF(no_preload), 0, 0, "  say ready as soon as a model file is mapped, without reading its weights first: the first requests then wait for the disk (seconds for a few GB; by default they are read before /ready answers 200, unless the file is larger than the free memory)"},
     {"no-packed-projections", OPT_FLAG, OFF(no_packed_projections), 0, 0, "  keep no packed copy of the attention and output projection weights: saves their memory again (445 MiB for the bench model; the load line gives it), costs speed from a few rows a step up; results are the same"},
 };
 #define N_OPTS (sizeof opts / sizeof opts[0])

@@ -44,6 +44,7 @@ typedef struct {
     int quiet;               /* no per-request log lines */
     gguf_load_mode weights;  /* --weights auto|mmap|copy (models/gguf.h) */
     int no_packed_projections; /* --no-packed-projections: no packed copy (core/packed.h) */
+    int no_preload;          /* --no-preload: /ready before the weights are read from disk */
 } server_config;
 
 void server_config_default(server_config *c);

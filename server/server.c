@@ -22,6 +22,7 @@
 #include <uv.h>
 
 #include "core/matmul.h"
+#include "models/pages.h"
 #include "server/api.h"
 #include "server/ensemble_req.h"
 #include "server/log.h"
@@ -609,6 +610,32 @@ static int auto_batch_tokens(void)
     return n;
 }
 
+/* Reads a mapped model file in before /ready says 200: otherwise the first
+ * requests read it from disk (the 3.8 GB bench model with a cold page cache:
+ * 3.2 s for the first 8 tokens, 0.1 s for the next request). In chunks, so that
+ * a SIGTERM during a long read stops it: returns -1 then. A file larger than
+ * the free memory is not read (it would only evict itself). */
+#define PRELOAD_CHUNK ((size_t)256 << 20)
+static int preload(moe_server *s, int i, const moe_model *m)
+{
+    const server_config *c = s->cfg;
+    size_t size = gguf_file_size(m->gguf);
+    if (c->no_preload || m->copied) return 0;
+    if (size > pages_mem_available()) {
+        log_event(c->log_fmt, "warn", "model '%s': %.1f MiB of weights not read in before ready: more than the "
+                  "free memory; the first requests read them from disk", c->models[i].name, size / 1048576.0);
+        return 0;
+    }
+    double t0 = mono_now();
+    for (size_t off = 0; off < size; off += PRELOAD_CHUNK) {
+        if (atomic_load(&s->loader_cancel)) return -1;
+        gguf_page_in(m->gguf, off, PRELOAD_CHUNK);
+    }
+    log_event(c->log_fmt, "info", "model '%s': %.1f MiB of weights read in before ready in %.0f ms",
+              c->models[i].name, size / 1048576.0, (mono_now() - t0) * 1e3);
+    return 0;
+}
+
 static void *loader_main(void *arg)
 {
     moe_server *s = arg;
@@ -631,6 +658,10 @@ static void *loader_main(void *arg)
             snprintf(s->load_err, sizeof s->load_err, "model '%s' (%s): %s", c->models[i].name, c->models[i].path, err);
             atomic_store(&s->load_failed, 1);
             uv_async_send(&s->async);
+            return NULL;
+        }
+        if (preload(s, i, m)) {
+            moe_model_free(m);
             return NULL;
         }
         sched_params sp = {c->threads > 0 ? c->threads : (int)sysconf(_SC_NPROCESSORS_ONLN), c->max_seqs,

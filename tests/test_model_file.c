@@ -713,6 +713,46 @@ static void auto_against_mmap(int f16)
     fixture_done(&fx);
 }
 
+/* gguf_page_in clamps to the file and leaves every page of the range in memory,
+ * where before it the clean pages had been dropped from the page cache. */
+START_TEST(page_in_reads_the_range)
+{
+    fixture fx;
+    fixture_synth(&fx, "qwen3moe", "small", 0);
+    int fd = open(fx.path, O_RDONLY);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(fdatasync(fd), 0); /* dirty pages cannot be dropped */
+    gguf_file *f;
+    ck_assert_msg(gguf_open_mode(fx.path, GGUF_LOAD_MMAP, &f, err, sizeof err) == 0, "%s", err);
+    size_t size = gguf_file_size(f);
+    ck_assert_uint_eq(gguf_page_in(f, size, 4096), 0);
+    ck_assert_uint_eq(gguf_page_in(f, 0, 0), 0);
+    ck_assert_uint_eq(gguf_page_in(f, size - 100, 4096), 100);
+    /* the last tensor in the file lies past the first 2 MiB, which the open touched */
+    const gguf_tensor *t = gguf_get_tensor(f, 0);
+    for (int64_t i = 1; i < gguf_n_tensors(f); i++)
+        if (gguf_get_tensor(f, i)->offset > t->offset) t = gguf_get_tensor(f, i);
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t lo = (uintptr_t)t->data & ~(uintptr_t)(page - 1);
+    size_t span = (size_t)((uintptr_t)t->data + t->nbytes - lo), n_pages = (span + (size_t)page - 1) / (size_t)page;
+    ck_assert_uint_gt(n_pages, 4);
+    unsigned char *vec = malloc(n_pages);
+    ck_assert_ptr_nonnull(vec);
+    ck_assert_int_eq(posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+    ck_assert_int_eq(mincore((void *)lo, span, vec), 0);
+    size_t resident = 0;
+    for (size_t i = 0; i < n_pages; i++) resident += vec[i] & 1;
+    ck_assert_msg(resident < n_pages, "dropped from the cache, %zu of %zu pages still resident", resident, n_pages);
+    ck_assert_uint_eq(gguf_page_in(f, 0, size), size);
+    ck_assert_int_eq(mincore((void *)lo, span, vec), 0);
+    for (size_t i = 0; i < n_pages; i++) ck_assert_msg(vec[i] & 1, "page %zu of %zu not read in", i, n_pages);
+    free(vec);
+    gguf_close(f);
+    close(fd);
+    fixture_done(&fx);
+}
+END_TEST
+
 START_TEST(auto_mode_copies_only_what_pays)
 {
     auto_against_mmap(0);
@@ -884,6 +924,7 @@ int main(void)
     tcase_add_test(th, copy_mode_equals_mmap);
     tcase_add_test(th, smaps_field_of_one_mapping);
     tcase_add_test(th, free_memory_and_thp_as_the_kernel_says);
+    tcase_add_test(th, page_in_reads_the_range);
     tcase_add_test(th, auto_mode_copies_only_what_pays);
     tcase_add_test(th, synth_rejects_bad_params);
     tcase_add_loop_test(th, fuzz_target_on_mutated_models, 0, 4);

@@ -781,6 +781,25 @@ START_TEST(weights_copy_serves_the_same)
 }
 END_TEST
 
+/* The weights of a mapped model are read in before /ready says 200, and the log
+ * says so; --no-preload skips it; a copy (already in memory) needs no read. */
+START_TEST(weights_read_in_before_ready)
+{
+    server s;
+    server_start(&s, (const char *[]){"--model", g_model_a, NULL});
+    ck_assert_int_eq(http_status(s.port, "GET", "/ready"), 200);
+    server_stop(&s);
+    ck_assert_msg(log_has(&s, "of weights read in before ready"), "log %s", s.log);
+    server_start(&s, (const char *[]){"--model", g_model_a, "--no-preload", NULL});
+    ck_assert_int_eq(http_status(s.port, "GET", "/ready"), 200);
+    server_stop(&s);
+    ck_assert_msg(!log_has(&s, "read in before ready"), "log %s", s.log);
+    server_start(&s, (const char *[]){"--model", g_model_a, "--weights", "copy", NULL});
+    server_stop(&s);
+    ck_assert_msg(!log_has(&s, "read in before ready"), "log %s", s.log);
+}
+END_TEST
+
 START_TEST(utf8_cleaning)
 {
     size_t n;
@@ -885,6 +904,7 @@ int main(void)
     if (want(only, "hostile_bodies_get_4xx")) tcase_add_test(tc, hostile_bodies_get_4xx);
     if (want(only, "config_flags_and_environment")) tcase_add_test(tc, config_flags_and_environment);
     if (want(only, "weights_copy_serves_the_same")) tcase_add_test(tc, weights_copy_serves_the_same);
+    if (want(only, "weights_read_in_before_ready")) tcase_add_test(tc, weights_read_in_before_ready);
     if (want(only, "utf8_cleaning")) tcase_add_test(tc, utf8_cleaning);
     if (want(only, "metrics_pass_promtool_and_logs_are_json")) tcase_add_test(tc, metrics_pass_promtool_and_logs_are_json);
     suite_add_tcase(s, tc);
