@@ -811,6 +811,8 @@ void gguf_close(gguf_file *f) { release(f); }
 uint32_t gguf_version(const gguf_file *f) { return f->version; }
 size_t gguf_file_size(const gguf_file *f) { return f->size; }
 int gguf_copied(const gguf_file *f) { return f->copied; }
+const char *gguf_placement(const gguf_file *f) { return f->placement ? f->placement : "in memory"; }
+uint64_t gguf_alignment(const gguf_file *f) { return f->alignment; }
 
 size_t gguf_page_in(const gguf_file *f, size_t off, size_t len)
 {
@@ -834,8 +836,6 @@ int gguf_load_mode_parse(const char *s, gguf_load_mode *out)
     else return -1;
     return 0;
 }
-const char *gguf_placement(const gguf_file *f) { return f->placement ? f->placement : "in memory"; }
-uint64_t gguf_alignment(const gguf_file *f) { return f->alignment; }
 
 /* ---------------------------------------------------------- key/values ---- */
 
