@@ -236,9 +236,13 @@ static double step_weight_bytes(const bench_state *s, int n_tokens)
                 int32_t id = s->trace[((size_t)t * hp->n_layer + l) * k + j];
                 if (id >= 0 && id < hp->n_expert) s->used[(size_t)l * hp->n_expert + id] = 1;
             }
-    size_t n_used = 0;
-    for (size_t i = 0; i < (size_t)hp->n_layer * hp->n_expert; i++) n_used += s->used[i];
-    bytes += (double)n_used * f32_bytes(3 * (uint64_t)hp->n_ff * e);
+    for (int l = 0; l < hp->n_layer; l++) {
+        size_t n_used = 0;
+        for (int x = 0; x < hp->n_expert; x++) n_used += s->used[(size_t)l * hp->n_expert + x];
+        /* experts the file keeps 16-bit are read at 2 bytes a weight */
+        double scale = s->m->weights.layers[l].exp_type == MOE_WT_F32 ? 1.0 : 0.5;
+        bytes += scale * (double)n_used * (double)f32_bytes(3 * (uint64_t)hp->n_ff * e);
+    }
     bytes += (double)hp->n_layer * f32_bytes((uint64_t)hp->n_expert * e);
     if (a->shared_expert) bytes += (double)hp->n_layer * f32_bytes(3 * (uint64_t)hp->n_ff_shexp * e);
     return bytes;

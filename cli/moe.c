@@ -106,6 +106,9 @@ static int cmd_info(int argc, char **argv)
         printf("experts:        none (dense FFN width %d)\n", hp->n_ff);
     printf("vocabulary:     %d%s\n", hp->n_vocab, m->tokenizer ? "" : " (no tokenizer in file)");
     printf("context:        %d\n", hp->n_ctx_train);
+    if (hp->n_expert && m->weights.layers[0].exp_type != MOE_WT_F32)
+        printf("expert weights: %s, read where the file keeps them (widened as the kernels read them)\n",
+               m->weights.layers[0].exp_type == MOE_WT_F16 ? "F16" : "BF16");
     printf("memory:         %.1f MiB %s, %.1f MiB converted to F32 at load (F16/BF16)\n",
            m->mapped_bytes / 1048576.0, gguf_placement(m->gguf),
            m->converted_bytes / 1048576.0);

@@ -78,9 +78,12 @@ int moe_weights_validate(const moe_weights *w, char *err, size_t errlen)
         if (hp->n_expert == 0) {
             if (!L->ffn_gate || !L->ffn_up || !L->ffn_down)
                 return fail(err, errlen, "missing dense FFN weights", l);
-        } else if (!L->router || !L->exp_gate || !L->exp_up || !L->exp_down) {
+        } else if (!L->router || (L->exp_type == MOE_WT_F32 && (!L->exp_gate || !L->exp_up || !L->exp_down)) ||
+                   (L->exp_type != MOE_WT_F32 && (!L->exp_gate16 || !L->exp_up16 || !L->exp_down16))) {
             return fail(err, errlen, "missing router or expert weights", l);
         }
+        if (hp->n_expert > 0 && L->exp_type != MOE_WT_F32 && L->exp_type != MOE_WT_F16 && L->exp_type != MOE_WT_BF16)
+            return fail(err, errlen, "unknown expert weight type", l);
         if (a->shared_expert && (!L->shexp_gate_inp || !L->shexp_gate || !L->shexp_up || !L->shexp_down))
             return fail(err, errlen, "missing shared expert weights", l);
     }

@@ -12,6 +12,7 @@
  * the tile it falls in, on m, or on the thread; matmul() cuts n into slices of a
  * fixed width, so sgemm calls see the same shapes whatever the thread count. */
 #include "core/matmul.h"
+#include "core/wconv.h"
 
 #include <cblas.h>
 #include <pthread.h>
@@ -358,6 +359,138 @@ static void matmul_few_rows(const float *x, int m, int k, const float *w, int n0
         }
 }
 
+/* Few rows, 16-bit weights ------------------------------------------------ */
+
+/* VL weights widened to F32 as they are read (exact: F16 and BF16 are subsets of
+ * F32), and the r < VL of a row's tail with zeros after them, as vload_n gives. */
+#if defined(__AVX512F__)
+static inline vf widen(const uint16_t *p, const moe_wtype t)
+{
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    if (t == MOE_WT_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+static inline vf widen(const uint16_t *p, const moe_wtype t)
+{
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    if (t == MOE_WT_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#else
+static inline vf widen(const uint16_t *p, const moe_wtype t)
+{
+    float f[VL];
+    wconv_rows(f, p, VL, t);
+    return vload(f);
+}
+#endif
+
+static inline vf widen_n(const uint16_t *p, int r, const moe_wtype t)
+{
+    uint16_t h[VL] = {0};
+    memcpy(h, p, (size_t)r * sizeof *h);
+    return widen(h, t);
+}
+
+/* The x rows of one pass over the weight rows: 8 accumulators a weight row. */
+#define W16_XB 8
+/* From this many x rows the slice is widened into scratch and multiplied by the
+ * F32 kernels, whose tiles reuse each x load more. */
+#define W16_WIDEN_MIN_ROWS 16
+
+/* y[b * ldy + j] = x[b] . widen(w[j]) for j in [n0, n1), b < nx: each weight row
+ * read once (one contiguous stream over the slice, as rows_dot) and dotted with
+ * every x row while its widened vector is in a register. Every y element is the
+ * chain of tile() and rows_dot(), FMAs over k in order, the masked tail, vsum, so
+ * the bits are those of the F32 kernel on the widened weights. */
+static inline __attribute__((always_inline))
+void rows16_dot(const float *x, int k, const uint16_t *w, const moe_wtype wt, int n0, int n1, float *y,
+                int ldy, const int nx)
+{
+    for (int j = n0; j < n1; j++) {
+        const uint16_t *wr = w + (size_t)j * k;
+        vf acc[W16_XB];
+        for (int b = 0; b < nx; b++) acc[b] = vzero();
+        int t = 0;
+        for (; t + VL <= k; t += VL) {
+            vf wv = widen(wr + t, wt);
+            VREG(wv);
+            for (int b = 0; b < nx; b++) acc[b] = vfma(wv, vload(x + (size_t)b * k + t), acc[b]);
+        }
+#if VL > 1
+        if (t < k) {
+            vf wv = widen_n(wr + t, k - t, wt);
+            for (int b = 0; b < nx; b++) acc[b] = vfma(wv, vload_n(x + (size_t)b * k + t, k - t), acc[b]);
+        }
+#endif
+        for (int b = 0; b < nx; b++) y[(size_t)b * ldy + j] = vsum(acc[b]);
+    }
+}
+
+/* From 5 x rows each x load feeds two FMAs: tiles of 2 weight rows by nx x rows
+ * (as pair_tiles), the next pair's rows prefetched (the hardware prefetcher does
+ * not follow two rows read side by side). Same chains, same bits. */
+static inline __attribute__((always_inline))
+void pairs16(const float *x, int k, const uint16_t *w, const moe_wtype wt, int n0, int n1, float *y,
+             int ldy, const int nx)
+{
+    for (int j = n0; j < n1; j += 2) {
+        const int two = j + 1 < n1;
+        const uint16_t *w0 = w + (size_t)j * k, *w1 = w0 + k;
+        vf acc[2][W16_XB];
+        for (int b = 0; b < nx; b++) acc[0][b] = acc[1][b] = vzero();
+        int t = 0;
+        for (; t + VL <= k; t += VL) {
+            /* as integers: the next pair may lie past the end of W */
+            VPREFETCH((uintptr_t)w0 + (2 * (size_t)k + (size_t)t) * sizeof *w0, 0);
+            VPREFETCH((uintptr_t)w1 + (2 * (size_t)k + (size_t)t) * sizeof *w1, 0);
+            vf a0 = widen(w0 + t, wt), a1 = two ? widen(w1 + t, wt) : vzero();
+            VREG(a0);
+            VREG(a1);
+            for (int b = 0; b < nx; b++) {
+                vf xv = vload(x + (size_t)b * k + t);
+                VREG(xv);
+                acc[0][b] = vfma(a0, xv, acc[0][b]);
+                acc[1][b] = vfma(a1, xv, acc[1][b]);
+            }
+        }
+#if VL > 1
+        if (t < k) {
+            vf a0 = widen_n(w0 + t, k - t, wt), a1 = two ? widen_n(w1 + t, k - t, wt) : vzero();
+            for (int b = 0; b < nx; b++) {
+                vf xv = vload_n(x + (size_t)b * k + t, k - t);
+                acc[0][b] = vfma(a0, xv, acc[0][b]);
+                acc[1][b] = vfma(a1, xv, acc[1][b]);
+            }
+        }
+#endif
+        for (int b = 0; b < nx; b++) {
+            y[(size_t)b * ldy + j] = vsum(acc[0][b]);
+            if (two) y[(size_t)b * ldy + j + 1] = vsum(acc[1][b]);
+        }
+    }
+}
+
+#define ROWS16_CASES(WT)                                                               \
+    switch (nx) {                                                                      \
+    case 1: rows16_dot(x, k, w, WT, n0, n1, y, ldy, 1); break;                         \
+    case 2: rows16_dot(x, k, w, WT, n0, n1, y, ldy, 2); break;                         \
+    case 3: rows16_dot(x, k, w, WT, n0, n1, y, ldy, 3); break;                         \
+    case 4: rows16_dot(x, k, w, WT, n0, n1, y, ldy, 4); break;                         \
+    case 5: pairs16(x, k, w, WT, n0, n1, y, ldy, 5); break;                            \
+    case 6: pairs16(x, k, w, WT, n0, n1, y, ldy, 6); break;                            \
+    case 7: pairs16(x, k, w, WT, n0, n1, y, ldy, 7); break;                            \
+    default: pairs16(x, k, w, WT, n0, n1, y, ldy, 8); break;                           \
+    }
+
+static void rows16_block(const float *x, int nx, int k, const uint16_t *w, moe_wtype wt, int n0, int n1,
+                         float *y, int ldy)
+{
+    if (wt == MOE_WT_F16) ROWS16_CASES(MOE_WT_F16)
+    else ROWS16_CASES(MOE_WT_BF16)
+}
+
 /* Many rows: OpenBLAS ---------------------------------------------------- */
 
 static pthread_once_t blas_once = PTHREAD_ONCE_INIT;
@@ -435,6 +568,23 @@ void matmul_range(const float *x, int m, int k, const float *w, int n0, int n1, 
     if (m <= 0 || n1 <= n0) return;
     if (m >= sgemm_min_rows() && k > 0) matmul_sgemm(x, m, k, w, n0, n1, y, ldy);
     else matmul_few_rows(x, m, k, w, n0, n1, y, ldy);
+}
+
+void matmul_range_w16(const float *x, int m, int k, const uint16_t *w, moe_wtype wt, int n0, int n1,
+                      float *y, int ldy, float *scratch)
+{
+    if (m <= 0 || n1 <= n0) return;
+    if (m >= W16_WIDEN_MIN_ROWS && k > 0) {
+        /* Compute-bound: the slice widened once, then the F32 call of the same
+         * shape (the tiles, or sgemm from its switch up), whose bits these are. */
+        wconv_rows(scratch, w + (size_t)n0 * (size_t)k, (size_t)(n1 - n0) * (size_t)k, wt);
+        matmul_range(x, m, k, scratch, 0, n1 - n0, y + n0, ldy);
+        return;
+    }
+    for (int i = 0; i < m; i += W16_XB) {
+        int nx = m - i < W16_XB ? m - i : W16_XB;
+        rows16_block(x + (size_t)i * k, nx, k, w, wt, n0, n1, y + (size_t)i * ldy, ldy);
+    }
 }
 
 void matmul(pool *p, const float *x, int m, int k, const float *w, int n, float *y)

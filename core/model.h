@@ -76,7 +76,13 @@ typedef struct {
     float rms_eps;
 } moe_hparams;
 
-/* Weights (all F32, row-major, shapes as (rows, cols)) -------------------- */
+/* Weights (F32, row-major, shapes as (rows, cols)) ------------------------ */
+
+/* The routed experts may stay in the file's 16-bit format: they are most of an
+ * MoE model's bytes, and decode streams them every step. The kernels widen
+ * them to F32 per task (exactly: F16 and BF16 are subsets of F32), so the
+ * results are those of converting them at load. */
+typedef enum { MOE_WT_F32 = 0, MOE_WT_F16, MOE_WT_BF16 } moe_wtype;
 
 typedef struct {
     const float *attn_norm;   /* (n_embd) */
@@ -99,6 +105,8 @@ typedef struct {
     const float *exp_gate;    /* (n_expert, n_ff, n_embd) */
     const float *exp_up;      /* (n_expert, n_ff, n_embd) */
     const float *exp_down;    /* (n_expert, n_embd, n_ff) */
+    moe_wtype exp_type;       /* F32: the three above; F16/BF16: the three below */
+    const uint16_t *exp_gate16, *exp_up16, *exp_down16;
 
     /* shared expert (qwen2moe) */
     const float *shexp_gate_inp; /* (n_embd): one gate logit */

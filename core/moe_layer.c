@@ -175,6 +175,8 @@ typedef struct {
     const float *x;              /* (rows, n_embd) input rows */
     int rows, n_ff;
     const float *wg, *wu, *wd;   /* (n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff) */
+    moe_wtype wt;                /* F16/BF16: the same matrices as the three below */
+    const uint16_t *wg16, *wu16, *wd16;
     float *g, *u;                /* (rows, n_ff) gate and up; g ends as silu(g) * u */
     float *y;                    /* (rows, n_embd) output, stride n_embd */
 } ffn_unit;
@@ -203,6 +205,11 @@ struct moe_ffn {
     float *sh_g, *sh_u;          /* (max_rows, n_ff_shexp) shared expert */
     float *sh_y;                 /* (max_rows, n_embd) */
     float *sh_gate;              /* (max_rows) sigmoid(gate_shexp . x) */
+
+    float *wide;                 /* (n_threads, SLICE_MANY * max(n_embd, n_ff)) a task's
+                                  * slice of 16-bit weights widened to F32 */
+    size_t wide_floats;          /* per thread */
+    int n_threads;
 
     ffn_unit *units;             /* (n_expert + 1) */
     ffn_task *tasks;             /* (max_tasks) */
@@ -240,6 +247,7 @@ void moe_ffn_free(moe_ffn *f)
     free(f->sh_gate);
     free(f->units);
     free(f->tasks);
+    free(f->wide);
     free(f);
 }
 
@@ -311,6 +319,11 @@ int moe_ffn_create(const moe_hparams *hp, int max_rows, int n_threads,
     f->units = alloc_items((size_t)E + 1, 1, sizeof *f->units);
     f->tasks = alloc_items((size_t)f->max_tasks, 1, sizeof *f->tasks);
     if (!f->units || !f->tasks) goto oom;
+    /* Untouched (and so not resident) unless the experts are 16-bit. */
+    f->n_threads = n_threads;
+    f->wide_floats = E > 0 ? (size_t)SLICE_MANY * (size_t)(d > hp->n_ff ? d : hp->n_ff) : 1;
+    f->wide = alloc_items((size_t)n_threads, f->wide_floats, sizeof(float));
+    if (!f->wide) goto oom;
     *out = f;
     return 0;
 
@@ -373,16 +386,30 @@ static void swiglu(float *g, const float *up, int n)
 #endif
 }
 
+/* y[:, c0:c1) = x W[c0:c1)^T for W of k columns, F32 (w) or 16-bit (w16, widened
+ * as read: the bits of weights converted at load from half the bytes; the
+ * thread's scratch takes the widened slice on the sgemm path). */
+static void slice_matmul(moe_ffn *f, int thread, const ffn_unit *u, const float *x, int k,
+                         const float *w, const uint16_t *w16, int c0, int c1, float *y, int ldy)
+{
+    if (u->wt == MOE_WT_F32) {
+        matmul_range(x, u->rows, k, w, c0, c1, y, ldy);
+        return;
+    }
+    assert(thread >= 0 && thread < f->n_threads);
+    assert((size_t)(c1 - c0) * (size_t)k <= f->wide_floats);
+    matmul_range_w16(x, u->rows, k, w16, u->wt, c0, c1, y, ldy, f->wide + (size_t)thread * f->wide_floats);
+}
+
 /* Gate and up projections of one slice, then silu(gate) * up on that slice. */
 static void gate_up_task(void *ctx, int task, int thread)
 {
-    (void)thread;
     moe_ffn *f = ctx;
     const ffn_task *t = &f->tasks[task];
     const ffn_unit *u = &f->units[t->unit];
     int d = f->hp.n_embd;
-    matmul_range(u->x, u->rows, d, u->wg, t->c0, t->c1, u->g, u->n_ff);
-    matmul_range(u->x, u->rows, d, u->wu, t->c0, t->c1, u->u, u->n_ff);
+    slice_matmul(f, thread, u, u->x, d, u->wg, u->wg16, t->c0, t->c1, u->g, u->n_ff);
+    slice_matmul(f, thread, u, u->x, d, u->wu, u->wu16, t->c0, t->c1, u->u, u->n_ff);
     for (int r = 0; r < u->rows; r++) {
         float *g = u->g + (size_t)r * u->n_ff, *up = u->u + (size_t)r * u->n_ff;
         swiglu(g + t->c0, up + t->c0, t->c1 - t->c0);
@@ -391,11 +418,10 @@ static void gate_up_task(void *ctx, int task, int thread)
 
 static void down_task(void *ctx, int task, int thread)
 {
-    (void)thread;
     moe_ffn *f = ctx;
     const ffn_task *t = &f->tasks[task];
     const ffn_unit *u = &f->units[t->unit];
-    matmul_range(u->g, u->rows, u->n_ff, u->wd, t->c0, t->c1, u->y, f->hp.n_embd);
+    slice_matmul(f, thread, u, u->g, u->n_ff, u->wd, u->wd16, t->c0, t->c1, u->y, f->hp.n_embd);
 }
 
 /* The hot path: every unit once over its rows, gate/up for all units, then down. */
@@ -408,7 +434,8 @@ static void units_run(moe_ffn *f, pool *p)
 static ffn_unit unit_make(const float *x, int rows, int n_ff, const float *wg, const float *wu,
                           const float *wd, float *g, float *u, float *y)
 {
-    return (ffn_unit){x, rows, n_ff, wg, wu, wd, g, u, y};
+    return (ffn_unit){.x = x, .rows = rows, .n_ff = n_ff, .wg = wg, .wu = wu, .wd = wd,
+                      .wt = MOE_WT_F32, .g = g, .u = u, .y = y};
 }
 
 /* One unit per non-empty expert queue, over its gathered rows. */
@@ -419,11 +446,20 @@ static void units_from_queues(moe_ffn *f, const moe_layer_weights *L)
     for (int e = 0; e < f->hp.n_expert; e++) {
         int o = q->offset[e], rows = q->offset[e + 1] - o;
         if (rows == 0) continue;
-        f->units[f->n_units++] = unit_make(
-            f->xg + (size_t)o * d, rows, (int)ff,
-            L->exp_gate + (size_t)e * ff * d, L->exp_up + (size_t)e * ff * d,
-            L->exp_down + (size_t)e * d * ff,
-            f->g + (size_t)o * ff, f->u + (size_t)o * ff, f->yp + (size_t)o * d);
+        size_t at = (size_t)e * ff * d; /* the same offset in each of the three (n_expert, ., .) tensors */
+        ffn_unit u = unit_make(f->xg + (size_t)o * d, rows, (int)ff, NULL, NULL, NULL,
+                               f->g + (size_t)o * ff, f->u + (size_t)o * ff, f->yp + (size_t)o * d);
+        u.wt = L->exp_type;
+        if (u.wt == MOE_WT_F32) {
+            u.wg = L->exp_gate + at;
+            u.wu = L->exp_up + at;
+            u.wd = L->exp_down + at;
+        } else {
+            u.wg16 = L->exp_gate16 + at;
+            u.wu16 = L->exp_up16 + at;
+            u.wd16 = L->exp_down16 + at;
+        }
+        f->units[f->n_units++] = u;
     }
 }
 

@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "core/hugemem.h"
+#include "core/wconv.h"
 #include "models/pages.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -651,7 +652,7 @@ static const char PLACED_COPY[] = "copied into huge pages";
 static const char PLACED_COPY_AUTO[] = "copied into huge pages (the kernel maps this file in 4 KiB pages)";
 static const char PLACED_HUGE[] = "mapped in 2 MiB pages";
 static const char PLACED_SMALL[] = "mapped in 4 KiB pages (slower to stream than 2 MiB pages; --weights copy)";
-static const char PLACED_SMALL_READ_ONCE[] = "mapped in 4 KiB pages (read once: most of it is F16/BF16, converted to F32 at load)";
+static const char PLACED_SMALL_READ_ONCE[] = "mapped in 4 KiB pages (read once: most of it is converted to F32 at load)";
 static const char PLACED_SMALL_NOTHP[] = "mapped in 4 KiB pages (transparent huge pages are off)";
 static const char PLACED_SMALL_NOMEM[] = "mapped in 4 KiB pages (a copy into huge pages would take more than half the free memory)";
 static const char PLACED_MAPPED[] = "mapped";
@@ -680,13 +681,19 @@ static void *map_probed(int fd, size_t size, gguf_load_mode mode, pages_kind *ki
     return base;
 }
 
-/* Bytes the engine reads in place from the file's bytes (F32 tensors; F16 and
- * BF16 are converted to F32 buffers at load). */
+/* Bytes the engine reads in place from the file's bytes: F32 tensors, and the
+ * routed experts (llama.cpp's "*_exps.weight") in F16 or BF16, which the
+ * loader keeps 16-bit (models/model_file.c); other F16 and BF16 tensors are
+ * converted to F32 buffers at load. */
 static uint64_t in_place_bytes(const gguf_file *f)
 {
     uint64_t n = 0;
-    for (int64_t i = 0; i < f->n_tensors; i++)
-        if (f->tensors[i].type == GGML_TYPE_F32) n += f->tensors[i].nbytes;
+    for (int64_t i = 0; i < f->n_tensors; i++) {
+        const gguf_tensor *t = &f->tensors[i];
+        int experts = t->name.len > 12 && !memcmp(t->name.data + t->name.len - 12, "_exps.weight", 12);
+        if (t->type == GGML_TYPE_F32 || (experts && (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_BF16)))
+            n += t->nbytes;
+    }
     return n;
 }
 
@@ -1414,28 +1421,7 @@ static uint32_t f32_bits(float f)
     return u;
 }
 
-static float bits_f32(uint32_t u)
-{
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-float gguf_f16_to_f32(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t e = (h >> 10) & 0x1f, m = h & 0x3ff;
-    if (e == 0x1f) return bits_f32(sign | 0x7f800000u | (m << 13)); /* inf, nan (payload kept) */
-    if (e != 0) return bits_f32(sign | ((e + 112) << 23) | (m << 13));
-    if (m == 0) return bits_f32(sign);
-    /* subnormal m * 2^-24: normalise into an f32 exponent */
-    e = 113;
-    while (!(m & 0x400)) {
-        m <<= 1;
-        e--;
-    }
-    return bits_f32(sign | (e << 23) | ((m & 0x3ff) << 13));
-}
+float gguf_f16_to_f32(uint16_t h) { return wconv_f16(h); }
 
 /* Round to nearest, ties to even; overflow to infinity; NaN stays a (quiet) NaN. */
 uint16_t gguf_f32_to_f16(float f)
@@ -1459,7 +1445,7 @@ uint16_t gguf_f32_to_f16(float f)
     return sign | (uint16_t)q;
 }
 
-float gguf_bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
+float gguf_bf16_to_f32(uint16_t h) { return wconv_bf16(h); }
 
 uint16_t gguf_f32_to_bf16(float f)
 {

@@ -197,16 +197,11 @@ static int needs_copy(const gguf_tensor *t)
     return t->type != GGML_TYPE_F32 || ((uintptr_t)t->data % sizeof(float)) != 0;
 }
 
-/* Finds tensor `name`, checks its type and exact shape (n_dims dims from ne) and
- * queues it for *slot. Absent: error when required, else *slot stays NULL. */
-static int tensor_want(tensor_loader *L, const char *name, int required, const float **slot,
-                       uint32_t n_dims, uint64_t ne0, uint64_t ne1, uint64_t ne2)
+/* Checks tensor t (named name) for a supported type and the exact shape n_dims
+ * dims from ne. */
+static int tensor_check(tensor_loader *L, const char *name, const gguf_tensor *t, uint32_t n_dims,
+                        uint64_t ne0, uint64_t ne1, uint64_t ne2)
 {
-    const gguf_tensor *t = gguf_find_tensor(L->f, name);
-    if (!t) {
-        if (required) return fail(L->err, L->errlen, "missing tensor %s", name);
-        return 0;
-    }
     if (t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_BF16)
         return fail(L->err, L->errlen, "tensor %s has type %s (%d): supported are F32, F16, BF16",
                     name, ggml_type_name(t->type) ? ggml_type_name(t->type) : "?", (int)t->type);
@@ -219,6 +214,20 @@ static int tensor_want(tensor_loader *L, const char *name, int required, const f
         shape_str(b, sizeof b, t->n_dims, t->ne);
         return fail(L->err, L->errlen, "tensor %s: expected shape %s, found %s", name, a, b);
     }
+    return 0;
+}
+
+/* Finds tensor `name`, checks its type and exact shape (n_dims dims from ne) and
+ * queues it for *slot. Absent: error when required, else *slot stays NULL. */
+static int tensor_want(tensor_loader *L, const char *name, int required, const float **slot,
+                       uint32_t n_dims, uint64_t ne0, uint64_t ne1, uint64_t ne2)
+{
+    const gguf_tensor *t = gguf_find_tensor(L->f, name);
+    if (!t) {
+        if (required) return fail(L->err, L->errlen, "missing tensor %s", name);
+        return 0;
+    }
+    if (tensor_check(L, name, t, n_dims, ne0, ne1, ne2)) return -1;
     if (L->n_refs == L->cap_refs) {
         int cap = L->cap_refs ? 2 * L->cap_refs : 64;
         tensor_ref *r = realloc(L->refs, (size_t)cap * sizeof *r);
@@ -229,6 +238,33 @@ static int tensor_want(tensor_loader *L, const char *name, int required, const f
     L->refs[L->n_refs++] = (tensor_ref){slot, t};
     if (needs_copy(t)) L->convert_floats += (size_t)((t->n_elements + 15) / 16 * 16);
     return 0;
+}
+
+/* The routed experts of layer il stay in the file when all three are F16, or
+ * all BF16, at 2-byte-aligned addresses (moe_wtype in core/model.h): half the
+ * memory of converting them, and half the bytes decode streams. Returns 1 when
+ * kept (shapes checked), 0 to load them as F32, -1 on a bad shape. */
+static int experts_keep_16bit(tensor_loader *L, int il, uint64_t e, uint64_t ff, uint64_t ne,
+                              moe_layer_weights *w)
+{
+    static const char *const suffix[3] = {"ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"};
+    const uint16_t **slot[3] = {&w->exp_gate16, &w->exp_up16, &w->exp_down16};
+    const gguf_tensor *t[3];
+    char nm[3][96];
+    for (int i = 0; i < 3; i++) {
+        snprintf(nm[i], sizeof nm[i], "blk.%d.%s", il, suffix[i]);
+        t[i] = gguf_find_tensor(L->f, nm[i]);
+        if (!t[i] || (t[i]->type != GGML_TYPE_F16 && t[i]->type != GGML_TYPE_BF16) ||
+            t[i]->type != t[0]->type || (uintptr_t)t[i]->data % 2 != 0)
+            return 0;
+    }
+    for (int i = 0; i < 3; i++) {
+        int down = i == 2;
+        if (tensor_check(L, nm[i], t[i], 3, down ? ff : e, down ? e : ff, ne)) return -1;
+        *slot[i] = t[i]->data;
+    }
+    w->exp_type = t[0]->type == GGML_TYPE_F16 ? MOE_WT_F16 : MOE_WT_BF16;
+    return 1;
 }
 
 static int layer_want(tensor_loader *L, const moe_hparams *hp, int il, moe_layer_weights *w)
@@ -263,9 +299,13 @@ static int layer_want(tensor_loader *L, const moe_hparams *hp, int il, moe_layer
         WANT("ffn_down.weight", &w->ffn_down, 2, ff, e, 1);
     } else {
         WANT("ffn_gate_inp.weight", &w->router, 2, e, ne, 1);
-        WANT("ffn_gate_exps.weight", &w->exp_gate, 3, e, ff, ne);
-        WANT("ffn_up_exps.weight", &w->exp_up, 3, e, ff, ne);
-        WANT("ffn_down_exps.weight", &w->exp_down, 3, ff, e, ne);
+        int kept = rc ? 0 : experts_keep_16bit(L, il, e, ff, ne, w);
+        if (kept < 0) rc = -1;
+        if (kept == 0) {
+            WANT("ffn_gate_exps.weight", &w->exp_gate, 3, e, ff, ne);
+            WANT("ffn_up_exps.weight", &w->exp_up, 3, e, ff, ne);
+            WANT("ffn_down_exps.weight", &w->exp_down, 3, ff, e, ne);
+        }
     }
     if (a->shared_expert) {
         WANT("ffn_gate_inp_shexp.weight", &w->shexp_gate_inp, 1, e, 1, 1);

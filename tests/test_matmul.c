@@ -1,9 +1,12 @@
 /* test_matmul.c -- both matmul paths against the plain reference, and
  * bit-identical results whatever the number of threads. */
 #include "core/matmul.h"
+#include "core/wconv.h"
+#include "models/gguf.h"
 #include "tests/testutil.h"
 
 #include <math.h>
+#include <string.h>
 
 static uint32_t rng_state;
 
@@ -177,6 +180,54 @@ START_TEST(multi_equals_separate_calls)
 }
 END_TEST
 
+/* 16-bit weights widened as they are read give the bits of matmul_range on the
+ * widened weights, for every x-row count of each kernel (1-4 streamed, 5-15 in
+ * pairs, from 16 widened into scratch, from the sgemm switch on sgemm), k with
+ * and without a vector tail, odd slices, and only the slice's columns written. */
+START_TEST(w16_equals_widened_f32)
+{
+    rng_state = 77;
+    int ks[] = {64, 100, 1024 + 7};
+    int ms[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 40, 0};
+    ms[14] = matmul_sgemm_min_rows() + 3;
+    for (int t = 0; t < 2; t++) {
+        moe_wtype wt = t ? MOE_WT_BF16 : MOE_WT_F16;
+        for (size_t ik = 0; ik < sizeof ks / sizeof ks[0]; ik++) {
+            int k = ks[ik], n = 37, n0 = 3, n1 = 36;
+            uint16_t *w16 = malloc((size_t)n * k * sizeof *w16);
+            float *wf = malloc((size_t)n * k * sizeof *wf), *src = rand_array((size_t)n * k);
+            float *scratch = malloc((size_t)n * k * sizeof *scratch);
+            ck_assert(w16 && wf && scratch);
+            for (size_t i = 0; i < (size_t)n * k; i++) {
+                uint32_t bits;
+                memcpy(&bits, &src[i], 4);
+                w16[i] = t ? (uint16_t)(bits >> 16) : gguf_f32_to_f16(src[i]);
+            }
+            wconv_rows(wf, w16, (size_t)n * k, wt);
+            for (size_t im = 0; im < sizeof ms / sizeof ms[0]; im++) {
+                int m = ms[im];
+                float *x = rand_array((size_t)m * k);
+                float *ya = malloc((size_t)m * n * sizeof *ya), *yb = malloc((size_t)m * n * sizeof *yb);
+                ck_assert(ya && yb);
+                for (size_t i = 0; i < (size_t)m * n; i++) ya[i] = yb[i] = -7.0f;
+                matmul_range(x, m, k, wf, n0, n1, ya, n);
+                matmul_range_w16(x, m, k, w16, wt, n0, n1, yb, n, scratch);
+                ck_assert_msg(memcmp(ya, yb, (size_t)m * n * sizeof *ya) == 0, "%s k %d m %d: not the same bits",
+                              t ? "bf16" : "f16", k, m);
+                for (int r = 0; r < m; r++) ck_assert(yb[(size_t)r * n] == -7.0f && yb[(size_t)r * n + n - 1] == -7.0f);
+                free(x);
+                free(ya);
+                free(yb);
+            }
+            free(w16);
+            free(wf);
+            free(src);
+            free(scratch);
+        }
+    }
+}
+END_TEST
+
 START_TEST(empty_shapes_do_nothing)
 {
     float x[4] = {1, 2, 3, 4}, w[4] = {1, 1, 1, 1}, y[4] = {9, 9, 9, 9};
@@ -203,6 +254,7 @@ int main(void)
     tcase_add_test(tc, few_rows_result_independent_of_m);
     tcase_add_test(tc, multi_equals_separate_calls);
     tcase_add_test(tc, empty_shapes_do_nothing);
+    tcase_add_test(tc, w16_equals_widened_f32);
     suite_add_tcase(s, tc);
     return tu_run_suite(s);
 }

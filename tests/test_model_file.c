@@ -17,6 +17,8 @@
 #include "models/model_file.h"
 #include "models/pages.h"
 #include "models/synth.h"
+#include "core/matmul.h"
+#include "core/wconv.h"
 #include "tests/testutil.h"
 
 static char err[512];
@@ -72,6 +74,7 @@ typedef struct {
     const char *drop_tensor;    /* tensor left out */
     const char *halve_tensor;   /* tensor written with its outermost dim halved */
     int to_bf16;                /* every F32 matrix written as BF16 */
+    int to_f32;                 /* every F16/BF16 tensor written as F32 (exactly) */
     uint32_t alignment;         /* general.alignment, 0: unchanged */
     int pad_len;                /* length of an extra string key (shifts the data section) */
 } edit;
@@ -125,6 +128,19 @@ static void rewrite(const char *src, const char *dst, const edit *e)
             bf16[n_bf16++] = h;
             data = h;
             type = GGML_TYPE_BF16;
+        }
+        if (e->to_f32 && (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_BF16)) {
+            ck_assert_int_lt(n_bf16, 256);
+            float *fl = malloc(t->n_elements * sizeof *fl);
+            ck_assert_ptr_nonnull(fl);
+            for (uint64_t j = 0; j < t->n_elements; j++) {
+                uint16_t hv;
+                memcpy(&hv, (const uint8_t *)t->data + 2 * j, 2);
+                fl[j] = t->type == GGML_TYPE_F16 ? gguf_f16_to_f32(hv) : gguf_bf16_to_f32(hv);
+            }
+            bf16[n_bf16++] = (uint16_t *)(void *)fl;
+            data = fl;
+            type = GGML_TYPE_F32;
         }
         ck_assert_int_eq(gguf_writer_add_tensor(w, name, type, t->n_dims, ne, data), 0);
     }
@@ -243,6 +259,24 @@ START_TEST(synth_is_deterministic)
 }
 END_TEST
 
+/* Expert tensor `which` (0 gate, 1 up, 2 down; n floats) of a layer as F32, widened
+ * when the file kept it 16-bit. The caller frees it. */
+static float *experts_f32(const moe_layer_weights *L, int which, size_t n)
+{
+    float *out = malloc(n * sizeof *out);
+    ck_assert_ptr_nonnull(out);
+    const float *f[3] = {L->exp_gate, L->exp_up, L->exp_down};
+    const uint16_t *h[3] = {L->exp_gate16, L->exp_up16, L->exp_down16};
+    if (L->exp_type == MOE_WT_F32) {
+        ck_assert(f[which] && !h[which]);
+        memcpy(out, f[which], n * sizeof *out);
+    } else {
+        ck_assert(h[which] && !f[which]);
+        wconv_rows(out, h[which], n, L->exp_type);
+    }
+    return out;
+}
+
 static void assert_close_f16(const float *a, const float *b, size_t n, const char *what)
 {
     for (size_t i = 0; i < n; i++) {
@@ -275,21 +309,124 @@ START_TEST(f16_equals_f32_to_f16_precision)
         assert_close_f16(x->wk, y->wk, kv * e, "wk");
         assert_close_f16(x->wo, y->wo, e * q, "wo");
         assert_close_f16(x->router, y->router, ne * e, "router");
-        assert_close_f16(x->exp_gate, y->exp_gate, ne * ff * e, "exp_gate");
-        assert_close_f16(x->exp_down, y->exp_down, ne * e * ff, "exp_down");
+        /* the experts stay F16 in the file, read where they are */
+        ck_assert_int_eq(x->exp_type, MOE_WT_F32);
+        ck_assert_int_eq(y->exp_type, MOE_WT_F16);
+        float *gate = experts_f32(y, 0, ne * ff * e), *down = experts_f32(y, 2, ne * e * ff);
+        assert_close_f16(x->exp_gate, gate, ne * ff * e, "exp_gate");
+        assert_close_f16(x->exp_down, down, ne * e * ff, "exp_down");
+        free(gate);
+        free(down);
         assert_close_f16(x->shexp_up, y->shexp_up, sh * e, "shexp_up");
         /* vectors stay F32 in an F16 file: identical */
         ck_assert(memcmp(x->bq, y->bq, q * sizeof(float)) == 0);
         ck_assert(memcmp(x->attn_norm, y->attn_norm, e * sizeof(float)) == 0);
     }
-    /* every matrix converted once: embeddings, output and per layer the attention,
-     * router, experts and shared expert matrices */
-    size_t per_layer = 2 * q * e + 2 * kv * e + ne * e + 3 * ne * ff * e + 3 * sh * e;
+    /* every other matrix converted once: embeddings, output and per layer the
+     * attention, router and shared expert matrices */
+    size_t per_layer = 2 * q * e + 2 * kv * e + ne * e + 3 * sh * e;
     ck_assert_uint_eq(b->converted_bytes, 4 * (2 * v * e + (size_t)hp->n_layer * per_layer));
     ck_assert_uint_eq(a->converted_bytes, 0);
     ck_assert(b->mapped_bytes < a->mapped_bytes);
     moe_model_free(a);
     moe_model_free(b);
+    fixture_done(&fx);
+}
+END_TEST
+
+/* Logits of one engine run over m: a 500-token prompt (seq 0: some expert queues
+ * reach the sgemm switch), a ragged batch of 8 sequences x 5 tokens, then 4 decode
+ * steps of those 8 sequences, on 2 threads. out: (500 + 40 + 32) x n_vocab. */
+static void engine_run_all(const moe_model *m, float *out)
+{
+    const moe_hparams *hp = &m->weights.hp;
+    enum { N_PROMPT = 500, N_SEQ = 8, N_EACH = 5, N_STEPS = 4 };
+    moe_engine_params ep = moe_engine_default_params(hp);
+    ep.n_threads = 2;
+    ep.max_seqs = 1 + N_SEQ;
+    ep.max_batch_tokens = N_PROMPT;
+    ep.max_seq_len = N_PROMPT;
+    ep.kv_n_blocks = (1 + N_SEQ) * ((N_PROMPT + ep.kv_block_size - 1) / ep.kv_block_size);
+    moe_engine *e;
+    ck_assert_msg(moe_engine_create(&m->weights, &ep, &e, err, sizeof err) == 0, "%s", err);
+    for (int s = 0; s <= N_SEQ; s++)
+        ck_assert_msg(moe_engine_seq_reserve(e, s, s ? N_EACH + N_STEPS : N_PROMPT, err, sizeof err) == 0, "%s", err);
+    static int32_t tok[N_PROMPT], pos[N_PROMPT], seq[N_PROMPT];
+    static uint8_t want[N_PROMPT];
+    uint32_t r = 12345;
+    for (int i = 0; i < N_PROMPT; i++) {
+        r = r * 1664525u + 1013904223u;
+        tok[i] = (int32_t)(r >> 8) % hp->n_vocab;
+        pos[i] = i;
+        seq[i] = 0;
+        want[i] = 1;
+    }
+    moe_batch b = {.n_tokens = N_PROMPT, .token = tok, .pos = pos, .seq = seq, .want_logits = want};
+    ck_assert_msg(moe_engine_forward(e, &b, out, err, sizeof err) == 0, "%s", err);
+    out += (size_t)N_PROMPT * hp->n_vocab;
+    uint64_t most = 0; /* some queue of the prompt took the sgemm path */
+    for (int i = 0; i < hp->n_layer * hp->n_expert; i++)
+        if (moe_engine_expert_routed(e)[i] > most) most = moe_engine_expert_routed(e)[i];
+    ck_assert_uint_ge(most, (uint64_t)matmul_sgemm_min_rows());
+    for (int i = 0; i < N_SEQ * N_EACH; i++) {
+        seq[i] = 1 + i % N_SEQ;
+        pos[i] = i / N_SEQ;
+    }
+    b.n_tokens = N_SEQ * N_EACH;
+    ck_assert_msg(moe_engine_forward(e, &b, out, err, sizeof err) == 0, "%s", err);
+    out += (size_t)N_SEQ * N_EACH * hp->n_vocab;
+    for (int st = 0; st < N_STEPS; st++) {
+        for (int i = 0; i < N_SEQ; i++) {
+            seq[i] = 1 + i;
+            pos[i] = N_EACH + st;
+            tok[i] = (int32_t)((st * 31 + i * 7) % hp->n_vocab);
+        }
+        b.n_tokens = N_SEQ;
+        ck_assert_msg(moe_engine_forward(e, &b, out, err, sizeof err) == 0, "%s", err);
+        out += (size_t)N_SEQ * hp->n_vocab;
+    }
+    moe_engine_free(e);
+}
+
+/* Experts read where the file keeps them, 16-bit, give the very bits of the
+ * same weights widened to F32 at load: an F16 and a BF16 file against their
+ * exact F32 rewrites, through prefill, a ragged batch and decode. */
+START_TEST(experts_16bit_equal_their_f32_widening)
+{
+    fixture fx;
+    fixture_synth(&fx, "qwen3moe", "tiny", 1);
+    for (int bf = 0; bf < 2; bf++) {
+        char src[160];
+        snprintf(src, sizeof src, "%s/bf16.gguf", fx.dir);
+        if (bf) {
+            edit eb = {.to_f32 = 1};
+            rewrite(fx.path, fx.other, &eb);  /* F16 -> F32 ... */
+            edit e2 = {.to_bf16 = 1};
+            rewrite(fx.other, src, &e2);      /* ... -> BF16 */
+        } else {
+            snprintf(src, sizeof src, "%s", fx.path);
+        }
+        edit e = {.to_f32 = 1};
+        rewrite(src, fx.other, &e);
+        moe_model *a, *b;
+        ck_assert_msg(moe_model_load(src, &a, err, sizeof err) == 0, "%s", err);
+        ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
+        ck_assert_int_eq(a->weights.layers[0].exp_type, bf ? MOE_WT_BF16 : MOE_WT_F16);
+        ck_assert_int_eq(b->weights.layers[0].exp_type, MOE_WT_F32);
+        size_t n = (size_t)(500 + 40 + 32) * (size_t)a->weights.hp.n_vocab;
+        float *la = malloc(n * sizeof *la), *lb = malloc(n * sizeof *lb);
+        ck_assert(la && lb);
+        engine_run_all(a, la);
+        engine_run_all(b, lb);
+        size_t diff = 0;
+        for (size_t i = 0; i < n; i++) diff += memcmp(&la[i], &lb[i], sizeof(float)) != 0;
+        ck_assert_msg(diff == 0, "%s: %zu of %zu logits differ", bf ? "bf16" : "f16", diff, n);
+        free(la);
+        free(lb);
+        moe_model_free(a);
+        moe_model_free(b);
+        if (bf) unlink(src);
+    }
     fixture_done(&fx);
 }
 END_TEST
@@ -306,9 +443,11 @@ START_TEST(bf16_equals_f32_to_bf16_precision)
     const moe_hparams *hp = &a->weights.hp;
     size_t e_ = (size_t)hp->n_embd, v = (size_t)hp->n_vocab, ne = (size_t)hp->n_expert;
     size_t q = (size_t)hp->n_head * hp->head_dim, kv = (size_t)hp->n_head_kv * hp->head_dim;
+    ck_assert_int_eq(b->weights.layers[1].exp_type, MOE_WT_BF16);
+    float *up = experts_f32(&b->weights.layers[1], 1, ne * (size_t)hp->n_ff * e_);
     const float *pairs[][2] = {
         {a->weights.tok_embd, b->weights.tok_embd}, {a->weights.output, b->weights.output},
-        {a->weights.layers[1].exp_up, b->weights.layers[1].exp_up},
+        {a->weights.layers[1].exp_up, up},
         {a->weights.layers[0].wv, b->weights.layers[0].wv},
     };
     size_t sizes[] = {v * e_, v * e_, ne * (size_t)hp->n_ff * e_, kv * e_};
@@ -321,7 +460,10 @@ START_TEST(bf16_equals_f32_to_bf16_precision)
         }
     /* the full q/k norms of OLMoE are vectors: still F32, used in place */
     ck_assert(memcmp(a->weights.layers[0].q_norm, b->weights.layers[0].q_norm, q * sizeof(float)) == 0);
-    ck_assert_uint_gt(b->converted_bytes, 4 * (2 * v * e_ + ne * 3 * (size_t)hp->n_ff * e_));
+    /* the embeddings and output are converted, the experts are not */
+    ck_assert_uint_gt(b->converted_bytes, 4 * 2 * v * e_);
+    ck_assert_uint_lt(b->converted_bytes, 4 * (2 * v * e_ + ne * 3 * (size_t)hp->n_ff * e_));
+    free(up);
     moe_model_free(a);
     moe_model_free(b);
     fixture_done(&fx);
@@ -677,9 +819,9 @@ static void *pin_small_pages(const char *path, size_t *size)
 
 /* --weights auto against --weights mmap on the same file, held in 4 KiB pages.
  * Each branch follows what the kernel reported to the mmap load: where it
- * reported 4 KiB pages, an F32 file is copied into huge pages when THP is on
- * and memory allows, and an F16 file (converted at load) never is; the weights
- * are the same bytes either way. */
+ * reported 4 KiB pages, the file (F32, or F16 whose experts are read in place)
+ * is copied into huge pages when THP is on and memory allows; the weights are
+ * the same bytes either way. */
 static void auto_against_mmap(int f16)
 {
     fixture fx;
@@ -693,10 +835,9 @@ static void auto_against_mmap(int f16)
     const char *pa = gguf_placement(a->gguf), *pb = gguf_placement(b->gguf);
     ck_assert(!a->copied);
     if (strstr(pa, "4 KiB")) {
-        int can_copy = !f16 && pages_thp_enabled() && pages_mem_available() / 2 >= size;
+        int can_copy = pages_thp_enabled() && pages_mem_available() / 2 >= size;
         ck_assert_msg(b->copied == can_copy, "f16 %d: auto gave '%s' after mmap's '%s'", f16, pb, pa);
         ck_assert(can_copy ? strstr(pb, "copied into huge pages") != NULL : strstr(pb, "4 KiB") != NULL);
-        if (f16) ck_assert_msg(strstr(pb, "read once"), "%s", pb);
     } else {
         /* the kernel did not say (no FilePmdMapped), or mapped 2 MiB anyway */
         ck_assert_msg(!strcmp(pa, "mapped") || strstr(pa, "2 MiB"), "%s", pa);
@@ -704,7 +845,10 @@ static void auto_against_mmap(int f16)
     }
     const moe_hparams *h = &a->weights.hp;
     size_t n_exp = (size_t)h->n_expert * (size_t)h->n_ff * (size_t)h->n_embd;
-    ck_assert(memcmp(a->weights.layers[1].exp_down, b->weights.layers[1].exp_down, n_exp * sizeof(float)) == 0);
+    float *da = experts_f32(&a->weights.layers[1], 2, n_exp), *db = experts_f32(&b->weights.layers[1], 2, n_exp);
+    ck_assert(memcmp(da, db, n_exp * sizeof(float)) == 0);
+    free(da);
+    free(db);
     ck_assert(memcmp(a->weights.output, b->weights.output,
                      (size_t)h->n_vocab * (size_t)h->n_embd * sizeof(float)) == 0);
     moe_model_free(a);
@@ -753,10 +897,46 @@ START_TEST(page_in_reads_the_range)
 }
 END_TEST
 
+/* A file of one 6 MiB F16 tensor held in 4 KiB pages, opened with AUTO: copied
+ * when the tensor is routed experts (read in place, 16-bit), not when it is
+ * anything else (converted to F32 at load, the file then read once). */
+static void auto_by_tensor_name(const char *dir, const char *name, int want_copy)
+{
+    char path[160];
+    snprintf(path, sizeof path, "%s/one.gguf", dir);
+    uint64_t ne[2] = {1024, 3072};
+    uint16_t *h = calloc(ne[0] * ne[1], sizeof *h);
+    ck_assert_ptr_nonnull(h);
+    gguf_writer *w = gguf_writer_create();
+    ck_assert_ptr_nonnull(w);
+    ck_assert_int_eq(gguf_writer_add_tensor(w, name, GGML_TYPE_F16, 2, ne, h), 0);
+    ck_assert_msg(gguf_writer_write(w, path, err, sizeof err) == 0, "%s", err);
+    gguf_writer_free(w);
+    free(h);
+    size_t size;
+    void *pin = pin_small_pages(path, &size);
+    gguf_file *f;
+    ck_assert_msg(gguf_open_mode(path, GGUF_LOAD_MMAP, &f, err, sizeof err) == 0, "%s", err);
+    int small = strstr(gguf_placement(f), "4 KiB") != NULL;
+    gguf_close(f);
+    ck_assert_msg(gguf_open_mode(path, GGUF_LOAD_AUTO, &f, err, sizeof err) == 0, "%s", err);
+    if (small && pages_thp_enabled() && pages_mem_available() / 2 >= size) {
+        ck_assert_msg(gguf_copied(f) == want_copy, "%s: %s", name, gguf_placement(f));
+        if (!want_copy) ck_assert_msg(strstr(gguf_placement(f), "read once"), "%s", gguf_placement(f));
+    }
+    gguf_close(f);
+    munmap(pin, size);
+    unlink(path);
+}
+
 START_TEST(auto_mode_copies_only_what_pays)
 {
     auto_against_mmap(0);
     auto_against_mmap(1);
+    const char *dir = tu_tmpdir();
+    auto_by_tensor_name(dir, "blk.0.ffn_up_exps.weight", 1);
+    auto_by_tensor_name(dir, "token_embd.weight", 0);
+    rmdir(dir);
 }
 END_TEST
 
@@ -908,6 +1088,7 @@ int main(void)
     tcase_add_test(tc, synth_is_deterministic);
     tcase_add_test(tc, f16_equals_f32_to_f16_precision);
     tcase_add_test(tc, bf16_equals_f32_to_bf16_precision);
+    tcase_add_test(tc, experts_16bit_equal_their_f32_widening);
     tcase_add_test(tc, misaligned_f32_is_copied);
     tcase_add_test(tc, tied_output_and_name_from_stem);
     tcase_add_test(tc, builtin_vocab_tokenizes);
