@@ -24,7 +24,7 @@ mkdir -p "$CORPUS" "$BUILD/crashes"
 
 case $TARGET in
 gguf)
-    $CC $CFLAGS $SAN tests/fuzz/fuzz_gguf.c models/gguf.c models/pages.c core/hugemem.c -o "$BIN"
+    $CC $CFLAGS $SAN tests/fuzz/fuzz_gguf.c models/gguf.c models/pages.c core/hugemem.c core/wconv.c -o "$BIN"
     # Seeds: small valid files covering every value type, arrays, and tensors of each type.
 ${PYTHON:-python3} - "$CORPUS" <<'PY'
 import struct, sys, os
