@@ -1066,7 +1066,7 @@ static void mutate_range(uint8_t *buf, size_t len, size_t from, size_t to)
 START_TEST(fuzz_target_on_mutated_models)
 {
     fixture fx;
-    fixture_synth(&fx, archs[_i], "tiny", 0);
+    fixture_synth(&fx, archs[_i % 4], "tiny", _i >= 4); /* F32, then F16 (16-bit experts) */
     uint8_t *buf;
     size_t len;
     read_whole(fx.path, &buf, &len);
@@ -1108,7 +1108,7 @@ int main(void)
     tcase_add_test(th, page_in_reads_the_range);
     tcase_add_test(th, auto_mode_copies_only_what_pays);
     tcase_add_test(th, synth_rejects_bad_params);
-    tcase_add_loop_test(th, fuzz_target_on_mutated_models, 0, 4);
+    tcase_add_loop_test(th, fuzz_target_on_mutated_models, 0, 8);
     suite_add_tcase(s, th);
     return tu_run_suite(s);
 }

@@ -55,6 +55,7 @@ model)
         build/moe synth --arch $arch --preset tiny --seed 3 -o "$CORPUS/$arch.gguf" >/dev/null
     done
     build/moe synth --arch llama --preset dense --seed 3 -o "$CORPUS/dense.gguf" >/dev/null
+    build/moe synth --arch qwen3moe --preset tiny --seed 3 --f16 -o "$CORPUS/qwen3moe-f16.gguf" >/dev/null
     if [ -d ../shared/testdata/vocab ]; then
         cp ../shared/testdata/vocab/*.gguf "$CORPUS/"
     else
