@@ -502,6 +502,41 @@ START_TEST(misaligned_f32_is_copied)
 }
 END_TEST
 
+/* 16-bit experts at odd addresses (a file aligned to 1 byte) cannot be read in
+ * place: they are converted to F32 like the rest, to the same values. */
+START_TEST(misaligned_16bit_experts_are_converted)
+{
+    fixture fx;
+    fixture_synth(&fx, "qwen3moe", "tiny", 1);
+    int odd = 0;
+    for (int pad = 1; pad <= 2 && !odd; pad++) {
+        edit e = {.alignment = 1, .pad_len = pad};
+        rewrite(fx.path, fx.other, &e);
+        gguf_file *g;
+        ck_assert_int_eq(gguf_open(fx.other, &g, err, sizeof err), 0);
+        odd = (uintptr_t)gguf_find_tensor(g, "blk.0.ffn_gate_exps.weight")->data % 2 != 0;
+        gguf_close(g);
+    }
+    ck_assert(odd);
+    moe_model *a, *b;
+    ck_assert_msg(moe_model_load(fx.path, &a, err, sizeof err) == 0, "%s", err);
+    ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(a->weights.layers[0].exp_type, MOE_WT_F16);
+    ck_assert_int_eq(b->weights.layers[0].exp_type, MOE_WT_F32);
+    const moe_hparams *hp = &a->weights.hp;
+    size_t n = (size_t)hp->n_expert * hp->n_ff * hp->n_embd;
+    for (int w = 0; w < 3; w++) {
+        float *x = experts_f32(&a->weights.layers[0], w, n), *y = experts_f32(&b->weights.layers[0], w, n);
+        ck_assert(memcmp(x, y, n * sizeof *x) == 0);
+        free(x);
+        free(y);
+    }
+    moe_model_free(a);
+    moe_model_free(b);
+    fixture_done(&fx);
+}
+END_TEST
+
 START_TEST(tied_output_and_name_from_stem)
 {
     fixture fx;
@@ -1090,6 +1125,7 @@ int main(void)
     tcase_add_test(tc, bf16_equals_f32_to_bf16_precision);
     tcase_add_test(tc, experts_16bit_equal_their_f32_widening);
     tcase_add_test(tc, misaligned_f32_is_copied);
+    tcase_add_test(tc, misaligned_16bit_experts_are_converted);
     tcase_add_test(tc, tied_output_and_name_from_stem);
     tcase_add_test(tc, builtin_vocab_tokenizes);
     tcase_add_test(tc, vocab_from_another_gguf);
