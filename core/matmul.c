@@ -393,11 +393,12 @@ static inline vf widen_n(const uint16_t *p, int r, const moe_wtype t)
     return widen(h, t);
 }
 
-/* The x rows of one pass over the weight rows: 8 accumulators a weight row. */
+/* The x rows of one pass over the weight rows: 8 accumulators a weight row.
+ * More rows take several passes over a task's slice, the later ones from L2.
+ * Widening the slice once into a buffer for the F32 tiles from 16 rows instead
+ * measured the same (prefill of 512 tokens, queues of about 64 rows: 698-717
+ * against 709-715 tok/s), so the buffer serves only sgemm. */
 #define W16_XB 8
-/* From this many x rows the slice is widened into scratch and multiplied by the
- * F32 kernels, whose tiles reuse each x load more. */
-#define W16_WIDEN_MIN_ROWS 16
 
 /* y[b * ldy + j] = x[b] . widen(w[j]) for j in [n0, n1), b < nx: each weight row
  * read once (one contiguous stream over the slice, as rows_dot) and dotted with
@@ -574,11 +575,11 @@ void matmul_range_w16(const float *x, int m, int k, const uint16_t *w, moe_wtype
                       float *y, int ldy, float *scratch)
 {
     if (m <= 0 || n1 <= n0) return;
-    if (m >= W16_WIDEN_MIN_ROWS && k > 0) {
-        /* Compute-bound: the slice widened once, then the F32 call of the same
-         * shape (the tiles, or sgemm from its switch up), whose bits these are. */
+    if (m >= sgemm_min_rows() && k > 0) {
+        /* sgemm's bits are those of its call shape: the slice widened once, then
+         * the F32 call of the same shape */
         wconv_rows(scratch, w + (size_t)n0 * (size_t)k, (size_t)(n1 - n0) * (size_t)k, wt);
-        matmul_range(x, m, k, scratch, 0, n1 - n0, y + n0, ldy);
+        matmul_sgemm(x, m, k, scratch, 0, n1 - n0, y + n0, ldy);
         return;
     }
     for (int i = 0; i < m; i += W16_XB) {

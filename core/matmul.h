@@ -17,10 +17,10 @@
 /* Serial, on the calling thread: y[i][j] = sum_t x[i][t] * W[j][t] for j in [n0, n1). */
 void matmul_range(const float *x, int m, int k, const float *w, int n0, int n1, float *y, int ldy);
 
-/* The same with W in 16-bit (MOE_WT_F16 or MOE_WT_BF16), widened as it is read:
- * the same bits as matmul_range on the widened W, from half the bytes. scratch
- * holds (n1 - n0) * k floats, used from matmul_sgemm_min_rows() rows up, where W's
- * slice is widened once and goes to sgemm. */
+/* The same with W in 16-bit (MOE_WT_F16 or MOE_WT_BF16), widened in registers
+ * as it is read: the same bits as matmul_range on the widened W, from half the
+ * bytes. scratch holds (n1 - n0) * k floats, used from matmul_sgemm_min_rows()
+ * rows up, where W's slice is widened once and goes to sgemm. */
 void matmul_range_w16(const float *x, int m, int k, const uint16_t *w, moe_wtype wt, int n0, int n1,
                       float *y, int ldy, float *scratch);
 

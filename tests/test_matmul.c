@@ -181,9 +181,10 @@ START_TEST(multi_equals_separate_calls)
 END_TEST
 
 /* 16-bit weights widened as they are read give the bits of matmul_range on the
- * widened weights, for every x-row count of each kernel (1-4 streamed, 5-15 in
- * pairs, from 16 widened into scratch, from the sgemm switch on sgemm), k with
- * and without a vector tail, odd slices, and only the slice's columns written. */
+ * widened weights, for every x-row count of each kernel (1-4 streamed, from 5 in
+ * pairs, in passes of 8 rows, from the sgemm switch widened into scratch for
+ * sgemm), k with and without a vector tail, odd slices, and only the slice's
+ * columns written. */
 START_TEST(w16_equals_widened_f32)
 {
     rng_state = 77;
