@@ -363,20 +363,8 @@ static void matmul_few_rows(const float *x, int m, int k, const float *w, int n0
 
 /* VL weights widened to F32 as they are read (exact: F16 and BF16 are subsets of
  * F32), and the r < VL of a row's tail with zeros after them, as vload_n gives. */
-#if defined(__AVX512F__)
-static inline vf widen(const uint16_t *p, const moe_wtype t)
-{
-    __m256i h = _mm256_loadu_si256((const __m256i *)p);
-    if (t == MOE_WT_F16) return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-static inline vf widen(const uint16_t *p, const moe_wtype t)
-{
-    __m128i h = _mm_loadu_si128((const __m128i *)p);
-    if (t == MOE_WT_F16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
+#if defined(WCONV_VL) && WCONV_VL == VL
+static inline vf widen(const uint16_t *p, const moe_wtype t) { return wconv_vec(p, t); }
 #else
 static inline vf widen(const uint16_t *p, const moe_wtype t)
 {

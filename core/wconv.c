@@ -3,10 +3,6 @@
 
 #include <string.h>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__))
-#include <immintrin.h>
-#endif
-
 static float bits_f32(uint32_t u)
 {
     float f;
@@ -38,24 +34,10 @@ float wconv_bf16(uint16_t h)
 void wconv_rows(float *dst, const uint16_t *src, size_t n, moe_wtype t)
 {
     size_t i = 0;
-#if defined(__AVX512F__)
-    if (t == MOE_WT_F16)
-        for (; i + 16 <= n; i += 16)
-            _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
-    else
-        for (; i + 16 <= n; i += 16) {
-            __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + i)));
-            _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
-        }
-#elif defined(__AVX2__) && defined(__F16C__)
-    if (t == MOE_WT_F16)
-        for (; i + 8 <= n; i += 8)
-            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
-    else
-        for (; i + 8 <= n; i += 8) {
-            __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
-            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-        }
+#if WCONV_VL == 16
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, wconv_vec(src + i, t));
+#elif WCONV_VL == 8
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, wconv_vec(src + i, t));
 #endif
     if (t == MOE_WT_F16)
         for (; i < n; i++) dst[i] = wconv_f16(src[i]);

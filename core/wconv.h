@@ -14,6 +14,28 @@
 
 #include "core/model.h"
 
+/* WCONV_VL 16-bit values widened at once, where the ISA has it: the one
+ * definition wconv_rows and the kernels of core/matmul.c share. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define WCONV_VL 16
+static inline __m512 wconv_vec(const uint16_t *p, moe_wtype t)
+{
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    if (t == MOE_WT_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#elif defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#define WCONV_VL 8
+static inline __m256 wconv_vec(const uint16_t *p, moe_wtype t)
+{
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    if (t == MOE_WT_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
 /* One F16 value, exactly (subnormals normalised, infinities and NaN payloads kept). */
 float wconv_f16(uint16_t h);
 

@@ -62,15 +62,15 @@ int gguf_open_mode(const char *path, gguf_load_mode mode, gguf_file **out, char 
 /* Whether the bytes are a copy (COPY, or AUTO's fallback), and a phrase for logs
  * saying where they are ("mapped in 2 MiB pages", "copied into huge pages", ...). */
 int gguf_copied(const gguf_file *f);
+const char *gguf_placement(const gguf_file *f);
 /* Reads bytes [off, off + len) of the file (clamped to its size) into memory,
- * one load a page after asking the kernel to read the range ahead, so that the
- * first requests do not wait for the disk (a mapped file is otherwise read on
- * first use). Returns the bytes covered; a copy or a memory buffer is already
- * resident and costs only the loads. */
+ * one load a page, so that the first requests do not wait for the disk (a
+ * mapped file is otherwise read on first use; a fault in the VM_HUGEPAGE
+ * mapping reads 2 MiB at a time). Returns the bytes covered; a copy or a
+ * memory buffer is already resident and costs only the loads. */
 size_t gguf_page_in(const gguf_file *f, size_t off, size_t len);
 /* "auto", "mmap" or "copy" (command-line flags) into *out; -1 for anything else. */
 int gguf_load_mode_parse(const char *s, gguf_load_mode *out);
-const char *gguf_placement(const gguf_file *f);
 /* Parse a buffer the caller keeps alive (tests, fuzzing). */
 int gguf_open_memory(const void *data, size_t size, gguf_file **out, char *err, size_t errlen);
 void gguf_close(gguf_file *f);

@@ -470,6 +470,23 @@ START_TEST(bf16_equals_f32_to_bf16_precision)
 }
 END_TEST
 
+/* Rewrites fx->path to fx->other with general.alignment 1 and a padding key
+ * that shifts the data section until `tensor`'s address is not a multiple of
+ * `align`. */
+static void rewrite_misaligned(fixture *fx, const char *tensor, uintptr_t align)
+{
+    int misaligned = 0;
+    for (int pad = 1; pad <= 4 && !misaligned; pad++) {
+        edit e = {.alignment = 1, .pad_len = pad};
+        rewrite(fx->path, fx->other, &e);
+        gguf_file *g;
+        ck_assert_int_eq(gguf_open(fx->other, &g, err, sizeof err), 0);
+        misaligned = (uintptr_t)gguf_find_tensor(g, tensor)->data % align != 0;
+        gguf_close(g);
+    }
+    ck_assert(misaligned);
+}
+
 /* With general.alignment 1 the F32 data may sit at any byte offset: the loader
  * copies it (UBSan would flag a misaligned float load otherwise). */
 START_TEST(misaligned_f32_is_copied)
@@ -478,16 +495,7 @@ START_TEST(misaligned_f32_is_copied)
     fixture_synth(&fx, "llama", "tiny", 0);
     moe_model *a;
     ck_assert_msg(moe_model_load(fx.path, &a, err, sizeof err) == 0, "%s", err);
-    int misaligned = 0;
-    for (int pad = 1; pad <= 4 && !misaligned; pad++) {
-        edit e = {.alignment = 1, .pad_len = pad};
-        rewrite(fx.path, fx.other, &e);
-        gguf_file *g;
-        ck_assert_int_eq(gguf_open(fx.other, &g, err, sizeof err), 0);
-        misaligned = (uintptr_t)gguf_find_tensor(g, "token_embd.weight")->data % 4 != 0;
-        gguf_close(g);
-    }
-    ck_assert(misaligned);
+    rewrite_misaligned(&fx, "token_embd.weight", 4);
     moe_model *b;
     ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
     ck_assert_uint_gt(b->converted_bytes, 0);
@@ -508,16 +516,7 @@ START_TEST(misaligned_16bit_experts_are_converted)
 {
     fixture fx;
     fixture_synth(&fx, "qwen3moe", "tiny", 1);
-    int odd = 0;
-    for (int pad = 1; pad <= 2 && !odd; pad++) {
-        edit e = {.alignment = 1, .pad_len = pad};
-        rewrite(fx.path, fx.other, &e);
-        gguf_file *g;
-        ck_assert_int_eq(gguf_open(fx.other, &g, err, sizeof err), 0);
-        odd = (uintptr_t)gguf_find_tensor(g, "blk.0.ffn_gate_exps.weight")->data % 2 != 0;
-        gguf_close(g);
-    }
-    ck_assert(odd);
+    rewrite_misaligned(&fx, "blk.0.ffn_gate_exps.weight", 2);
     moe_model *a, *b;
     ck_assert_msg(moe_model_load(fx.path, &a, err, sizeof err) == 0, "%s", err);
     ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
