@@ -239,9 +239,10 @@ static double step_weight_bytes(const bench_state *s, int n_tokens)
     for (int l = 0; l < hp->n_layer; l++) {
         size_t n_used = 0;
         for (int x = 0; x < hp->n_expert; x++) n_used += s->used[(size_t)l * hp->n_expert + x];
-        /* experts the file keeps 16-bit are read at 2 bytes a weight */
-        double scale = s->m->weights.layers[l].exp_type == MOE_WT_F32 ? 1.0 : 0.5;
-        bytes += scale * (double)n_used * (double)f32_bytes(3 * (uint64_t)hp->n_ff * e);
+        /* experts the file keeps narrower are read in its bytes (2 a weight for
+         * 16-bit, 34 a block of 32 for Q8_0) */
+        size_t row = moe_wtype_row_bytes(s->m->weights.layers[l].exp_type, (size_t)e);
+        bytes += (double)n_used * 3.0 * (double)hp->n_ff * (double)row;
     }
     bytes += (double)hp->n_layer * f32_bytes((uint64_t)hp->n_expert * e);
     if (a->shared_expert) bytes += (double)hp->n_layer * f32_bytes(3 * (uint64_t)hp->n_ff_shexp * e);

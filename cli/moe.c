@@ -3,7 +3,7 @@
  *   moe info FILE                       architecture, parameters, experts, memory
  *   moe generate -m FILE -p TEXT|--tokens IDS -n N [sampling] [--json]
  *   moe tokenize -m FILE [--ids-only] [--add-special] [--parse-special] TEXT
- *   moe synth --arch A --preset P --seed N [--vocab FILE] [--f16] -o FILE
+ *   moe synth --arch A --preset P --seed N [--vocab FILE] [--type T | --f16] -o FILE
  *   moe eval -m FILE --text FILE        bits per byte of a text file
  *   moe bench [-m FILE] [--threads N]   throughput against this machine's rooflines
  *
@@ -38,7 +38,8 @@ static int usage(void)
         "  tokenize -m FILE [--ids-only] [--add-special] [--parse-special] TEXT\n"
         "  tokenize -m FILE --bench TEXTFILE           tokenizer throughput\n"
         "  synth --arch llama|qwen2moe|olmoe|qwen3moe --preset tiny|small|bench|dense\n"
-        "        [--seed N] [--vocab FILE] [--f16] -o FILE   write a synthetic model\n"
+        "        [--seed N] [--vocab FILE] [--type f32|f16|bf16|q8_0 | --f16] -o FILE\n"
+        "                                           write a synthetic model\n"
         "  eval -m FILE --text FILE [--ctx N] [--threads N]  bits per byte of a text\n"
         "  bench -m FILE [--threads N] [--quick] [--weights mmap|copy]\n"
         "                                              throughput and rooflines\n");
@@ -108,8 +109,8 @@ static int cmd_info(int argc, char **argv)
     printf("context:        %d\n", hp->n_ctx_train);
     if (hp->n_expert && m->weights.layers[0].exp_type != MOE_WT_F32)
         printf("expert weights: %s, read where the file keeps them (widened as the kernels read them)\n",
-               m->weights.layers[0].exp_type == MOE_WT_F16 ? "F16" : "BF16");
-    printf("memory:         %.1f MiB %s, %.1f MiB converted to F32 at load (F16/BF16)\n",
+               moe_wtype_name(m->weights.layers[0].exp_type));
+    printf("memory:         %.1f MiB %s, %.1f MiB converted to F32 at load (F16/BF16/Q8_0)\n",
            m->mapped_bytes / 1048576.0, gguf_placement(m->gguf),
            m->converted_bytes / 1048576.0);
     size_t packed = moe_engine_packed_bytes_for(hp);
@@ -495,11 +496,22 @@ static int cmd_synth(int argc, char **argv)
     for (int i = 0; i < argc; i++) {
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         long l;
-        if (!strcmp(argv[i], "--f16")) { p.f16 = 1; continue; }
+        if (!strcmp(argv[i], "--f16")) { p.wtype = GGML_TYPE_F16; continue; }
         if (!v) { fprintf(stderr, "moe: %s needs a value\n", argv[i]); return 2; }
         if (!strcmp(argv[i], "--arch")) p.arch = v;
         else if (!strcmp(argv[i], "--preset")) p.preset = v;
         else if (!strcmp(argv[i], "--vocab")) p.vocab_path = v;
+        else if (!strcmp(argv[i], "--type")) {
+            static const struct { const char *name; ggml_type t; } types[] = {
+                {"f32", GGML_TYPE_F32}, {"f16", GGML_TYPE_F16}, {"bf16", GGML_TYPE_BF16}, {"q8_0", GGML_TYPE_Q8_0}};
+            size_t j = 0;
+            while (j < sizeof types / sizeof types[0] && strcmp(v, types[j].name)) j++;
+            if (j == sizeof types / sizeof types[0]) {
+                fprintf(stderr, "moe: bad --type '%s' (f32, f16, bf16, q8_0)\n", v);
+                return 2;
+            }
+            p.wtype = types[j].t;
+        }
         else if (!strcmp(argv[i], "-o")) out = v;
         else if (!strcmp(argv[i], "--seed")) {
             if (parse_int(v, 0, LONG_MAX, &l)) { fprintf(stderr, "moe: bad --seed '%s'\n", v); return 2; }

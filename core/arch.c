@@ -79,11 +79,15 @@ int moe_weights_validate(const moe_weights *w, char *err, size_t errlen)
             if (!L->ffn_gate || !L->ffn_up || !L->ffn_down)
                 return fail(err, errlen, "missing dense FFN weights", l);
         } else if (!L->router || (L->exp_type == MOE_WT_F32 && (!L->exp_gate || !L->exp_up || !L->exp_down)) ||
-                   (L->exp_type != MOE_WT_F32 && (!L->exp_gate16 || !L->exp_up16 || !L->exp_down16))) {
+                   (L->exp_type != MOE_WT_F32 && (!L->exp_gate_raw || !L->exp_up_raw || !L->exp_down_raw))) {
             return fail(err, errlen, "missing router or expert weights", l);
         }
-        if (hp->n_expert > 0 && L->exp_type != MOE_WT_F32 && L->exp_type != MOE_WT_F16 && L->exp_type != MOE_WT_BF16)
+        if (hp->n_expert > 0 && L->exp_type != MOE_WT_F32 && L->exp_type != MOE_WT_F16 &&
+            L->exp_type != MOE_WT_BF16 && L->exp_type != MOE_WT_Q8_0)
             return fail(err, errlen, "unknown expert weight type", l);
+        if (hp->n_expert > 0 && L->exp_type == MOE_WT_Q8_0 &&
+            (hp->n_embd % MOE_Q8_0_BLOCK || hp->n_ff % MOE_Q8_0_BLOCK))
+            return fail(err, errlen, "Q8_0 experts need n_embd and n_ff in whole blocks of 32", l);
         if (a->shared_expert && (!L->shexp_gate_inp || !L->shexp_gate || !L->shexp_up || !L->shexp_down))
             return fail(err, errlen, "missing shared expert weights", l);
     }

@@ -359,10 +359,10 @@ static void matmul_few_rows(const float *x, int m, int k, const float *w, int n0
         }
 }
 
-/* Few rows, 16-bit weights ------------------------------------------------ */
+/* Few rows, narrow weights (F16, BF16, Q8_0) ------------------------------- */
 
-/* VL weights widened to F32 as they are read (exact: F16 and BF16 are subsets of
- * F32), and the r < VL of a row's tail with zeros after them, as vload_n gives. */
+/* VL weights widened to F32 as they are read (exact, see core/wconv.h), and the
+ * r < VL of a 16-bit row's tail with zeros after them, as vload_n gives. */
 #if defined(WCONV_VL) && WCONV_VL == VL
 static inline vf widen(const uint16_t *p, const moe_wtype t) { return wconv_vec(p, t); }
 #else
@@ -381,35 +381,71 @@ static inline vf widen_n(const uint16_t *p, int r, const moe_wtype t)
     return widen(h, t);
 }
 
+/* The scale of the Q8_0 block holding element t of a row, in every lane. */
+static inline vf q8_scale(const unsigned char *row, int t)
+{
+    float d = wconv_q8_0_scale(row + (size_t)(t / MOE_Q8_0_BLOCK) * MOE_Q8_0_BYTES);
+#if VL == 16
+    return _mm512_set1_ps(d);
+#elif VL == 8
+    return _mm256_set1_ps(d);
+#else
+    return d;
+#endif
+}
+
+/* VL weights of a row from element t on: 16-bit, or Q8_0 with the block's scale d. */
+static inline vf wload(const unsigned char *row, int t, const moe_wtype wt, vf d)
+{
+    if (wt != MOE_WT_Q8_0) return widen((const uint16_t *)row + t, wt);
+    const unsigned char *q = row + (size_t)(t / MOE_Q8_0_BLOCK) * MOE_Q8_0_BYTES + 2 + t % MOE_Q8_0_BLOCK;
+#if defined(WCONV_VL) && WCONV_VL == VL
+    return wconv_q8_0_vec(q, d);
+#else
+    float f[VL], dv[VL];
+    memcpy(dv, &d, sizeof dv);
+    for (int i = 0; i < VL; i++) f[i] = (float)(int8_t)q[i] * dv[0];
+    return vload(f);
+#endif
+}
+
+/* Elements a step of the kernels covers: a Q8_0 block (one scale), or a vector. */
+#define WSTEP(wt) ((wt) == MOE_WT_Q8_0 ? MOE_Q8_0_BLOCK : VL)
+
 /* The x rows of one pass over the weight rows: 8 accumulators a weight row.
  * More rows take several passes over a task's slice, the later ones from L2.
  * Widening the slice once into a buffer for the F32 tiles from 16 rows instead
- * measured the same (prefill of 512 tokens, queues of about 64 rows: 698-717
- * against 709-715 tok/s), so the buffer serves only sgemm. */
+ * measured the same (F16, prefill of 512 tokens, queues of about 64 rows:
+ * 698-717 against 709-715 tok/s), so the buffer serves only sgemm. */
 #define W16_XB 8
 
 /* y[b * ldy + j] = x[b] . widen(w[j]) for j in [n0, n1), b < nx: each weight row
  * read once (one contiguous stream over the slice, as rows_dot) and dotted with
  * every x row while its widened vector is in a register. Every y element is the
  * chain of tile() and rows_dot(), FMAs over k in order, the masked tail, vsum, so
- * the bits are those of the F32 kernel on the widened weights. */
+ * the bits are those of the F32 kernel on the widened weights. Rows of Q8_0 are
+ * whole blocks (k a multiple of 32): no tail. */
 static inline __attribute__((always_inline))
-void rows16_dot(const float *x, int k, const uint16_t *w, const moe_wtype wt, int n0, int n1, float *y,
+void rows16_dot(const float *x, int k, const unsigned char *w, const moe_wtype wt, int n0, int n1, float *y,
                 int ldy, const int nx)
 {
+    size_t rb = moe_wtype_row_bytes(wt, (size_t)k);
     for (int j = n0; j < n1; j++) {
-        const uint16_t *wr = w + (size_t)j * k;
+        const unsigned char *wr = w + (size_t)j * rb;
         vf acc[W16_XB];
         for (int b = 0; b < nx; b++) acc[b] = vzero();
         int t = 0;
-        for (; t + VL <= k; t += VL) {
-            vf wv = widen(wr + t, wt);
-            VREG(wv);
-            for (int b = 0; b < nx; b++) acc[b] = vfma(wv, vload(x + (size_t)b * k + t), acc[b]);
+        for (; t + WSTEP(wt) <= k; t += WSTEP(wt)) {
+            vf d = wt == MOE_WT_Q8_0 ? q8_scale(wr, t) : vzero();
+            for (int s = t; s < t + WSTEP(wt); s += VL) {
+                vf wv = wload(wr, s, wt, d);
+                VREG(wv);
+                for (int b = 0; b < nx; b++) acc[b] = vfma(wv, vload(x + (size_t)b * k + s), acc[b]);
+            }
         }
 #if VL > 1
-        if (t < k) {
-            vf wv = widen_n(wr + t, k - t, wt);
+        if (wt != MOE_WT_Q8_0 && t < k) {
+            vf wv = widen_n((const uint16_t *)wr + t, k - t, wt);
             for (int b = 0; b < nx; b++) acc[b] = vfma(wv, vload_n(x + (size_t)b * k + t, k - t), acc[b]);
         }
 #endif
@@ -421,32 +457,42 @@ void rows16_dot(const float *x, int k, const uint16_t *w, const moe_wtype wt, in
  * (as pair_tiles), the next pair's rows prefetched (the hardware prefetcher does
  * not follow two rows read side by side). Same chains, same bits. */
 static inline __attribute__((always_inline))
-void pairs16(const float *x, int k, const uint16_t *w, const moe_wtype wt, int n0, int n1, float *y,
+void pairs16(const float *x, int k, const unsigned char *w, const moe_wtype wt, int n0, int n1, float *y,
              int ldy, const int nx)
 {
+    size_t rb = moe_wtype_row_bytes(wt, (size_t)k);
     for (int j = n0; j < n1; j += 2) {
         const int two = j + 1 < n1;
-        const uint16_t *w0 = w + (size_t)j * k, *w1 = w0 + k;
+        const unsigned char *w0 = w + (size_t)j * rb, *w1 = w0 + rb;
         vf acc[2][W16_XB];
         for (int b = 0; b < nx; b++) acc[0][b] = acc[1][b] = vzero();
         int t = 0;
-        for (; t + VL <= k; t += VL) {
+        for (; t + WSTEP(wt) <= k; t += WSTEP(wt)) {
             /* as integers: the next pair may lie past the end of W */
-            VPREFETCH((uintptr_t)w0 + (2 * (size_t)k + (size_t)t) * sizeof *w0, 0);
-            VPREFETCH((uintptr_t)w1 + (2 * (size_t)k + (size_t)t) * sizeof *w1, 0);
-            vf a0 = widen(w0 + t, wt), a1 = two ? widen(w1 + t, wt) : vzero();
-            VREG(a0);
-            VREG(a1);
-            for (int b = 0; b < nx; b++) {
-                vf xv = vload(x + (size_t)b * k + t);
-                VREG(xv);
-                acc[0][b] = vfma(a0, xv, acc[0][b]);
-                acc[1][b] = vfma(a1, xv, acc[1][b]);
+            size_t at = wt == MOE_WT_Q8_0 ? (size_t)t / MOE_Q8_0_BLOCK * MOE_Q8_0_BYTES : (size_t)t * 2;
+            VPREFETCH((uintptr_t)w0 + 2 * rb + at, 0);
+            VPREFETCH((uintptr_t)w1 + 2 * rb + at, 0);
+            vf d0 = vzero(), d1 = vzero();
+            if (wt == MOE_WT_Q8_0) {
+                d0 = q8_scale(w0, t);
+                d1 = two ? q8_scale(w1, t) : vzero();
+            }
+            for (int s = t; s < t + WSTEP(wt); s += VL) {
+                vf a0 = wload(w0, s, wt, d0), a1 = two ? wload(w1, s, wt, d1) : vzero();
+                VREG(a0);
+                VREG(a1);
+                for (int b = 0; b < nx; b++) {
+                    vf xv = vload(x + (size_t)b * k + s);
+                    VREG(xv);
+                    acc[0][b] = vfma(a0, xv, acc[0][b]);
+                    acc[1][b] = vfma(a1, xv, acc[1][b]);
+                }
             }
         }
 #if VL > 1
-        if (t < k) {
-            vf a0 = widen_n(w0 + t, k - t, wt), a1 = two ? widen_n(w1 + t, k - t, wt) : vzero();
+        if (wt != MOE_WT_Q8_0 && t < k) {
+            const uint16_t *h0 = (const uint16_t *)w0, *h1 = (const uint16_t *)w1;
+            vf a0 = widen_n(h0 + t, k - t, wt), a1 = two ? widen_n(h1 + t, k - t, wt) : vzero();
             for (int b = 0; b < nx; b++) {
                 vf xv = vload_n(x + (size_t)b * k + t, k - t);
                 acc[0][b] = vfma(a0, xv, acc[0][b]);
@@ -473,11 +519,12 @@ void pairs16(const float *x, int k, const uint16_t *w, const moe_wtype wt, int n
     default: pairs16(x, k, w, WT, n0, n1, y, ldy, 8); break;                           \
     }
 
-static void rows16_block(const float *x, int nx, int k, const uint16_t *w, moe_wtype wt, int n0, int n1,
+static void rows16_block(const float *x, int nx, int k, const unsigned char *w, moe_wtype wt, int n0, int n1,
                          float *y, int ldy)
 {
     if (wt == MOE_WT_F16) ROWS16_CASES(MOE_WT_F16)
-    else ROWS16_CASES(MOE_WT_BF16)
+    else if (wt == MOE_WT_BF16) ROWS16_CASES(MOE_WT_BF16)
+    else ROWS16_CASES(MOE_WT_Q8_0)
 }
 
 /* Many rows: OpenBLAS ---------------------------------------------------- */
@@ -559,14 +606,15 @@ void matmul_range(const float *x, int m, int k, const float *w, int n0, int n1, 
     else matmul_few_rows(x, m, k, w, n0, n1, y, ldy);
 }
 
-void matmul_range_w16(const float *x, int m, int k, const uint16_t *w, moe_wtype wt, int n0, int n1,
-                      float *y, int ldy, float *scratch)
+void matmul_range_wq(const float *x, int m, int k, const void *w, moe_wtype wt, int n0, int n1,
+                     float *y, int ldy, float *scratch)
 {
     if (m <= 0 || n1 <= n0) return;
+    size_t rb = moe_wtype_row_bytes(wt, (size_t)k);
     if (m >= sgemm_min_rows() && k > 0) {
         /* sgemm's bits are those of its call shape: the slice widened once, then
          * the F32 call of the same shape */
-        wconv_rows(scratch, w + (size_t)n0 * (size_t)k, (size_t)(n1 - n0) * (size_t)k, wt);
+        wconv_rows(scratch, (const unsigned char *)w + (size_t)n0 * rb, (size_t)(n1 - n0) * (size_t)k, wt);
         matmul_sgemm(x, m, k, scratch, 0, n1 - n0, y + n0, ldy);
         return;
     }

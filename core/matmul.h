@@ -17,12 +17,14 @@
 /* Serial, on the calling thread: y[i][j] = sum_t x[i][t] * W[j][t] for j in [n0, n1). */
 void matmul_range(const float *x, int m, int k, const float *w, int n0, int n1, float *y, int ldy);
 
-/* The same with W in 16-bit (MOE_WT_F16 or MOE_WT_BF16), widened in registers
- * as it is read: the same bits as matmul_range on the widened W, from half the
- * bytes. scratch holds (n1 - n0) * k floats, used from matmul_sgemm_min_rows()
- * rows up, where W's slice is widened once and goes to sgemm. */
-void matmul_range_w16(const float *x, int m, int k, const uint16_t *w, moe_wtype wt, int n0, int n1,
-                      float *y, int ldy, float *scratch);
+/* The same with W narrower than F32 (moe_wtype F16, BF16 or Q8_0; rows of
+ * moe_wtype_row_bytes(wt, k) bytes, k a multiple of 32 for Q8_0), widened in
+ * registers as it is read: the same bits as matmul_range on the widened W, from
+ * half (16-bit) or about a quarter (Q8_0) of the bytes. scratch holds
+ * (n1 - n0) * k floats, used from matmul_sgemm_min_rows() rows up, where W's
+ * slice is widened once and goes to sgemm. */
+void matmul_range_wq(const float *x, int m, int k, const void *w, moe_wtype wt, int n0, int n1,
+                     float *y, int ldy, float *scratch);
 
 /* Parallel over slices of n on the pool (p may be NULL: serial). */
 void matmul(pool *p, const float *x, int m, int k, const float *w, int n, float *y);

@@ -78,11 +78,29 @@ typedef struct {
 
 /* Weights (F32, row-major, shapes as (rows, cols)) ------------------------ */
 
-/* The routed experts may stay in the file's 16-bit format: they are most of an
- * MoE model's bytes, and decode streams them every step. The kernels widen
- * them to F32 per task (exactly: F16 and BF16 are subsets of F32), so the
- * results are those of converting them at load. */
-typedef enum { MOE_WT_F32 = 0, MOE_WT_F16, MOE_WT_BF16 } moe_wtype;
+/* The routed experts may stay in the file's format: they are most of an MoE
+ * model's bytes, and decode streams them every step. The kernels widen them to
+ * F32 as they read them, exactly (F16 and BF16 are subsets of F32; a Q8_0
+ * weight d * q, an F16 scale times an int8, needs at most 19 significant bits),
+ * so the results are those of converting them at load. Q8_0 is ggml's block of
+ * 32 weights in 34 bytes: the scale d (F16), then 32 int8 q. */
+typedef enum { MOE_WT_F32 = 0, MOE_WT_F16, MOE_WT_BF16, MOE_WT_Q8_0 } moe_wtype;
+
+#define MOE_Q8_0_BLOCK 32
+#define MOE_Q8_0_BYTES 34
+
+static inline const char *moe_wtype_name(moe_wtype t)
+{
+    static const char *const names[] = {"F32", "F16", "BF16", "Q8_0"};
+    return (unsigned)t < sizeof names / sizeof names[0] ? names[t] : "?";
+}
+
+/* Bytes of a row of k weights of type t (k a multiple of 32 for Q8_0). */
+static inline size_t moe_wtype_row_bytes(moe_wtype t, size_t k)
+{
+    if (t == MOE_WT_Q8_0) return k / MOE_Q8_0_BLOCK * MOE_Q8_0_BYTES;
+    return k * (t == MOE_WT_F32 ? 4 : 2);
+}
 
 typedef struct {
     const float *attn_norm;   /* (n_embd) */
@@ -105,8 +123,8 @@ typedef struct {
     const float *exp_gate;    /* (n_expert, n_ff, n_embd) */
     const float *exp_up;      /* (n_expert, n_ff, n_embd) */
     const float *exp_down;    /* (n_expert, n_embd, n_ff) */
-    moe_wtype exp_type;       /* F32: the three above; F16/BF16: the three below */
-    const uint16_t *exp_gate16, *exp_up16, *exp_down16;
+    moe_wtype exp_type;       /* F32: the three above; else the three below */
+    const unsigned char *exp_gate_raw, *exp_up_raw, *exp_down_raw; /* same shapes, exp_type */
 
     /* shared expert (qwen2moe) */
     const float *shexp_gate_inp; /* (n_embd): one gate logit */

@@ -175,8 +175,8 @@ typedef struct {
     const float *x;              /* (rows, n_embd) input rows */
     int rows, n_ff;
     const float *wg, *wu, *wd;   /* (n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff) */
-    moe_wtype wt;                /* F16/BF16: the same matrices as the three below */
-    const uint16_t *wg16, *wu16, *wd16;
+    moe_wtype wt;                /* not F32: the same matrices as the three below */
+    const unsigned char *wgq, *wuq, *wdq;
     float *g, *u;                /* (rows, n_ff) gate and up; g ends as silu(g) * u */
     float *y;                    /* (rows, n_embd) output, stride n_embd */
 } ffn_unit;
@@ -386,11 +386,11 @@ static void swiglu(float *g, const float *up, int n)
 #endif
 }
 
-/* y[:, c0:c1) = x W[c0:c1)^T for W of k columns, F32 (w) or 16-bit (w16, widened
- * as read: the bits of weights converted at load from half the bytes; the
- * thread's scratch takes the widened slice on the sgemm path). */
+/* y[:, c0:c1) = x W[c0:c1)^T for W of k columns, F32 (w) or the file's narrower
+ * type (wq, widened as read: the bits of weights converted at load from fewer
+ * bytes; the thread's scratch takes the widened slice on the sgemm path). */
 static void slice_matmul(moe_ffn *f, int thread, const ffn_unit *u, const float *x, int k,
-                         const float *w, const uint16_t *w16, int c0, int c1, float *y, int ldy)
+                         const float *w, const unsigned char *wq, int c0, int c1, float *y, int ldy)
 {
     if (u->wt == MOE_WT_F32) {
         matmul_range(x, u->rows, k, w, c0, c1, y, ldy);
@@ -398,7 +398,7 @@ static void slice_matmul(moe_ffn *f, int thread, const ffn_unit *u, const float 
     }
     assert(thread >= 0 && thread < f->n_threads);
     assert((size_t)(c1 - c0) * (size_t)k <= f->wide_floats);
-    matmul_range_w16(x, u->rows, k, w16, u->wt, c0, c1, y, ldy, f->wide + (size_t)thread * f->wide_floats);
+    matmul_range_wq(x, u->rows, k, wq, u->wt, c0, c1, y, ldy, f->wide + (size_t)thread * f->wide_floats);
 }
 
 /* Gate and up projections of one slice, then silu(gate) * up on that slice. */
@@ -408,8 +408,8 @@ static void gate_up_task(void *ctx, int task, int thread)
     const ffn_task *t = &f->tasks[task];
     const ffn_unit *u = &f->units[t->unit];
     int d = f->hp.n_embd;
-    slice_matmul(f, thread, u, u->x, d, u->wg, u->wg16, t->c0, t->c1, u->g, u->n_ff);
-    slice_matmul(f, thread, u, u->x, d, u->wu, u->wu16, t->c0, t->c1, u->u, u->n_ff);
+    slice_matmul(f, thread, u, u->x, d, u->wg, u->wgq, t->c0, t->c1, u->g, u->n_ff);
+    slice_matmul(f, thread, u, u->x, d, u->wu, u->wuq, t->c0, t->c1, u->u, u->n_ff);
     for (int r = 0; r < u->rows; r++) {
         float *g = u->g + (size_t)r * u->n_ff, *up = u->u + (size_t)r * u->n_ff;
         swiglu(g + t->c0, up + t->c0, t->c1 - t->c0);
@@ -421,7 +421,7 @@ static void down_task(void *ctx, int task, int thread)
     moe_ffn *f = ctx;
     const ffn_task *t = &f->tasks[task];
     const ffn_unit *u = &f->units[t->unit];
-    slice_matmul(f, thread, u, u->g, u->n_ff, u->wd, u->wd16, t->c0, t->c1, u->y, f->hp.n_embd);
+    slice_matmul(f, thread, u, u->g, u->n_ff, u->wd, u->wdq, t->c0, t->c1, u->y, f->hp.n_embd);
 }
 
 /* The hot path: every unit once over its rows, gate/up for all units, then down. */
@@ -447,6 +447,7 @@ static void units_from_queues(moe_ffn *f, const moe_layer_weights *L)
         int o = q->offset[e], rows = q->offset[e + 1] - o;
         if (rows == 0) continue;
         size_t at = (size_t)e * ff * d; /* the same offset in each of the three (n_expert, ., .) tensors */
+        size_t atq = (size_t)e * ff * moe_wtype_row_bytes(L->exp_type, d); /* = e * d * row_bytes(ff) */
         ffn_unit u = unit_make(f->xg + (size_t)o * d, rows, (int)ff, NULL, NULL, NULL,
                                f->g + (size_t)o * ff, f->u + (size_t)o * ff, f->yp + (size_t)o * d);
         u.wt = L->exp_type;
@@ -455,9 +456,9 @@ static void units_from_queues(moe_ffn *f, const moe_layer_weights *L)
             u.wu = L->exp_up + at;
             u.wd = L->exp_down + at;
         } else {
-            u.wg16 = L->exp_gate16 + at;
-            u.wu16 = L->exp_up16 + at;
-            u.wd16 = L->exp_down16 + at;
+            u.wgq = L->exp_gate_raw + atq;
+            u.wuq = L->exp_up_raw + atq;
+            u.wdq = L->exp_down_raw + atq;
         }
         f->units[f->n_units++] = u;
     }

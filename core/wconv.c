@@ -1,4 +1,4 @@
-/* wconv.c -- 16-bit weights widened to F32 (see wconv.h). */
+/* wconv.c -- narrow weights (F16, BF16, Q8_0) widened to F32 (see wconv.h). */
 #include "core/wconv.h"
 
 #include <string.h>
@@ -31,16 +31,36 @@ float wconv_bf16(uint16_t h)
     return bits_f32((uint32_t)h << 16); /* BF16 is the high half of an F32 */
 }
 
-void wconv_rows(float *dst, const uint16_t *src, size_t n, moe_wtype t)
+static void wconv_q8_0(float *dst, const unsigned char *b, size_t n)
 {
+    for (size_t i = 0; i < n; i += MOE_Q8_0_BLOCK, b += MOE_Q8_0_BYTES) {
+        float d = wconv_q8_0_scale(b);
+        const unsigned char *q = b + 2;
+        size_t j = 0;
+#if defined(WCONV_VL) && WCONV_VL == 16
+        for (; j < MOE_Q8_0_BLOCK; j += 16) _mm512_storeu_ps(dst + i + j, wconv_q8_0_vec(q + j, _mm512_set1_ps(d)));
+#elif defined(WCONV_VL) && WCONV_VL == 8
+        for (; j < MOE_Q8_0_BLOCK; j += 8) _mm256_storeu_ps(dst + i + j, wconv_q8_0_vec(q + j, _mm256_set1_ps(d)));
+#endif
+        for (; j < MOE_Q8_0_BLOCK; j++) dst[i + j] = d * (float)(int8_t)q[j];
+    }
+}
+
+void wconv_rows(float *dst, const void *src, size_t n, moe_wtype t)
+{
+    if (t == MOE_WT_Q8_0) {
+        wconv_q8_0(dst, src, n);
+        return;
+    }
+    const uint16_t *h = src;
     size_t i = 0;
 #if WCONV_VL == 16
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, wconv_vec(src + i, t));
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, wconv_vec(h + i, t));
 #elif WCONV_VL == 8
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, wconv_vec(src + i, t));
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, wconv_vec(h + i, t));
 #endif
     if (t == MOE_WT_F16)
-        for (; i < n; i++) dst[i] = wconv_f16(src[i]);
+        for (; i < n; i++) dst[i] = wconv_f16(h[i]);
     else
-        for (; i < n; i++) dst[i] = wconv_bf16(src[i]);
+        for (; i < n; i++) dst[i] = wconv_bf16(h[i]);
 }

@@ -120,12 +120,24 @@ const char *ggml_type_name(ggml_type t)
     return u < sizeof names / sizeof names[0] ? names[u] : "unknown";
 }
 
+size_t ggml_block_size(ggml_type t)
+{
+    switch (t) {
+    case GGML_TYPE_F32:
+    case GGML_TYPE_F16:
+    case GGML_TYPE_BF16: return 1;
+    case GGML_TYPE_Q8_0: return GGML_Q8_0_BLOCK;
+    }
+    return 0;
+}
+
 size_t ggml_type_size(ggml_type t)
 {
     switch (t) {
     case GGML_TYPE_F32: return 4;
     case GGML_TYPE_F16: return 2;
     case GGML_TYPE_BF16: return 2;
+    case GGML_TYPE_Q8_0: return GGML_Q8_0_BYTES;
     }
     return 0;
 }
@@ -425,15 +437,18 @@ static int parse_tensor_info(cursor *c, const gguf_file *f, int64_t i, gguf_tens
     uint32_t type;
     if (rd_u32(c, where, "type", &type)) return -1;
     t->type = (ggml_type)type;
-    size_t esz = ggml_type_size(t->type);
+    size_t esz = ggml_type_size(t->type), blk = ggml_block_size(t->type);
     if (esz == 0)
-        return fail(c, "%s: tensor type %u (%s) is not supported (only f32, f16 and bf16 are)",
-                    where, type, ggml_type_name(t->type));
-    if (n_el > UINT64_MAX / esz)
+        return fail(c, "%s: tensor type %u (%s) is not supported (only f32, f16, bf16 and "
+                    "q8_0 are)", where, type, ggml_type_name(t->type));
+    if (t->ne[0] % blk)
+        return fail(c, "%s: a %s row holds whole blocks of %zu, but dimension 0 is %llu", where,
+                    ggml_type_name(t->type), blk, (unsigned long long)t->ne[0]);
+    if (n_el / blk > UINT64_MAX / esz)
         return fail(c, "%s: byte size overflows (%llu elements)", where,
                     (unsigned long long)n_el);
     t->n_elements = n_el;
-    t->nbytes = n_el * esz;
+    t->nbytes = n_el / blk * esz;
     if (rd_u64(c, where, "data offset", &t->offset)) return -1;
     if (t->offset % f->alignment)
         return fail(c, "%s: data offset %llu is not a multiple of the alignment %llu", where,
@@ -1263,18 +1278,22 @@ int gguf_writer_add_tensor(gguf_writer *w, const char *name, ggml_type type,
     if (n_dims < 1 || n_dims > GGUF_MAX_DIMS)
         return writer_fail(w, "add_tensor '%s': n_dims %u (must be 1..%d)", name, n_dims,
                            GGUF_MAX_DIMS);
-    size_t esz = ggml_type_size(type);
+    size_t esz = ggml_type_size(type), blk = ggml_block_size(type);
     if (esz == 0)
         return writer_fail(w, "add_tensor '%s': type %s not supported", name,
                            ggml_type_name(type));
     if (!data) return writer_fail(w, "add_tensor '%s': no data", name);
+    if (ne[0] % blk)
+        return writer_fail(w, "add_tensor '%s': %s rows are whole blocks of %zu, not %llu", name,
+                           ggml_type_name(type), blk, (unsigned long long)ne[0]);
     writer_tensor t = {NULL, type, n_dims, {1, 1, 1, 1}, data, esz};
     for (uint32_t d = 0; d < n_dims; d++) {
-        if (ne[d] == 0 || t.nbytes > (uint64_t)INT64_MAX / ne[d])
+        uint64_t units = d == 0 ? ne[0] / blk : ne[d];
+        if (ne[d] == 0 || t.nbytes > (uint64_t)INT64_MAX / units)
             return writer_fail(w, "add_tensor '%s': dimension %u = %llu is zero or too large",
                                name, d, (unsigned long long)ne[d]);
         t.ne[d] = ne[d];
-        t.nbytes *= ne[d];
+        t.nbytes *= units;
     }
     for (int64_t i = 0; i < w->n_tensors; i++)
         if (strcmp(w->tensors[i].name, name) == 0)
@@ -1443,6 +1462,19 @@ uint16_t gguf_f32_to_f16(float f)
     uint32_t q = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
     if (rem > half || (rem == half && (q & 1))) q++;
     return sign | (uint16_t)q;
+}
+
+void gguf_quantize_q8_0(const float *x, uint64_t n, void *blocks)
+{
+    unsigned char *b = blocks;
+    for (uint64_t i = 0; i < n; i += GGML_Q8_0_BLOCK, b += GGML_Q8_0_BYTES) {
+        float amax = 0.0f;
+        for (int j = 0; j < GGML_Q8_0_BLOCK; j++) amax = fmaxf(amax, fabsf(x[i + j]));
+        float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        uint16_t h = gguf_f32_to_f16(d);
+        memcpy(b, &h, 2);
+        for (int j = 0; j < GGML_Q8_0_BLOCK; j++) b[2 + j] = (unsigned char)(int8_t)roundf(x[i + j] * id);
+    }
 }
 
 float gguf_bf16_to_f32(uint16_t h) { return wconv_bf16(h); }

@@ -24,8 +24,12 @@ typedef enum {
     GGUF_TYPE_FLOAT64 = 12, GGUF_TYPE_COUNT
 } gguf_type;
 
-/* Tensor element types we understand (ggml numbering). */
-typedef enum { GGML_TYPE_F32 = 0, GGML_TYPE_F16 = 1, GGML_TYPE_BF16 = 30 } ggml_type;
+/* Tensor element types we understand (ggml numbering). Q8_0 is ggml's block
+ * format of 32 weights: an F16 scale d, then 32 int8 q, each weight d * q. */
+typedef enum { GGML_TYPE_F32 = 0, GGML_TYPE_F16 = 1, GGML_TYPE_Q8_0 = 8, GGML_TYPE_BF16 = 30 } ggml_type;
+
+#define GGML_Q8_0_BLOCK 32   /* weights a Q8_0 block holds */
+#define GGML_Q8_0_BYTES 34   /* its bytes: the F16 scale, then 32 int8 */
 
 #define GGUF_MAX_DIMS 4
 #define GGUF_DEFAULT_ALIGNMENT 32
@@ -110,7 +114,11 @@ int64_t gguf_n_tensors(const gguf_file *f);
 const gguf_tensor *gguf_get_tensor(const gguf_file *f, int64_t i);
 const gguf_tensor *gguf_find_tensor(const gguf_file *f, const char *name); /* NULL absent */
 const char *ggml_type_name(ggml_type t);
-size_t ggml_type_size(ggml_type t); /* bytes per element, 0 unknown */
+/* As ggml counts them: elements per block and bytes per block (1 and 4 for F32,
+ * 32 and 34 for Q8_0), 0 for a type we do not read. A tensor's rows (ne[0]) hold
+ * whole blocks. */
+size_t ggml_block_size(ggml_type t);
+size_t ggml_type_size(ggml_type t);
 
 /* Writing ---------------------------------------------------------------- */
 
@@ -138,6 +146,10 @@ int gguf_writer_copy_kv(gguf_writer *w, const gguf_file *src, const char *key);
 int gguf_writer_add_tensor(gguf_writer *w, const char *name, ggml_type type,
                            uint32_t n_dims, const uint64_t *ne, const void *data);
 int gguf_writer_write(gguf_writer *w, const char *path, char *err, size_t errlen);
+
+/* Q8_0 blocks for n floats (n a multiple of 32), as ggml's reference quantizer
+ * makes them: d = max |x| / 127 stored as F16, q = round(x / d). */
+void gguf_quantize_q8_0(const float *x, uint64_t n, void *blocks);
 
 /* F16 / BF16 <-> F32 conversion. */
 float gguf_f16_to_f32(uint16_t h);

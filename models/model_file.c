@@ -3,10 +3,13 @@
  * Loading is three steps: read and range-check the hyperparameters of the file's
  * architecture (so a hostile header fails with the name of the bad key before any
  * size is trusted), locate every tensor the architecture needs and check its type
- * and exact shape, then point the weights at the mapping (F32) or at one buffer of
- * F16/BF16 tensors converted to F32. moe_weights_validate has the last word.
+ * and exact shape, then point the weights at the mapping (F32, and routed experts
+ * the kernels read in the file's type) or at one buffer of tensors converted to
+ * F32. moe_weights_validate has the last word.
  */
 #include "models/model_file.h"
+
+#include "core/wconv.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -202,8 +205,9 @@ static int needs_copy(const gguf_tensor *t)
 static int tensor_check(tensor_loader *L, const char *name, const gguf_tensor *t, uint32_t n_dims,
                         uint64_t ne0, uint64_t ne1, uint64_t ne2)
 {
-    if (t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_BF16)
-        return fail(L->err, L->errlen, "tensor %s has type %s (%d): supported are F32, F16, BF16",
+    if (t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_BF16 &&
+        t->type != GGML_TYPE_Q8_0)
+        return fail(L->err, L->errlen, "tensor %s has type %s (%d): supported are F32, F16, BF16, Q8_0",
                     name, ggml_type_name(t->type) ? ggml_type_name(t->type) : "?", (int)t->type);
     uint64_t want[3] = {ne0, ne1, ne2};
     int same = t->n_dims == n_dims;
@@ -240,30 +244,39 @@ static int tensor_want(tensor_loader *L, const char *name, int required, const f
     return 0;
 }
 
-/* The routed experts of layer il stay in the file when all three are F16, or
- * all BF16, at 2-byte-aligned addresses (moe_wtype in core/model.h): half the
- * memory of converting them, and half the bytes decode streams. Returns 1 when
- * kept (shapes checked), 0 to load them as F32, -1 on a bad shape. */
-static int experts_keep_16bit(tensor_loader *L, int il, uint64_t e, uint64_t ff, uint64_t ne,
-                              moe_layer_weights *w)
+/* The file's type as the kernels know it: F16/BF16 at 2-byte-aligned addresses
+ * or Q8_0 anywhere; F32 when the tensor must be converted instead. */
+static moe_wtype kept_type(const gguf_tensor *t)
+{
+    if (t->type == GGML_TYPE_Q8_0) return MOE_WT_Q8_0;
+    if ((uintptr_t)t->data % 2 != 0) return MOE_WT_F32;
+    if (t->type == GGML_TYPE_F16) return MOE_WT_F16;
+    if (t->type == GGML_TYPE_BF16) return MOE_WT_BF16;
+    return MOE_WT_F32;
+}
+
+/* The routed experts of layer il stay in the file when all three are of one
+ * kept type (moe_wtype in core/model.h): half (16-bit) or about a quarter (Q8_0)
+ * of the memory of converting them, and of the bytes decode streams. Returns 1
+ * when kept (shapes checked), 0 to load them as F32, -1 on a bad shape. */
+static int experts_keep_raw(tensor_loader *L, int il, uint64_t e, uint64_t ff, uint64_t ne,
+                            moe_layer_weights *w)
 {
     static const char *const suffix[3] = {"ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"};
-    const uint16_t **slot[3] = {&w->exp_gate16, &w->exp_up16, &w->exp_down16};
+    const unsigned char **slot[3] = {&w->exp_gate_raw, &w->exp_up_raw, &w->exp_down_raw};
     const gguf_tensor *t[3];
     char nm[3][96];
     for (int i = 0; i < 3; i++) {
         snprintf(nm[i], sizeof nm[i], "blk.%d.%s", il, suffix[i]);
         t[i] = gguf_find_tensor(L->f, nm[i]);
-        if (!t[i] || (t[i]->type != GGML_TYPE_F16 && t[i]->type != GGML_TYPE_BF16) ||
-            t[i]->type != t[0]->type || (uintptr_t)t[i]->data % 2 != 0)
-            return 0;
+        if (!t[i] || kept_type(t[i]) == MOE_WT_F32 || kept_type(t[i]) != kept_type(t[0])) return 0;
     }
     for (int i = 0; i < 3; i++) {
         int down = i == 2;
         if (tensor_check(L, nm[i], t[i], 3, down ? ff : e, down ? e : ff, ne)) return -1;
         *slot[i] = t[i]->data;
     }
-    w->exp_type = t[0]->type == GGML_TYPE_F16 ? MOE_WT_F16 : MOE_WT_BF16;
+    w->exp_type = kept_type(t[0]);
     return 1;
 }
 
@@ -299,7 +312,7 @@ static int layer_want(tensor_loader *L, const moe_hparams *hp, int il, moe_layer
         WANT("ffn_down.weight", &w->ffn_down, 2, ff, e, 1);
     } else {
         WANT("ffn_gate_inp.weight", &w->router, 2, e, ne, 1);
-        int kept = rc ? 0 : experts_keep_16bit(L, il, e, ff, ne, w);
+        int kept = rc ? 0 : experts_keep_raw(L, il, e, ff, ne, w);
         if (kept < 0) rc = -1;
         if (kept == 0) {
             WANT("ffn_gate_exps.weight", &w->exp_gate, 3, e, ff, ne);
@@ -345,13 +358,19 @@ static int tensors_want(tensor_loader *L, moe_model *m)
 }
 
 /* Converts one tensor to F32. F16 goes through a 65536-entry table (one load per
- * element: ~15x faster than decoding the bits, which matters for GB-sized files). */
+ * element: ~15x faster than decoding the bits, which matters for GB-sized files);
+ * the table and the shift read 16-bit values at any address, which wconv_rows'
+ * vector loads of uint16_t may not. Q8_0 reads bytes: wconv_rows. */
 static void tensor_convert(const gguf_tensor *t, const float *f16_table, float *dst)
 {
     const unsigned char *src = t->data;
     uint64_t n = t->n_elements;
     if (t->type == GGML_TYPE_F32) {
         memcpy(dst, src, (size_t)n * sizeof(float));  /* unaligned in the file */
+        return;
+    }
+    if (t->type == GGML_TYPE_Q8_0) {
+        wconv_rows(dst, src, (size_t)n, MOE_WT_Q8_0);
         return;
     }
     for (uint64_t j = 0; j < n; j++) {
@@ -375,7 +394,7 @@ static int tensors_resolve(tensor_loader *L, moe_model *m)
         f16_table = malloc(65536 * sizeof *f16_table);
         if (!m->converted || !f16_table) {
             free(f16_table);
-            return fail(L->err, L->errlen, "out of memory converting %zu MiB of F16/BF16 to F32",
+            return fail(L->err, L->errlen, "out of memory converting %zu MiB of tensors to F32",
                         L->convert_floats * sizeof(float) >> 20);
         }
         m->converted_bytes = L->convert_floats * sizeof(float);

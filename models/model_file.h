@@ -4,8 +4,10 @@
  *   moe_engine_create(&m->weights, ...);
  *   moe_model_free(m);
  *
- * F32 tensors are used in place from the mapping (no copy); F16/BF16 are converted
- * to F32 once at load (converted_bytes says what that costs).
+ * F32 tensors are used in place from the mapping (no copy), and so are routed
+ * experts in F16, BF16 or Q8_0 (the kernels widen them as they read them); other
+ * F16/BF16/Q8_0 tensors are converted to F32 once at load (converted_bytes says
+ * what that costs).
  */
 #ifndef MOE_MODELS_MODEL_FILE_H
 #define MOE_MODELS_MODEL_FILE_H
@@ -23,8 +25,8 @@ typedef struct {
     int tied_output;           /* output.weight absent: token_embd used */
     size_t mapped_bytes;       /* file size (mapped, or copied) */
     int copied;                /* the file's bytes are an anonymous copy (gguf_copied) */
-    float *converted;          /* owned: every F16/BF16 tensor converted to F32, one buffer */
-    size_t converted_bytes;    /* heap used for F16/BF16 -> F32 */
+    float *converted;          /* owned: every tensor converted to F32, one buffer */
+    size_t converted_bytes;    /* heap used for the conversions */
     double load_ms;
     char name[128];            /* general.name, or the file stem */
 } moe_model;

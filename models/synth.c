@@ -192,24 +192,49 @@ static uint64_t tensor_elems(const synth_tensor *t)
     return t->ne[0] * t->ne[1] * t->ne[2];
 }
 
-/* Matrices are stored F16 in an F16 model; vectors (norms, biases, the shared
- * expert gate) stay F32, as llama.cpp's converters do. */
-static ggml_type tensor_type(const synth_tensor *t, int f16)
+/* Matrices are stored in the model's type; vectors (norms, biases, the shared
+ * expert gate) stay F32, as llama.cpp's converters and quantizer do, and so do
+ * the routers (llama.cpp does not quantize ffn_gate_inp) and Q8_0 matrices
+ * whose rows are not whole blocks. */
+static ggml_type tensor_type(const synth_tensor *t, ggml_type wtype)
 {
-    return f16 && t->n_dims >= 2 ? GGML_TYPE_F16 : GGML_TYPE_F32;
+    if (t->n_dims < 2 || strstr(t->name, "ffn_gate_inp")) return GGML_TYPE_F32;
+    if (t->ne[0] % ggml_block_size(wtype)) return GGML_TYPE_F32;
+    return wtype;
 }
 
-/* Fills one tensor in place: uniform values with the tensor's mean and std. */
+/* Fills one tensor in place: uniform values with the tensor's mean and std,
+ * drawn in element order whatever the type (so an F16 or Q8_0 model holds the
+ * F32 model's values, rounded). */
 static void tensor_fill(const synth_tensor *t, uint64_t seed, ggml_type type, void *dst)
 {
     uint64_t state = seed ^ fnv1a(t->name);
     float half_width = t->std * 1.7320508f; /* uniform on [-a, a] has std a / sqrt(3) */
     uint64_t n = tensor_elems(t);
+    float block[GGML_Q8_0_BLOCK];
     for (uint64_t i = 0; i < n; i++) {
         float u = (float)(splitmix64(&state) >> 40) * (1.0f / 16777216.0f); /* [0, 1) exact */
         float x = t->mean + half_width * (2.0f * u - 1.0f);
         if (type == GGML_TYPE_F16) ((uint16_t *)dst)[i] = gguf_f32_to_f16(x);
-        else ((float *)dst)[i] = x;
+        else if (type == GGML_TYPE_BF16) ((uint16_t *)dst)[i] = gguf_f32_to_bf16(x);
+        else if (type == GGML_TYPE_F32) ((float *)dst)[i] = x;
+        else {
+            block[i % GGML_Q8_0_BLOCK] = x;
+            if (i % GGML_Q8_0_BLOCK == GGML_Q8_0_BLOCK - 1)
+                gguf_quantize_q8_0(block, GGML_Q8_0_BLOCK,
+                                   (unsigned char *)dst + i / GGML_Q8_0_BLOCK * GGML_Q8_0_BYTES);
+        }
+    }
+}
+
+/* llama.cpp's general.file_type for a model of mostly these matrices. */
+static uint32_t file_type(ggml_type wtype)
+{
+    switch (wtype) {
+    case GGML_TYPE_F16: return 1;
+    case GGML_TYPE_Q8_0: return 7;
+    case GGML_TYPE_BF16: return 32;
+    default: return 0;
     }
 }
 
@@ -480,7 +505,7 @@ static int hparams_write(gguf_writer *w, const moe_arch_info *a, moe_arch arch,
     snprintf(name, sizeof name, "synth-%s-%s", a->name, p->preset);
     rc |= gguf_writer_set_str(w, "general.architecture", a->name);
     rc |= gguf_writer_set_str(w, "general.name", name);
-    rc |= gguf_writer_set_u32(w, "general.file_type", p->f16 ? 1 : 0);
+    rc |= gguf_writer_set_u32(w, "general.file_type", file_type(p->wtype));
     rc |= gguf_writer_set_u64(w, "moeserve.synth.seed", p->seed);
     rc |= gguf_writer_set_u32(w, KEY("vocab_size"), (uint32_t)n_vocab);
     rc |= gguf_writer_set_u32(w, KEY("block_count"), (uint32_t)s->n_layer);
@@ -517,12 +542,13 @@ static int hparams_write(gguf_writer *w, const moe_arch_info *a, moe_arch arch,
 /* Writing ------------------------------------------------------------------- */
 
 /* Pass 1: the whole file with every tensor's data read from one zero region. */
-static int skeleton_write(gguf_writer *w, const synth_list *l, int f16, const char *path,
+static int skeleton_write(gguf_writer *w, const synth_list *l, ggml_type wtype, const char *path,
                           char *err, size_t errlen)
 {
     size_t max_bytes = 0;
     for (int i = 0; i < l->n; i++) {
-        size_t b = (size_t)tensor_elems(&l->t[i]) * ggml_type_size(tensor_type(&l->t[i], f16));
+        ggml_type type = tensor_type(&l->t[i], wtype);
+        size_t b = (size_t)tensor_elems(&l->t[i]) / ggml_block_size(type) * ggml_type_size(type);
         if (b > max_bytes) max_bytes = b;
     }
     void *zeros = mmap(NULL, max_bytes, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -533,7 +559,7 @@ static int skeleton_write(gguf_writer *w, const synth_list *l, int f16, const ch
     int rc = 0;
     for (int i = 0; i < l->n && rc == 0; i++) {
         const synth_tensor *t = &l->t[i];
-        if (gguf_writer_add_tensor(w, t->name, tensor_type(t, f16), t->n_dims, t->ne, zeros)) {
+        if (gguf_writer_add_tensor(w, t->name, tensor_type(t, wtype), t->n_dims, t->ne, zeros)) {
             snprintf(err, errlen, "cannot add tensor %s", t->name);
             rc = -1;
         }
@@ -578,7 +604,7 @@ static int tensors_fill(const synth_list *l, const synth_params *p, const char *
     for (int i = 0; i < l->n && rc == 0; i++) {
         const synth_tensor *t = &l->t[i];
         const gguf_tensor *gt = gguf_find_tensor(f, t->name);
-        ggml_type type = tensor_type(t, p->f16);
+        ggml_type type = tensor_type(t, p->wtype);
         if (!gt || gt->type != type || gt->n_elements != tensor_elems(t)) {
             snprintf(err, errlen, "%s: tensor %s not as written", path, t->name);
             rc = -1;
@@ -610,6 +636,12 @@ int synth_write(const synth_params *p, const char *out_path, char *err, size_t e
                  p->arch ? p->arch : "(null)");
         return -1;
     }
+    if (p->wtype != GGML_TYPE_F32 && p->wtype != GGML_TYPE_F16 && p->wtype != GGML_TYPE_BF16 &&
+        p->wtype != GGML_TYPE_Q8_0) {
+        snprintf(err, errlen, "weight type %s is not one synth writes (f32, f16, bf16, q8_0)",
+                 ggml_type_name(p->wtype));
+        return -1;
+    }
     const moe_arch_info *a = moe_arch_get(arch);
     synth_shape s;
     if (synth_shape_for(arch, p->preset ? p->preset : "(null)", &s, err, errlen)) return -1;
@@ -637,7 +669,7 @@ int synth_write(const synth_params *p, const char *out_path, char *err, size_t e
         goto done;
     }
     wrote = 1;
-    if (skeleton_write(w, &list, p->f16, out_path, err, errlen)) goto done;
+    if (skeleton_write(w, &list, p->wtype, out_path, err, errlen)) goto done;
     if (tensors_fill(&list, p, out_path, err, errlen)) goto done;
     rc = 0;
 done:

@@ -5,12 +5,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "models/gguf.h"
+
 typedef struct {
     const char *arch;       /* llama | qwen2moe | olmoe | qwen3moe */
     const char *preset;     /* tiny | small | bench | dense (llama, n_expert 0) */
     uint64_t seed;
     const char *vocab_path; /* GGUF to copy tokenizer.* from; NULL: built-in byte-level BPE */
-    int f16;                /* store weights as F16 instead of F32 */
+    ggml_type wtype;        /* matrices' type: F32 (0, default), F16, BF16 or Q8_0; vectors,
+                             * and Q8_0 matrices whose rows are not whole blocks, stay F32 */
 } synth_params;
 
 int synth_write(const synth_params *p, const char *out_path, char *err, size_t errlen);

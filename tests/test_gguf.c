@@ -179,6 +179,10 @@ START_TEST(writer_reader_round_trip)
     ck_assert_int_eq(gguf_writer_add_tensor(w, "t.f16", GGML_TYPE_F16, 3, ne3, f16), 0);
     ck_assert_int_eq(gguf_writer_add_tensor(w, "t.bf16", GGML_TYPE_BF16, 1, ne1, bf16), 0);
     ck_assert_int_eq(gguf_writer_add_tensor(w, "t.4d", GGML_TYPE_F32, 4, ne4, f4), 0);
+    unsigned char q8[3 * 34];
+    for (int i = 0; i < 3 * 34; i++) q8[i] = (unsigned char)(i * 7);
+    const uint64_t neq[] = {32, 3};
+    ck_assert_int_eq(gguf_writer_add_tensor(w, "t.q8", GGML_TYPE_Q8_0, 2, neq, q8), 0);
     const char *path = tmp_file("rt.gguf");
     ck_assert_msg(gguf_writer_write(w, path, err, sizeof err) == 0, "%s", err);
     gguf_writer_free(w);
@@ -257,15 +261,16 @@ START_TEST(writer_reader_round_trip)
     ck_assert_int_eq(gguf_get_arr_info(f, "k.u32", &et, &n), -2);
     ck_assert_int_eq(gguf_get_arr_info(f, "absent", &et, &n), -1);
 
-    ck_assert_int_eq(gguf_n_tensors(f), 4);
-    ck_assert_ptr_null(gguf_get_tensor(f, 4));
+    ck_assert_int_eq(gguf_n_tensors(f), 5);
+    ck_assert_ptr_null(gguf_get_tensor(f, 5));
     ck_assert_ptr_null(gguf_get_tensor(f, -1));
     ck_assert_ptr_null(gguf_find_tensor(f, "t.f3"));
     struct { const char *name; ggml_type type; uint32_t n_dims; const uint64_t *ne; const void *data;
              uint64_t nel; } want[] = {
         {"t.f32", GGML_TYPE_F32, 2, ne2, f32, 15}, {"t.f16", GGML_TYPE_F16, 3, ne3, f16, 24},
-        {"t.bf16", GGML_TYPE_BF16, 1, ne1, bf16, 7}, {"t.4d", GGML_TYPE_F32, 4, ne4, f4, 12}};
-    for (int i = 0; i < 4; i++) {
+        {"t.bf16", GGML_TYPE_BF16, 1, ne1, bf16, 7}, {"t.4d", GGML_TYPE_F32, 4, ne4, f4, 12},
+        {"t.q8", GGML_TYPE_Q8_0, 2, neq, q8, 96}};
+    for (int i = 0; i < 5; i++) {
         const gguf_tensor *t = gguf_find_tensor(f, want[i].name);
         ck_assert_ptr_eq(t, gguf_get_tensor(f, i));
         ck_assert(str_is(t->name, want[i].name));
@@ -274,7 +279,7 @@ START_TEST(writer_reader_round_trip)
         for (uint32_t d = 0; d < GGUF_MAX_DIMS; d++)
             ck_assert_uint_eq(t->ne[d], d < t->n_dims ? want[i].ne[d] : 1);
         ck_assert_uint_eq(t->n_elements, want[i].nel);
-        ck_assert_uint_eq(t->nbytes, want[i].nel * ggml_type_size(want[i].type));
+        ck_assert_uint_eq(t->nbytes, want[i].nel / ggml_block_size(want[i].type) * ggml_type_size(want[i].type));
         ck_assert_uint_eq(t->offset % 32, 0);
         ck_assert_uint_eq((uintptr_t)t->data % 32, 0); /* mmap is page-aligned */
         ck_assert(memcmp(t->data, want[i].data, t->nbytes) == 0);
@@ -415,7 +420,8 @@ END_TEST
 
 
 /* The independent Python reader (tests/reference/gguf_read.py, numpy's float16)
- * reads what the writer wrote: keys, shapes, offsets, F32/F16/BF16 values. */
+ * reads what the writer wrote: keys, shapes, offsets, F32/F16/BF16 values, and
+ * Q8_0 blocks as ggml defines them (d = max |x| / 127 in F16, q = round(x / d)). */
 static const char *py_check =
     "import sys\n"
     "sys.path.insert(0, 'tests/reference')\n"
@@ -434,6 +440,10 @@ static const char *py_check =
     "assert (g.tensor('a') == np.arange(15).reshape(3, 5) * 0.25).all()\n"
     "assert (g.tensor('h') == np.arange(8).reshape(2, 4) - 3.5).all()\n"
     "assert (g.tensor('b') == np.arange(6) * 2.0).all()\n"
+    "assert g.tensors['q'][:2] == ([64, 2], 8)\n"
+    "x = np.array([(i % 37 - 18) / 8.0 for i in range(128)])\n"
+    "d = np.array([np.float16(np.max(np.abs(x[32 * b:32 * b + 32])) / 127) for b in range(4)])\n"
+    "assert np.allclose(g.tensor('q').ravel(), np.repeat(d, 32) * np.round(x / np.repeat(d, 32)), atol=1e-6)\n"
     "print('python reference reader: ok')\n";
 
 START_TEST(reference_reader_reads_writer_output)
@@ -467,6 +477,12 @@ START_TEST(reference_reader_reads_writer_output)
     ck_assert_int_eq(gguf_writer_add_tensor(w, "a", GGML_TYPE_F32, 2, ne_a, a), 0);
     ck_assert_int_eq(gguf_writer_add_tensor(w, "h", GGML_TYPE_F16, 2, ne_h, h), 0);
     ck_assert_int_eq(gguf_writer_add_tensor(w, "b", GGML_TYPE_BF16, 1, ne_b, bf), 0);
+    float xq[128];
+    unsigned char q[4 * 34];
+    for (int i = 0; i < 128; i++) xq[i] = (float)(i % 37 - 18) / 8.0f;
+    gguf_quantize_q8_0(xq, 128, q);
+    const uint64_t ne_q[] = {64, 2};
+    ck_assert_int_eq(gguf_writer_add_tensor(w, "q", GGML_TYPE_Q8_0, 2, ne_q, q), 0);
     const char *path = tmp_file("py.gguf");
     ck_assert_msg(gguf_writer_write(w, path, err, sizeof err) == 0, "%s", err);
     gguf_writer_free(w);
@@ -870,6 +886,11 @@ START_TEST(bad_dims)
     reject_spec(s, "byte size overflows");
     s.a_ne[0] = 1ull << 30;       /* 2^61 elements: fits 64 bits, not the file */
     reject_spec(s, "tensor 'a': data [");
+    s = default_spec();
+    s.a_type = GGML_TYPE_Q8_0;    /* rows of 4: not whole blocks of 32 */
+    reject_spec(s, "q8_0 row holds whole blocks of 32, but dimension 0 is 4");
+    s.a_ne[0] = 1ull << 37;       /* 2^37 / 32 blocks of 34 bytes a row: beyond the file */
+    reject_spec(s, "tensor 'a': data [");
 }
 END_TEST
 
@@ -970,6 +991,7 @@ START_TEST(writer_rejects_bad_tensors)
     ck_assert_int_eq(gguf_writer_add_tensor(w, "y", GGML_TYPE_F32, 1, zero, x), -1);
     ck_assert_int_eq(gguf_writer_add_tensor(w, "y", GGML_TYPE_F32, 5, ne5, x), -1);
     ck_assert_int_eq(gguf_writer_add_tensor(w, "y", (ggml_type)2, 1, ne, x), -1);
+    ck_assert_int_eq(gguf_writer_add_tensor(w, "y", GGML_TYPE_Q8_0, 1, ne, x), -1); /* 4 < a block */
     ck_assert_int_eq(gguf_writer_add_tensor(w, "y", GGML_TYPE_F32, 1, ne, NULL), -1);
     const char *path = tmp_file("bad.gguf");
     ck_assert_int_eq(gguf_writer_write(w, path, err, sizeof err), -1);

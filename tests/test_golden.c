@@ -31,19 +31,27 @@ static char err[512];
 
 typedef struct {
     const char *arch, *preset;
-    int f16;
+    ggml_type wtype;  /* the matrices' type (synth_params.wtype) */
     int spm_vocab;  /* tokenizer (and 32000-token vocabulary) from ../shared */
 } golden_case;
 
 static const golden_case cases[] = {
-    {"llama", "tiny", 0, 0},
-    {"llama", "dense", 0, 0},
-    {"qwen2moe", "tiny", 0, 0},
-    {"olmoe", "tiny", 0, 0},
-    {"qwen3moe", "tiny", 0, 0},
-    {"qwen2moe", "tiny", 1, 0},
-    {"llama", "tiny", 0, 1},
+    {"llama", "tiny", GGML_TYPE_F32, 0},
+    {"llama", "dense", GGML_TYPE_F32, 0},
+    {"qwen2moe", "tiny", GGML_TYPE_F32, 0},
+    {"olmoe", "tiny", GGML_TYPE_F32, 0},
+    {"qwen3moe", "tiny", GGML_TYPE_F32, 0},
+    {"qwen2moe", "tiny", GGML_TYPE_F16, 0},
+    {"llama", "tiny", GGML_TYPE_Q8_0, 0},
+    {"qwen3moe", "tiny", GGML_TYPE_Q8_0, 0},
+    {"llama", "tiny", GGML_TYPE_F32, 1},
 };
+
+/* "" for F32, else the type's name, for messages. */
+static const char *type_tag(ggml_type t)
+{
+    return t == GGML_TYPE_F32 ? "" : ggml_type_name(t);
+}
 
 /* Prompt ids spread over the vocabulary (a fixed LCG: the same every run). */
 static void make_prompt(int32_t *ids, int n, int n_vocab, uint32_t seed)
@@ -186,7 +194,7 @@ START_TEST(engine_matches_reference)
     snprintf(model, sizeof model, "%s/model.gguf", dir);
     snprintf(ref_logits, sizeof ref_logits, "%s/ref_logits.f32", dir);
     synth_params sp = {.arch = gc->arch, .preset = gc->preset, .seed = 11 + (uint64_t)_i,
-                       .vocab_path = gc->spm_vocab ? vocab : NULL, .f16 = gc->f16};
+                       .vocab_path = gc->spm_vocab ? vocab : NULL, .wtype = gc->wtype};
     ck_assert_msg(synth_write(&sp, model, err, sizeof err) == 0, "%s", err);
     moe_model *m;
     ck_assert_msg(moe_model_load(model, &m, err, sizeof err) == 0, "%s", err);
@@ -203,15 +211,15 @@ START_TEST(engine_matches_reference)
     double worst = 0;
     for (int t = 0; t < N_PROMPT; t++) {
         double r = row_rel_err(logits + (size_t)t * n_vocab, ref + (size_t)t * n_vocab, n_vocab);
-        ck_assert_msg(r <= MAX_REL_ERR, "%s/%s%s position %d: relative error %.3g > %g",
-                      gc->arch, gc->preset, gc->f16 ? "/f16" : "", t, r, MAX_REL_ERR);
+        ck_assert_msg(r <= MAX_REL_ERR, "%s/%s/%s position %d: relative error %.3g > %g",
+                      gc->arch, gc->preset, type_tag(gc->wtype), t, r, MAX_REL_ERR);
         if (r > worst) worst = r;
     }
     for (int i = 0; i < N_GREEDY; i++)
-        ck_assert_msg(greedy_c[i] == greedy_r[i], "%s/%s%s greedy token %d: engine %d, reference %d",
-                      gc->arch, gc->preset, gc->f16 ? "/f16" : "", i, greedy_c[i], greedy_r[i]);
-    printf("golden %-8s %-5s%s%s: max relative error %.2e, smallest greedy top-1 margin %.3f\n",
-           gc->arch, gc->preset, gc->f16 ? " f16" : "", gc->spm_vocab ? " spm-vocab" : "",
+        ck_assert_msg(greedy_c[i] == greedy_r[i], "%s/%s/%s greedy token %d: engine %d, reference %d",
+                      gc->arch, gc->preset, type_tag(gc->wtype), i, greedy_c[i], greedy_r[i]);
+    printf("golden %-8s %-5s %-4s%s: max relative error %.2e, smallest greedy top-1 margin %.3f\n",
+           gc->arch, gc->preset, type_tag(gc->wtype), gc->spm_vocab ? " spm-vocab" : "",
            worst, (double)margin);
     free(ref);
     free(logits);

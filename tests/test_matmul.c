@@ -6,6 +6,7 @@
 #include "tests/testutil.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 static uint32_t rng_state;
@@ -180,31 +181,78 @@ START_TEST(multi_equals_separate_calls)
 }
 END_TEST
 
-/* 16-bit weights widened as they are read give the bits of matmul_range on the
- * widened weights, for every x-row count of each kernel (1-4 streamed, from 5 in
- * pairs, in passes of 8 rows, from the sgemm switch widened into scratch for
- * sgemm), k with and without a vector tail, odd slices, and only the slice's
- * columns written. */
-START_TEST(w16_equals_widened_f32)
+/* Q8_0 as ggml defines it: each weight is the block's F16 scale times its int8,
+ * the scale max |x| / 127, so every weight is within half a step of its source
+ * and the largest one in a block is exactly +-127 steps. */
+START_TEST(q8_0_blocks_round_trip)
+{
+    rng_state = 5;
+    size_t n = 32 * 40;
+    float *src = rand_array(n), *back = malloc(n * sizeof *back);
+    unsigned char *q = malloc(n / 32 * 34);
+    ck_assert(back && q);
+    src[100] = 3.5f;                                  /* one block with a large weight */
+    gguf_quantize_q8_0(src, n, q);
+    wconv_rows(back, q, n, MOE_WT_Q8_0);
+    for (size_t b = 0; b < n / 32; b++) {
+        uint16_t h;
+        memcpy(&h, q + b * 34, 2);
+        float d = gguf_f16_to_f32(h), amax = 0.0f;
+        int top = 0;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(src[b * 32 + i]));
+        ck_assert_float_eq_tol(d, amax / 127.0f, amax / 127.0f / 1024.0f);
+        for (int i = 0; i < 32; i++) {
+            size_t j = b * 32 + i;
+            ck_assert(back[j] == d * (float)(int8_t)q[b * 34 + 2 + i]);
+            ck_assert_msg(fabsf(back[j] - src[j]) <= 0.5f * d + amax / 2048.0f, "weight %zu: %g from %g", j,
+                          (double)back[j], (double)src[j]);
+            top |= abs((int8_t)q[b * 34 + 2 + i]) == 127;
+        }
+        ck_assert(top);
+    }
+    free(src);
+    free(back);
+    free(q);
+}
+END_TEST
+
+/* Weights narrower than F32 (F16, BF16, Q8_0) widened as they are read give the
+ * bits of matmul_range on the widened weights, for every x-row count of each
+ * kernel (1-4 streamed, from 5 in pairs, in passes of 8 rows, from the sgemm
+ * switch widened into scratch for sgemm), k with and without a vector tail
+ * (16-bit), Q8_0 at odd addresses with zero and negative scales, odd slices,
+ * and only the slice's columns written. */
+START_TEST(wq_equals_widened_f32)
 {
     rng_state = 77;
-    int ks[] = {64, 100, 1024 + 7};
     int ms[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 40, 0};
     ms[14] = matmul_sgemm_min_rows() + 3;
-    for (int t = 0; t < 2; t++) {
-        moe_wtype wt = t ? MOE_WT_BF16 : MOE_WT_F16;
-        for (size_t ik = 0; ik < sizeof ks / sizeof ks[0]; ik++) {
-            int k = ks[ik], n = 37, n0 = 3, n1 = 36;
-            uint16_t *w16 = malloc((size_t)n * k * sizeof *w16);
-            float *wf = malloc((size_t)n * k * sizeof *wf), *src = rand_array((size_t)n * k);
-            float *scratch = malloc((size_t)n * k * sizeof *scratch);
-            ck_assert(w16 && wf && scratch);
-            for (size_t i = 0; i < (size_t)n * k; i++) {
-                uint32_t bits;
-                memcpy(&bits, &src[i], 4);
-                w16[i] = t ? (uint16_t)(bits >> 16) : gguf_f32_to_f16(src[i]);
+    for (int t = 0; t < 3; t++) {
+        moe_wtype wt = t == 0 ? MOE_WT_F16 : t == 1 ? MOE_WT_BF16 : MOE_WT_Q8_0;
+        /* 16-bit: with and without a vector tail; Q8_0 rows are whole blocks */
+        int ks16[] = {64, 100, 1024 + 7}, ksq[] = {32, 96, 1024};
+        for (size_t ik = 0; ik < 3; ik++) {
+            int k = wt == MOE_WT_Q8_0 ? ksq[ik] : ks16[ik], n = 37, n0 = 3, n1 = 36;
+            size_t rb = moe_wtype_row_bytes(wt, (size_t)k), nw = (size_t)n * k;
+            /* Q8_0 one byte off alignment, as blocks of 34 bytes lie in a file */
+            size_t off = wt == MOE_WT_Q8_0 ? 1 : 0;
+            unsigned char *buf = malloc((size_t)n * rb + off), *wq = buf + off;
+            float *wf = malloc(nw * sizeof *wf), *src = rand_array(nw);
+            float *scratch = malloc(nw * sizeof *scratch);
+            ck_assert(buf && wf && scratch);
+            if (wt == MOE_WT_Q8_0) {
+                for (int i = 0; i < 32; i++) src[k + i] = 0.0f;  /* a block of scale 0 */
+                gguf_quantize_q8_0(src, nw, wq);
+                wq[2 * rb + 1] |= 0x80;                           /* a negative scale */
+            } else {
+                for (size_t i = 0; i < nw; i++) {
+                    uint32_t bits;
+                    memcpy(&bits, &src[i], 4);
+                    uint16_t h = t ? (uint16_t)(bits >> 16) : gguf_f32_to_f16(src[i]);
+                    memcpy(wq + 2 * i, &h, 2);
+                }
             }
-            wconv_rows(wf, w16, (size_t)n * k, wt);
+            wconv_rows(wf, wq, nw, wt);
             for (size_t im = 0; im < sizeof ms / sizeof ms[0]; im++) {
                 int m = ms[im];
                 float *x = rand_array((size_t)m * k);
@@ -212,15 +260,15 @@ START_TEST(w16_equals_widened_f32)
                 ck_assert(ya && yb);
                 for (size_t i = 0; i < (size_t)m * n; i++) ya[i] = yb[i] = -7.0f;
                 matmul_range(x, m, k, wf, n0, n1, ya, n);
-                matmul_range_w16(x, m, k, w16, wt, n0, n1, yb, n, scratch);
+                matmul_range_wq(x, m, k, wq, wt, n0, n1, yb, n, scratch);
                 ck_assert_msg(memcmp(ya, yb, (size_t)m * n * sizeof *ya) == 0, "%s k %d m %d: not the same bits",
-                              t ? "bf16" : "f16", k, m);
+                              moe_wtype_name(wt), k, m);
                 for (int r = 0; r < m; r++) ck_assert(yb[(size_t)r * n] == -7.0f && yb[(size_t)r * n + n - 1] == -7.0f);
                 free(x);
                 free(ya);
                 free(yb);
             }
-            free(w16);
+            free(buf);
             free(wf);
             free(src);
             free(scratch);
@@ -255,7 +303,8 @@ int main(void)
     tcase_add_test(tc, few_rows_result_independent_of_m);
     tcase_add_test(tc, multi_equals_separate_calls);
     tcase_add_test(tc, empty_shapes_do_nothing);
-    tcase_add_test(tc, w16_equals_widened_f32);
+    tcase_add_test(tc, q8_0_blocks_round_trip);
+    tcase_add_test(tc, wq_equals_widened_f32);
     suite_add_tcase(s, tc);
     return tu_run_suite(s);
 }

@@ -30,12 +30,12 @@ typedef struct {
     char other[128];  /* a variant written by the test */
 } fixture;
 
-static void fixture_synth(fixture *fx, const char *arch, const char *preset, int f16)
+static void fixture_synth(fixture *fx, const char *arch, const char *preset, ggml_type wtype)
 {
     snprintf(fx->dir, sizeof fx->dir, "%s", tu_tmpdir());
     snprintf(fx->path, sizeof fx->path, "%s/model.gguf", fx->dir);
     snprintf(fx->other, sizeof fx->other, "%s/variant.gguf", fx->dir);
-    synth_params p = {.arch = arch, .preset = preset, .seed = 7, .f16 = f16};
+    synth_params p = {.arch = arch, .preset = preset, .seed = 7, .wtype = wtype};
     ck_assert_msg(synth_write(&p, fx->path, err, sizeof err) == 0, "synth %s: %s", arch, err);
 }
 
@@ -74,7 +74,7 @@ typedef struct {
     const char *drop_tensor;    /* tensor left out */
     const char *halve_tensor;   /* tensor written with its outermost dim halved */
     int to_bf16;                /* every F32 matrix written as BF16 */
-    int to_f32;                 /* every F16/BF16 tensor written as F32 (exactly) */
+    int to_f32;                 /* every F16/BF16/Q8_0 tensor written as F32 (exactly) */
     uint32_t alignment;         /* general.alignment, 0: unchanged */
     int pad_len;                /* length of an extra string key (shifts the data section) */
 } edit;
@@ -129,11 +129,18 @@ static void rewrite(const char *src, const char *dst, const edit *e)
             data = h;
             type = GGML_TYPE_BF16;
         }
-        if (e->to_f32 && (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_BF16)) {
+        if (e->to_f32 && (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_BF16 || t->type == GGML_TYPE_Q8_0)) {
             ck_assert_int_lt(n_bf16, 256);
             float *fl = malloc(t->n_elements * sizeof *fl);
             ck_assert_ptr_nonnull(fl);
-            for (uint64_t j = 0; j < t->n_elements; j++) {
+            for (uint64_t j = 0; j < t->n_elements && t->type == GGML_TYPE_Q8_0; j++) {
+                /* the definition, not wconv_rows: d * q */
+                const uint8_t *blk = (const uint8_t *)t->data + j / 32 * 34;
+                uint16_t hv;
+                memcpy(&hv, blk, 2);
+                fl[j] = gguf_f16_to_f32(hv) * (float)(int8_t)blk[2 + j % 32];
+            }
+            for (uint64_t j = 0; j < t->n_elements && t->type != GGML_TYPE_Q8_0; j++) {
                 uint16_t hv;
                 memcpy(&hv, (const uint8_t *)t->data + 2 * j, 2);
                 fl[j] = t->type == GGML_TYPE_F16 ? gguf_f16_to_f32(hv) : gguf_bf16_to_f32(hv);
@@ -172,7 +179,7 @@ START_TEST(each_arch_loads_with_its_hparams)
 {
     const char *arch = archs[_i];
     fixture fx;
-    fixture_synth(&fx, arch, "tiny", 0);
+    fixture_synth(&fx, arch, "tiny", GGML_TYPE_F32);
     moe_model *m;
     ck_assert_msg(moe_model_load(fx.path, &m, err, sizeof err) == 0, "%s: %s", arch, err);
     const moe_hparams *hp = &m->weights.hp;
@@ -211,7 +218,7 @@ END_TEST
 START_TEST(dense_llama_loads)
 {
     fixture fx;
-    fixture_synth(&fx, "llama", "dense", 0);
+    fixture_synth(&fx, "llama", "dense", GGML_TYPE_F32);
     moe_model *m;
     ck_assert_msg(moe_model_load(fx.path, &m, err, sizeof err) == 0, "%s", err);
     ck_assert_int_eq(m->weights.hp.n_expert, 0);
@@ -233,7 +240,7 @@ END_TEST
 START_TEST(synth_is_deterministic)
 {
     fixture fx;
-    fixture_synth(&fx, "qwen2moe", "tiny", 0);
+    fixture_synth(&fx, "qwen2moe", "tiny", GGML_TYPE_F32);
     synth_params p = {.arch = "qwen2moe", .preset = "tiny", .seed = 7};
     ck_assert_int_eq(synth_write(&p, fx.other, err, sizeof err), 0);
     gguf_file *a, *b;
@@ -266,7 +273,7 @@ static float *experts_f32(const moe_layer_weights *L, int which, size_t n)
     float *out = malloc(n * sizeof *out);
     ck_assert_ptr_nonnull(out);
     const float *f[3] = {L->exp_gate, L->exp_up, L->exp_down};
-    const uint16_t *h[3] = {L->exp_gate16, L->exp_up16, L->exp_down16};
+    const unsigned char *h[3] = {L->exp_gate_raw, L->exp_up_raw, L->exp_down_raw};
     if (L->exp_type == MOE_WT_F32) {
         ck_assert(f[which] && !h[which]);
         memcpy(out, f[which], n * sizeof *out);
@@ -290,8 +297,8 @@ static void assert_close_f16(const float *a, const float *b, size_t n, const cha
 START_TEST(f16_equals_f32_to_f16_precision)
 {
     fixture fx;
-    fixture_synth(&fx, "qwen2moe", "tiny", 0);
-    synth_params p = {.arch = "qwen2moe", .preset = "tiny", .seed = 7, .f16 = 1};
+    fixture_synth(&fx, "qwen2moe", "tiny", GGML_TYPE_F32);
+    synth_params p = {.arch = "qwen2moe", .preset = "tiny", .seed = 7, .wtype = GGML_TYPE_F16};
     ck_assert_int_eq(synth_write(&p, fx.other, err, sizeof err), 0);
     moe_model *a, *b;
     ck_assert_msg(moe_model_load(fx.path, &a, err, sizeof err) == 0, "%s", err);
@@ -323,8 +330,9 @@ START_TEST(f16_equals_f32_to_f16_precision)
         ck_assert(memcmp(x->attn_norm, y->attn_norm, e * sizeof(float)) == 0);
     }
     /* every other matrix converted once: embeddings, output and per layer the
-     * attention, router and shared expert matrices */
-    size_t per_layer = 2 * q * e + 2 * kv * e + ne * e + 3 * sh * e;
+     * attention and shared expert matrices (the router stays F32, as
+     * llama.cpp's converters keep it) */
+    size_t per_layer = 2 * q * e + 2 * kv * e + 3 * sh * e;
     ck_assert_uint_eq(b->converted_bytes, 4 * (2 * v * e + (size_t)hp->n_layer * per_layer));
     ck_assert_uint_eq(a->converted_bytes, 0);
     ck_assert(b->mapped_bytes < a->mapped_bytes);
@@ -388,21 +396,42 @@ static void engine_run_all(const moe_model *m, float *out)
     moe_engine_free(e);
 }
 
-/* Experts read where the file keeps them, 16-bit, give the very bits of the
- * same weights widened to F32 at load: an F16 and a BF16 file against their
- * exact F32 rewrites, through prefill, a ragged batch and decode. */
-START_TEST(experts_16bit_equal_their_f32_widening)
+/* Rewrites src to dst with general.alignment 1 and a padding key that shifts
+ * the data section until `tensor`'s address is not a multiple of `align`. */
+static void rewrite_misaligned(const char *src, const char *dst, const char *tensor, uintptr_t align)
+{
+    int misaligned = 0;
+    for (int pad = 1; pad <= 4 && !misaligned; pad++) {
+        edit e = {.alignment = 1, .pad_len = pad};
+        rewrite(src, dst, &e);
+        gguf_file *g;
+        ck_assert_int_eq(gguf_open(dst, &g, err, sizeof err), 0);
+        misaligned = (uintptr_t)gguf_find_tensor(g, tensor)->data % align != 0;
+        gguf_close(g);
+    }
+    ck_assert(misaligned);
+}
+
+/* Experts read where the file keeps them (F16, BF16, Q8_0) give the very bits
+ * of the same weights widened to F32 at load: each file against its exact F32
+ * rewrite, through prefill, a ragged batch and decode. The Q8_0 file's data
+ * starts at an odd address (Q8_0 blocks are read at any address). */
+START_TEST(experts_narrow_equal_their_f32_widening)
 {
     fixture fx;
-    fixture_synth(&fx, "qwen3moe", "tiny", 1);
-    for (int bf = 0; bf < 2; bf++) {
+    fixture_synth(&fx, "qwen3moe", "tiny", GGML_TYPE_F16);
+    for (int bf = 0; bf < 3; bf++) {
         char src[160];
-        snprintf(src, sizeof src, "%s/bf16.gguf", fx.dir);
-        if (bf) {
+        snprintf(src, sizeof src, "%s/narrow.gguf", fx.dir);
+        if (bf == 1) {
             edit eb = {.to_f32 = 1};
             rewrite(fx.path, fx.other, &eb);  /* F16 -> F32 ... */
             edit e2 = {.to_bf16 = 1};
             rewrite(fx.other, src, &e2);      /* ... -> BF16 */
+        } else if (bf == 2) {
+            synth_params p = {.arch = "qwen3moe", .preset = "tiny", .seed = 9, .wtype = GGML_TYPE_Q8_0};
+            ck_assert_msg(synth_write(&p, fx.other, err, sizeof err) == 0, "%s", err);
+            rewrite_misaligned(fx.other, src, "blk.1.ffn_up_exps.weight", 2);
         } else {
             snprintf(src, sizeof src, "%s", fx.path);
         }
@@ -411,8 +440,10 @@ START_TEST(experts_16bit_equal_their_f32_widening)
         moe_model *a, *b;
         ck_assert_msg(moe_model_load(src, &a, err, sizeof err) == 0, "%s", err);
         ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
-        ck_assert_int_eq(a->weights.layers[0].exp_type, bf ? MOE_WT_BF16 : MOE_WT_F16);
+        moe_wtype want = bf == 0 ? MOE_WT_F16 : bf == 1 ? MOE_WT_BF16 : MOE_WT_Q8_0;
+        ck_assert_int_eq(a->weights.layers[0].exp_type, want);
         ck_assert_int_eq(b->weights.layers[0].exp_type, MOE_WT_F32);
+        if (bf == 2) ck_assert_uint_ne((uintptr_t)a->weights.layers[1].exp_up_raw % 2, 0);
         size_t n = (size_t)(500 + 40 + 32) * (size_t)a->weights.hp.n_vocab;
         float *la = malloc(n * sizeof *la), *lb = malloc(n * sizeof *lb);
         ck_assert(la && lb);
@@ -420,7 +451,7 @@ START_TEST(experts_16bit_equal_their_f32_widening)
         engine_run_all(b, lb);
         size_t diff = 0;
         for (size_t i = 0; i < n; i++) diff += memcmp(&la[i], &lb[i], sizeof(float)) != 0;
-        ck_assert_msg(diff == 0, "%s: %zu of %zu logits differ", bf ? "bf16" : "f16", diff, n);
+        ck_assert_msg(diff == 0, "%s: %zu of %zu logits differ", moe_wtype_name(want), diff, n);
         free(la);
         free(lb);
         moe_model_free(a);
@@ -434,7 +465,7 @@ END_TEST
 START_TEST(bf16_equals_f32_to_bf16_precision)
 {
     fixture fx;
-    fixture_synth(&fx, "olmoe", "tiny", 0);
+    fixture_synth(&fx, "olmoe", "tiny", GGML_TYPE_F32);
     edit e = {.to_bf16 = 1};
     rewrite(fx.path, fx.other, &e);
     moe_model *a, *b;
@@ -470,32 +501,15 @@ START_TEST(bf16_equals_f32_to_bf16_precision)
 }
 END_TEST
 
-/* Rewrites fx->path to fx->other with general.alignment 1 and a padding key
- * that shifts the data section until `tensor`'s address is not a multiple of
- * `align`. */
-static void rewrite_misaligned(fixture *fx, const char *tensor, uintptr_t align)
-{
-    int misaligned = 0;
-    for (int pad = 1; pad <= 4 && !misaligned; pad++) {
-        edit e = {.alignment = 1, .pad_len = pad};
-        rewrite(fx->path, fx->other, &e);
-        gguf_file *g;
-        ck_assert_int_eq(gguf_open(fx->other, &g, err, sizeof err), 0);
-        misaligned = (uintptr_t)gguf_find_tensor(g, tensor)->data % align != 0;
-        gguf_close(g);
-    }
-    ck_assert(misaligned);
-}
-
 /* With general.alignment 1 the F32 data may sit at any byte offset: the loader
  * copies it (UBSan would flag a misaligned float load otherwise). */
 START_TEST(misaligned_f32_is_copied)
 {
     fixture fx;
-    fixture_synth(&fx, "llama", "tiny", 0);
+    fixture_synth(&fx, "llama", "tiny", GGML_TYPE_F32);
     moe_model *a;
     ck_assert_msg(moe_model_load(fx.path, &a, err, sizeof err) == 0, "%s", err);
-    rewrite_misaligned(&fx, "token_embd.weight", 4);
+    rewrite_misaligned(fx.path, fx.other, "token_embd.weight", 4);
     moe_model *b;
     ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
     ck_assert_uint_gt(b->converted_bytes, 0);
@@ -515,8 +529,8 @@ END_TEST
 START_TEST(misaligned_16bit_experts_are_converted)
 {
     fixture fx;
-    fixture_synth(&fx, "qwen3moe", "tiny", 1);
-    rewrite_misaligned(&fx, "blk.0.ffn_gate_exps.weight", 2);
+    fixture_synth(&fx, "qwen3moe", "tiny", GGML_TYPE_F16);
+    rewrite_misaligned(fx.path, fx.other, "blk.0.ffn_gate_exps.weight", 2);
     moe_model *a, *b;
     ck_assert_msg(moe_model_load(fx.path, &a, err, sizeof err) == 0, "%s", err);
     ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
@@ -539,7 +553,7 @@ END_TEST
 START_TEST(tied_output_and_name_from_stem)
 {
     fixture fx;
-    fixture_synth(&fx, "olmoe", "tiny", 0);
+    fixture_synth(&fx, "olmoe", "tiny", GGML_TYPE_F32);
     edit e = {.drop_tensor = "output.weight", .drop_key = "general.name"};
     rewrite(fx.path, fx.other, &e);
     moe_model *m;
@@ -557,7 +571,7 @@ END_TEST
 START_TEST(missing_tensor_is_named)
 {
     fixture fx;
-    fixture_synth(&fx, "qwen2moe", "tiny", 0);
+    fixture_synth(&fx, "qwen2moe", "tiny", GGML_TYPE_F32);
     edit e1 = {.drop_tensor = "blk.1.ffn_up_exps.weight"};
     ck_assert_err_has(edited_error(&fx, &e1), "blk.1.ffn_up_exps.weight");
     edit e2 = {.drop_tensor = "blk.0.attn_k.bias"};
@@ -573,7 +587,7 @@ END_TEST
 START_TEST(wrong_shape_names_expected_and_found)
 {
     fixture fx;
-    fixture_synth(&fx, "qwen3moe", "tiny", 0);
+    fixture_synth(&fx, "qwen3moe", "tiny", GGML_TYPE_F32);
     edit e1 = {.halve_tensor = "blk.1.ffn_down_exps.weight"};
     const char *msg = edited_error(&fx, &e1);
     ck_assert_err_has(msg, "blk.1.ffn_down_exps.weight");
@@ -615,9 +629,11 @@ static void patch_tensor_type(const char *path, const char *name, uint32_t type)
 START_TEST(unsupported_tensor_type_is_named)
 {
     fixture fx;
-    fixture_synth(&fx, "llama", "tiny", 0);
-    patch_tensor_type(fx.path, "blk.1.attn_v.weight", 8);   /* q8_0 */
-    ck_assert_err_has(load_error(fx.path), "blk.1.attn_v.weight");
+    fixture_synth(&fx, "llama", "tiny", GGML_TYPE_F32);
+    patch_tensor_type(fx.path, "blk.1.attn_v.weight", 12);   /* q4_K */
+    const char *msg = load_error(fx.path);
+    ck_assert_err_has(msg, "blk.1.attn_v.weight");
+    ck_assert_err_has(msg, "q4_K");
     fixture_done(&fx);
 }
 END_TEST
@@ -625,7 +641,7 @@ END_TEST
 START_TEST(wrong_key_types_and_values)
 {
     fixture fx;
-    fixture_synth(&fx, "llama", "tiny", 0);
+    fixture_synth(&fx, "llama", "tiny", GGML_TYPE_F32);
     edit e1 = {.set_key = "llama.block_count", .set_kind = EDIT_STR, .set_str = "two"};
     ck_assert_err_has(edited_error(&fx, &e1), "llama.block_count");
     edit e2 = {.set_key = "llama.expert_used_count", .set_kind = EDIT_U32, .set_u32 = 9};
@@ -651,7 +667,7 @@ END_TEST
 START_TEST(absurd_dims_are_rejected_before_use)
 {
     fixture fx;
-    fixture_synth(&fx, "olmoe", "tiny", 0);
+    fixture_synth(&fx, "olmoe", "tiny", GGML_TYPE_F32);
     static const struct { const char *key; uint32_t v; } cases[] = {
         {"olmoe.embedding_length", 0x7fffffffu},
         {"olmoe.block_count", 1000000},
@@ -676,7 +692,7 @@ END_TEST
 START_TEST(unknown_architecture_lists_the_supported)
 {
     fixture fx;
-    fixture_synth(&fx, "llama", "tiny", 0);
+    fixture_synth(&fx, "llama", "tiny", GGML_TYPE_F32);
     edit e1 = {.set_key = "general.architecture", .set_kind = EDIT_STR, .set_str = "gptj"};
     const char *msg = edited_error(&fx, &e1);
     ck_assert_err_has(msg, "gptj");
@@ -690,7 +706,7 @@ END_TEST
 START_TEST(not_a_model_file)
 {
     fixture fx;
-    fixture_synth(&fx, "llama", "tiny", 0);
+    fixture_synth(&fx, "llama", "tiny", GGML_TYPE_F32);
     load_error("/nonexistent/model.gguf");
     FILE *f = fopen(fx.other, "wb");
     ck_assert_ptr_nonnull(f);
@@ -713,7 +729,7 @@ END_TEST
 START_TEST(copy_mode_equals_mmap)
 {
     fixture fx;
-    fixture_synth(&fx, "qwen2moe", "tiny", 0);
+    fixture_synth(&fx, "qwen2moe", "tiny", GGML_TYPE_F32);
     moe_model *a, *b;
     ck_assert_msg(moe_model_load(fx.path, &a, err, sizeof err) == 0, "%s", err);
     ck_assert_msg(moe_model_load_mode(fx.path, GGUF_LOAD_COPY, &b, err, sizeof err) == 0, "%s", err);
@@ -896,7 +912,7 @@ static void auto_against_mmap(int f16)
 START_TEST(page_in_reads_the_range)
 {
     fixture fx;
-    fixture_synth(&fx, "qwen3moe", "small", 0);
+    fixture_synth(&fx, "qwen3moe", "small", GGML_TYPE_F32);
     int fd = open(fx.path, O_RDONLY);
     ck_assert_int_ge(fd, 0);
     ck_assert_int_eq(fdatasync(fd), 0); /* dirty pages cannot be dropped */
@@ -977,7 +993,7 @@ END_TEST
 START_TEST(synth_rejects_bad_params)
 {
     fixture fx;
-    fixture_synth(&fx, "llama", "tiny", 0);
+    fixture_synth(&fx, "llama", "tiny", GGML_TYPE_F32);
     synth_params p = {.arch = "mamba", .preset = "tiny"};
     ck_assert_int_eq(synth_write(&p, fx.other, err, sizeof err), -1);
     ck_assert_err_has(err, "mamba");
@@ -999,7 +1015,7 @@ END_TEST
 START_TEST(builtin_vocab_tokenizes)
 {
     fixture fx;
-    fixture_synth(&fx, "llama", "tiny", 0);
+    fixture_synth(&fx, "llama", "tiny", GGML_TYPE_F32);
     moe_model *m;
     ck_assert_msg(moe_model_load(fx.path, &m, err, sizeof err) == 0, "%s", err);
     const moe_tokenizer *t = m->tokenizer;
@@ -1040,7 +1056,7 @@ START_TEST(vocab_from_another_gguf)
     char vocab[256];
     snprintf(vocab, sizeof vocab, "%s/testdata/vocab/ggml-vocab-llama-spm.gguf", shared);
     fixture fx;
-    fixture_synth(&fx, "llama", "tiny", 0);
+    fixture_synth(&fx, "llama", "tiny", GGML_TYPE_F32);
     synth_params p = {.arch = "qwen3moe", .preset = "tiny", .seed = 3, .vocab_path = vocab};
     ck_assert_msg(synth_write(&p, fx.other, err, sizeof err) == 0, "%s", err);
     moe_model *m;
@@ -1100,7 +1116,9 @@ static void mutate_range(uint8_t *buf, size_t len, size_t from, size_t to)
 START_TEST(fuzz_target_on_mutated_models)
 {
     fixture fx;
-    fixture_synth(&fx, archs[_i % 4], "tiny", _i >= 4); /* F32, then F16 (16-bit experts) */
+    /* F32, then F16 and Q8_0 (experts read in the file's type) */
+    static const ggml_type types[3] = {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0};
+    fixture_synth(&fx, archs[_i % 4], "tiny", types[_i / 4]);
     uint8_t *buf;
     size_t len;
     read_whole(fx.path, &buf, &len);
@@ -1122,7 +1140,7 @@ int main(void)
     tcase_add_test(tc, synth_is_deterministic);
     tcase_add_test(tc, f16_equals_f32_to_f16_precision);
     tcase_add_test(tc, bf16_equals_f32_to_bf16_precision);
-    tcase_add_test(tc, experts_16bit_equal_their_f32_widening);
+    tcase_add_test(tc, experts_narrow_equal_their_f32_widening);
     tcase_add_test(tc, misaligned_f32_is_copied);
     tcase_add_test(tc, misaligned_16bit_experts_are_converted);
     tcase_add_test(tc, tied_output_and_name_from_stem);
@@ -1143,7 +1161,7 @@ int main(void)
     tcase_add_test(th, page_in_reads_the_range);
     tcase_add_test(th, auto_mode_copies_only_what_pays);
     tcase_add_test(th, synth_rejects_bad_params);
-    tcase_add_loop_test(th, fuzz_target_on_mutated_models, 0, 8);
+    tcase_add_loop_test(th, fuzz_target_on_mutated_models, 0, 12);
     suite_add_tcase(s, th);
     return tu_run_suite(s);
 }

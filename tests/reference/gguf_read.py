@@ -17,8 +17,9 @@ _SCALAR = {
     F32: "<f", BOOL: "<?", U64: "<Q", I64: "<q", F64: "<d",
 }
 
-# ggml tensor types we read: id -> (numpy dtype, bytes per element)
-_TENSOR_TYPES = {0: (np.float32, 4), 1: (np.float16, 2), 30: (None, 2)}  # 30 = BF16
+# ggml tensor types we read: id -> (elements per block, bytes per block)
+F32, F16, Q8_0, BF16 = 0, 1, 8, 30
+_TENSOR_TYPES = {F32: (1, 4), F16: (1, 2), Q8_0: (32, 34), BF16: (1, 2)}
 
 
 class GGUFError(Exception):
@@ -103,18 +104,25 @@ class GGUF:
         ne, ttype, offset = self.tensors[name]
         if ttype not in _TENSOR_TYPES:
             raise GGUFError("%s: unsupported tensor type %d" % (name, ttype))
-        dtype, size = _TENSOR_TYPES[ttype]
+        block, size = _TENSOR_TYPES[ttype]
         count = 1
         for d in ne:
             count *= d
+        if ne[0] % block:
+            raise GGUFError("%s: rows of %d are not whole blocks of %d" % (name, ne[0], block))
         start = self.data_start + offset
-        end = start + count * size
+        end = start + count // block * size
         if end > len(self.buf):
             raise GGUFError("%s: data past end of file" % name)
         raw = self.buf[start:end]
-        if dtype is None:  # BF16: the high half of an IEEE float32
+        if ttype == BF16:  # the high half of an IEEE float32
             bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
             arr = bits.view(np.float32)
+        elif ttype == Q8_0:  # blocks of an f16 scale d and 32 int8 q: d * q
+            blocks = np.frombuffer(raw, dtype=np.dtype([("d", "<f2"), ("q", "i1", 32)]))
+            arr = blocks["d"].astype(np.float64)[:, None] * blocks["q"].astype(np.float64)
+        elif ttype == F16:
+            arr = np.frombuffer(raw, dtype="<f2")
         else:
-            arr = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
+            arr = np.frombuffer(raw, dtype="<f4")
         return arr.astype(np.float64).reshape(list(reversed(ne)))
