@@ -109,7 +109,7 @@ typedef float vf;
 #define VPREFETCH(base, off) \
     _mm_prefetch((const char *)((uintptr_t)(base) + (off) * sizeof(float)), _MM_HINT_T1)
 #else
-#define VPREFETCH(base, off) ((void)0)
+#define VPREFETCH(base, off) ((void)(base), (void)(off))
 #endif
 
 /* Few-rows kernel --------------------------------------------------------- */
