@@ -218,15 +218,28 @@ static double forward_flops(const moe_hparams *hp, double n_tokens, double n_log
            4.0 * hp->n_layer * (double)hp->n_head * hp->head_dim * attn_pairs;
 }
 
+/* Bytes of a projection of `rows` outputs over k inputs as a step of n_tokens
+ * rows reads it: in the file's narrower type where the engine reads that. */
+static double proj_bytes(moe_wraw raw, uint64_t rows, uint64_t k, int n_tokens)
+{
+    if (raw.raw && n_tokens <= MOE_RAW_PROJ_MAX_ROWS) return (double)rows * (double)moe_wtype_row_bytes(raw.type, k);
+    return (double)f32_bytes(rows * k);
+}
+
 /* Weight bytes one decode step must read, given which experts it selected. */
 static double step_weight_bytes(const bench_state *s, int n_tokens)
 {
-    const moe_hparams *hp = &s->m->weights.hp;
+    const moe_weights *w = &s->m->weights;
+    const moe_hparams *hp = &w->hp;
     const moe_arch_info *a = moe_arch_get(hp->arch);
     uint64_t e = (uint64_t)hp->n_embd, q = (uint64_t)hp->n_head * hp->head_dim;
     uint64_t kv = (uint64_t)hp->n_head_kv * hp->head_dim;
-    double per_layer = (double)f32_bytes(q * e * 2 + kv * e * 2);
-    double bytes = (double)hp->n_layer * per_layer + (double)f32_bytes((uint64_t)hp->n_vocab * e);
+    double bytes = proj_bytes(w->output_raw, (uint64_t)hp->n_vocab, e, n_tokens);
+    for (int l = 0; l < hp->n_layer; l++) {
+        const moe_layer_weights *L = &w->layers[l];
+        bytes += proj_bytes(L->wq_raw, q, e, n_tokens) + proj_bytes(L->wk_raw, kv, e, n_tokens) +
+                 proj_bytes(L->wv_raw, kv, e, n_tokens) + proj_bytes(L->wo_raw, e, q, n_tokens);
+    }
     if (hp->n_expert == 0) return bytes + (double)hp->n_layer * f32_bytes(3 * (uint64_t)hp->n_ff * e);
     int k = hp->n_expert_used;
     memset(s->used, 0, (size_t)hp->n_layer * hp->n_expert);

@@ -860,6 +860,7 @@ typedef struct {
     const packed_w *pw;
     int n;
     float *y;
+    moe_wraw raw;
 } proj_out;
 
 #define PROJ_MAX_OUTS 3   /* q, k and v */
@@ -878,19 +879,32 @@ static int use_packed(int m, const proj_out *outs, int n_outs)
     return m < matmul_sgemm_min_rows() || !matmul_blas_512_bit();
 }
 
-/* y_i = x W_i^T for each of outs, as one parallel run: on the packed copies where
- * use_packed says so, else on core/matmul.c. */
+/* Whether a projection of m rows reads the weights where the file keeps them
+ * narrower (F16, BF16, Q8_0): up to MOE_RAW_PROJ_MAX_ROWS rows, where reading the
+ * weights is the cost, when every output has them. */
+static int use_raw(int m, const proj_out *outs, int n_outs)
+{
+    for (int i = 0; i < n_outs; i++)
+        if (!outs[i].raw.raw) return 0;
+    return m <= MOE_RAW_PROJ_MAX_ROWS;
+}
+
+/* y_i = x W_i^T for each of outs, as one parallel run: on the file's narrower
+ * weights or the packed copies where use_raw or use_packed says so, else on the
+ * F32 weights (core/matmul.c). The same bits every way. */
 static void project(moe_engine *e, const float *x, int m, int k, const proj_out *outs, int n_outs)
 {
     assert(n_outs >= 1 && n_outs <= PROJ_MAX_OUTS);
-    if (use_packed(m, outs, n_outs)) {
+    int raw = use_raw(m, outs, n_outs);
+    if (!raw && use_packed(m, outs, n_outs)) {
         packed_out po[PROJ_MAX_OUTS];
         for (int i = 0; i < n_outs; i++) po[i] = (packed_out){outs[i].pw, outs[i].y};
         packed_matmul(e->pool, e->pk_scratch, x, m, k, po, n_outs);
         return;
     }
     matmul_out mo[PROJ_MAX_OUTS];
-    for (int i = 0; i < n_outs; i++) mo[i] = (matmul_out){outs[i].w, outs[i].n, outs[i].y};
+    for (int i = 0; i < n_outs; i++)
+        mo[i] = (matmul_out){outs[i].w, outs[i].n, outs[i].y, raw ? outs[i].raw : (moe_wraw){NULL, MOE_WT_F32}};
     matmul_multi(e->pool, x, m, k, mo, n_outs);
 }
 
@@ -910,13 +924,13 @@ static void attention_layer(moe_engine *e, const moe_batch *b, int l)
     int n = b->n_tokens;
     layer_job job = {e, b, l};
     rows_rmsnorm(e->xb, e->x, L->attn_norm, n, hp->n_embd, hp->rms_eps);
-    proj_out qkv[3] = {{L->wq, pk_at(e, e->pk_q, l), e->q_dim, e->q},
-                       {L->wk, pk_at(e, e->pk_k, l), e->kv_dim, e->k},
-                       {L->wv, pk_at(e, e->pk_v, l), e->kv_dim, e->v}};
+    proj_out qkv[3] = {{L->wq, pk_at(e, e->pk_q, l), e->q_dim, e->q, L->wq_raw},
+                       {L->wk, pk_at(e, e->pk_k, l), e->kv_dim, e->k, L->wk_raw},
+                       {L->wv, pk_at(e, e->pk_v, l), e->kv_dim, e->v, L->wv_raw}};
     project(e, e->xb, n, hp->n_embd, qkv, 3);
     pool_run(e->pool, n, qkv_row, &job);
     pool_run(e->pool, e->n_runs * hp->n_head_kv, attend, &job);
-    proj_out wo = {L->wo, pk_at(e, e->pk_o, l), hp->n_embd, e->out};
+    proj_out wo = {L->wo, pk_at(e, e->pk_o, l), hp->n_embd, e->out, L->wo_raw};
     project(e, e->att, n, e->q_dim, &wo, 1);
     rows_add(e->x, e->out, (size_t)n * (size_t)hp->n_embd);
 }
@@ -956,7 +970,7 @@ static void output_logits(moe_engine *e, const moe_batch *b, int n_logits, float
     for (int r = 0; r < n_logits; r++)
         rmsnorm(e->xb + (size_t)r * d, e->x + (size_t)e->logit_rows[r] * d, e->w.output_norm,
                 hp->n_embd, hp->rms_eps);
-    proj_out o = {e->w.output, pk_at(e, &e->pk_out, 0), hp->n_vocab, logits};
+    proj_out o = {e->w.output, pk_at(e, &e->pk_out, 0), hp->n_vocab, logits, e->w.output_raw};
     project(e, e->xb, n_logits, hp->n_embd, &o, 1);
 }
 

@@ -381,10 +381,10 @@ static inline vf widen_n(const uint16_t *p, int r, const moe_wtype t)
     return widen(h, t);
 }
 
-/* The scale of the Q8_0 block holding element t of a row, in every lane. */
-static inline vf q8_scale(const unsigned char *row, int t)
+/* The scale of the Q8_0 block at blk, in every lane. */
+static inline vf q8_scale(const unsigned char *blk)
 {
-    float d = wconv_q8_0_scale(row + (size_t)(t / MOE_Q8_0_BLOCK) * MOE_Q8_0_BYTES);
+    float d = wconv_q8_0_scale(blk);
 #if VL == 16
     return _mm512_set1_ps(d);
 #elif VL == 8
@@ -394,23 +394,25 @@ static inline vf q8_scale(const unsigned char *row, int t)
 #endif
 }
 
-/* VL weights of a row from element t on: 16-bit, or Q8_0 with the block's scale d. */
-static inline vf wload(const unsigned char *row, int t, const moe_wtype wt, vf d)
+/* The kernels walk a row a step at a time: a Q8_0 block (32 weights, one scale,
+ * 34 bytes) or one vector of 16-bit weights. */
+#define WSTEP(wt) ((wt) == MOE_WT_Q8_0 ? MOE_Q8_0_BLOCK : VL)
+#define WSTEP_BYTES(wt) ((wt) == MOE_WT_Q8_0 ? MOE_Q8_0_BYTES : VL * 2)
+
+/* VL weights at element i of the step at p: 16-bit, or Q8_0 with the block's scale d. */
+static inline vf wload(const unsigned char *p, int i, const moe_wtype wt, vf d)
 {
-    if (wt != MOE_WT_Q8_0) return widen((const uint16_t *)row + t, wt);
-    const unsigned char *q = row + (size_t)(t / MOE_Q8_0_BLOCK) * MOE_Q8_0_BYTES + 2 + t % MOE_Q8_0_BLOCK;
+    if (wt != MOE_WT_Q8_0) return widen((const uint16_t *)p + i, wt);
+    const unsigned char *q = p + 2 + i;
 #if defined(WCONV_VL) && WCONV_VL == VL
     return wconv_q8_0_vec(q, d);
 #else
     float f[VL], dv[VL];
     memcpy(dv, &d, sizeof dv);
-    for (int i = 0; i < VL; i++) f[i] = (float)(int8_t)q[i] * dv[0];
+    for (int l = 0; l < VL; l++) f[l] = (float)(int8_t)q[l] * dv[0];
     return vload(f);
 #endif
 }
-
-/* Elements a step of the kernels covers: a Q8_0 block (one scale), or a vector. */
-#define WSTEP(wt) ((wt) == MOE_WT_Q8_0 ? MOE_Q8_0_BLOCK : VL)
 
 /* The x rows of one pass over the weight rows: 8 accumulators a weight row.
  * More rows take several passes over a task's slice, the later ones from L2.
@@ -431,21 +433,21 @@ void rows16_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
 {
     size_t rb = moe_wtype_row_bytes(wt, (size_t)k);
     for (int j = n0; j < n1; j++) {
-        const unsigned char *wr = w + (size_t)j * rb;
+        const unsigned char *p = w + (size_t)j * rb;
         vf acc[W16_XB];
         for (int b = 0; b < nx; b++) acc[b] = vzero();
         int t = 0;
-        for (; t + WSTEP(wt) <= k; t += WSTEP(wt)) {
-            vf d = wt == MOE_WT_Q8_0 ? q8_scale(wr, t) : vzero();
-            for (int s = t; s < t + WSTEP(wt); s += VL) {
-                vf wv = wload(wr, s, wt, d);
+        for (; t + WSTEP(wt) <= k; t += WSTEP(wt), p += WSTEP_BYTES(wt)) {
+            vf d = wt == MOE_WT_Q8_0 ? q8_scale(p) : vzero();
+            for (int i = 0; i < WSTEP(wt); i += VL) {
+                vf wv = wload(p, i, wt, d);
                 VREG(wv);
-                for (int b = 0; b < nx; b++) acc[b] = vfma(wv, vload(x + (size_t)b * k + s), acc[b]);
+                for (int b = 0; b < nx; b++) acc[b] = vfma(wv, vload(x + (size_t)b * k + t + i), acc[b]);
             }
         }
 #if VL > 1
         if (wt != MOE_WT_Q8_0 && t < k) {
-            vf wv = widen_n((const uint16_t *)wr + t, k - t, wt);
+            vf wv = widen_n((const uint16_t *)p, k - t, wt);
             for (int b = 0; b < nx; b++) acc[b] = vfma(wv, vload_n(x + (size_t)b * k + t, k - t), acc[b]);
         }
 #endif
@@ -453,70 +455,73 @@ void rows16_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
     }
 }
 
-/* From 5 x rows each x load feeds two FMAs: tiles of 2 weight rows by nx x rows
- * (as pair_tiles), the next pair's rows prefetched (the hardware prefetcher does
- * not follow two rows read side by side). Same chains, same bits. */
+/* Tiles of R weight rows by nx x rows, for R * nx independent FMA chains: a
+ * chain is serial (each FMA waits for the last, 4 cycles), so one weight row
+ * dotted with one x row runs a vector a chain latency, which for Q8_0 (16 bytes
+ * a vector) is under the memory's rate. R 4 for 1-2 x rows, 2 from 3 (where
+ * each x load then feeds two FMAs). The next tile's rows are prefetched (the
+ * hardware prefetcher does not follow rows read side by side); the last rows
+ * that do not fill a tile go to rows16_dot. Same chains, same bits. */
+#define TILE16_R 4
+
 static inline __attribute__((always_inline))
-void pairs16(const float *x, int k, const unsigned char *w, const moe_wtype wt, int n0, int n1, float *y,
-             int ldy, const int nx)
+void tiles16(const float *x, int k, const unsigned char *w, const moe_wtype wt, int n0, int n1, float *y,
+             int ldy, const int nx, const int R)
 {
     size_t rb = moe_wtype_row_bytes(wt, (size_t)k);
-    for (int j = n0; j < n1; j += 2) {
-        const int two = j + 1 < n1;
-        const unsigned char *w0 = w + (size_t)j * rb, *w1 = w0 + rb;
-        vf acc[2][W16_XB];
-        for (int b = 0; b < nx; b++) acc[0][b] = acc[1][b] = vzero();
+    int j = n0;
+    for (; j + R <= n1; j += R) {
+        const unsigned char *p[TILE16_R];
+        vf acc[TILE16_R][W16_XB];
+        for (int r = 0; r < R; r++) {
+            p[r] = w + (size_t)(j + r) * rb;
+            for (int b = 0; b < nx; b++) acc[r][b] = vzero();
+        }
         int t = 0;
         for (; t + WSTEP(wt) <= k; t += WSTEP(wt)) {
-            /* as integers: the next pair may lie past the end of W */
-            size_t at = wt == MOE_WT_Q8_0 ? (size_t)t / MOE_Q8_0_BLOCK * MOE_Q8_0_BYTES : (size_t)t * 2;
-            VPREFETCH((uintptr_t)w0 + 2 * rb + at, 0);
-            VPREFETCH((uintptr_t)w1 + 2 * rb + at, 0);
-            vf d0 = vzero(), d1 = vzero();
-            if (wt == MOE_WT_Q8_0) {
-                d0 = q8_scale(w0, t);
-                d1 = two ? q8_scale(w1, t) : vzero();
+            vf d[TILE16_R], a[TILE16_R];
+            for (int r = 0; r < R; r++) {
+                /* as an integer: the next tile may lie past the end of W */
+                VPREFETCH((uintptr_t)p[r] + (size_t)R * rb, 0);
+                d[r] = wt == MOE_WT_Q8_0 ? q8_scale(p[r]) : vzero();
             }
-            for (int s = t; s < t + WSTEP(wt); s += VL) {
-                vf a0 = wload(w0, s, wt, d0), a1 = two ? wload(w1, s, wt, d1) : vzero();
-                VREG(a0);
-                VREG(a1);
+            for (int i = 0; i < WSTEP(wt); i += VL) {
+                for (int r = 0; r < R; r++) {
+                    a[r] = wload(p[r], i, wt, d[r]);
+                    VREG(a[r]);
+                }
                 for (int b = 0; b < nx; b++) {
-                    vf xv = vload(x + (size_t)b * k + s);
+                    vf xv = vload(x + (size_t)b * k + t + i);
                     VREG(xv);
-                    acc[0][b] = vfma(a0, xv, acc[0][b]);
-                    acc[1][b] = vfma(a1, xv, acc[1][b]);
+                    for (int r = 0; r < R; r++) acc[r][b] = vfma(a[r], xv, acc[r][b]);
                 }
             }
+            for (int r = 0; r < R; r++) p[r] += WSTEP_BYTES(wt);
         }
 #if VL > 1
         if (wt != MOE_WT_Q8_0 && t < k) {
-            const uint16_t *h0 = (const uint16_t *)w0, *h1 = (const uint16_t *)w1;
-            vf a0 = widen_n(h0 + t, k - t, wt), a1 = two ? widen_n(h1 + t, k - t, wt) : vzero();
-            for (int b = 0; b < nx; b++) {
-                vf xv = vload_n(x + (size_t)b * k + t, k - t);
-                acc[0][b] = vfma(a0, xv, acc[0][b]);
-                acc[1][b] = vfma(a1, xv, acc[1][b]);
+            for (int r = 0; r < R; r++) {
+                vf a = widen_n((const uint16_t *)p[r], k - t, wt);
+                for (int b = 0; b < nx; b++) acc[r][b] = vfma(a, vload_n(x + (size_t)b * k + t, k - t), acc[r][b]);
             }
         }
 #endif
-        for (int b = 0; b < nx; b++) {
-            y[(size_t)b * ldy + j] = vsum(acc[0][b]);
-            if (two) y[(size_t)b * ldy + j + 1] = vsum(acc[1][b]);
-        }
+        for (int b = 0; b < nx; b++)
+            for (int r = 0; r < R; r++) y[(size_t)b * ldy + j + r] = vsum(acc[r][b]);
     }
+    if (j < n1) rows16_dot(x, k, w, wt, j, n1, y, ldy, nx);
 }
 
 #define ROWS16_CASES(WT)                                                               \
     switch (nx) {                                                                      \
-    case 1: rows16_dot(x, k, w, WT, n0, n1, y, ldy, 1); break;                         \
-    case 2: rows16_dot(x, k, w, WT, n0, n1, y, ldy, 2); break;                         \
-    case 3: rows16_dot(x, k, w, WT, n0, n1, y, ldy, 3); break;                         \
-    case 4: rows16_dot(x, k, w, WT, n0, n1, y, ldy, 4); break;                         \
-    case 5: pairs16(x, k, w, WT, n0, n1, y, ldy, 5); break;                            \
-    case 6: pairs16(x, k, w, WT, n0, n1, y, ldy, 6); break;                            \
-    case 7: pairs16(x, k, w, WT, n0, n1, y, ldy, 7); break;                            \
-    default: pairs16(x, k, w, WT, n0, n1, y, ldy, 8); break;                           \
+    case 1: tiles16(x, k, w, WT, n0, n1, y, ldy, 1, 4); break;                         \
+    case 2: tiles16(x, k, w, WT, n0, n1, y, ldy, 2, 4); break;                         \
+    case 3: tiles16(x, k, w, WT, n0, n1, y, ldy, 3, 2); break;                         \
+    case 4: tiles16(x, k, w, WT, n0, n1, y, ldy, 4, 2); break;                         \
+    case 5: tiles16(x, k, w, WT, n0, n1, y, ldy, 5, 2); break;                         \
+    case 6: tiles16(x, k, w, WT, n0, n1, y, ldy, 6, 2); break;                         \
+    case 7: tiles16(x, k, w, WT, n0, n1, y, ldy, 7, 2); break;                         \
+    default: tiles16(x, k, w, WT, n0, n1, y, ldy, 8, 2); break;                        \
     }
 
 static void rows16_block(const float *x, int nx, int k, const unsigned char *w, moe_wtype wt, int n0, int n1,
@@ -626,7 +631,7 @@ void matmul_range_wq(const float *x, int m, int k, const void *w, moe_wtype wt, 
 
 void matmul(pool *p, const float *x, int m, int k, const float *w, int n, float *y)
 {
-    matmul_out o = {w, n, y};
+    matmul_out o = {w, n, y, {NULL, MOE_WT_F32}};
     matmul_multi(p, x, m, k, &o, 1);
 }
 
@@ -648,7 +653,10 @@ static void multi_task(void *ctx, int task, int thread)
     const matmul_out *o = &j->outs[i];
     int n0 = (task - j->first[i]) * j->slice;
     int n1 = n0 + j->slice < o->n ? n0 + j->slice : o->n;
-    matmul_range(j->x, j->m, j->k, o->w, n0, n1, o->y, o->n);
+    if (o->raw.raw && o->raw.type != MOE_WT_F32 && j->m < sgemm_min_rows())
+        matmul_range_wq(j->x, j->m, j->k, o->raw.raw, o->raw.type, n0, n1, o->y, o->n, NULL);
+    else
+        matmul_range(j->x, j->m, j->k, o->w, n0, n1, o->y, o->n);
 }
 
 void matmul_multi(pool *p, const float *x, int m, int k, const matmul_out *outs, int n_outs)

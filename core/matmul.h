@@ -30,13 +30,15 @@ void matmul_range_wq(const float *x, int m, int k, const void *w, moe_wtype wt, 
 void matmul(pool *p, const float *x, int m, int k, const float *w, int n, float *y);
 
 /* Several products of the same x in one parallel run: y_i = x W_i^T for each
- * (w, n, y) of outs. One run instead of several saves the barriers between them
+ * (w, n, y) of outs, from raw where an output has it and m is below
+ * matmul_sgemm_min_rows() (the same bits; w may then be NULL). One run instead of several saves the barriers between them
  * and keeps the threads streaming across the weights (the q, k and v projections
  * of a decode step are 8 + 2 + 2 MB). Same results as separate matmul calls. */
 typedef struct {
     const float *w;
     int n;
     float *y;
+    moe_wraw raw;   /* optional: W in a narrower type, read below the sgemm switch */
 } matmul_out;
 void matmul_multi(pool *p, const float *x, int m, int k, const matmul_out *outs, int n_outs);
 

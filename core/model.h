@@ -102,6 +102,15 @@ static inline size_t moe_wtype_row_bytes(moe_wtype t, size_t k)
     return k * (t == MOE_WT_F32 ? 4 : 2);
 }
 
+/* A projection matrix also readable where the file keeps it in a narrower type
+ * (raw NULL: only the F32 one). Decode, whose few rows make the projections a
+ * stream of their bytes, reads the narrower form; many rows read the F32 one
+ * (or its packed copy): the same bits either way. */
+typedef struct {
+    const unsigned char *raw;
+    moe_wtype type;
+} moe_wraw;
+
 typedef struct {
     const float *attn_norm;   /* (n_embd) */
     const float *wq;          /* (n_head*head_dim, n_embd) */
@@ -112,6 +121,7 @@ typedef struct {
     const float *q_norm;      /* optional: (n_head*head_dim) FULL, (head_dim) HEAD */
     const float *k_norm;      /* optional: (n_head_kv*head_dim) FULL, (head_dim) HEAD */
     const float *ffn_norm;    /* (n_embd) */
+    moe_wraw wq_raw, wk_raw, wv_raw, wo_raw; /* optional: wq..wo in the file's type */
 
     /* dense FFN, n_expert == 0 */
     const float *ffn_gate;    /* (n_ff, n_embd) */
@@ -138,6 +148,7 @@ typedef struct {
     const float *tok_embd;    /* (n_vocab, n_embd) */
     const float *output_norm; /* (n_embd) */
     const float *output;      /* (n_vocab, n_embd); == tok_embd when tied */
+    moe_wraw output_raw;      /* optional: output in the file's type */
     moe_layer_weights *layers;/* (n_layer), owned by whoever filled this struct */
 } moe_weights;
 

@@ -280,6 +280,14 @@ static int experts_keep_raw(tensor_loader *L, int il, uint64_t e, uint64_t ff, u
     return 1;
 }
 
+/* A projection the file keeps in a type the kernels read (shape checked by
+ * tensor_want): decode reads it there, the F32 conversion serves many rows. */
+static void raw_want(const tensor_loader *L, const char *name, moe_wraw *r)
+{
+    const gguf_tensor *t = gguf_find_tensor(L->f, name);
+    if (t && kept_type(t) != MOE_WT_F32) *r = (moe_wraw){t->data, kept_type(t)};
+}
+
 static int layer_want(tensor_loader *L, const moe_hparams *hp, int il, moe_layer_weights *w)
 {
     const moe_arch_info *a = moe_arch_get(hp->arch);
@@ -295,6 +303,14 @@ static int layer_want(tensor_loader *L, const moe_hparams *hp, int il, moe_layer
     WANT("attn_k.weight", &w->wk, 2, e, kv, 1);
     WANT("attn_v.weight", &w->wv, 2, e, kv, 1);
     WANT("attn_output.weight", &w->wo, 2, q, e, 1);
+    if (rc == 0) {
+        static const char *const proj[4] = {"attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight"};
+        moe_wraw *raw[4] = {&w->wq_raw, &w->wk_raw, &w->wv_raw, &w->wo_raw};
+        for (int i = 0; i < 4; i++) {
+            snprintf(nm, sizeof nm, "blk.%d.%s", il, proj[i]);
+            raw_want(L, nm, raw[i]);
+        }
+    }
     if (a->qkv_bias) {
         WANT("attn_q.bias", &w->bq, 1, q, 1, 1);
         WANT("attn_k.bias", &w->bk, 1, kv, 1, 1);
@@ -350,6 +366,7 @@ static int tensors_want(tensor_loader *L, moe_model *m)
     if (tensor_want(L, "output_norm.weight", 1, &w->output_norm, 1, e, 1, 1)) return -1;
     if (tensor_want(L, "output.weight", 0, &w->output, 2, e, v, 1)) return -1;
     m->tied_output = gguf_find_tensor(L->f, "output.weight") == NULL;
+    raw_want(L, m->tied_output ? "token_embd.weight" : "output.weight", &w->output_raw);
     w->layers = calloc((size_t)hp->n_layer, sizeof *w->layers);
     if (!w->layers) return fail(L->err, L->errlen, "out of memory");
     for (int il = 0; il < hp->n_layer; il++)

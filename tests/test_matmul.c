@@ -158,22 +158,32 @@ START_TEST(multi_equals_separate_calls)
     for (size_t r = 0; r < sizeof rows / sizeof rows[0]; r++) {
         int m = rows[r];
         float *x = rand_array((size_t)m * k), *w[6], *y[6], *want[6];
+        uint16_t *h[6] = {NULL};
         matmul_out outs[6];
         for (int i = 0; i < 6; i++) {
-            size_t ny = (size_t)m * (size_t)(ns[i] ? ns[i] : 1);
-            w[i] = rand_array((size_t)(ns[i] ? ns[i] : 1) * k);
+            size_t ny = (size_t)m * (size_t)(ns[i] ? ns[i] : 1), nw = (size_t)(ns[i] ? ns[i] : 1) * k;
+            w[i] = rand_array(nw);
             y[i] = malloc(ny * sizeof(float));
             want[i] = malloc(ny * sizeof(float));
             ck_assert(y[i] && want[i]);
+            outs[i] = (matmul_out){w[i], ns[i], y[i], {NULL, MOE_WT_F32}};
+            if (i == 2 || i == 4) {  /* also in F16: read from there below the sgemm switch */
+                h[i] = malloc(nw * sizeof *h[i]);
+                ck_assert_ptr_nonnull(h[i]);
+                for (size_t t = 0; t < nw; t++) h[i][t] = gguf_f32_to_f16(w[i][t]);
+                wconv_rows(w[i], h[i], nw, MOE_WT_F16);
+                outs[i].raw = (moe_wraw){(const unsigned char *)h[i], MOE_WT_F16};
+            }
             for (size_t t = 0; t < ny; t++) y[i][t] = want[i][t] = -7.0f;
             matmul(NULL, x, m, k, w[i], ns[i], want[i]);
-            outs[i] = (matmul_out){w[i], ns[i], y[i]};
+            /* below the switch the F32 weights must not be read: a decoy there */
+            if (h[i] && m < matmul_sgemm_min_rows()) memset(w[i], 0, nw * sizeof(float));
         }
         matmul_multi(p, x, m, k, outs, 6);
         for (int i = 0; i < 6; i++) {
             size_t ny = (size_t)m * (size_t)(ns[i] ? ns[i] : 1);
             ck_assert_msg(memcmp(y[i], want[i], ny * sizeof(float)) == 0, "m=%d output %d", m, i);
-            free(w[i]); free(y[i]); free(want[i]);
+            free(w[i]); free(y[i]); free(want[i]); free(h[i]);
         }
         free(x);
     }

@@ -342,6 +342,73 @@ START_TEST(f16_equals_f32_to_f16_precision)
 }
 END_TEST
 
+/* Logits of the n rows of one forward over tokens 0..n-1 of one sequence. */
+static void engine_run_rows(const moe_weights *w, int n, float *out)
+{
+    moe_engine_params ep = moe_engine_default_params(&w->hp);
+    ep.n_threads = 2;
+    moe_engine *e;
+    ck_assert_msg(moe_engine_create(w, &ep, &e, err, sizeof err) == 0, "%s", err);
+    ck_assert_msg(moe_engine_seq_reserve(e, 0, n, err, sizeof err) == 0, "%s", err);
+    int32_t tok[64], pos[64], seq[64];
+    uint8_t want[64];
+    ck_assert_int_le(n, 64);
+    for (int i = 0; i < n; i++) {
+        tok[i] = (int32_t)((i * 37 + 11) % w->hp.n_vocab);
+        pos[i] = i;
+        seq[i] = 0;
+        want[i] = 1;
+    }
+    moe_batch b = {.n_tokens = n, .token = tok, .pos = pos, .seq = seq, .want_logits = want};
+    ck_assert_msg(moe_engine_forward(e, &b, out, err, sizeof err) == 0, "%s", err);
+    moe_engine_free(e);
+}
+
+/* Up to MOE_RAW_PROJ_MAX_ROWS rows the engine reads the attention and output
+ * projections where an F16 or Q8_0 file keeps them, beyond that their F32
+ * conversion: with decoys (zeros) put in place of the conversions, a 1-row
+ * forward still gives the model's logits to the bit and a 12-row one does not. */
+START_TEST(decode_reads_projections_in_the_file_type)
+{
+    static const ggml_type types[2] = {GGML_TYPE_F16, GGML_TYPE_Q8_0};
+    fixture fx;
+    fixture_synth(&fx, "qwen3moe", "tiny", types[_i]);
+    moe_model *m;
+    ck_assert_msg(moe_model_load(fx.path, &m, err, sizeof err) == 0, "%s", err);
+    moe_weights decoy = m->weights;
+    const moe_hparams *hp = &decoy.hp;
+    ck_assert_ptr_nonnull(decoy.output_raw.raw);
+    ck_assert_int_eq(decoy.output_raw.type, types[_i] == GGML_TYPE_F16 ? MOE_WT_F16 : MOE_WT_Q8_0);
+    size_t big = (size_t)hp->n_vocab * hp->n_embd;
+    float *zeros = calloc(big, sizeof *zeros);
+    moe_layer_weights *layers = malloc((size_t)hp->n_layer * sizeof *layers);
+    ck_assert(zeros && layers);
+    for (int l = 0; l < hp->n_layer; l++) {
+        layers[l] = m->weights.layers[l];
+        ck_assert_ptr_nonnull(layers[l].wq_raw.raw);
+        ck_assert_ptr_nonnull(layers[l].wo_raw.raw);
+        layers[l].wq = layers[l].wk = layers[l].wv = layers[l].wo = zeros;
+    }
+    decoy.layers = layers;
+    decoy.output = zeros;
+    for (int n = 1; n <= 12; n += 11) {
+        size_t nl = (size_t)n * hp->n_vocab;
+        float *a = malloc(nl * sizeof *a), *b = malloc(nl * sizeof *b);
+        ck_assert(a && b);
+        engine_run_rows(&m->weights, n, a);
+        engine_run_rows(&decoy, n, b);
+        int same = memcmp(a, b, nl * sizeof *a) == 0;
+        ck_assert_msg(same == (n <= MOE_RAW_PROJ_MAX_ROWS), "%d rows: logits %s", n, same ? "equal" : "differ");
+        free(a);
+        free(b);
+    }
+    free(zeros);
+    free(layers);
+    moe_model_free(m);
+    fixture_done(&fx);
+}
+END_TEST
+
 /* Logits of one engine run over m: a 500-token prompt (seq 0: some expert queues
  * reach the sgemm switch), a ragged batch of 8 sequences x 5 tokens, then 4 decode
  * steps of those 8 sequences, on 2 threads. out: (500 + 40 + 32) x n_vocab. */
@@ -1141,6 +1208,7 @@ int main(void)
     tcase_add_test(tc, f16_equals_f32_to_f16_precision);
     tcase_add_test(tc, bf16_equals_f32_to_bf16_precision);
     tcase_add_test(tc, experts_narrow_equal_their_f32_widening);
+    tcase_add_loop_test(tc, decode_reads_projections_in_the_file_type, 0, 2);
     tcase_add_test(tc, misaligned_f32_is_copied);
     tcase_add_test(tc, misaligned_16bit_experts_are_converted);
     tcase_add_test(tc, tied_output_and_name_from_stem);
