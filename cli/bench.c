@@ -240,7 +240,11 @@ static double step_weight_bytes(const bench_state *s, int n_tokens)
         bytes += proj_bytes(L->wq_raw, q, e, n_tokens) + proj_bytes(L->wk_raw, kv, e, n_tokens) +
                  proj_bytes(L->wv_raw, kv, e, n_tokens) + proj_bytes(L->wo_raw, e, q, n_tokens);
     }
-    if (hp->n_expert == 0) return bytes + (double)hp->n_layer * f32_bytes(3 * (uint64_t)hp->n_ff * e);
+    if (hp->n_expert == 0) {
+        for (int l = 0; l < hp->n_layer; l++)
+            bytes += 3.0 * (double)hp->n_ff * (double)moe_wtype_row_bytes(w->layers[l].ffn_raw.type, (size_t)e);
+        return bytes;
+    }
     int k = hp->n_expert_used;
     memset(s->used, 0, (size_t)hp->n_layer * hp->n_expert);
     for (int t = 0; t < n_tokens; t++)
@@ -254,11 +258,12 @@ static double step_weight_bytes(const bench_state *s, int n_tokens)
         for (int x = 0; x < hp->n_expert; x++) n_used += s->used[(size_t)l * hp->n_expert + x];
         /* experts the file keeps narrower are read in its bytes (2 a weight for
          * 16-bit, 34 a block of 32 for Q8_0) */
-        size_t row = moe_wtype_row_bytes(s->m->weights.layers[l].exp_type, (size_t)e);
+        size_t row = moe_wtype_row_bytes(w->layers[l].exp_raw.type, (size_t)e);
         bytes += (double)n_used * 3.0 * (double)hp->n_ff * (double)row;
+        if (a->shared_expert)
+            bytes += 3.0 * (double)hp->n_ff_shexp * (double)moe_wtype_row_bytes(w->layers[l].shexp_raw.type, (size_t)e);
     }
     bytes += (double)hp->n_layer * f32_bytes((uint64_t)hp->n_expert * e);
-    if (a->shared_expert) bytes += (double)hp->n_layer * f32_bytes(3 * (uint64_t)hp->n_ff_shexp * e);
     return bytes;
 }
 

@@ -107,9 +107,17 @@ static int cmd_info(int argc, char **argv)
         printf("experts:        none (dense FFN width %d)\n", hp->n_ff);
     printf("vocabulary:     %d%s\n", hp->n_vocab, m->tokenizer ? "" : " (no tokenizer in file)");
     printf("context:        %d\n", hp->n_ctx_train);
-    if (hp->n_expert && m->weights.layers[0].exp_type != MOE_WT_F32)
+    const moe_layer_weights *L0 = &m->weights.layers[0];
+    if (hp->n_expert && L0->exp_raw.type != MOE_WT_F32)
         printf("expert weights: %s, read where the file keeps them (widened as the kernels read them)\n",
-               moe_wtype_name(m->weights.layers[0].exp_type));
+               moe_wtype_name(L0->exp_raw.type));
+    if (L0->shexp_raw.type != MOE_WT_F32)
+        printf("shared expert:  %s, likewise\n", moe_wtype_name(L0->shexp_raw.type));
+    if (L0->ffn_raw.type != MOE_WT_F32)
+        printf("dense FFN:      %s, likewise\n", moe_wtype_name(L0->ffn_raw.type));
+    if (L0->wq_raw.raw)
+        printf("projections:    %s where the file keeps them for steps of up to %d rows (decode), their\n"
+               "                F32 conversion for more\n", moe_wtype_name(L0->wq_raw.type), MOE_RAW_PROJ_MAX_ROWS);
     printf("memory:         %.1f MiB %s, %.1f MiB converted to F32 at load (F16/BF16/Q8_0)\n",
            m->mapped_bytes / 1048576.0, gguf_placement(m->gguf),
            m->converted_bytes / 1048576.0);

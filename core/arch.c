@@ -60,6 +60,16 @@ static int hparams_validate(const moe_hparams *hp, char *err, size_t errlen)
     return 0;
 }
 
+/* An FFN's three matrices are there: in F32, or all three in a type the
+ * kernels read (Q8_0 only with rows of whole blocks: n_embd and n_ff). */
+static int ffn_present(const float *g, const float *u, const float *d, const moe_ffn_raw *r, int n_embd, int n_ff)
+{
+    if (r->type == MOE_WT_F32) return g && u && d;
+    if (r->type != MOE_WT_F16 && r->type != MOE_WT_BF16 && r->type != MOE_WT_Q8_0) return 0;
+    if (r->type == MOE_WT_Q8_0 && (n_embd % MOE_Q8_0_BLOCK || n_ff % MOE_Q8_0_BLOCK)) return 0;
+    return r->gate && r->up && r->down;
+}
+
 int moe_weights_validate(const moe_weights *w, char *err, size_t errlen)
 {
     const moe_hparams *hp = &w->hp;
@@ -76,19 +86,15 @@ int moe_weights_validate(const moe_weights *w, char *err, size_t errlen)
         if (a->qk_norm != MOE_QK_NORM_NONE && (!L->q_norm || !L->k_norm))
             return fail(err, errlen, "missing q/k norm weights", l);
         if (hp->n_expert == 0) {
-            if (!L->ffn_gate || !L->ffn_up || !L->ffn_down)
+            if (!ffn_present(L->ffn_gate, L->ffn_up, L->ffn_down, &L->ffn_raw, hp->n_embd, hp->n_ff))
                 return fail(err, errlen, "missing dense FFN weights", l);
-        } else if (!L->router || (L->exp_type == MOE_WT_F32 && (!L->exp_gate || !L->exp_up || !L->exp_down)) ||
-                   (L->exp_type != MOE_WT_F32 && (!L->exp_gate_raw || !L->exp_up_raw || !L->exp_down_raw))) {
-            return fail(err, errlen, "missing router or expert weights", l);
+        } else if (!L->router ||
+                   !ffn_present(L->exp_gate, L->exp_up, L->exp_down, &L->exp_raw, hp->n_embd, hp->n_ff)) {
+            return fail(err, errlen, "missing router or expert weights (or of an unknown type)", l);
         }
-        if (hp->n_expert > 0 && L->exp_type != MOE_WT_F32 && L->exp_type != MOE_WT_F16 &&
-            L->exp_type != MOE_WT_BF16 && L->exp_type != MOE_WT_Q8_0)
-            return fail(err, errlen, "unknown expert weight type", l);
-        if (hp->n_expert > 0 && L->exp_type == MOE_WT_Q8_0 &&
-            (hp->n_embd % MOE_Q8_0_BLOCK || hp->n_ff % MOE_Q8_0_BLOCK))
-            return fail(err, errlen, "Q8_0 experts need n_embd and n_ff in whole blocks of 32", l);
-        if (a->shared_expert && (!L->shexp_gate_inp || !L->shexp_gate || !L->shexp_up || !L->shexp_down))
+        if (a->shared_expert && (!L->shexp_gate_inp ||
+                                 !ffn_present(L->shexp_gate, L->shexp_up, L->shexp_down, &L->shexp_raw,
+                                              hp->n_embd, hp->n_ff_shexp)))
             return fail(err, errlen, "missing shared expert weights", l);
     }
     return 0;

@@ -111,6 +111,14 @@ typedef struct {
     moe_wtype type;
 } moe_wraw;
 
+/* An FFN's three matrices where the file keeps them in a narrower type, read
+ * there at every batch size (then the F32 pointers are NULL: not converted).
+ * type F32: not kept. */
+typedef struct {
+    moe_wtype type;
+    const unsigned char *gate, *up, *down;
+} moe_ffn_raw;
+
 typedef struct {
     const float *attn_norm;   /* (n_embd) */
     const float *wq;          /* (n_head*head_dim, n_embd) */
@@ -127,20 +135,21 @@ typedef struct {
     const float *ffn_gate;    /* (n_ff, n_embd) */
     const float *ffn_up;      /* (n_ff, n_embd) */
     const float *ffn_down;    /* (n_embd, n_ff) */
+    moe_ffn_raw ffn_raw;      /* or these three in the file's type */
 
     /* MoE FFN, n_expert > 0 */
     const float *router;      /* (n_expert, n_embd) */
     const float *exp_gate;    /* (n_expert, n_ff, n_embd) */
     const float *exp_up;      /* (n_expert, n_ff, n_embd) */
     const float *exp_down;    /* (n_expert, n_embd, n_ff) */
-    moe_wtype exp_type;       /* F32: the three above; else the three below */
-    const unsigned char *exp_gate_raw, *exp_up_raw, *exp_down_raw; /* same shapes, exp_type */
+    moe_ffn_raw exp_raw;      /* or these three in the file's type */
 
     /* shared expert (qwen2moe) */
     const float *shexp_gate_inp; /* (n_embd): one gate logit */
     const float *shexp_gate;  /* (n_ff_shexp, n_embd) */
     const float *shexp_up;    /* (n_ff_shexp, n_embd) */
     const float *shexp_down;  /* (n_embd, n_ff_shexp) */
+    moe_ffn_raw shexp_raw;    /* or these three in the file's type */
 } moe_layer_weights;
 
 typedef struct {

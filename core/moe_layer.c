@@ -206,8 +206,8 @@ struct moe_ffn {
     float *sh_y;                 /* (max_rows, n_embd) */
     float *sh_gate;              /* (max_rows) sigmoid(gate_shexp . x) */
 
-    float *wide;                 /* (n_threads, SLICE_MANY * max(n_embd, n_ff)) a task's
-                                  * slice of 16-bit weights widened to F32 */
+    float *wide;                 /* (n_threads, SLICE_MANY * max(n_embd, n_ff, n_ff_shexp)) a task's
+                                  * slice of narrow weights widened to F32 */
     size_t wide_floats;          /* per thread */
     int n_threads;
 
@@ -319,9 +319,9 @@ int moe_ffn_create(const moe_hparams *hp, int max_rows, int n_threads,
     f->units = alloc_items((size_t)E + 1, 1, sizeof *f->units);
     f->tasks = alloc_items((size_t)f->max_tasks, 1, sizeof *f->tasks);
     if (!f->units || !f->tasks) goto oom;
-    /* Untouched (and so not resident) unless the experts are 16-bit. */
+    /* Untouched (and so not resident) unless an FFN is kept narrower than F32. */
     f->n_threads = n_threads;
-    f->wide_floats = E > 0 ? (size_t)SLICE_MANY * (size_t)(d > hp->n_ff ? d : hp->n_ff) : 1;
+    f->wide_floats = (size_t)SLICE_MANY * (size_t)width;
     f->wide = alloc_items((size_t)n_threads, f->wide_floats, sizeof(float));
     if (!f->wide) goto oom;
     *out = f;
@@ -431,11 +431,21 @@ static void units_run(moe_ffn *f, pool *p)
     pool_run(p, tasks_build(f, 1), down_task, f);
 }
 
+/* A unit over rows of x for an FFN of width n_ff whose matrices are the F32
+ * ones (wg, wu, wd), or raw's when it keeps them (from byte `at` of each: an
+ * expert within the experts' tensors). */
 static ffn_unit unit_make(const float *x, int rows, int n_ff, const float *wg, const float *wu,
-                          const float *wd, float *g, float *u, float *y)
+                          const float *wd, const moe_ffn_raw *raw, size_t at, float *g, float *u, float *y)
 {
-    return (ffn_unit){.x = x, .rows = rows, .n_ff = n_ff, .wg = wg, .wu = wu, .wd = wd,
-                      .wt = MOE_WT_F32, .g = g, .u = u, .y = y};
+    ffn_unit un = {.x = x, .rows = rows, .n_ff = n_ff, .wg = wg, .wu = wu, .wd = wd,
+                   .wt = raw->type, .g = g, .u = u, .y = y};
+    if (raw->type != MOE_WT_F32) {
+        un.wg = un.wu = un.wd = NULL;
+        un.wgq = raw->gate + at;
+        un.wuq = raw->up + at;
+        un.wdq = raw->down + at;
+    }
+    return un;
 }
 
 /* One unit per non-empty expert queue, over its gathered rows. */
@@ -446,21 +456,13 @@ static void units_from_queues(moe_ffn *f, const moe_layer_weights *L)
     for (int e = 0; e < f->hp.n_expert; e++) {
         int o = q->offset[e], rows = q->offset[e + 1] - o;
         if (rows == 0) continue;
-        size_t at = (size_t)e * ff * d; /* the same offset in each of the three (n_expert, ., .) tensors */
-        size_t atq = (size_t)e * ff * moe_wtype_row_bytes(L->exp_type, d); /* = e * d * row_bytes(ff) */
-        ffn_unit u = unit_make(f->xg + (size_t)o * d, rows, (int)ff, NULL, NULL, NULL,
-                               f->g + (size_t)o * ff, f->u + (size_t)o * ff, f->yp + (size_t)o * d);
-        u.wt = L->exp_type;
-        if (u.wt == MOE_WT_F32) {
-            u.wg = L->exp_gate + at;
-            u.wu = L->exp_up + at;
-            u.wd = L->exp_down + at;
-        } else {
-            u.wgq = L->exp_gate_raw + atq;
-            u.wuq = L->exp_up_raw + atq;
-            u.wdq = L->exp_down_raw + atq;
-        }
-        f->units[f->n_units++] = u;
+        /* the same offset in each of the three (n_expert, ., .) tensors */
+        size_t at = (size_t)e * ff * d, atq = (size_t)e * ff * moe_wtype_row_bytes(L->exp_raw.type, d);
+        int f32 = L->exp_raw.type == MOE_WT_F32;
+        f->units[f->n_units++] =
+            unit_make(f->xg + (size_t)o * d, rows, (int)ff, f32 ? L->exp_gate + at : NULL,
+                      f32 ? L->exp_up + at : NULL, f32 ? L->exp_down + at : NULL, &L->exp_raw, atq,
+                      f->g + (size_t)o * ff, f->u + (size_t)o * ff, f->yp + (size_t)o * d);
     }
 }
 
@@ -537,7 +539,7 @@ void moe_ffn_forward(moe_ffn *f, pool *p, const moe_arch_info *a, const moe_laye
         matmul_range(x, n, d, L->shexp_gate_inp, 0, 1, f->sh_gate, 1);
         for (int r = 0; r < n; r++) f->sh_gate[r] = sigmoid(f->sh_gate[r]);
         f->units[f->n_units++] = unit_make(x, n, f->hp.n_ff_shexp, L->shexp_gate, L->shexp_up,
-                                           L->shexp_down, f->sh_g, f->sh_u, f->sh_y);
+                                           L->shexp_down, &L->shexp_raw, 0, f->sh_g, f->sh_u, f->sh_y);
     }
     units_run(f, p);
 
@@ -552,7 +554,8 @@ void dense_ffn_forward(moe_ffn *f, pool *p, const moe_layer_weights *L,
 {
     assert(n >= 0 && n <= f->max_rows);
     if (n == 0) return;
-    f->units[0] = unit_make(x, n, f->hp.n_ff, L->ffn_gate, L->ffn_up, L->ffn_down, f->g, f->u, out);
+    f->units[0] = unit_make(x, n, f->hp.n_ff, L->ffn_gate, L->ffn_up, L->ffn_down, &L->ffn_raw, 0, f->g, f->u,
+                            out);
     f->n_units = 1;
     units_run(f, p);
 }

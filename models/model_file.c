@@ -255,28 +255,28 @@ static moe_wtype kept_type(const gguf_tensor *t)
     return MOE_WT_F32;
 }
 
-/* The routed experts of layer il stay in the file when all three are of one
- * kept type (moe_wtype in core/model.h): half (16-bit) or about a quarter (Q8_0)
- * of the memory of converting them, and of the bytes decode streams. Returns 1
- * when kept (shapes checked), 0 to load them as F32, -1 on a bad shape. */
-static int experts_keep_raw(tensor_loader *L, int il, uint64_t e, uint64_t ff, uint64_t ne,
-                            moe_layer_weights *w)
+/* An FFN's gate, up and down matrices (blk.<il>.<name><suffix>) stay in the
+ * file when all three are of one kept type (moe_wtype in core/model.h): half
+ * (16-bit) or about a quarter (Q8_0) of the memory of converting them, and of
+ * the bytes decode streams. n_dims 3 for the routed experts (ne2 experts), 2
+ * for the shared expert and the dense FFN. Returns 1 when kept (shapes
+ * checked), 0 to load them as F32, -1 on a bad shape. */
+static int ffn_keep_raw(tensor_loader *L, int il, const char *name, uint32_t n_dims, uint64_t e, uint64_t ff,
+                        uint64_t ne2, moe_ffn_raw *out)
 {
-    static const char *const suffix[3] = {"ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"};
-    const unsigned char **slot[3] = {&w->exp_gate_raw, &w->exp_up_raw, &w->exp_down_raw};
+    static const char *const suffix[3] = {"gate", "up", "down"};
     const gguf_tensor *t[3];
     char nm[3][96];
     for (int i = 0; i < 3; i++) {
-        snprintf(nm[i], sizeof nm[i], "blk.%d.%s", il, suffix[i]);
+        snprintf(nm[i], sizeof nm[i], "blk.%d.ffn_%s%s.weight", il, suffix[i], name);
         t[i] = gguf_find_tensor(L->f, nm[i]);
         if (!t[i] || kept_type(t[i]) == MOE_WT_F32 || kept_type(t[i]) != kept_type(t[0])) return 0;
     }
     for (int i = 0; i < 3; i++) {
         int down = i == 2;
-        if (tensor_check(L, nm[i], t[i], 3, down ? ff : e, down ? e : ff, ne)) return -1;
-        *slot[i] = t[i]->data;
+        if (tensor_check(L, nm[i], t[i], n_dims, down ? ff : e, down ? e : ff, ne2)) return -1;
     }
-    w->exp_type = kept_type(t[0]);
+    *out = (moe_ffn_raw){kept_type(t[0]), t[0]->data, t[1]->data, t[2]->data};
     return 1;
 }
 
@@ -323,12 +323,16 @@ static int layer_want(tensor_loader *L, const moe_hparams *hp, int il, moe_layer
     }
     WANT("ffn_norm.weight", &w->ffn_norm, 1, e, 1, 1);
     if (hp->n_expert == 0) {
-        WANT("ffn_gate.weight", &w->ffn_gate, 2, e, ff, 1);
-        WANT("ffn_up.weight", &w->ffn_up, 2, e, ff, 1);
-        WANT("ffn_down.weight", &w->ffn_down, 2, ff, e, 1);
+        int kept = rc ? 0 : ffn_keep_raw(L, il, "", 2, e, ff, 1, &w->ffn_raw);
+        if (kept < 0) rc = -1;
+        if (kept == 0) {
+            WANT("ffn_gate.weight", &w->ffn_gate, 2, e, ff, 1);
+            WANT("ffn_up.weight", &w->ffn_up, 2, e, ff, 1);
+            WANT("ffn_down.weight", &w->ffn_down, 2, ff, e, 1);
+        }
     } else {
         WANT("ffn_gate_inp.weight", &w->router, 2, e, ne, 1);
-        int kept = rc ? 0 : experts_keep_raw(L, il, e, ff, ne, w);
+        int kept = rc ? 0 : ffn_keep_raw(L, il, "_exps", 3, e, ff, ne, &w->exp_raw);
         if (kept < 0) rc = -1;
         if (kept == 0) {
             WANT("ffn_gate_exps.weight", &w->exp_gate, 3, e, ff, ne);
@@ -338,9 +342,13 @@ static int layer_want(tensor_loader *L, const moe_hparams *hp, int il, moe_layer
     }
     if (a->shared_expert) {
         WANT("ffn_gate_inp_shexp.weight", &w->shexp_gate_inp, 1, e, 1, 1);
-        WANT("ffn_gate_shexp.weight", &w->shexp_gate, 2, e, sh, 1);
-        WANT("ffn_up_shexp.weight", &w->shexp_up, 2, e, sh, 1);
-        WANT("ffn_down_shexp.weight", &w->shexp_down, 2, sh, e, 1);
+        int kept = rc ? 0 : ffn_keep_raw(L, il, "_shexp", 2, e, sh, 1, &w->shexp_raw);
+        if (kept < 0) rc = -1;
+        if (kept == 0) {
+            WANT("ffn_gate_shexp.weight", &w->shexp_gate, 2, e, sh, 1);
+            WANT("ffn_up_shexp.weight", &w->shexp_up, 2, e, sh, 1);
+            WANT("ffn_down_shexp.weight", &w->shexp_down, 2, sh, e, 1);
+        }
     }
 #undef WANT
     return rc;

@@ -43,6 +43,9 @@ static const golden_case cases[] = {
     {"qwen3moe", "tiny", GGML_TYPE_F32, 0},
     {"qwen2moe", "tiny", GGML_TYPE_F16, 0},
     {"llama", "tiny", GGML_TYPE_Q8_0, 0},
+    {"llama", "dense", GGML_TYPE_Q8_0, 0},
+    {"qwen2moe", "tiny", GGML_TYPE_Q8_0, 0},
+    {"olmoe", "tiny", GGML_TYPE_Q8_0, 0},
     {"qwen3moe", "tiny", GGML_TYPE_Q8_0, 0},
     {"llama", "tiny", GGML_TYPE_F32, 1},
 };

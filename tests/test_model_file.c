@@ -266,22 +266,29 @@ START_TEST(synth_is_deterministic)
 }
 END_TEST
 
-/* Expert tensor `which` (0 gate, 1 up, 2 down; n floats) of a layer as F32, widened
- * when the file kept it 16-bit. The caller frees it. */
-static float *experts_f32(const moe_layer_weights *L, int which, size_t n)
+/* FFN matrix `which` (0 gate, 1 up, 2 down; n floats) as F32: the F32 one, or
+ * raw's widened when the file kept them. The caller frees it. */
+static float *ffn_f32(const float *gate, const float *up, const float *down, const moe_ffn_raw *raw, int which,
+                      size_t n)
 {
     float *out = malloc(n * sizeof *out);
     ck_assert_ptr_nonnull(out);
-    const float *f[3] = {L->exp_gate, L->exp_up, L->exp_down};
-    const unsigned char *h[3] = {L->exp_gate_raw, L->exp_up_raw, L->exp_down_raw};
-    if (L->exp_type == MOE_WT_F32) {
+    const float *f[3] = {gate, up, down};
+    const unsigned char *h[3] = {raw->gate, raw->up, raw->down};
+    if (raw->type == MOE_WT_F32) {
         ck_assert(f[which] && !h[which]);
         memcpy(out, f[which], n * sizeof *out);
     } else {
         ck_assert(h[which] && !f[which]);
-        wconv_rows(out, h[which], n, L->exp_type);
+        wconv_rows(out, h[which], n, raw->type);
     }
     return out;
+}
+
+/* The same for the routed experts of a layer. */
+static float *experts_f32(const moe_layer_weights *L, int which, size_t n)
+{
+    return ffn_f32(L->exp_gate, L->exp_up, L->exp_down, &L->exp_raw, which, n);
 }
 
 static void assert_close_f16(const float *a, const float *b, size_t n, const char *what)
@@ -317,22 +324,25 @@ START_TEST(f16_equals_f32_to_f16_precision)
         assert_close_f16(x->wo, y->wo, e * q, "wo");
         assert_close_f16(x->router, y->router, ne * e, "router");
         /* the experts stay F16 in the file, read where they are */
-        ck_assert_int_eq(x->exp_type, MOE_WT_F32);
-        ck_assert_int_eq(y->exp_type, MOE_WT_F16);
+        ck_assert_int_eq(x->exp_raw.type, MOE_WT_F32);
+        ck_assert_int_eq(y->exp_raw.type, MOE_WT_F16);
         float *gate = experts_f32(y, 0, ne * ff * e), *down = experts_f32(y, 2, ne * e * ff);
         assert_close_f16(x->exp_gate, gate, ne * ff * e, "exp_gate");
         assert_close_f16(x->exp_down, down, ne * e * ff, "exp_down");
         free(gate);
         free(down);
-        assert_close_f16(x->shexp_up, y->shexp_up, sh * e, "shexp_up");
+        /* and so does the shared expert */
+        ck_assert_int_eq(y->shexp_raw.type, MOE_WT_F16);
+        float *up = ffn_f32(y->shexp_gate, y->shexp_up, y->shexp_down, &y->shexp_raw, 1, sh * e);
+        assert_close_f16(x->shexp_up, up, sh * e, "shexp_up");
+        free(up);
         /* vectors stay F32 in an F16 file: identical */
         ck_assert(memcmp(x->bq, y->bq, q * sizeof(float)) == 0);
         ck_assert(memcmp(x->attn_norm, y->attn_norm, e * sizeof(float)) == 0);
     }
     /* every other matrix converted once: embeddings, output and per layer the
-     * attention and shared expert matrices (the router stays F32, as
-     * llama.cpp's converters keep it) */
-    size_t per_layer = 2 * q * e + 2 * kv * e + 3 * sh * e;
+     * attention matrices (the router stays F32, as llama.cpp's converters keep it) */
+    size_t per_layer = 2 * q * e + 2 * kv * e;
     ck_assert_uint_eq(b->converted_bytes, 4 * (2 * v * e + (size_t)hp->n_layer * per_layer));
     ck_assert_uint_eq(a->converted_bytes, 0);
     ck_assert(b->mapped_bytes < a->mapped_bytes);
@@ -439,10 +449,10 @@ static void engine_run_all(const moe_model *m, float *out)
     moe_batch b = {.n_tokens = N_PROMPT, .token = tok, .pos = pos, .seq = seq, .want_logits = want};
     ck_assert_msg(moe_engine_forward(e, &b, out, err, sizeof err) == 0, "%s", err);
     out += (size_t)N_PROMPT * hp->n_vocab;
-    uint64_t most = 0; /* some queue of the prompt took the sgemm path */
+    uint64_t most = 0; /* some queue of the prompt (or the dense FFN) took the sgemm path */
     for (int i = 0; i < hp->n_layer * hp->n_expert; i++)
         if (moe_engine_expert_routed(e)[i] > most) most = moe_engine_expert_routed(e)[i];
-    ck_assert_uint_ge(most, (uint64_t)matmul_sgemm_min_rows());
+    ck_assert_uint_ge(hp->n_expert ? most : N_PROMPT, (uint64_t)matmul_sgemm_min_rows());
     for (int i = 0; i < N_SEQ * N_EACH; i++) {
         seq[i] = 1 + i % N_SEQ;
         pos[i] = i / N_SEQ;
@@ -487,18 +497,23 @@ START_TEST(experts_narrow_equal_their_f32_widening)
 {
     fixture fx;
     fixture_synth(&fx, "qwen3moe", "tiny", GGML_TYPE_F16);
-    for (int bf = 0; bf < 3; bf++) {
+    for (int bf = 0; bf < 5; bf++) {
         char src[160];
         snprintf(src, sizeof src, "%s/narrow.gguf", fx.dir);
+        /* 3: qwen2moe's shared expert, 4: llama's dense FFN, in Q8_0 too */
+        static const char *const arch[5] = {"", "", "qwen3moe", "qwen2moe", "llama"};
         if (bf == 1) {
             edit eb = {.to_f32 = 1};
             rewrite(fx.path, fx.other, &eb);  /* F16 -> F32 ... */
             edit e2 = {.to_bf16 = 1};
             rewrite(fx.other, src, &e2);      /* ... -> BF16 */
-        } else if (bf == 2) {
-            synth_params p = {.arch = "qwen3moe", .preset = "tiny", .seed = 9, .wtype = GGML_TYPE_Q8_0};
+        } else if (bf >= 2) {
+            synth_params p = {.arch = arch[bf], .preset = bf == 4 ? "dense" : "tiny", .seed = 9,
+                              .wtype = GGML_TYPE_Q8_0};
             ck_assert_msg(synth_write(&p, fx.other, err, sizeof err) == 0, "%s", err);
-            rewrite_misaligned(fx.other, src, "blk.1.ffn_up_exps.weight", 2);
+            edit none = {0};
+            if (bf == 2) rewrite_misaligned(fx.other, src, "blk.1.ffn_up_exps.weight", 2);
+            else rewrite(fx.other, src, &none);
         } else {
             snprintf(src, sizeof src, "%s", fx.path);
         }
@@ -508,9 +523,13 @@ START_TEST(experts_narrow_equal_their_f32_widening)
         ck_assert_msg(moe_model_load(src, &a, err, sizeof err) == 0, "%s", err);
         ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
         moe_wtype want = bf == 0 ? MOE_WT_F16 : bf == 1 ? MOE_WT_BF16 : MOE_WT_Q8_0;
-        ck_assert_int_eq(a->weights.layers[0].exp_type, want);
-        ck_assert_int_eq(b->weights.layers[0].exp_type, MOE_WT_F32);
-        if (bf == 2) ck_assert_uint_ne((uintptr_t)a->weights.layers[1].exp_up_raw % 2, 0);
+        const moe_layer_weights *la0 = &a->weights.layers[0], *lb0 = &b->weights.layers[0];
+        ck_assert_int_eq(bf == 4 ? la0->ffn_raw.type : la0->exp_raw.type, want);
+        if (bf == 3) ck_assert_int_eq(la0->shexp_raw.type, want);
+        ck_assert_int_eq(lb0->exp_raw.type, MOE_WT_F32);
+        ck_assert_int_eq(lb0->shexp_raw.type, MOE_WT_F32);
+        ck_assert_int_eq(lb0->ffn_raw.type, MOE_WT_F32);
+        if (bf == 2) ck_assert_uint_ne((uintptr_t)a->weights.layers[1].exp_raw.up % 2, 0);
         size_t n = (size_t)(500 + 40 + 32) * (size_t)a->weights.hp.n_vocab;
         float *la = malloc(n * sizeof *la), *lb = malloc(n * sizeof *lb);
         ck_assert(la && lb);
@@ -518,7 +537,7 @@ START_TEST(experts_narrow_equal_their_f32_widening)
         engine_run_all(b, lb);
         size_t diff = 0;
         for (size_t i = 0; i < n; i++) diff += memcmp(&la[i], &lb[i], sizeof(float)) != 0;
-        ck_assert_msg(diff == 0, "%s: %zu of %zu logits differ", moe_wtype_name(want), diff, n);
+        ck_assert_msg(diff == 0, "case %d (%s): %zu of %zu logits differ", bf, moe_wtype_name(want), diff, n);
         free(la);
         free(lb);
         moe_model_free(a);
@@ -541,7 +560,7 @@ START_TEST(bf16_equals_f32_to_bf16_precision)
     const moe_hparams *hp = &a->weights.hp;
     size_t e_ = (size_t)hp->n_embd, v = (size_t)hp->n_vocab, ne = (size_t)hp->n_expert;
     size_t q = (size_t)hp->n_head * hp->head_dim, kv = (size_t)hp->n_head_kv * hp->head_dim;
-    ck_assert_int_eq(b->weights.layers[1].exp_type, MOE_WT_BF16);
+    ck_assert_int_eq(b->weights.layers[1].exp_raw.type, MOE_WT_BF16);
     float *up = experts_f32(&b->weights.layers[1], 1, ne * (size_t)hp->n_ff * e_);
     const float *pairs[][2] = {
         {a->weights.tok_embd, b->weights.tok_embd}, {a->weights.output, b->weights.output},
@@ -601,8 +620,8 @@ START_TEST(misaligned_16bit_experts_are_converted)
     moe_model *a, *b;
     ck_assert_msg(moe_model_load(fx.path, &a, err, sizeof err) == 0, "%s", err);
     ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
-    ck_assert_int_eq(a->weights.layers[0].exp_type, MOE_WT_F16);
-    ck_assert_int_eq(b->weights.layers[0].exp_type, MOE_WT_F32);
+    ck_assert_int_eq(a->weights.layers[0].exp_raw.type, MOE_WT_F16);
+    ck_assert_int_eq(b->weights.layers[0].exp_raw.type, MOE_WT_F32);
     const moe_hparams *hp = &a->weights.hp;
     size_t n = (size_t)hp->n_expert * hp->n_ff * hp->n_embd;
     for (int w = 0; w < 3; w++) {
