@@ -455,19 +455,21 @@ void rows16_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
     }
 }
 
-/* Tiles of R weight rows by nx x rows, for R * nx independent FMA chains: a
- * chain is serial (each FMA waits for the last, 4 cycles), so one weight row
- * dotted with one x row runs a vector a chain latency, which for Q8_0 (16 bytes
- * a vector) is under the memory's rate. R 4 for 1-2 x rows, 2 from 3 (where
- * each x load then feeds two FMAs). The next tile's rows are prefetched (the
- * hardware prefetcher does not follow rows read side by side); the last rows
- * that do not fill a tile go to rows16_dot. Same chains, same bits. */
-#define TILE16_R 4
+/* From 5 x rows each x load feeds two FMAs: tiles of 2 weight rows by nx x rows
+ * (as pair_tiles), the next tile's rows prefetched (the hardware prefetcher does
+ * not follow rows read side by side); an odd last row goes to rows16_dot. Same
+ * chains, same bits. Tiles of 4 weight rows for 1-2 x rows, which gave one
+ * weight row 4 FMA chains and ran 1.75x as fast with the weights hot in L2,
+ * streamed slower in the engine: a batch-1 Q8_0 step 126-162 tok/s against
+ * 175-186 on rows16_dot, F16 79-81 against 87-109 (3 alternated rounds; without
+ * the prefetch 56-68 for Q8_0). */
+#define TILE16_R 2
 
 static inline __attribute__((always_inline))
 void tiles16(const float *x, int k, const unsigned char *w, const moe_wtype wt, int n0, int n1, float *y,
-             int ldy, const int nx, const int R)
+             int ldy, const int nx)
 {
+    const int R = TILE16_R;
     size_t rb = moe_wtype_row_bytes(wt, (size_t)k);
     int j = n0;
     for (; j + R <= n1; j += R) {
@@ -514,14 +516,14 @@ void tiles16(const float *x, int k, const unsigned char *w, const moe_wtype wt, 
 
 #define ROWS16_CASES(WT)                                                               \
     switch (nx) {                                                                      \
-    case 1: tiles16(x, k, w, WT, n0, n1, y, ldy, 1, 4); break;                         \
-    case 2: tiles16(x, k, w, WT, n0, n1, y, ldy, 2, 4); break;                         \
-    case 3: tiles16(x, k, w, WT, n0, n1, y, ldy, 3, 2); break;                         \
-    case 4: tiles16(x, k, w, WT, n0, n1, y, ldy, 4, 2); break;                         \
-    case 5: tiles16(x, k, w, WT, n0, n1, y, ldy, 5, 2); break;                         \
-    case 6: tiles16(x, k, w, WT, n0, n1, y, ldy, 6, 2); break;                         \
-    case 7: tiles16(x, k, w, WT, n0, n1, y, ldy, 7, 2); break;                         \
-    default: tiles16(x, k, w, WT, n0, n1, y, ldy, 8, 2); break;                        \
+    case 1: rows16_dot(x, k, w, WT, n0, n1, y, ldy, 1); break;                         \
+    case 2: rows16_dot(x, k, w, WT, n0, n1, y, ldy, 2); break;                         \
+    case 3: rows16_dot(x, k, w, WT, n0, n1, y, ldy, 3); break;                         \
+    case 4: rows16_dot(x, k, w, WT, n0, n1, y, ldy, 4); break;                         \
+    case 5: tiles16(x, k, w, WT, n0, n1, y, ldy, 5); break;                            \
+    case 6: tiles16(x, k, w, WT, n0, n1, y, ldy, 6); break;                            \
+    case 7: tiles16(x, k, w, WT, n0, n1, y, ldy, 7); break;                            \
+    default: tiles16(x, k, w, WT, n0, n1, y, ldy, 8); break;                           \
     }
 
 static void rows16_block(const float *x, int nx, int k, const unsigned char *w, moe_wtype wt, int n0, int n1,
