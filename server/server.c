@@ -610,6 +610,13 @@ static int auto_batch_tokens(void)
     return n;
 }
 
+/* The type the first layer's FFN (routed experts, else the dense FFN) is read in. */
+static moe_wtype ffn_type(const moe_weights *w)
+{
+    const moe_layer_weights *L = &w->layers[0];
+    return w->hp.n_expert ? L->exp_raw.type : L->ffn_raw.type;
+}
+
 /* Reads a mapped model file in before /ready says 200: otherwise the first
  * requests read it from disk (the 3.8 GB bench model with a cold page cache:
  * 3.2 s for the first 8 tokens, 0.1 s for the next request). In chunks, so that
@@ -688,13 +695,15 @@ static void *loader_main(void *arg)
         log_event(c->log_fmt, "info",
                   "model '%s' loaded from %s: %s, %.1fM parameters (%.1fM active), %d experts (top-%d), "
                   "%d layers, vocabulary %d, context %d, KV cache %.1f MiB (%d positions), %s, "
-                  "steps of up to %d tokens / %d sequences, weights %s, %.0f ms",
+                  "steps of up to %d tokens / %d sequences, weights %s (FFNs read as %s, %.1f MiB converted "
+                  "to F32), %.0f ms",
                   c->models[i].name, c->models[i].path, moe_arch_get(hp->arch)->name,
                   moe_hparams_n_params(hp, m->tied_output) / 1e6, moe_hparams_n_params_active(hp, m->tied_output) / 1e6,
                   hp->n_expert, hp->n_expert_used, hp->n_layer, hp->n_vocab, sched_max_seq_len(sc),
                   moe_engine_kv_bytes(e) / 1048576.0, sched_kv_positions(sc), packed, sp.max_batch_tokens,
                   sp.max_seqs < sp.max_batch_tokens ? sp.max_seqs : sp.max_batch_tokens,
-                  gguf_placement(m->gguf), secs * 1e3);
+                  gguf_placement(m->gguf), moe_wtype_name(ffn_type(&m->weights)), m->converted_bytes / 1048576.0,
+                  secs * 1e3);
         s->models[i] = m;
         s->scheds[i] = sc;
         atomic_store_explicit(&s->n_loaded, i + 1, memory_order_release);
