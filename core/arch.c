@@ -70,6 +70,15 @@ static int ffn_present(const float *g, const float *u, const float *d, const moe
     return r->gate && r->up && r->down;
 }
 
+/* An optional projection copy (moe_wraw): absent, or of a type the kernels read
+ * with rows of k whole blocks. */
+static int raw_ok(const moe_wraw *r, int k)
+{
+    if (!r->raw) return 1;
+    if (r->type != MOE_WT_F16 && r->type != MOE_WT_BF16 && r->type != MOE_WT_Q8_0) return 0;
+    return r->type != MOE_WT_Q8_0 || k % MOE_Q8_0_BLOCK == 0;
+}
+
 int moe_weights_validate(const moe_weights *w, char *err, size_t errlen)
 {
     const moe_hparams *hp = &w->hp;
@@ -77,10 +86,15 @@ int moe_weights_validate(const moe_weights *w, char *err, size_t errlen)
     const moe_arch_info *a = moe_arch_get(hp->arch);
     if (!w->tok_embd || !w->output_norm || !w->output || !w->layers)
         return fail(err, errlen, "missing token embedding, output norm or output", -1);
+    if (!raw_ok(&w->output_raw, hp->n_embd))
+        return fail(err, errlen, "output weights in a type or shape the kernels cannot read", -1);
     for (int l = 0; l < hp->n_layer; l++) {
         const moe_layer_weights *L = &w->layers[l];
         if (!L->attn_norm || !L->wq || !L->wk || !L->wv || !L->wo || !L->ffn_norm)
             return fail(err, errlen, "missing attention or norm weights", l);
+        if (!raw_ok(&L->wq_raw, hp->n_embd) || !raw_ok(&L->wk_raw, hp->n_embd) || !raw_ok(&L->wv_raw, hp->n_embd) ||
+            !raw_ok(&L->wo_raw, hp->n_head * hp->head_dim))
+            return fail(err, errlen, "attention weights in a type or shape the kernels cannot read", l);
         if (a->qkv_bias && (!L->bq || !L->bk || !L->bv))
             return fail(err, errlen, "missing q/k/v biases", l);
         if (a->qk_norm != MOE_QK_NORM_NONE && (!L->q_norm || !L->k_norm))

@@ -884,7 +884,23 @@ START_TEST(create_rejects_bad_input)
     q.packed_projections = 3;
     ck_assert_int_eq(moe_engine_create(&m->w, &q, &e, err, sizeof err), -1);
     ck_assert(strstr(err, "packed_projections") != NULL);
-    m->L[1].exp_up = NULL;   /* weights that do not validate */
+    /* weights that do not validate: a type no kernel reads, a missing matrix */
+    static const unsigned char bytes[64];
+    m->L[0].wv_raw = (moe_wraw){bytes, (moe_wtype)9};
+    ck_assert_int_eq(moe_engine_create(&m->w, &p, &e, err, sizeof err), -1);
+    ck_assert(strstr(err, "layer 0") != NULL && strstr(err, "attention") != NULL);
+    m->L[0].wv_raw = (moe_wraw){NULL, MOE_WT_F32};
+    m->w.output_raw = (moe_wraw){bytes, MOE_WT_Q8_0 + 1};
+    ck_assert_int_eq(moe_engine_create(&m->w, &p, &e, err, sizeof err), -1);
+    ck_assert(strstr(err, "output") != NULL);
+    m->w.output_raw = (moe_wraw){NULL, MOE_WT_F32};
+    m->L[1].exp_raw = (moe_ffn_raw){(moe_wtype)7, bytes, bytes, bytes};
+    ck_assert_int_eq(moe_engine_create(&m->w, &p, &e, err, sizeof err), -1);
+    ck_assert(strstr(err, "layer 1") != NULL);
+    m->L[1].exp_raw = (moe_ffn_raw){MOE_WT_F32, NULL, NULL, NULL};
+    ck_assert_int_eq(moe_engine_create(&m->w, &p, &e, err, sizeof err), 0);
+    moe_engine_free(e);
+    m->L[1].exp_up = NULL;
     ck_assert_int_eq(moe_engine_create(&m->w, &p, &e, err, sizeof err), -1);
     ck_assert(strstr(err, "layer 1") != NULL);
     model_free(m);
