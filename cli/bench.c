@@ -226,6 +226,14 @@ static double proj_bytes(moe_wraw raw, uint64_t rows, uint64_t k, int n_tokens)
     return (double)f32_bytes(rows * k);
 }
 
+/* Bytes of one FFN of width ff: F32, or in the types the file keeps it in. */
+static double ffn_bytes(const moe_ffn_raw *r, uint64_t e, uint64_t ff)
+{
+    if (r->type == MOE_WT_F32) return (double)f32_bytes(3 * ff * e);
+    return (double)ff * (double)(moe_wtype_row_bytes(r->type, e) + moe_wtype_row_bytes(r->up_type, e)) +
+           (double)e * (double)moe_wtype_row_bytes(r->down_type, ff);
+}
+
 /* Weight bytes one decode step must read, given which experts it selected. */
 static double step_weight_bytes(const bench_state *s, int n_tokens)
 {
@@ -241,8 +249,7 @@ static double step_weight_bytes(const bench_state *s, int n_tokens)
                  proj_bytes(L->wv_raw, kv, e, n_tokens) + proj_bytes(L->wo_raw, e, q, n_tokens);
     }
     if (hp->n_expert == 0) {
-        for (int l = 0; l < hp->n_layer; l++)
-            bytes += 3.0 * (double)hp->n_ff * (double)moe_wtype_row_bytes(w->layers[l].ffn_raw.type, (size_t)e);
+        for (int l = 0; l < hp->n_layer; l++) bytes += ffn_bytes(&w->layers[l].ffn_raw, e, (uint64_t)hp->n_ff);
         return bytes;
     }
     int k = hp->n_expert_used;
@@ -257,11 +264,9 @@ static double step_weight_bytes(const bench_state *s, int n_tokens)
         size_t n_used = 0;
         for (int x = 0; x < hp->n_expert; x++) n_used += s->used[(size_t)l * hp->n_expert + x];
         /* experts the file keeps narrower are read in its bytes (2 a weight for
-         * 16-bit, 34 a block of 32 for Q8_0) */
-        size_t row = moe_wtype_row_bytes(w->layers[l].exp_raw.type, (size_t)e);
-        bytes += (double)n_used * 3.0 * (double)hp->n_ff * (double)row;
-        if (a->shared_expert)
-            bytes += 3.0 * (double)hp->n_ff_shexp * (double)moe_wtype_row_bytes(w->layers[l].shexp_raw.type, (size_t)e);
+         * 16-bit, 34 a block of 32 for Q8_0, ...) */
+        bytes += (double)n_used * ffn_bytes(&w->layers[l].exp_raw, e, (uint64_t)hp->n_ff);
+        if (a->shared_expert) bytes += ffn_bytes(&w->layers[l].shexp_raw, e, (uint64_t)hp->n_ff_shexp);
     }
     bytes += (double)hp->n_layer * f32_bytes((uint64_t)hp->n_expert * e);
     return bytes;

@@ -37,8 +37,8 @@ static int usage(void)
         "           [--threads N] [--json]            generate a continuation\n"
         "  tokenize -m FILE [--ids-only] [--add-special] [--parse-special] TEXT\n"
         "  tokenize -m FILE --bench TEXTFILE           tokenizer throughput\n"
-        "  synth --arch llama|qwen2moe|olmoe|qwen3moe --preset tiny|small|bench|dense\n"
-        "        [--seed N] [--vocab FILE] [--type f32|f16|bf16|q8_0 | --f16] -o FILE\n"
+        "  synth --arch llama|qwen2moe|olmoe|qwen3moe --preset tiny|small|bench|dense|tiny256\n"
+        "        [--seed N] [--vocab FILE] [--type f32|f16|bf16|q8_0|q4_k_m|q6_k | --f16] -o FILE\n"
         "                                           write a synthetic model\n"
         "  eval -m FILE --text FILE [--ctx N] [--threads N]  bits per byte of a text\n"
         "  bench -m FILE [--threads N] [--quick] [--weights mmap|copy]\n"
@@ -82,6 +82,17 @@ static double now_ms(void)
 
 /* info ------------------------------------------------------------------- */
 
+/* "Q4_K", or "Q4_K (down Q6_K)" when an FFN's matrices differ in type. */
+static const char *ffn_types(const moe_ffn_raw *r, char *buf, size_t cap)
+{
+    if (r->up_type == r->type && r->down_type == r->type) snprintf(buf, cap, "%s", moe_wtype_name(r->type));
+    else if (r->up_type == r->type) snprintf(buf, cap, "%s (down %s)", moe_wtype_name(r->type), moe_wtype_name(r->down_type));
+    else
+        snprintf(buf, cap, "gate %s, up %s, down %s", moe_wtype_name(r->type), moe_wtype_name(r->up_type),
+                 moe_wtype_name(r->down_type));
+    return buf;
+}
+
 static int cmd_info(int argc, char **argv)
 {
     if (argc != 1) return usage();
@@ -108,17 +119,21 @@ static int cmd_info(int argc, char **argv)
     printf("vocabulary:     %d%s\n", hp->n_vocab, m->tokenizer ? "" : " (no tokenizer in file)");
     printf("context:        %d\n", hp->n_ctx_train);
     const moe_layer_weights *L0 = &m->weights.layers[0];
+    char types[64];
     if (hp->n_expert && L0->exp_raw.type != MOE_WT_F32)
         printf("expert weights: %s, read where the file keeps them (widened as the kernels read them)\n",
-               moe_wtype_name(L0->exp_raw.type));
+               ffn_types(&L0->exp_raw, types, sizeof types));
     if (L0->shexp_raw.type != MOE_WT_F32)
-        printf("shared expert:  %s, likewise\n", moe_wtype_name(L0->shexp_raw.type));
+        printf("shared expert:  %s, likewise\n", ffn_types(&L0->shexp_raw, types, sizeof types));
     if (L0->ffn_raw.type != MOE_WT_F32)
-        printf("dense FFN:      %s, likewise\n", moe_wtype_name(L0->ffn_raw.type));
+        printf("dense FFN:      %s, likewise\n", ffn_types(&L0->ffn_raw, types, sizeof types));
     if (L0->wq_raw.raw)
-        printf("projections:    %s where the file keeps them for steps of up to %d rows (decode), their\n"
-               "                F32 conversion for more\n", moe_wtype_name(L0->wq_raw.type), MOE_RAW_PROJ_MAX_ROWS);
-    printf("memory:         %.1f MiB %s, %.1f MiB converted to F32 at load (F16/BF16/Q8_0)\n",
+        printf("projections:    %s%s%s where the file keeps them for steps of up to %d rows (decode), their\n"
+               "                F32 conversion for more\n", moe_wtype_name(L0->wq_raw.type),
+               L0->wv_raw.raw && L0->wv_raw.type != L0->wq_raw.type ? ", v in " : "",
+               L0->wv_raw.raw && L0->wv_raw.type != L0->wq_raw.type ? moe_wtype_name(L0->wv_raw.type) : "",
+               MOE_RAW_PROJ_MAX_ROWS);
+    printf("memory:         %.1f MiB %s, %.1f MiB converted to F32 at load\n",
            m->mapped_bytes / 1048576.0, gguf_placement(m->gguf),
            m->converted_bytes / 1048576.0);
     size_t packed = moe_engine_packed_bytes_for(hp);
@@ -511,11 +526,12 @@ static int cmd_synth(int argc, char **argv)
         else if (!strcmp(argv[i], "--vocab")) p.vocab_path = v;
         else if (!strcmp(argv[i], "--type")) {
             static const struct { const char *name; ggml_type t; } types[] = {
-                {"f32", GGML_TYPE_F32}, {"f16", GGML_TYPE_F16}, {"bf16", GGML_TYPE_BF16}, {"q8_0", GGML_TYPE_Q8_0}};
+                {"f32", GGML_TYPE_F32}, {"f16", GGML_TYPE_F16}, {"bf16", GGML_TYPE_BF16}, {"q8_0", GGML_TYPE_Q8_0},
+                {"q4_k_m", GGML_TYPE_Q4_K}, {"q6_k", GGML_TYPE_Q6_K}};
             size_t j = 0;
             while (j < sizeof types / sizeof types[0] && strcmp(v, types[j].name)) j++;
             if (j == sizeof types / sizeof types[0]) {
-                fprintf(stderr, "moe: bad --type '%s' (f32, f16, bf16, q8_0)\n", v);
+                fprintf(stderr, "moe: bad --type '%s' (f32, f16, bf16, q8_0, q4_k_m, q6_k)\n", v);
                 return 2;
             }
             p.wtype = types[j].t;

@@ -60,13 +60,15 @@ static int hparams_validate(const moe_hparams *hp, char *err, size_t errlen)
     return 0;
 }
 
-/* An FFN's three matrices are there: in F32, or all three in a type the
- * kernels read (Q8_0 only with rows of whole blocks: n_embd and n_ff). */
+/* An FFN's three matrices are there: in F32, or all three in types the kernels
+ * read, with rows of whole blocks (gate and up rows of n_embd, down of n_ff). */
 static int ffn_present(const float *g, const float *u, const float *d, const moe_ffn_raw *r, int n_embd, int n_ff)
 {
     if (r->type == MOE_WT_F32) return g && u && d;
-    if (r->type != MOE_WT_F16 && r->type != MOE_WT_BF16 && r->type != MOE_WT_Q8_0) return 0;
-    if (r->type == MOE_WT_Q8_0 && (n_embd % MOE_Q8_0_BLOCK || n_ff % MOE_Q8_0_BLOCK)) return 0;
+    if (!moe_wtype_narrow(r->type) || !moe_wtype_narrow(r->up_type) || !moe_wtype_narrow(r->down_type)) return 0;
+    if ((size_t)n_embd % moe_wtype_block(r->type) || (size_t)n_embd % moe_wtype_block(r->up_type) ||
+        (size_t)n_ff % moe_wtype_block(r->down_type))
+        return 0;
     return r->gate && r->up && r->down;
 }
 
@@ -75,8 +77,7 @@ static int ffn_present(const float *g, const float *u, const float *d, const moe
 static int raw_ok(const moe_wraw *r, int k)
 {
     if (!r->raw) return 1;
-    if (r->type != MOE_WT_F16 && r->type != MOE_WT_BF16 && r->type != MOE_WT_Q8_0) return 0;
-    return r->type != MOE_WT_Q8_0 || k % MOE_Q8_0_BLOCK == 0;
+    return moe_wtype_narrow(r->type) && (size_t)k % moe_wtype_block(r->type) == 0;
 }
 
 int moe_weights_validate(const moe_weights *w, char *err, size_t errlen)

@@ -395,11 +395,16 @@ static inline vf q8_scale(const unsigned char *blk)
 }
 
 /* The kernels walk a row a step at a time: a Q8_0 block (32 weights, one scale,
- * 34 bytes) or one vector of 16-bit weights. */
-#define WSTEP(wt) ((wt) == MOE_WT_Q8_0 ? MOE_Q8_0_BLOCK : VL)
-#define WSTEP_BYTES(wt) ((wt) == MOE_WT_Q8_0 ? MOE_Q8_0_BYTES : VL * 2)
+ * 34 bytes), a k-quant super-block (256 weights, its sub-blocks' factors
+ * computed once a step) or one vector of 16-bit weights. */
+#define KQUANT(wt) ((wt) == MOE_WT_Q4_K || (wt) == MOE_WT_Q6_K)
+#define WSTEP(wt) ((wt) == MOE_WT_Q8_0 ? MOE_Q8_0_BLOCK : KQUANT(wt) ? MOE_QK_K : VL)
+#define WSTEP_BYTES(wt)                                                                    \
+    ((wt) == MOE_WT_Q8_0 ? MOE_Q8_0_BYTES : (wt) == MOE_WT_Q4_K ? MOE_Q4_K_BYTES           \
+     : (wt) == MOE_WT_Q6_K ? MOE_Q6_K_BYTES : VL * 2)
 
-/* VL weights at element i of the step at p: 16-bit, or Q8_0 with the block's scale d. */
+/* VL weights at element i of the step at p: 16-bit, or Q8_0 with the block's
+ * scale d. (A k-quant step is widened whole into a buffer: kquant_step.) */
 static inline vf wload(const unsigned char *p, int i, const moe_wtype wt, vf d)
 {
     if (wt != MOE_WT_Q8_0) return widen((const uint16_t *)p + i, wt);
@@ -412,6 +417,16 @@ static inline vf wload(const unsigned char *p, int i, const moe_wtype wt, vf d)
     for (int l = 0; l < VL; l++) f[l] = (float)(int8_t)q[l] * dv[0];
     return vload(f);
 #endif
+}
+
+/* A k-quant super-block widened into wb (256 floats in L1): the shifts and
+ * masks of its packed formats cost as much per vector as the FMAs of several x
+ * rows, so they are done once a step, not per x row and vector. */
+static inline void kquant_step(const unsigned char *p, const moe_wtype wt, float *wb)
+{
+    float ks[16];
+    wconv_k_scales(p, wt, ks);
+    wconv_k_block(p, wt, ks, wb);
 }
 
 /* The x rows of one pass over the weight rows: 8 accumulators a weight row.
@@ -438,6 +453,15 @@ void rows16_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
         for (int b = 0; b < nx; b++) acc[b] = vzero();
         int t = 0;
         for (; t + WSTEP(wt) <= k; t += WSTEP(wt), p += WSTEP_BYTES(wt)) {
+            if (KQUANT(wt)) {
+                float wb[MOE_QK_K];
+                kquant_step(p, wt, wb);
+                for (int i = 0; i < MOE_QK_K; i += VL) {
+                    vf wv = vload(wb + i);
+                    for (int b = 0; b < nx; b++) acc[b] = vfma(wv, vload(x + (size_t)b * k + t + i), acc[b]);
+                }
+                continue;
+            }
             vf d = wt == MOE_WT_Q8_0 ? q8_scale(p) : vzero();
             for (int i = 0; i < WSTEP(wt); i += VL) {
                 vf wv = wload(p, i, wt, d);
@@ -446,7 +470,7 @@ void rows16_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
             }
         }
 #if VL > 1
-        if (wt != MOE_WT_Q8_0 && t < k) {
+        if ((wt == MOE_WT_F16 || wt == MOE_WT_BF16) && t < k) {
             vf wv = widen_n((const uint16_t *)p, k - t, wt);
             for (int b = 0; b < nx; b++) acc[b] = vfma(wv, vload_n(x + (size_t)b * k + t, k - t), acc[b]);
         }
@@ -482,14 +506,17 @@ void tiles16(const float *x, int k, const unsigned char *w, const moe_wtype wt, 
         int t = 0;
         for (; t + WSTEP(wt) <= k; t += WSTEP(wt)) {
             vf d[TILE16_R], a[TILE16_R];
+            float wb[TILE16_R][MOE_QK_K];   /* a k-quant step's rows, widened */
             for (int r = 0; r < R; r++) {
                 /* as an integer: the next tile may lie past the end of W */
-                VPREFETCH((uintptr_t)p[r] + (size_t)R * rb, 0);
+                for (size_t l = 0; l < (size_t)WSTEP_BYTES(wt); l += 64)
+                    VPREFETCH((uintptr_t)p[r] + (size_t)R * rb + l, 0);
                 d[r] = wt == MOE_WT_Q8_0 ? q8_scale(p[r]) : vzero();
+                if (KQUANT(wt)) kquant_step(p[r], wt, wb[r]);
             }
             for (int i = 0; i < WSTEP(wt); i += VL) {
                 for (int r = 0; r < R; r++) {
-                    a[r] = wload(p[r], i, wt, d[r]);
+                    a[r] = KQUANT(wt) ? vload(wb[r] + i) : wload(p[r], i, wt, d[r]);
                     VREG(a[r]);
                 }
                 for (int b = 0; b < nx; b++) {
@@ -501,7 +528,7 @@ void tiles16(const float *x, int k, const unsigned char *w, const moe_wtype wt, 
             for (int r = 0; r < R; r++) p[r] += WSTEP_BYTES(wt);
         }
 #if VL > 1
-        if (wt != MOE_WT_Q8_0 && t < k) {
+        if ((wt == MOE_WT_F16 || wt == MOE_WT_BF16) && t < k) {
             for (int r = 0; r < R; r++) {
                 vf a = widen_n((const uint16_t *)p[r], k - t, wt);
                 for (int b = 0; b < nx; b++) acc[r][b] = vfma(a, vload_n(x + (size_t)b * k + t, k - t), acc[r][b]);
@@ -531,7 +558,9 @@ static void rows16_block(const float *x, int nx, int k, const unsigned char *w, 
 {
     if (wt == MOE_WT_F16) ROWS16_CASES(MOE_WT_F16)
     else if (wt == MOE_WT_BF16) ROWS16_CASES(MOE_WT_BF16)
-    else ROWS16_CASES(MOE_WT_Q8_0)
+    else if (wt == MOE_WT_Q8_0) ROWS16_CASES(MOE_WT_Q8_0)
+    else if (wt == MOE_WT_Q4_K) ROWS16_CASES(MOE_WT_Q4_K)
+    else ROWS16_CASES(MOE_WT_Q6_K)
 }
 
 /* Many rows: OpenBLAS ---------------------------------------------------- */

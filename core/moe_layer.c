@@ -175,7 +175,7 @@ typedef struct {
     const float *x;              /* (rows, n_embd) input rows */
     int rows, n_ff;
     const float *wg, *wu, *wd;   /* (n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff) */
-    moe_wtype wt;                /* not F32: the same matrices as the three below */
+    moe_wtype wtg, wtu, wtd;     /* not F32: the same matrices as the three below */
     const unsigned char *wgq, *wuq, *wdq;
     float *g, *u;                /* (rows, n_ff) gate and up; g ends as silu(g) * u */
     float *y;                    /* (rows, n_embd) output, stride n_embd */
@@ -390,15 +390,15 @@ static void swiglu(float *g, const float *up, int n)
  * type (wq, widened as read: the bits of weights converted at load from fewer
  * bytes; the thread's scratch takes the widened slice on the sgemm path). */
 static void slice_matmul(moe_ffn *f, int thread, const ffn_unit *u, const float *x, int k,
-                         const float *w, const unsigned char *wq, int c0, int c1, float *y, int ldy)
+                         const float *w, const unsigned char *wq, moe_wtype wt, int c0, int c1, float *y, int ldy)
 {
-    if (u->wt == MOE_WT_F32) {
+    if (wt == MOE_WT_F32) {
         matmul_range(x, u->rows, k, w, c0, c1, y, ldy);
         return;
     }
     assert(thread >= 0 && thread < f->n_threads);
     assert((size_t)(c1 - c0) * (size_t)k <= f->wide_floats);
-    matmul_range_wq(x, u->rows, k, wq, u->wt, c0, c1, y, ldy, f->wide + (size_t)thread * f->wide_floats);
+    matmul_range_wq(x, u->rows, k, wq, wt, c0, c1, y, ldy, f->wide + (size_t)thread * f->wide_floats);
 }
 
 /* Gate and up projections of one slice, then silu(gate) * up on that slice. */
@@ -408,8 +408,8 @@ static void gate_up_task(void *ctx, int task, int thread)
     const ffn_task *t = &f->tasks[task];
     const ffn_unit *u = &f->units[t->unit];
     int d = f->hp.n_embd;
-    slice_matmul(f, thread, u, u->x, d, u->wg, u->wgq, t->c0, t->c1, u->g, u->n_ff);
-    slice_matmul(f, thread, u, u->x, d, u->wu, u->wuq, t->c0, t->c1, u->u, u->n_ff);
+    slice_matmul(f, thread, u, u->x, d, u->wg, u->wgq, u->wtg, t->c0, t->c1, u->g, u->n_ff);
+    slice_matmul(f, thread, u, u->x, d, u->wu, u->wuq, u->wtu, t->c0, t->c1, u->u, u->n_ff);
     for (int r = 0; r < u->rows; r++) {
         float *g = u->g + (size_t)r * u->n_ff, *up = u->u + (size_t)r * u->n_ff;
         swiglu(g + t->c0, up + t->c0, t->c1 - t->c0);
@@ -421,7 +421,7 @@ static void down_task(void *ctx, int task, int thread)
     moe_ffn *f = ctx;
     const ffn_task *t = &f->tasks[task];
     const ffn_unit *u = &f->units[t->unit];
-    slice_matmul(f, thread, u, u->g, u->n_ff, u->wd, u->wdq, t->c0, t->c1, u->y, f->hp.n_embd);
+    slice_matmul(f, thread, u, u->g, u->n_ff, u->wd, u->wdq, u->wtd, t->c0, t->c1, u->y, f->hp.n_embd);
 }
 
 /* The hot path: every unit once over its rows, gate/up for all units, then down. */
@@ -432,21 +432,26 @@ static void units_run(moe_ffn *f, pool *p)
 }
 
 /* A unit over rows of x for an FFN of width n_ff whose matrices are the F32
- * ones (wg, wu, wd), or raw's when it keeps them (from byte `at` of each: an
- * expert within the experts' tensors). */
+ * ones (wg, wu, wd), or raw's when it keeps them (from bytes at[0], at[1],
+ * at[2] of the three: an expert within the experts' tensors). */
 static ffn_unit unit_make(const float *x, int rows, int n_ff, const float *wg, const float *wu,
-                          const float *wd, const moe_ffn_raw *raw, size_t at, float *g, float *u, float *y)
+                          const float *wd, const moe_ffn_raw *raw, const size_t at[3], float *g, float *u, float *y)
 {
     ffn_unit un = {.x = x, .rows = rows, .n_ff = n_ff, .wg = wg, .wu = wu, .wd = wd,
-                   .wt = raw->type, .g = g, .u = u, .y = y};
+                   .wtg = MOE_WT_F32, .wtu = MOE_WT_F32, .wtd = MOE_WT_F32, .g = g, .u = u, .y = y};
     if (raw->type != MOE_WT_F32) {
         un.wg = un.wu = un.wd = NULL;
-        un.wgq = raw->gate + at;
-        un.wuq = raw->up + at;
-        un.wdq = raw->down + at;
+        un.wtg = raw->type;
+        un.wtu = raw->up_type;
+        un.wtd = raw->down_type;
+        un.wgq = raw->gate + at[0];
+        un.wuq = raw->up + at[1];
+        un.wdq = raw->down + at[2];
     }
     return un;
 }
+
+static const size_t zero_at[3] = {0, 0, 0};
 
 /* One unit per non-empty expert queue, over its gathered rows. */
 static void units_from_queues(moe_ffn *f, const moe_layer_weights *L)
@@ -456,12 +461,16 @@ static void units_from_queues(moe_ffn *f, const moe_layer_weights *L)
     for (int e = 0; e < f->hp.n_expert; e++) {
         int o = q->offset[e], rows = q->offset[e + 1] - o;
         if (rows == 0) continue;
-        /* the same offset in each of the three (n_expert, ., .) tensors */
-        size_t at = (size_t)e * ff * d, atq = (size_t)e * ff * moe_wtype_row_bytes(L->exp_raw.type, d);
-        int f32 = L->exp_raw.type == MOE_WT_F32;
+        /* expert e of each (n_expert, ., .) tensor: the same F32 offset, bytes by type */
+        size_t at = (size_t)e * ff * d;
+        const moe_ffn_raw *r = &L->exp_raw;
+        size_t atq[3] = {(size_t)e * ff * moe_wtype_row_bytes(r->type, d),
+                         (size_t)e * ff * moe_wtype_row_bytes(r->up_type, d),
+                         (size_t)e * d * moe_wtype_row_bytes(r->down_type, ff)};
+        int f32 = r->type == MOE_WT_F32;
         f->units[f->n_units++] =
             unit_make(f->xg + (size_t)o * d, rows, (int)ff, f32 ? L->exp_gate + at : NULL,
-                      f32 ? L->exp_up + at : NULL, f32 ? L->exp_down + at : NULL, &L->exp_raw, atq,
+                      f32 ? L->exp_up + at : NULL, f32 ? L->exp_down + at : NULL, r, atq,
                       f->g + (size_t)o * ff, f->u + (size_t)o * ff, f->yp + (size_t)o * d);
     }
 }
@@ -539,7 +548,7 @@ void moe_ffn_forward(moe_ffn *f, pool *p, const moe_arch_info *a, const moe_laye
         matmul_range(x, n, d, L->shexp_gate_inp, 0, 1, f->sh_gate, 1);
         for (int r = 0; r < n; r++) f->sh_gate[r] = sigmoid(f->sh_gate[r]);
         f->units[f->n_units++] = unit_make(x, n, f->hp.n_ff_shexp, L->shexp_gate, L->shexp_up,
-                                           L->shexp_down, &L->shexp_raw, 0, f->sh_g, f->sh_u, f->sh_y);
+                                           L->shexp_down, &L->shexp_raw, zero_at, f->sh_g, f->sh_u, f->sh_y);
     }
     units_run(f, p);
 
@@ -554,8 +563,8 @@ void dense_ffn_forward(moe_ffn *f, pool *p, const moe_layer_weights *L,
 {
     assert(n >= 0 && n <= f->max_rows);
     if (n == 0) return;
-    f->units[0] = unit_make(x, n, f->hp.n_ff, L->ffn_gate, L->ffn_up, L->ffn_down, &L->ffn_raw, 0, f->g, f->u,
-                            out);
+    f->units[0] = unit_make(x, n, f->hp.n_ff, L->ffn_gate, L->ffn_up, L->ffn_down, &L->ffn_raw, zero_at, f->g,
+                            f->u, out);
     f->n_units = 1;
     units_run(f, p);
 }

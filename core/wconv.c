@@ -1,4 +1,4 @@
-/* wconv.c -- narrow weights (F16, BF16, Q8_0) widened to F32 (see wconv.h). */
+/* wconv.c -- narrow weights (F16, BF16, Q8_0, Q4_K, Q6_K) widened to F32 (see wconv.h). */
 #include "core/wconv.h"
 
 #include <string.h>
@@ -46,10 +46,24 @@ static void wconv_q8_0(float *dst, const unsigned char *b, size_t n)
     }
 }
 
+static void wconv_k(float *dst, const unsigned char *b, size_t n, moe_wtype t)
+{
+    size_t bytes = t == MOE_WT_Q4_K ? MOE_Q4_K_BYTES : MOE_Q6_K_BYTES;
+    for (size_t i = 0; i < n; i += MOE_QK_K, b += bytes) {
+        float ks[16];
+        wconv_k_scales(b, t, ks);
+        wconv_k_block(b, t, ks, dst + i);
+    }
+}
+
 void wconv_rows(float *dst, const void *src, size_t n, moe_wtype t)
 {
     if (t == MOE_WT_Q8_0) {
         wconv_q8_0(dst, src, n);
+        return;
+    }
+    if (t == MOE_WT_Q4_K || t == MOE_WT_Q6_K) {
+        wconv_k(dst, src, n, t);
         return;
     }
     const uint16_t *h = src;

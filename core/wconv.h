@@ -71,8 +71,123 @@ static inline float wconv_q8_0_scale(const unsigned char *b)
 /* One BF16 value: the high half of an F32. */
 float wconv_bf16(uint16_t h);
 
-/* The n weights at src, of type t (F16 or BF16: src 2-byte aligned; Q8_0: n a
- * multiple of 32, any address), widened into dst[0, n). */
+/* The per-sub-block factors of the k-quant super-block at b (any address):
+ * Q4_K ks[j] = d * sc_j and ks[8 + j] = dmin * m_j for its 8 sub-blocks of 32;
+ * Q6_K ks[j] = d * sc_j for its 16 sub-blocks of 16. */
+static inline void wconv_k_scales(const unsigned char *b, moe_wtype t, float ks[16])
+{
+#if defined(__AVX512F__)
+    /* the same products, 16 lanes at once (the scalar loop compiles to a lane
+     * insert per factor) */
+    if (t == MOE_WT_Q6_K) {
+        __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 192))));
+        _mm512_storeu_ps(ks, _mm512_mul_ps(_mm512_set1_ps(wconv_q8_0_scale(b + 208)), sc));
+        return;
+    }
+    /* lanes: sc0-3, sc4-7, m0-3, m4-7 from the 12 scale bytes s (16 read: the
+     * block's q follow). sc_j = s[j] & 63, m_j = s[j+4] & 63 (j < 4); sc_j =
+     * (s[j+4] & 15) | (s[j-4] >> 6) << 4, m_j = s[j+4] >> 4 | (s[j] >> 6) << 4 */
+    __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 4)));
+    __m512i lo = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11), a);
+    __m512i hi = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7), a);
+    lo = _mm512_mask_srli_epi32(lo, (__mmask16)0xF000, lo, 4);
+    lo = _mm512_and_si512(lo, _mm512_setr_epi32(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
+    hi = _mm512_maskz_slli_epi32((__mmask16)0xF0F0, _mm512_srli_epi32(hi, 6), 4);
+    __m512 dm = _mm512_insertf32x8(_mm512_set1_ps(wconv_q8_0_scale(b)),
+                                   _mm256_set1_ps(wconv_q8_0_scale(b + 2)), 1);
+    _mm512_storeu_ps(ks, _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_or_si512(lo, hi))));
+    return;
+#endif
+    if (t == MOE_WT_Q4_K) {
+        float d = wconv_q8_0_scale(b), dmin = wconv_q8_0_scale(b + 2);
+        const unsigned char *s = b + 4;
+        for (int j = 0; j < 8; j++) {
+            int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+            int m = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+            ks[j] = d * (float)sc;
+            ks[8 + j] = dmin * (float)m;
+        }
+        return;
+    }
+    float d = wconv_q8_0_scale(b + 208);
+    for (int j = 0; j < 16; j++) ks[j] = d * (float)(int8_t)b[192 + j];
+}
+
+/* The integer q of weight e (0..255) of a k-quant super-block (Q6_K: with its
+ * offset of 32 removed). */
+static inline int wconv_k_q(const unsigned char *b, moe_wtype t, int e)
+{
+    if (t == MOE_WT_Q4_K) {
+        unsigned char v = b[16 + 32 * (e / 64) + e % 32];
+        return (e / 32) % 2 ? v >> 4 : v & 15;
+    }
+    int h = e / 128, l = e % 128, part = l / 32, at = l % 32;
+    unsigned char lo = b[64 * h + 32 * (part & 1) + at], hi = b[128 + 32 * h + at];
+    int q = (part < 2 ? lo & 15 : lo >> 4) | (((hi >> (2 * part)) & 3) << 4);
+    return q - 32;
+}
+
+/* Weight e of a k-quant super-block whose factors are ks: the products in
+ * ggml's order, each rounded, not fused (the vector kernels do the same). */
+static inline float wconv_k_weight(const unsigned char *b, moe_wtype t, const float ks[16], int e)
+{
+    if (t == MOE_WT_Q4_K) {
+        float p = ks[e / 32] * (float)wconv_k_q(b, t, e);
+        return p - ks[8 + e / 32];
+    }
+    return ks[e / 16] * (float)wconv_k_q(b, t, e);
+}
+
+/* The 256 weights of the k-quant super-block at b (any address) into out,
+ * with factors ks from wconv_k_scales: the bits of wconv_k_weight, 16 at a
+ * time where AVX-512 has it. */
+static inline void wconv_k_block(const unsigned char *b, moe_wtype t, const float ks[16], float out[256])
+{
+#if defined(__AVX512F__)
+    const __m512i m4 = _mm512_set1_epi32(15), m2 = _mm512_set1_epi32(3);
+    if (t == MOE_WT_Q4_K) {
+        for (int c = 0; c < 4; c++) {          /* 64 weights: sub-blocks 2c (low nibbles), 2c + 1 */
+            const unsigned char *q = b + 16 + 32 * c;
+            __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+            __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+            __m512 d0 = _mm512_set1_ps(ks[2 * c]), m0 = _mm512_set1_ps(ks[8 + 2 * c]);
+            __m512 d1 = _mm512_set1_ps(ks[2 * c + 1]), m1 = _mm512_set1_ps(ks[9 + 2 * c]);
+            float *o = out + 64 * c;
+            _mm512_storeu_ps(o, _mm512_sub_ps(_mm512_mul_ps(d0, _mm512_cvtepi32_ps(_mm512_and_si512(v0, m4))), m0));
+            _mm512_storeu_ps(o + 16, _mm512_sub_ps(_mm512_mul_ps(d0, _mm512_cvtepi32_ps(_mm512_and_si512(v1, m4))), m0));
+            _mm512_storeu_ps(o + 32, _mm512_sub_ps(_mm512_mul_ps(d1, _mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4))), m1));
+            _mm512_storeu_ps(o + 48, _mm512_sub_ps(_mm512_mul_ps(d1, _mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4))), m1));
+        }
+        return;
+    }
+    const __m512i off = _mm512_set1_epi32(32);
+    for (int h = 0; h < 2; h++)
+        for (int at = 0; at < 32; at += 16) {  /* weights 128h + 32 part + at + 0..15, part 0..3 */
+            const unsigned char *ql = b + 64 * h + at, *qh = b + 128 + 32 * h + at;
+            __m512i la = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)ql));
+            __m512i lb = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + 32)));
+            __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qh));
+            __m512i q[4] = {
+                _mm512_or_si512(_mm512_and_si512(la, m4), _mm512_slli_epi32(_mm512_and_si512(hi, m2), 4)),
+                _mm512_or_si512(_mm512_and_si512(lb, m4),
+                                _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hi, 2), m2), 4)),
+                _mm512_or_si512(_mm512_srli_epi32(la, 4),
+                                _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hi, 4), m2), 4)),
+                _mm512_or_si512(_mm512_srli_epi32(lb, 4), _mm512_slli_epi32(_mm512_srli_epi32(hi, 6), 4)),
+            };
+            for (int part = 0; part < 4; part++) {
+                int e = 128 * h + 32 * part + at;
+                __m512 w = _mm512_cvtepi32_ps(_mm512_sub_epi32(q[part], off));
+                _mm512_storeu_ps(out + e, _mm512_mul_ps(_mm512_set1_ps(ks[e / 16]), w));
+            }
+        }
+#else
+    for (int e = 0; e < 256; e++) out[e] = wconv_k_weight(b, t, ks, e);
+#endif
+}
+
+/* The n weights at src, of type t (F16 or BF16: src 2-byte aligned; Q8_0, Q4_K,
+ * Q6_K: n whole blocks, any address), widened into dst[0, n). */
 void wconv_rows(float *dst, const void *src, size_t n, moe_wtype t);
 
 #endif

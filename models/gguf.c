@@ -127,6 +127,8 @@ size_t ggml_block_size(ggml_type t)
     case GGML_TYPE_F16:
     case GGML_TYPE_BF16: return 1;
     case GGML_TYPE_Q8_0: return GGML_Q8_0_BLOCK;
+    case GGML_TYPE_Q4_K:
+    case GGML_TYPE_Q6_K: return GGML_QK_K;
     }
     return 0;
 }
@@ -138,6 +140,8 @@ size_t ggml_type_size(ggml_type t)
     case GGML_TYPE_F16: return 2;
     case GGML_TYPE_BF16: return 2;
     case GGML_TYPE_Q8_0: return GGML_Q8_0_BYTES;
+    case GGML_TYPE_Q4_K: return GGML_Q4_K_BYTES;
+    case GGML_TYPE_Q6_K: return GGML_Q6_K_BYTES;
     }
     return 0;
 }
@@ -439,8 +443,8 @@ static int parse_tensor_info(cursor *c, const gguf_file *f, int64_t i, gguf_tens
     t->type = (ggml_type)type;
     size_t esz = ggml_type_size(t->type), blk = ggml_block_size(t->type);
     if (esz == 0)
-        return fail(c, "%s: tensor type %u (%s) is not supported (only f32, f16, bf16 and "
-                    "q8_0 are)", where, type, ggml_type_name(t->type));
+        return fail(c, "%s: tensor type %u (%s) is not supported (only f32, f16, bf16, q8_0, "
+                    "q4_K and q6_K are)", where, type, ggml_type_name(t->type));
     if (t->ne[0] % blk)
         return fail(c, "%s: a %s row holds whole blocks of %zu, but dimension 0 is %llu", where,
                     ggml_type_name(t->type), blk, (unsigned long long)t->ne[0]);
@@ -1474,6 +1478,87 @@ void gguf_quantize_q8_0(const float *x, uint64_t n, void *blocks)
         uint16_t h = gguf_f32_to_f16(d);
         memcpy(b, &h, 2);
         for (int j = 0; j < GGML_Q8_0_BLOCK; j++) b[2 + j] = (unsigned char)(int8_t)roundf(x[i + j] * id);
+    }
+}
+
+static int clamp_int(float v, int lo, int hi)
+{
+    int i = (int)lroundf(v);
+    return i < lo ? lo : i > hi ? hi : i;
+}
+
+/* Q4_K: per sub-block of 32 a scale (max - min) / 15 and a min <= 0, both as
+ * 6-bit multiples of the super-block's d and dmin; q = round((x - min) / scale). */
+void gguf_quantize_q4_k(const float *x, uint64_t n, void *blocks)
+{
+    unsigned char *b = blocks;
+    for (uint64_t i = 0; i < n; i += GGML_QK_K, x += GGML_QK_K, b += GGML_Q4_K_BYTES) {
+        float scale[8], mn[8], smax = 0.0f, mmax = 0.0f;
+        for (int j = 0; j < 8; j++) {
+            float lo = 0.0f, hi = 0.0f;
+            for (int l = 0; l < 32; l++) {
+                lo = fminf(lo, x[32 * j + l]);
+                hi = fmaxf(hi, x[32 * j + l]);
+            }
+            scale[j] = (hi - lo) / 15.0f;
+            mn[j] = -lo;
+            smax = fmaxf(smax, scale[j]);
+            mmax = fmaxf(mmax, mn[j]);
+        }
+        uint16_t hd = gguf_f32_to_f16(smax / 63.0f), hm = gguf_f32_to_f16(mmax / 63.0f);
+        float d = gguf_f16_to_f32(hd), dmin = gguf_f16_to_f32(hm);
+        uint8_t sc[8], m[8];
+        for (int j = 0; j < 8; j++) {
+            sc[j] = (uint8_t)(d > 0.0f ? clamp_int(scale[j] / d, 0, 63) : 0);
+            m[j] = (uint8_t)(dmin > 0.0f ? clamp_int(mn[j] / dmin, 0, 63) : 0);
+        }
+        memcpy(b, &hd, 2);
+        memcpy(b + 2, &hm, 2);
+        unsigned char *s = b + 4, *qs = b + 16;
+        for (int j = 0; j < 4; j++) {
+            s[j] = (uint8_t)((sc[j] & 63) | ((sc[j + 4] >> 4) << 6));
+            s[j + 4] = (uint8_t)((m[j] & 63) | ((m[j + 4] >> 4) << 6));
+            s[j + 8] = (uint8_t)((sc[j + 4] & 15) | ((m[j + 4] & 15) << 4));
+        }
+        for (int j = 0; j < 8; j++) {
+            float dj = d * (float)sc[j], mj = dmin * (float)m[j];
+            for (int l = 0; l < 32; l++) {
+                int q = dj > 0.0f ? clamp_int((x[32 * j + l] + mj) / dj, 0, 15) : 0;
+                unsigned char *at = qs + 32 * (j / 2) + l;
+                *at = (uint8_t)(j % 2 ? (*at & 0x0F) | (q << 4) : q);
+            }
+        }
+    }
+}
+
+/* Q6_K: per sub-block of 16 a signed scale max|x| / 31 as an int8 multiple of
+ * the super-block's d; q = round(x / scale) + 32 in 6 bits. */
+void gguf_quantize_q6_k(const float *x, uint64_t n, void *blocks)
+{
+    unsigned char *b = blocks;
+    for (uint64_t i = 0; i < n; i += GGML_QK_K, x += GGML_QK_K, b += GGML_Q6_K_BYTES) {
+        float scale[16], smax = 0.0f;
+        for (int j = 0; j < 16; j++) {
+            float amax = 0.0f;
+            for (int l = 0; l < 16; l++) amax = fmaxf(amax, fabsf(x[16 * j + l]));
+            scale[j] = amax / 31.0f;
+            smax = fmaxf(smax, scale[j]);
+        }
+        uint16_t hd = gguf_f32_to_f16(smax / 127.0f);
+        float d = gguf_f16_to_f32(hd);
+        unsigned char *ql = b, *qh = b + 128;
+        int8_t *sc = (int8_t *)(b + 192);
+        memset(b, 0, 192);
+        for (int j = 0; j < 16; j++) sc[j] = (int8_t)(d > 0.0f ? clamp_int(scale[j] / d, -127, 127) : 0);
+        memcpy(b + 208, &hd, 2);
+        for (int e = 0; e < GGML_QK_K; e++) {
+            float s = d * (float)sc[e / 16];
+            int q = (s != 0.0f ? clamp_int(x[e] / s, -32, 31) : 0) + 32;
+            int h = e / 128, l = e % 128, part = l / 32, at = l % 32;
+            unsigned char *lo = ql + 64 * h + 32 * (part & 1) + at;
+            *lo = (uint8_t)(part < 2 ? (*lo & 0xF0) | (q & 15) : (*lo & 0x0F) | ((q & 15) << 4));
+            qh[32 * h + at] |= (uint8_t)((q >> 4) << (2 * part));
+        }
     }
 }
 

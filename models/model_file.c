@@ -206,8 +206,8 @@ static int tensor_check(tensor_loader *L, const char *name, const gguf_tensor *t
                         uint64_t ne0, uint64_t ne1, uint64_t ne2)
 {
     if (t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_BF16 &&
-        t->type != GGML_TYPE_Q8_0)
-        return fail(L->err, L->errlen, "tensor %s has type %s (%d): supported are F32, F16, BF16, Q8_0",
+        t->type != GGML_TYPE_Q8_0 && t->type != GGML_TYPE_Q4_K && t->type != GGML_TYPE_Q6_K)
+        return fail(L->err, L->errlen, "tensor %s has type %s (%d): supported are F32, F16, BF16, Q8_0, Q4_K, Q6_K",
                     name, ggml_type_name(t->type) ? ggml_type_name(t->type) : "?", (int)t->type);
     uint64_t want[3] = {ne0, ne1, ne2};
     int same = t->n_dims == n_dims;
@@ -249,6 +249,8 @@ static int tensor_want(tensor_loader *L, const char *name, int required, const f
 static moe_wtype kept_type(const gguf_tensor *t)
 {
     if (t->type == GGML_TYPE_Q8_0) return MOE_WT_Q8_0;
+    if (t->type == GGML_TYPE_Q4_K) return MOE_WT_Q4_K;
+    if (t->type == GGML_TYPE_Q6_K) return MOE_WT_Q6_K;
     if ((uintptr_t)t->data % 2 != 0) return MOE_WT_F32;
     if (t->type == GGML_TYPE_F16) return MOE_WT_F16;
     if (t->type == GGML_TYPE_BF16) return MOE_WT_BF16;
@@ -256,7 +258,7 @@ static moe_wtype kept_type(const gguf_tensor *t)
 }
 
 /* An FFN's gate, up and down matrices (blk.<il>.<name><suffix>) stay in the
- * file when all three are of one kept type (moe_wtype in core/model.h): half
+ * file when all three are of kept types (moe_wtype in core/model.h): half
  * (16-bit) or about a quarter (Q8_0) of the memory of converting them, and of
  * the bytes decode streams. n_dims 3 for the routed experts (ne2 experts), 2
  * for the shared expert and the dense FFN. Returns 1 when kept (shapes
@@ -270,13 +272,13 @@ static int ffn_keep_raw(tensor_loader *L, int il, const char *name, uint32_t n_d
     for (int i = 0; i < 3; i++) {
         snprintf(nm[i], sizeof nm[i], "blk.%d.ffn_%s%s.weight", il, suffix[i], name);
         t[i] = gguf_find_tensor(L->f, nm[i]);
-        if (!t[i] || kept_type(t[i]) == MOE_WT_F32 || kept_type(t[i]) != kept_type(t[0])) return 0;
+        if (!t[i] || kept_type(t[i]) == MOE_WT_F32) return 0;
     }
     for (int i = 0; i < 3; i++) {
         int down = i == 2;
         if (tensor_check(L, nm[i], t[i], n_dims, down ? ff : e, down ? e : ff, ne2)) return -1;
     }
-    *out = (moe_ffn_raw){kept_type(t[0]), t[0]->data, t[1]->data, t[2]->data};
+    *out = (moe_ffn_raw){kept_type(t[0]), kept_type(t[1]), kept_type(t[2]), t[0]->data, t[1]->data, t[2]->data};
     return 1;
 }
 
@@ -385,7 +387,7 @@ static int tensors_want(tensor_loader *L, moe_model *m)
 /* Converts one tensor to F32. F16 goes through a 65536-entry table (one load per
  * element: ~15x faster than decoding the bits, which matters for GB-sized files);
  * the table and the shift read 16-bit values at any address, which wconv_rows'
- * vector loads of uint16_t may not. Q8_0 reads bytes: wconv_rows. */
+ * vector loads of uint16_t may not. The quantized types read bytes: wconv_rows. */
 static void tensor_convert(const gguf_tensor *t, const float *f16_table, float *dst)
 {
     const unsigned char *src = t->data;
@@ -394,8 +396,8 @@ static void tensor_convert(const gguf_tensor *t, const float *f16_table, float *
         memcpy(dst, src, (size_t)n * sizeof(float));  /* unaligned in the file */
         return;
     }
-    if (t->type == GGML_TYPE_Q8_0) {
-        wconv_rows(dst, src, (size_t)n, MOE_WT_Q8_0);
+    if (kept_type(t) == MOE_WT_Q8_0 || kept_type(t) == MOE_WT_Q4_K || kept_type(t) == MOE_WT_Q6_K) {
+        wconv_rows(dst, src, (size_t)n, kept_type(t));  /* bytes: any address */
         return;
     }
     for (uint64_t j = 0; j < n; j++) {

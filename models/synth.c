@@ -53,6 +53,7 @@ static const struct { const char *name; synth_shape s; } presets[] = {
     {"small", {4, 128, 8, 4, 16, 128, 16, 4, 256, 1024}},
     {"dense", {2, 64, 4, 2, 16, 192, 0, 0, 0, 512}},
     {"bench", {16, 1024, 16, 4, 64, 512, 32, 4, 1024, 4096}},
+    {"tiny256", {2, 256, 4, 2, 64, 256, 8, 2, 512, 512}},
 };
 
 /* The preset's shape adjusted to what each architecture looks like in practice:
@@ -65,7 +66,7 @@ static int synth_shape_for(moe_arch arch, const char *preset, synth_shape *out,
     for (i = 0; i < n; i++)
         if (!strcmp(presets[i].name, preset)) break;
     if (i == n) {
-        snprintf(err, errlen, "unknown preset '%s' (tiny, small, dense, bench)", preset);
+        snprintf(err, errlen, "unknown preset '%s' (tiny, small, dense, bench, tiny256)", preset);
         return -1;
     }
     synth_shape s = presets[i].s;
@@ -199,6 +200,11 @@ static uint64_t tensor_elems(const synth_tensor *t)
 static ggml_type tensor_type(const synth_tensor *t, ggml_type wtype)
 {
     if (t->n_dims < 2 || strstr(t->name, "ffn_gate_inp")) return GGML_TYPE_F32;
+    /* Q4_K means llama.cpp's Q4_K_M mix: the down projections, attn_v and the
+     * output in Q6_K (it does so for some layers' down projections; all here) */
+    if (wtype == GGML_TYPE_Q4_K &&
+        (strstr(t->name, "ffn_down") || strstr(t->name, "attn_v") || !strcmp(t->name, "output.weight")))
+        wtype = GGML_TYPE_Q6_K;
     if (t->ne[0] % ggml_block_size(wtype)) return GGML_TYPE_F32;
     return wtype;
 }
@@ -211,7 +217,8 @@ static void tensor_fill(const synth_tensor *t, uint64_t seed, ggml_type type, vo
     uint64_t state = seed ^ fnv1a(t->name);
     float half_width = t->std * 1.7320508f; /* uniform on [-a, a] has std a / sqrt(3) */
     uint64_t n = tensor_elems(t);
-    float block[GGML_Q8_0_BLOCK];
+    float block[GGML_QK_K];
+    uint64_t bn = ggml_block_size(type), bb = ggml_type_size(type);
     for (uint64_t i = 0; i < n; i++) {
         float u = (float)(splitmix64(&state) >> 40) * (1.0f / 16777216.0f); /* [0, 1) exact */
         float x = t->mean + half_width * (2.0f * u - 1.0f);
@@ -219,10 +226,12 @@ static void tensor_fill(const synth_tensor *t, uint64_t seed, ggml_type type, vo
         else if (type == GGML_TYPE_BF16) ((uint16_t *)dst)[i] = gguf_f32_to_bf16(x);
         else if (type == GGML_TYPE_F32) ((float *)dst)[i] = x;
         else {
-            block[i % GGML_Q8_0_BLOCK] = x;
-            if (i % GGML_Q8_0_BLOCK == GGML_Q8_0_BLOCK - 1)
-                gguf_quantize_q8_0(block, GGML_Q8_0_BLOCK,
-                                   (unsigned char *)dst + i / GGML_Q8_0_BLOCK * GGML_Q8_0_BYTES);
+            block[i % bn] = x;
+            if (i % bn != bn - 1) continue;
+            unsigned char *at = (unsigned char *)dst + i / bn * bb;
+            if (type == GGML_TYPE_Q8_0) gguf_quantize_q8_0(block, bn, at);
+            else if (type == GGML_TYPE_Q4_K) gguf_quantize_q4_k(block, bn, at);
+            else gguf_quantize_q6_k(block, bn, at);
         }
     }
 }
@@ -233,6 +242,8 @@ static uint32_t file_type(ggml_type wtype)
     switch (wtype) {
     case GGML_TYPE_F16: return 1;
     case GGML_TYPE_Q8_0: return 7;
+    case GGML_TYPE_Q4_K: return 15;   /* MOSTLY_Q4_K_M */
+    case GGML_TYPE_Q6_K: return 18;
     case GGML_TYPE_BF16: return 32;
     default: return 0;
     }
@@ -637,8 +648,8 @@ int synth_write(const synth_params *p, const char *out_path, char *err, size_t e
         return -1;
     }
     if (p->wtype != GGML_TYPE_F32 && p->wtype != GGML_TYPE_F16 && p->wtype != GGML_TYPE_BF16 &&
-        p->wtype != GGML_TYPE_Q8_0) {
-        snprintf(err, errlen, "weight type %s is not one synth writes (f32, f16, bf16, q8_0)",
+        p->wtype != GGML_TYPE_Q8_0 && p->wtype != GGML_TYPE_Q4_K && p->wtype != GGML_TYPE_Q6_K) {
+        snprintf(err, errlen, "weight type %s is not one synth writes (f32, f16, bf16, q8_0, q4_k_m, q6_k)",
                  ggml_type_name(p->wtype));
         return -1;
     }

@@ -894,10 +894,10 @@ START_TEST(create_rejects_bad_input)
     ck_assert_int_eq(moe_engine_create(&m->w, &p, &e, err, sizeof err), -1);
     ck_assert(strstr(err, "output") != NULL);
     m->w.output_raw = (moe_wraw){NULL, MOE_WT_F32};
-    m->L[1].exp_raw = (moe_ffn_raw){(moe_wtype)7, bytes, bytes, bytes};
+    m->L[1].exp_raw = (moe_ffn_raw){(moe_wtype)7, (moe_wtype)7, (moe_wtype)7, bytes, bytes, bytes};
     ck_assert_int_eq(moe_engine_create(&m->w, &p, &e, err, sizeof err), -1);
     ck_assert(strstr(err, "layer 1") != NULL);
-    m->L[1].exp_raw = (moe_ffn_raw){MOE_WT_F32, NULL, NULL, NULL};
+    m->L[1].exp_raw = (moe_ffn_raw){MOE_WT_F32, MOE_WT_F32, MOE_WT_F32, NULL, NULL, NULL};
     ck_assert_int_eq(moe_engine_create(&m->w, &p, &e, err, sizeof err), 0);
     moe_engine_free(e);
     m->L[1].exp_up = NULL;

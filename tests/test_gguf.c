@@ -891,6 +891,11 @@ START_TEST(bad_dims)
     reject_spec(s, "q8_0 row holds whole blocks of 32, but dimension 0 is 4");
     s.a_ne[0] = 1ull << 37;       /* 2^37 / 32 blocks of 34 bytes a row: beyond the file */
     reject_spec(s, "tensor 'a': data [");
+    s = default_spec();
+    s.a_type = GGML_TYPE_Q6_K;
+    reject_spec(s, "q6_K row holds whole blocks of 256, but dimension 0 is 4");
+    s.a_ne[0] = 256;              /* two super-blocks of 210 bytes: into tensor b's bytes */
+    reject_spec(s, "overlaps tensor 'a'");
 }
 END_TEST
 

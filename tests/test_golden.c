@@ -47,6 +47,9 @@ static const golden_case cases[] = {
     {"qwen2moe", "tiny", GGML_TYPE_Q8_0, 0},
     {"olmoe", "tiny", GGML_TYPE_Q8_0, 0},
     {"qwen3moe", "tiny", GGML_TYPE_Q8_0, 0},
+    {"qwen2moe", "tiny256", GGML_TYPE_Q4_K, 0},  /* the Q4_K_M mix: Q4_K and Q6_K */
+    {"qwen3moe", "tiny256", GGML_TYPE_Q4_K, 0},
+    {"llama", "tiny256", GGML_TYPE_Q6_K, 0},
     {"llama", "tiny", GGML_TYPE_F32, 1},
 };
 
@@ -221,7 +224,7 @@ START_TEST(engine_matches_reference)
     for (int i = 0; i < N_GREEDY; i++)
         ck_assert_msg(greedy_c[i] == greedy_r[i], "%s/%s/%s greedy token %d: engine %d, reference %d",
                       gc->arch, gc->preset, type_tag(gc->wtype), i, greedy_c[i], greedy_r[i]);
-    printf("golden %-8s %-5s %-4s%s: max relative error %.2e, smallest greedy top-1 margin %.3f\n",
+    printf("golden %-8s %-7s %-4s%s: max relative error %.2e, smallest greedy top-1 margin %.3f\n",
            gc->arch, gc->preset, type_tag(gc->wtype), gc->spm_vocab ? " spm-vocab" : "",
            worst, (double)margin);
     free(ref);

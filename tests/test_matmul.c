@@ -226,7 +226,43 @@ START_TEST(q8_0_blocks_round_trip)
 }
 END_TEST
 
-/* Weights narrower than F32 (F16, BF16, Q8_0) widened as they are read give the
+/* The k-quants as ggml defines them (a Q4_K weight (d * sc) * q - dmin * m per
+ * sub-block of 32, a Q6_K one (d * sc) * (q - 32) per 16): what the quantizer
+ * writes reads back within a step of its sub-block's range. */
+START_TEST(k_quants_round_trip)
+{
+    rng_state = 9;
+    size_t n = 256 * 6;
+    float *src = rand_array(n), *back = malloc(n * sizeof *back);
+    unsigned char *q = malloc(n / 256 * 210);
+    ck_assert(back && q);
+    src[300] = 4.0f;   /* a sub-block with a large weight */
+    for (int t = 0; t < 2; t++) {
+        moe_wtype wt = t ? MOE_WT_Q6_K : MOE_WT_Q4_K;
+        int sub = t ? 16 : 32, levels = t ? 63 : 15;
+        if (t) gguf_quantize_q6_k(src, n, q);
+        else gguf_quantize_q4_k(src, n, q);
+        wconv_rows(back, q, n, wt);
+        for (size_t s0 = 0; s0 < n; s0 += (size_t)sub) {
+            float lo = 0.0f, hi = 0.0f;
+            for (int l = 0; l < sub; l++) {
+                lo = fminf(lo, src[s0 + l]);
+                hi = fmaxf(hi, src[s0 + l]);
+            }
+            /* one quantization step, with the 6-bit and F16 rounding of the factors */
+            float step = (t ? 2.0f * fmaxf(hi, -lo) : hi - lo) / (float)levels * 1.1f + 1e-6f;
+            for (int l = 0; l < sub; l++)
+                ck_assert_msg(fabsf(back[s0 + l] - src[s0 + l]) <= step, "%s weight %zu: %g from %g (step %g)",
+                              moe_wtype_name(wt), s0 + l, (double)back[s0 + l], (double)src[s0 + l], (double)step);
+        }
+    }
+    free(src);
+    free(back);
+    free(q);
+}
+END_TEST
+
+/* Weights narrower than F32 (F16, BF16, Q8_0, Q4_K, Q6_K) widened as they are read give the
  * bits of matmul_range on the widened weights, for every x-row count of each
  * kernel (1-4 streamed, from 5 in pairs, in passes of 8 rows, from the sgemm
  * switch widened into scratch for sgemm), k with and without a vector tail
@@ -237,15 +273,16 @@ START_TEST(wq_equals_widened_f32)
     rng_state = 77;
     int ms[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 40, 0};
     ms[14] = matmul_sgemm_min_rows() + 3;
-    for (int t = 0; t < 3; t++) {
-        moe_wtype wt = t == 0 ? MOE_WT_F16 : t == 1 ? MOE_WT_BF16 : MOE_WT_Q8_0;
-        /* 16-bit: with and without a vector tail; Q8_0 rows are whole blocks */
-        int ks16[] = {64, 100, 1024 + 7}, ksq[] = {32, 96, 1024};
+    static const moe_wtype types[5] = {MOE_WT_F16, MOE_WT_BF16, MOE_WT_Q8_0, MOE_WT_Q4_K, MOE_WT_Q6_K};
+    for (int t = 0; t < 5; t++) {
+        moe_wtype wt = types[t];
+        /* 16-bit: with and without a vector tail; quantized rows are whole blocks */
+        int ks16[] = {64, 100, 1024 + 7}, ksq[] = {32, 96, 1024}, ksk[] = {256, 512, 1024};
         for (size_t ik = 0; ik < 3; ik++) {
-            int k = wt == MOE_WT_Q8_0 ? ksq[ik] : ks16[ik], n = 37, n0 = 3, n1 = 36;
+            int k = wt == MOE_WT_Q8_0 ? ksq[ik] : t > 2 ? ksk[ik] : ks16[ik], n = 37, n0 = 3, n1 = 36;
             size_t rb = moe_wtype_row_bytes(wt, (size_t)k), nw = (size_t)n * k;
-            /* Q8_0 one byte off alignment, as blocks of 34 bytes lie in a file */
-            size_t off = wt == MOE_WT_Q8_0 ? 1 : 0;
+            /* quantized ones a byte off alignment, as their blocks lie in a file */
+            size_t off = t >= 2 ? 1 : 0;
             unsigned char *buf = malloc((size_t)n * rb + off), *wq = buf + off;
             float *wf = malloc(nw * sizeof *wf), *src = rand_array(nw);
             float *scratch = malloc(nw * sizeof *scratch);
@@ -254,6 +291,11 @@ START_TEST(wq_equals_widened_f32)
                 for (int i = 0; i < 32; i++) src[k + i] = 0.0f;  /* a block of scale 0 */
                 gguf_quantize_q8_0(src, nw, wq);
                 wq[2 * rb + 1] |= 0x80;                           /* a negative scale */
+            } else if (wt == MOE_WT_Q4_K) {
+                gguf_quantize_q4_k(src, nw, wq);
+            } else if (wt == MOE_WT_Q6_K) {
+                gguf_quantize_q6_k(src, nw, wq);
+                wq[rb + 209] |= 0x80;                             /* a negative d */
             } else {
                 for (size_t i = 0; i < nw; i++) {
                     uint32_t bits;
@@ -314,6 +356,7 @@ int main(void)
     tcase_add_test(tc, multi_equals_separate_calls);
     tcase_add_test(tc, empty_shapes_do_nothing);
     tcase_add_test(tc, q8_0_blocks_round_trip);
+    tcase_add_test(tc, k_quants_round_trip);
     tcase_add_test(tc, wq_equals_widened_f32);
     suite_add_tcase(s, tc);
     return tu_run_suite(s);

@@ -129,10 +129,15 @@ static void rewrite(const char *src, const char *dst, const edit *e)
             data = h;
             type = GGML_TYPE_BF16;
         }
-        if (e->to_f32 && (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_BF16 || t->type == GGML_TYPE_Q8_0)) {
+        if (e->to_f32 && (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_BF16 || t->type == GGML_TYPE_Q8_0 ||
+                          t->type == GGML_TYPE_Q4_K || t->type == GGML_TYPE_Q6_K)) {
             ck_assert_int_lt(n_bf16, 256);
             float *fl = malloc(t->n_elements * sizeof *fl);
             ck_assert_ptr_nonnull(fl);
+            /* k-quants as core/wconv reads them (the golden tests check that
+             * against the numpy reader) */
+            if (t->type == GGML_TYPE_Q4_K || t->type == GGML_TYPE_Q6_K)
+                wconv_rows(fl, t->data, t->n_elements, t->type == GGML_TYPE_Q4_K ? MOE_WT_Q4_K : MOE_WT_Q6_K);
             for (uint64_t j = 0; j < t->n_elements && t->type == GGML_TYPE_Q8_0; j++) {
                 /* the definition, not wconv_rows: d * q */
                 const uint8_t *blk = (const uint8_t *)t->data + j / 32 * 34;
@@ -140,7 +145,7 @@ static void rewrite(const char *src, const char *dst, const edit *e)
                 memcpy(&hv, blk, 2);
                 fl[j] = gguf_f16_to_f32(hv) * (float)(int8_t)blk[2 + j % 32];
             }
-            for (uint64_t j = 0; j < t->n_elements && t->type != GGML_TYPE_Q8_0; j++) {
+            for (uint64_t j = 0; j < t->n_elements && (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_BF16); j++) {
                 uint16_t hv;
                 memcpy(&hv, (const uint8_t *)t->data + 2 * j, 2);
                 fl[j] = t->type == GGML_TYPE_F16 ? gguf_f16_to_f32(hv) : gguf_bf16_to_f32(hv);
@@ -275,12 +280,13 @@ static float *ffn_f32(const float *gate, const float *up, const float *down, con
     ck_assert_ptr_nonnull(out);
     const float *f[3] = {gate, up, down};
     const unsigned char *h[3] = {raw->gate, raw->up, raw->down};
+    const moe_wtype t[3] = {raw->type, raw->up_type, raw->down_type};
     if (raw->type == MOE_WT_F32) {
         ck_assert(f[which] && !h[which]);
         memcpy(out, f[which], n * sizeof *out);
     } else {
         ck_assert(h[which] && !f[which]);
-        wconv_rows(out, h[which], n, raw->type);
+        wconv_rows(out, h[which], n, t[which]);
     }
     return out;
 }
@@ -497,22 +503,23 @@ START_TEST(experts_narrow_equal_their_f32_widening)
 {
     fixture fx;
     fixture_synth(&fx, "qwen3moe", "tiny", GGML_TYPE_F16);
-    for (int bf = 0; bf < 5; bf++) {
+    for (int bf = 0; bf < 7; bf++) {
         char src[160];
         snprintf(src, sizeof src, "%s/narrow.gguf", fx.dir);
-        /* 3: qwen2moe's shared expert, 4: llama's dense FFN, in Q8_0 too */
-        static const char *const arch[5] = {"", "", "qwen3moe", "qwen2moe", "llama"};
+        /* 3: qwen2moe's shared expert, 4: llama's dense FFN, in Q8_0 too; 5, 6:
+         * the Q4_K_M mix (gate and up Q4_K, down Q6_K) */
+        static const char *const arch[7] = {"", "", "qwen3moe", "qwen2moe", "llama", "qwen3moe", "qwen2moe"};
         if (bf == 1) {
             edit eb = {.to_f32 = 1};
             rewrite(fx.path, fx.other, &eb);  /* F16 -> F32 ... */
             edit e2 = {.to_bf16 = 1};
             rewrite(fx.other, src, &e2);      /* ... -> BF16 */
         } else if (bf >= 2) {
-            synth_params p = {.arch = arch[bf], .preset = bf == 4 ? "dense" : "tiny", .seed = 9,
-                              .wtype = GGML_TYPE_Q8_0};
+            synth_params p = {.arch = arch[bf], .preset = bf == 4 ? "dense" : bf >= 5 ? "tiny256" : "tiny", .seed = 9,
+                              .wtype = bf >= 5 ? GGML_TYPE_Q4_K : GGML_TYPE_Q8_0};
             ck_assert_msg(synth_write(&p, fx.other, err, sizeof err) == 0, "%s", err);
             edit none = {0};
-            if (bf == 2) rewrite_misaligned(fx.other, src, "blk.1.ffn_up_exps.weight", 2);
+            if (bf == 2 || bf == 5) rewrite_misaligned(fx.other, src, "blk.1.ffn_up_exps.weight", 2);
             else rewrite(fx.other, src, &none);
         } else {
             snprintf(src, sizeof src, "%s", fx.path);
@@ -522,14 +529,20 @@ START_TEST(experts_narrow_equal_their_f32_widening)
         moe_model *a, *b;
         ck_assert_msg(moe_model_load(src, &a, err, sizeof err) == 0, "%s", err);
         ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
-        moe_wtype want = bf == 0 ? MOE_WT_F16 : bf == 1 ? MOE_WT_BF16 : MOE_WT_Q8_0;
+        moe_wtype want = bf == 0 ? MOE_WT_F16 : bf == 1 ? MOE_WT_BF16 : bf >= 5 ? MOE_WT_Q4_K : MOE_WT_Q8_0;
         const moe_layer_weights *la0 = &a->weights.layers[0], *lb0 = &b->weights.layers[0];
         ck_assert_int_eq(bf == 4 ? la0->ffn_raw.type : la0->exp_raw.type, want);
-        if (bf == 3) ck_assert_int_eq(la0->shexp_raw.type, want);
+        if (bf == 3 || bf == 6) ck_assert_int_eq(la0->shexp_raw.type, want);
+        if (bf >= 5) {
+            ck_assert_int_eq(la0->exp_raw.up_type, MOE_WT_Q4_K);
+            ck_assert_int_eq(la0->exp_raw.down_type, MOE_WT_Q6_K);
+            ck_assert_int_eq(la0->wv_raw.type, MOE_WT_Q6_K);
+            ck_assert_int_eq(la0->wq_raw.type, MOE_WT_Q4_K);
+        }
         ck_assert_int_eq(lb0->exp_raw.type, MOE_WT_F32);
         ck_assert_int_eq(lb0->shexp_raw.type, MOE_WT_F32);
         ck_assert_int_eq(lb0->ffn_raw.type, MOE_WT_F32);
-        if (bf == 2) ck_assert_uint_ne((uintptr_t)a->weights.layers[1].exp_raw.up % 2, 0);
+        if (bf == 2 || bf == 5) ck_assert_uint_ne((uintptr_t)a->weights.layers[1].exp_raw.up % 2, 0);
         size_t n = (size_t)(500 + 40 + 32) * (size_t)a->weights.hp.n_vocab;
         float *la = malloc(n * sizeof *la), *lb = malloc(n * sizeof *lb);
         ck_assert(la && lb);
@@ -1202,9 +1215,9 @@ static void mutate_range(uint8_t *buf, size_t len, size_t from, size_t to)
 START_TEST(fuzz_target_on_mutated_models)
 {
     fixture fx;
-    /* F32, then F16 and Q8_0 (experts read in the file's type) */
-    static const ggml_type types[3] = {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0};
-    fixture_synth(&fx, archs[_i % 4], "tiny", types[_i / 4]);
+    /* F32, then F16, Q8_0 and the Q4_K_M mix (FFNs read in the file's types) */
+    static const ggml_type types[4] = {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_K};
+    fixture_synth(&fx, archs[_i % 4], _i >= 12 ? "tiny256" : "tiny", types[_i / 4]);
     uint8_t *buf;
     size_t len;
     read_whole(fx.path, &buf, &len);
@@ -1248,7 +1261,7 @@ int main(void)
     tcase_add_test(th, page_in_reads_the_range);
     tcase_add_test(th, auto_mode_copies_only_what_pays);
     tcase_add_test(th, synth_rejects_bad_params);
-    tcase_add_loop_test(th, fuzz_target_on_mutated_models, 0, 12);
+    tcase_add_loop_test(th, fuzz_target_on_mutated_models, 0, 16);
     suite_add_tcase(s, th);
     return tu_run_suite(s);
 }

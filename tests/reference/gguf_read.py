@@ -18,8 +18,50 @@ _SCALAR = {
 }
 
 # ggml tensor types we read: id -> (elements per block, bytes per block)
-F32, F16, Q8_0, BF16 = 0, 1, 8, 30
-_TENSOR_TYPES = {F32: (1, 4), F16: (1, 2), Q8_0: (32, 34), BF16: (1, 2)}
+F32, F16, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 8, 12, 14, 30
+_TENSOR_TYPES = {F32: (1, 4), F16: (1, 2), Q8_0: (32, 34), Q4_K: (256, 144), Q6_K: (256, 210), BF16: (1, 2)}
+
+
+def _f16(raw, offset, nb, stride):
+    """The F16 at byte `offset` of each of nb blocks of `stride` bytes, as float32."""
+    u8 = np.frombuffer(raw, dtype=np.uint8).reshape(nb, stride)
+    return u8[:, offset:offset + 2].copy().view("<f2").astype(np.float32).reshape(nb)
+
+
+def _q4_k(raw, nb):
+    """ggml's Q4_K: per sub-block j of 32, (d * sc_j) * q - dmin * m_j, in float32."""
+    u8 = np.frombuffer(raw, dtype=np.uint8).reshape(nb, 144)
+    d, dmin = _f16(raw, 0, nb, 144), _f16(raw, 2, nb, 144)
+    s = u8[:, 4:16].astype(np.int32)
+    sc = np.empty((nb, 8), np.int32)
+    mn = np.empty((nb, 8), np.int32)
+    sc[:, :4], mn[:, :4] = s[:, 0:4] & 63, s[:, 4:8] & 63
+    sc[:, 4:] = (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)
+    mn[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    qs = u8[:, 16:].reshape(nb, 4, 32)
+    q = np.empty((nb, 8, 32), np.int32)
+    q[:, 0::2, :] = qs & 15     # sub-blocks 0, 2, 4, 6: low nibbles of each 32 bytes
+    q[:, 1::2, :] = qs >> 4     # 1, 3, 5, 7: high nibbles
+    dj = (d[:, None] * sc.astype(np.float32))[:, :, None]
+    mj = (dmin[:, None] * mn.astype(np.float32))[:, :, None]
+    return (dj * q.astype(np.float32) - mj).reshape(nb * 256)
+
+
+def _q6_k(raw, nb):
+    """ggml's Q6_K: per sub-block j of 16, (d * sc_j) * (q - 32), in float32."""
+    u8 = np.frombuffer(raw, dtype=np.uint8).reshape(nb, 210)
+    d = _f16(raw, 208, nb, 210)
+    sc = u8[:, 192:208].view(np.int8).astype(np.float32)
+    q = np.empty((nb, 2, 4, 32), np.int32)
+    for h in range(2):
+        ql = u8[:, 64 * h:64 * h + 64].astype(np.int32)
+        qh = u8[:, 128 + 32 * h:128 + 32 * h + 32].astype(np.int32)
+        q[:, h, 0] = (ql[:, :32] & 15) | (((qh >> 0) & 3) << 4)
+        q[:, h, 1] = (ql[:, 32:] & 15) | (((qh >> 2) & 3) << 4)
+        q[:, h, 2] = (ql[:, :32] >> 4) | (((qh >> 4) & 3) << 4)
+        q[:, h, 3] = (ql[:, 32:] >> 4) | (((qh >> 6) & 3) << 4)
+    q = (q - 32).reshape(nb, 16, 16).astype(np.float32)
+    return ((d[:, None] * sc)[:, :, None] * q).reshape(nb * 256)
 
 
 class GGUFError(Exception):
@@ -121,6 +163,10 @@ class GGUF:
         elif ttype == Q8_0:  # blocks of an f16 scale d and 32 int8 q: d * q
             blocks = np.frombuffer(raw, dtype=np.dtype([("d", "<f2"), ("q", "i1", 32)]))
             arr = blocks["d"].astype(np.float64)[:, None] * blocks["q"].astype(np.float64)
+        elif ttype == Q4_K:
+            arr = _q4_k(raw, count // 256)
+        elif ttype == Q6_K:
+            arr = _q6_k(raw, count // 256)
         elif ttype == F16:
             arr = np.frombuffer(raw, dtype="<f2")
         else:
