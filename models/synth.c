@@ -36,6 +36,8 @@ typedef struct {
 
 /* Presets (before per-architecture adjustments in synth_shape_for):
  *   tiny:  2 layers, n_embd 64, 4 heads (2 KV) of 16, 8 experts top-2 of width 96.
+ *   tiny256: 2 layers, n_embd 256, 4 heads (2 KV) of 64, 8 experts top-2 of width 256
+ *     (qwen2moe: + a shared expert of 512): rows of whole k-quant super-blocks.
  *   small: 4 layers, n_embd 128, 8 heads (4 KV) of 16, 16 experts top-4 of width 128.
  *   dense: llama only, tiny sizes with one dense FFN of width 192. (Not tied: with random
  *     tied embeddings a token's own logit dominates and greedy decoding repeats it.)
