@@ -729,10 +729,17 @@ START_TEST(unsupported_tensor_type_is_named)
 {
     fixture fx;
     fixture_synth(&fx, "llama", "tiny", GGML_TYPE_F32);
-    patch_tensor_type(fx.path, "blk.1.attn_v.weight", 12);   /* q4_K */
+    patch_tensor_type(fx.path, "blk.1.attn_v.weight", 13);   /* q5_K: not read */
     const char *msg = load_error(fx.path);
     ck_assert_err_has(msg, "blk.1.attn_v.weight");
-    ck_assert_err_has(msg, "q4_K");
+    ck_assert_err_has(msg, "q5_K");
+    fixture_done(&fx);
+    /* a type that is read, but rows of 64 are not whole super-blocks of 256 */
+    fixture_synth(&fx, "llama", "tiny", GGML_TYPE_F32);
+    patch_tensor_type(fx.path, "blk.1.attn_v.weight", 12);
+    msg = load_error(fx.path);
+    ck_assert_err_has(msg, "blk.1.attn_v.weight");
+    ck_assert_err_has(msg, "whole blocks of 256");
     fixture_done(&fx);
 }
 END_TEST
