@@ -359,7 +359,7 @@ static void matmul_few_rows(const float *x, int m, int k, const float *w, int n0
         }
 }
 
-/* Few rows, narrow weights (F16, BF16, Q8_0) ------------------------------- */
+/* Few rows, narrow weights (F16, BF16, Q8_0, Q4_K, Q6_K) --------------------- */
 
 /* VL weights widened to F32 as they are read (exact, see core/wconv.h), and the
  * r < VL of a 16-bit row's tail with zeros after them, as vload_n gives. */
@@ -384,7 +384,7 @@ static inline vf widen_n(const uint16_t *p, int r, const moe_wtype t)
 /* The scale of the Q8_0 block at blk, in every lane. */
 static inline vf q8_scale(const unsigned char *blk)
 {
-    float d = wconv_q8_0_scale(blk);
+    float d = wconv_f16_at(blk);
 #if VL == 16
     return _mm512_set1_ps(d);
 #elif VL == 8
@@ -434,22 +434,22 @@ static inline void kquant_step(const unsigned char *p, const moe_wtype wt, float
  * Widening the slice once into a buffer for the F32 tiles from 16 rows instead
  * measured the same (F16, prefill of 512 tokens, queues of about 64 rows:
  * 698-717 against 709-715 tok/s), so the buffer serves only sgemm. */
-#define W16_XB 8
+#define NARROW_XB 8
 
 /* y[b * ldy + j] = x[b] . widen(w[j]) for j in [n0, n1), b < nx: each weight row
  * read once (one contiguous stream over the slice, as rows_dot) and dotted with
  * every x row while its widened vector is in a register. Every y element is the
  * chain of tile() and rows_dot(), FMAs over k in order, the masked tail, vsum, so
- * the bits are those of the F32 kernel on the widened weights. Rows of Q8_0 are
- * whole blocks (k a multiple of 32): no tail. */
+ * the bits are those of the F32 kernel on the widened weights. Quantized rows
+ * are whole blocks: no tail. */
 static inline __attribute__((always_inline))
-void rows16_dot(const float *x, int k, const unsigned char *w, const moe_wtype wt, int n0, int n1, float *y,
+void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype wt, int n0, int n1, float *y,
                 int ldy, const int nx)
 {
     size_t rb = moe_wtype_row_bytes(wt, (size_t)k);
     for (int j = n0; j < n1; j++) {
         const unsigned char *p = w + (size_t)j * rb;
-        vf acc[W16_XB];
+        vf acc[NARROW_XB];
         for (int b = 0; b < nx; b++) acc[b] = vzero();
         int t = 0;
         for (; t + WSTEP(wt) <= k; t += WSTEP(wt), p += WSTEP_BYTES(wt)) {
@@ -481,32 +481,32 @@ void rows16_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
 
 /* From 5 x rows each x load feeds two FMAs: tiles of 2 weight rows by nx x rows
  * (as pair_tiles), the next tile's rows prefetched (the hardware prefetcher does
- * not follow rows read side by side); an odd last row goes to rows16_dot. Same
+ * not follow rows read side by side); an odd last row goes to narrow_dot. Same
  * chains, same bits. Tiles of 4 weight rows for 1-2 x rows, which gave one
  * weight row 4 FMA chains and ran 1.75x as fast with the weights hot in L2,
  * streamed slower in the engine: a batch-1 Q8_0 step 126-162 tok/s against
- * 175-186 on rows16_dot, F16 79-81 against 87-109 (3 alternated rounds; without
+ * 175-186 on narrow_dot, F16 79-81 against 87-109 (3 alternated rounds; without
  * the prefetch 56-68 for Q8_0). */
-#define TILE16_R 2
+#define NARROW_TILE_R 2
 
 static inline __attribute__((always_inline))
-void tiles16(const float *x, int k, const unsigned char *w, const moe_wtype wt, int n0, int n1, float *y,
+void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype wt, int n0, int n1, float *y,
              int ldy, const int nx)
 {
-    const int R = TILE16_R;
+    const int R = NARROW_TILE_R;
     size_t rb = moe_wtype_row_bytes(wt, (size_t)k);
     int j = n0;
     for (; j + R <= n1; j += R) {
-        const unsigned char *p[TILE16_R];
-        vf acc[TILE16_R][W16_XB];
+        const unsigned char *p[NARROW_TILE_R];
+        vf acc[NARROW_TILE_R][NARROW_XB];
         for (int r = 0; r < R; r++) {
             p[r] = w + (size_t)(j + r) * rb;
             for (int b = 0; b < nx; b++) acc[r][b] = vzero();
         }
         int t = 0;
         for (; t + WSTEP(wt) <= k; t += WSTEP(wt)) {
-            vf d[TILE16_R], a[TILE16_R];
-            float wb[TILE16_R][MOE_QK_K];   /* a k-quant step's rows, widened */
+            vf d[NARROW_TILE_R], a[NARROW_TILE_R];
+            float wb[NARROW_TILE_R][MOE_QK_K];   /* a k-quant step's rows, widened */
             for (int r = 0; r < R; r++) {
                 /* as an integer: the next tile may lie past the end of W */
                 for (size_t l = 0; l < (size_t)WSTEP_BYTES(wt); l += 64)
@@ -538,29 +538,29 @@ void tiles16(const float *x, int k, const unsigned char *w, const moe_wtype wt, 
         for (int b = 0; b < nx; b++)
             for (int r = 0; r < R; r++) y[(size_t)b * ldy + j + r] = vsum(acc[r][b]);
     }
-    if (j < n1) rows16_dot(x, k, w, wt, j, n1, y, ldy, nx);
+    if (j < n1) narrow_dot(x, k, w, wt, j, n1, y, ldy, nx);
 }
 
-#define ROWS16_CASES(WT)                                                               \
+#define NARROW_CASES(WT)                                                               \
     switch (nx) {                                                                      \
-    case 1: rows16_dot(x, k, w, WT, n0, n1, y, ldy, 1); break;                         \
-    case 2: rows16_dot(x, k, w, WT, n0, n1, y, ldy, 2); break;                         \
-    case 3: rows16_dot(x, k, w, WT, n0, n1, y, ldy, 3); break;                         \
-    case 4: rows16_dot(x, k, w, WT, n0, n1, y, ldy, 4); break;                         \
-    case 5: tiles16(x, k, w, WT, n0, n1, y, ldy, 5); break;                            \
-    case 6: tiles16(x, k, w, WT, n0, n1, y, ldy, 6); break;                            \
-    case 7: tiles16(x, k, w, WT, n0, n1, y, ldy, 7); break;                            \
-    default: tiles16(x, k, w, WT, n0, n1, y, ldy, 8); break;                           \
+    case 1: narrow_dot(x, k, w, WT, n0, n1, y, ldy, 1); break;                         \
+    case 2: narrow_dot(x, k, w, WT, n0, n1, y, ldy, 2); break;                         \
+    case 3: narrow_dot(x, k, w, WT, n0, n1, y, ldy, 3); break;                         \
+    case 4: narrow_dot(x, k, w, WT, n0, n1, y, ldy, 4); break;                         \
+    case 5: narrow_tiles(x, k, w, WT, n0, n1, y, ldy, 5); break;                            \
+    case 6: narrow_tiles(x, k, w, WT, n0, n1, y, ldy, 6); break;                            \
+    case 7: narrow_tiles(x, k, w, WT, n0, n1, y, ldy, 7); break;                            \
+    default: narrow_tiles(x, k, w, WT, n0, n1, y, ldy, 8); break;                           \
     }
 
-static void rows16_block(const float *x, int nx, int k, const unsigned char *w, moe_wtype wt, int n0, int n1,
+static void narrow_block(const float *x, int nx, int k, const unsigned char *w, moe_wtype wt, int n0, int n1,
                          float *y, int ldy)
 {
-    if (wt == MOE_WT_F16) ROWS16_CASES(MOE_WT_F16)
-    else if (wt == MOE_WT_BF16) ROWS16_CASES(MOE_WT_BF16)
-    else if (wt == MOE_WT_Q8_0) ROWS16_CASES(MOE_WT_Q8_0)
-    else if (wt == MOE_WT_Q4_K) ROWS16_CASES(MOE_WT_Q4_K)
-    else ROWS16_CASES(MOE_WT_Q6_K)
+    if (wt == MOE_WT_F16) NARROW_CASES(MOE_WT_F16)
+    else if (wt == MOE_WT_BF16) NARROW_CASES(MOE_WT_BF16)
+    else if (wt == MOE_WT_Q8_0) NARROW_CASES(MOE_WT_Q8_0)
+    else if (wt == MOE_WT_Q4_K) NARROW_CASES(MOE_WT_Q4_K)
+    else NARROW_CASES(MOE_WT_Q6_K)
 }
 
 /* Many rows: OpenBLAS ---------------------------------------------------- */
@@ -654,9 +654,9 @@ void matmul_range_wq(const float *x, int m, int k, const void *w, moe_wtype wt, 
         matmul_sgemm(x, m, k, scratch, 0, n1 - n0, y + n0, ldy);
         return;
     }
-    for (int i = 0; i < m; i += W16_XB) {
-        int nx = m - i < W16_XB ? m - i : W16_XB;
-        rows16_block(x + (size_t)i * k, nx, k, w, wt, n0, n1, y + (size_t)i * ldy, ldy);
+    for (int i = 0; i < m; i += NARROW_XB) {
+        int nx = m - i < NARROW_XB ? m - i : NARROW_XB;
+        narrow_block(x + (size_t)i * k, nx, k, w, wt, n0, n1, y + (size_t)i * ldy, ldy);
     }
 }
 

@@ -34,7 +34,7 @@ float wconv_bf16(uint16_t h)
 static void wconv_q8_0(float *dst, const unsigned char *b, size_t n)
 {
     for (size_t i = 0; i < n; i += MOE_Q8_0_BLOCK, b += MOE_Q8_0_BYTES) {
-        float d = wconv_q8_0_scale(b);
+        float d = wconv_f16_at(b);
         const unsigned char *q = b + 2;
         size_t j = 0;
 #if defined(WCONV_VL) && WCONV_VL == 16

@@ -1,11 +1,13 @@
-/* wconv.h -- weights stored narrower than F32 (F16, BF16, Q8_0) widened to F32.
+/* wconv.h -- weights stored narrower than F32 (F16, BF16, Q8_0, Q4_K, Q6_K)
+ * widened to F32.
  *
- * The widening is exact: F16 and BF16 are subsets of F32, and a Q8_0 weight,
- * an F16 scale times an int8, has at most 19 significant bits, so its F32
- * product is exact. A kernel that widens its weights as it goes therefore
- * computes what it would on weights converted at load. The vector paths
- * (AVX-512F, or AVX2 with F16C) and the scalar one give the same bits for
- * every value but signalling NaNs, which the F16C instructions quiet.
+ * F16, BF16 and Q8_0 widen exactly: F16 and BF16 are subsets of F32, and a Q8_0
+ * weight, an F16 scale times an int8, has at most 19 significant bits. The
+ * k-quants' products round; every path here computes them in ggml's order,
+ * unfused. So a kernel that widens its weights as it goes computes what it
+ * would on weights converted at load. The vector paths (AVX-512F, or AVX2 with
+ * F16C) and the scalar one give the same bits for every value but signalling
+ * NaNs, which the F16C instructions quiet.
  */
 #ifndef MOE_CORE_WCONV_H
 #define MOE_CORE_WCONV_H
@@ -56,8 +58,8 @@ float wconv_f16(uint16_t h);
 #include <immintrin.h>
 #endif
 
-/* The scale of the Q8_0 block at b (any address). */
-static inline float wconv_q8_0_scale(const unsigned char *b)
+/* The F16 value at b (any address): a Q8_0 block's scale, a k-quant's d. */
+static inline float wconv_f16_at(const unsigned char *b)
 {
     uint16_t h;
     memcpy(&h, b, sizeof h);
@@ -81,7 +83,7 @@ static inline void wconv_k_scales(const unsigned char *b, moe_wtype t, float ks[
      * insert per factor) */
     if (t == MOE_WT_Q6_K) {
         __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 192))));
-        _mm512_storeu_ps(ks, _mm512_mul_ps(_mm512_set1_ps(wconv_q8_0_scale(b + 208)), sc));
+        _mm512_storeu_ps(ks, _mm512_mul_ps(_mm512_set1_ps(wconv_f16_at(b + 208)), sc));
         return;
     }
     /* lanes: sc0-3, sc4-7, m0-3, m4-7 from the 12 scale bytes s (16 read: the
@@ -93,13 +95,13 @@ static inline void wconv_k_scales(const unsigned char *b, moe_wtype t, float ks[
     lo = _mm512_mask_srli_epi32(lo, (__mmask16)0xF000, lo, 4);
     lo = _mm512_and_si512(lo, _mm512_setr_epi32(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
     hi = _mm512_maskz_slli_epi32((__mmask16)0xF0F0, _mm512_srli_epi32(hi, 6), 4);
-    __m512 dm = _mm512_insertf32x8(_mm512_set1_ps(wconv_q8_0_scale(b)),
-                                   _mm256_set1_ps(wconv_q8_0_scale(b + 2)), 1);
+    __m512 dm = _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(wconv_f16_at(b)),
+                                     _mm512_set1_ps(wconv_f16_at(b + 2)));
     _mm512_storeu_ps(ks, _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_or_si512(lo, hi))));
     return;
 #endif
     if (t == MOE_WT_Q4_K) {
-        float d = wconv_q8_0_scale(b), dmin = wconv_q8_0_scale(b + 2);
+        float d = wconv_f16_at(b), dmin = wconv_f16_at(b + 2);
         const unsigned char *s = b + 4;
         for (int j = 0; j < 8; j++) {
             int sc = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
@@ -109,7 +111,7 @@ static inline void wconv_k_scales(const unsigned char *b, moe_wtype t, float ks[
         }
         return;
     }
-    float d = wconv_q8_0_scale(b + 208);
+    float d = wconv_f16_at(b + 208);
     for (int j = 0; j < 16; j++) ks[j] = d * (float)(int8_t)b[192 + j];
 }
 

@@ -153,11 +153,11 @@ int gguf_writer_add_tensor(gguf_writer *w, const char *name, ggml_type type,
                            uint32_t n_dims, const uint64_t *ne, const void *data);
 int gguf_writer_write(gguf_writer *w, const char *path, char *err, size_t errlen);
 
-/* Q8_0 blocks for n floats (n a multiple of 32), as ggml's reference quantizer
- * makes them: d = max |x| / 127 stored as F16, q = round(x / d). */
+/* Q8_0 blocks for n finite floats (n a multiple of 32), as ggml's reference
+ * quantizer makes them: d = max |x| / 127 stored as F16, q = round(x / d). */
 void gguf_quantize_q8_0(const float *x, uint64_t n, void *blocks);
 
-/* Q4_K and Q6_K super-blocks for n floats (n a multiple of 256): valid blocks of
+/* Q4_K and Q6_K super-blocks for n finite floats (n a multiple of 256): valid blocks of
  * the format with plain per-sub-block scales (ggml's quantizer searches its
  * scales harder; any valid block is read the same way). */
 void gguf_quantize_q4_k(const float *x, uint64_t n, void *blocks);

@@ -3,9 +3,9 @@
  * Loading is three steps: read and range-check the hyperparameters of the file's
  * architecture (so a hostile header fails with the name of the bad key before any
  * size is trusted), locate every tensor the architecture needs and check its type
- * and exact shape, then point the weights at the mapping (F32, and routed experts
- * the kernels read in the file's type) or at one buffer of tensors converted to
- * F32. moe_weights_validate has the last word.
+ * and exact shape, then point the weights at the mapping (F32, and the FFNs and
+ * projections the kernels read in the file's type) or at one buffer of tensors
+ * converted to F32. moe_weights_validate has the last word.
  */
 #include "models/model_file.h"
 
@@ -244,8 +244,9 @@ static int tensor_want(tensor_loader *L, const char *name, int required, const f
     return 0;
 }
 
-/* The file's type as the kernels know it: F16/BF16 at 2-byte-aligned addresses
- * or Q8_0 anywhere; F32 when the tensor must be converted instead. */
+/* The file's type as the kernels know it: F16/BF16 at 2-byte-aligned addresses,
+ * the quantized types (bytes) anywhere; F32 when the tensor must be converted
+ * instead. */
 static moe_wtype kept_type(const gguf_tensor *t)
 {
     if (t->type == GGML_TYPE_Q8_0) return MOE_WT_Q8_0;
@@ -257,10 +258,10 @@ static moe_wtype kept_type(const gguf_tensor *t)
     return MOE_WT_F32;
 }
 
-/* An FFN's gate, up and down matrices (blk.<il>.<name><suffix>) stay in the
- * file when all three are of kept types (moe_wtype in core/model.h): half
- * (16-bit) or about a quarter (Q8_0) of the memory of converting them, and of
- * the bytes decode streams. n_dims 3 for the routed experts (ne2 experts), 2
+/* An FFN's gate, up and down matrices (blk.<il>.ffn_{gate,up,down}<name>.weight)
+ * stay in the file when each is of a kept type (moe_wtype in core/model.h; they
+ * may differ): from half (16-bit) to a seventh (Q4_K) of the memory of
+ * converting them, and of the bytes decode streams. n_dims 3 for the routed experts (ne2 experts), 2
  * for the shared expert and the dense FFN. Returns 1 when kept (shapes
  * checked), 0 to load them as F32, -1 on a bad shape. */
 static int ffn_keep_raw(tensor_loader *L, int il, const char *name, uint32_t n_dims, uint64_t e, uint64_t ff,
