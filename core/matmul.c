@@ -359,7 +359,7 @@ static void matmul_few_rows(const float *x, int m, int k, const float *w, int n0
         }
 }
 
-/* Few rows, narrow weights (F16, BF16, Q8_0, Q4_K, Q6_K) --------------------- */
+/* Few rows, narrow weights (F16, BF16, Q8_0, Q4_K, Q5_K, Q6_K) --------------- */
 
 /* VL weights widened to F32 as they are read (exact, see core/wconv.h), and the
  * r < VL of a 16-bit row's tail with zeros after them, as vload_n gives. */
@@ -397,11 +397,11 @@ static inline vf q8_scale(const unsigned char *blk)
 /* The kernels walk a row a step at a time: a Q8_0 block (32 weights, one scale,
  * 34 bytes), a k-quant super-block (256 weights, its sub-blocks' factors
  * computed once a step) or one vector of 16-bit weights. */
-#define KQUANT(wt) ((wt) == MOE_WT_Q4_K || (wt) == MOE_WT_Q6_K)
+#define KQUANT(wt) ((wt) == MOE_WT_Q4_K || (wt) == MOE_WT_Q5_K || (wt) == MOE_WT_Q6_K)
 #define WSTEP(wt) ((wt) == MOE_WT_Q8_0 ? MOE_Q8_0_BLOCK : KQUANT(wt) ? MOE_QK_K : VL)
 #define WSTEP_BYTES(wt)                                                                    \
     ((wt) == MOE_WT_Q8_0 ? MOE_Q8_0_BYTES : (wt) == MOE_WT_Q4_K ? MOE_Q4_K_BYTES           \
-     : (wt) == MOE_WT_Q6_K ? MOE_Q6_K_BYTES : VL * 2)
+     : (wt) == MOE_WT_Q5_K ? MOE_Q5_K_BYTES : (wt) == MOE_WT_Q6_K ? MOE_Q6_K_BYTES : VL * 2)
 
 /* VL weights at element i of the step at p: 16-bit, or Q8_0 with the block's
  * scale d. (A k-quant step is widened whole into a buffer: kquant_step.) */
@@ -560,6 +560,7 @@ static void narrow_block(const float *x, int nx, int k, const unsigned char *w, 
     else if (wt == MOE_WT_BF16) NARROW_CASES(MOE_WT_BF16)
     else if (wt == MOE_WT_Q8_0) NARROW_CASES(MOE_WT_Q8_0)
     else if (wt == MOE_WT_Q4_K) NARROW_CASES(MOE_WT_Q4_K)
+    else if (wt == MOE_WT_Q5_K) NARROW_CASES(MOE_WT_Q5_K)
     else NARROW_CASES(MOE_WT_Q6_K)
 }
 

@@ -84,13 +84,15 @@ typedef struct {
  * weight d * q, an F16 scale times an int8, needs at most 19 significant bits),
  * so the results are those of converting them at load. Q8_0 is ggml's block of
  * 32 weights in 34 bytes: the scale d (F16), then 32 int8 q. */
-typedef enum { MOE_WT_F32 = 0, MOE_WT_F16, MOE_WT_BF16, MOE_WT_Q8_0, MOE_WT_Q4_K, MOE_WT_Q6_K } moe_wtype;
+typedef enum { MOE_WT_F32 = 0, MOE_WT_F16, MOE_WT_BF16, MOE_WT_Q8_0, MOE_WT_Q4_K, MOE_WT_Q6_K, MOE_WT_Q5_K } moe_wtype;
 
 #define MOE_Q8_0_BLOCK 32
 #define MOE_Q8_0_BYTES 34
-/* ggml's k-quants, super-blocks of 256 weights (the types of a Q4_K_M file):
+/* ggml's k-quants, super-blocks of 256 weights (the types of Q4_K_M and Q5_K_M
+ * files):
  * Q4_K: F16 d and dmin, 12 bytes of eight 6-bit scales and mins, 128 bytes of
  *   4-bit q; weight = (d * sc) * q - (dmin * m), per sub-block of 32.
+ * Q5_K: the same with a fifth bit of q in 32 bytes before the 4-bit ones.
  * Q6_K: 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales, F16 d;
  *   weight = (d * sc) * (q - 32), per sub-block of 16.
  * Their products are rounded (unlike Q8_0's): kernels and conversion compute
@@ -98,10 +100,11 @@ typedef enum { MOE_WT_F32 = 0, MOE_WT_F16, MOE_WT_BF16, MOE_WT_Q8_0, MOE_WT_Q4_K
 #define MOE_QK_K 256
 #define MOE_Q4_K_BYTES 144
 #define MOE_Q6_K_BYTES 210
+#define MOE_Q5_K_BYTES 176
 
 static inline const char *moe_wtype_name(moe_wtype t)
 {
-    static const char *const names[] = {"F32", "F16", "BF16", "Q8_0", "Q4_K", "Q6_K"};
+    static const char *const names[] = {"F32", "F16", "BF16", "Q8_0", "Q4_K", "Q6_K", "Q5_K"};
     return (unsigned)t < sizeof names / sizeof names[0] ? names[t] : "?";
 }
 
@@ -109,13 +112,14 @@ static inline const char *moe_wtype_name(moe_wtype t)
 static inline size_t moe_wtype_block(moe_wtype t)
 {
     if (t == MOE_WT_Q8_0) return MOE_Q8_0_BLOCK;
-    return t == MOE_WT_Q4_K || t == MOE_WT_Q6_K ? MOE_QK_K : 1;
+    return t == MOE_WT_Q4_K || t == MOE_WT_Q5_K || t == MOE_WT_Q6_K ? MOE_QK_K : 1;
 }
 
 /* A type the narrow-weight kernels read (not F32, not unknown). */
 static inline int moe_wtype_narrow(moe_wtype t)
 {
-    return t == MOE_WT_F16 || t == MOE_WT_BF16 || t == MOE_WT_Q8_0 || t == MOE_WT_Q4_K || t == MOE_WT_Q6_K;
+    return t == MOE_WT_F16 || t == MOE_WT_BF16 || t == MOE_WT_Q8_0 || t == MOE_WT_Q4_K || t == MOE_WT_Q5_K ||
+           t == MOE_WT_Q6_K;
 }
 
 /* Bytes of a row of k weights of type t (k whole blocks). */
@@ -124,6 +128,7 @@ static inline size_t moe_wtype_row_bytes(moe_wtype t, size_t k)
     if (t == MOE_WT_Q8_0) return k / MOE_Q8_0_BLOCK * MOE_Q8_0_BYTES;
     if (t == MOE_WT_Q4_K) return k / MOE_QK_K * MOE_Q4_K_BYTES;
     if (t == MOE_WT_Q6_K) return k / MOE_QK_K * MOE_Q6_K_BYTES;
+    if (t == MOE_WT_Q5_K) return k / MOE_QK_K * MOE_Q5_K_BYTES;
     return k * (t == MOE_WT_F32 ? 4 : 2);
 }
 

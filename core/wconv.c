@@ -48,7 +48,7 @@ static void wconv_q8_0(float *dst, const unsigned char *b, size_t n)
 
 static void wconv_k(float *dst, const unsigned char *b, size_t n, moe_wtype t)
 {
-    size_t bytes = t == MOE_WT_Q4_K ? MOE_Q4_K_BYTES : MOE_Q6_K_BYTES;
+    size_t bytes = moe_wtype_row_bytes(t, MOE_QK_K);
     for (size_t i = 0; i < n; i += MOE_QK_K, b += bytes) {
         float ks[16];
         wconv_k_scales(b, t, ks);
@@ -62,7 +62,7 @@ void wconv_rows(float *dst, const void *src, size_t n, moe_wtype t)
         wconv_q8_0(dst, src, n);
         return;
     }
-    if (t == MOE_WT_Q4_K || t == MOE_WT_Q6_K) {
+    if (t == MOE_WT_Q4_K || t == MOE_WT_Q5_K || t == MOE_WT_Q6_K) {
         wconv_k(dst, src, n, t);
         return;
     }

@@ -74,7 +74,7 @@ static inline float wconv_f16_at(const unsigned char *b)
 float wconv_bf16(uint16_t h);
 
 /* The per-sub-block factors of the k-quant super-block at b (any address):
- * Q4_K ks[j] = d * sc_j and ks[8 + j] = dmin * m_j for its 8 sub-blocks of 32;
+ * Q4_K, Q5_K ks[j] = d * sc_j and ks[8 + j] = dmin * m_j for its 8 sub-blocks of 32;
  * Q6_K ks[j] = d * sc_j for its 16 sub-blocks of 16. */
 static inline void wconv_k_scales(const unsigned char *b, moe_wtype t, float ks[16])
 {
@@ -100,7 +100,7 @@ static inline void wconv_k_scales(const unsigned char *b, moe_wtype t, float ks[
     _mm512_storeu_ps(ks, _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_or_si512(lo, hi))));
     return;
 #endif
-    if (t == MOE_WT_Q4_K) {
+    if (t == MOE_WT_Q4_K || t == MOE_WT_Q5_K) {
         float d = wconv_f16_at(b), dmin = wconv_f16_at(b + 2);
         const unsigned char *s = b + 4;
         for (int j = 0; j < 8; j++) {
@@ -119,9 +119,11 @@ static inline void wconv_k_scales(const unsigned char *b, moe_wtype t, float ks[
  * offset of 32 removed). */
 static inline int wconv_k_q(const unsigned char *b, moe_wtype t, int e)
 {
-    if (t == MOE_WT_Q4_K) {
-        unsigned char v = b[16 + 32 * (e / 64) + e % 32];
-        return (e / 32) % 2 ? v >> 4 : v & 15;
+    if (t == MOE_WT_Q4_K || t == MOE_WT_Q5_K) {
+        int q5 = t == MOE_WT_Q5_K;
+        unsigned char v = b[(q5 ? 48 : 16) + 32 * (e / 64) + e % 32];
+        int q = (e / 32) % 2 ? v >> 4 : v & 15;
+        return q5 ? q | (((b[16 + e % 32] >> (e / 32)) & 1) << 4) : q;
     }
     int h = e / 128, l = e % 128, part = l / 32, at = l % 32;
     unsigned char lo = b[64 * h + 32 * (part & 1) + at], hi = b[128 + 32 * h + at];
@@ -133,7 +135,7 @@ static inline int wconv_k_q(const unsigned char *b, moe_wtype t, int e)
  * ggml's order, each rounded, not fused (the vector kernels do the same). */
 static inline float wconv_k_weight(const unsigned char *b, moe_wtype t, const float ks[16], int e)
 {
-    if (t == MOE_WT_Q4_K) {
+    if (t == MOE_WT_Q4_K || t == MOE_WT_Q5_K) {
         float p = ks[e / 32] * (float)wconv_k_q(b, t, e);
         return p - ks[8 + e / 32];
     }
@@ -147,18 +149,34 @@ static inline void wconv_k_block(const unsigned char *b, moe_wtype t, const floa
 {
 #if defined(__AVX512F__)
     const __m512i m4 = _mm512_set1_epi32(15), m2 = _mm512_set1_epi32(3);
-    if (t == MOE_WT_Q4_K) {
+    if (t == MOE_WT_Q4_K || t == MOE_WT_Q5_K) {
+        int q5 = t == MOE_WT_Q5_K;
+        const __m512i one = _mm512_set1_epi32(1);
+        __m512i h0 = _mm512_setzero_si512(), h1 = h0;   /* Q5_K: the fifth bits, bit j for sub-block j */
+        if (q5) {
+            h0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 16)));
+            h1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 32)));
+        }
         for (int c = 0; c < 4; c++) {          /* 64 weights: sub-blocks 2c (low nibbles), 2c + 1 */
-            const unsigned char *q = b + 16 + 32 * c;
+            const unsigned char *q = b + (q5 ? 48 : 16) + 32 * c;
             __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
             __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+            __m512i q00 = _mm512_and_si512(v0, m4), q01 = _mm512_and_si512(v1, m4);
+            __m512i q10 = _mm512_srli_epi32(v0, 4), q11 = _mm512_srli_epi32(v1, 4);
+            if (q5) {
+                unsigned j0 = (unsigned)(2 * c), j1 = j0 + 1;
+                q00 = _mm512_or_si512(q00, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h0, j0), one), 4));
+                q01 = _mm512_or_si512(q01, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h1, j0), one), 4));
+                q10 = _mm512_or_si512(q10, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h0, j1), one), 4));
+                q11 = _mm512_or_si512(q11, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h1, j1), one), 4));
+            }
             __m512 d0 = _mm512_set1_ps(ks[2 * c]), m0 = _mm512_set1_ps(ks[8 + 2 * c]);
             __m512 d1 = _mm512_set1_ps(ks[2 * c + 1]), m1 = _mm512_set1_ps(ks[9 + 2 * c]);
             float *o = out + 64 * c;
-            _mm512_storeu_ps(o, _mm512_sub_ps(_mm512_mul_ps(d0, _mm512_cvtepi32_ps(_mm512_and_si512(v0, m4))), m0));
-            _mm512_storeu_ps(o + 16, _mm512_sub_ps(_mm512_mul_ps(d0, _mm512_cvtepi32_ps(_mm512_and_si512(v1, m4))), m0));
-            _mm512_storeu_ps(o + 32, _mm512_sub_ps(_mm512_mul_ps(d1, _mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4))), m1));
-            _mm512_storeu_ps(o + 48, _mm512_sub_ps(_mm512_mul_ps(d1, _mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4))), m1));
+            _mm512_storeu_ps(o, _mm512_sub_ps(_mm512_mul_ps(d0, _mm512_cvtepi32_ps(q00)), m0));
+            _mm512_storeu_ps(o + 16, _mm512_sub_ps(_mm512_mul_ps(d0, _mm512_cvtepi32_ps(q01)), m0));
+            _mm512_storeu_ps(o + 32, _mm512_sub_ps(_mm512_mul_ps(d1, _mm512_cvtepi32_ps(q10)), m1));
+            _mm512_storeu_ps(o + 48, _mm512_sub_ps(_mm512_mul_ps(d1, _mm512_cvtepi32_ps(q11)), m1));
         }
         return;
     }

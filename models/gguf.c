@@ -128,6 +128,7 @@ size_t ggml_block_size(ggml_type t)
     case GGML_TYPE_BF16: return 1;
     case GGML_TYPE_Q8_0: return GGML_Q8_0_BLOCK;
     case GGML_TYPE_Q4_K:
+    case GGML_TYPE_Q5_K:
     case GGML_TYPE_Q6_K: return GGML_QK_K;
     }
     return 0;
@@ -141,6 +142,7 @@ size_t ggml_type_size(ggml_type t)
     case GGML_TYPE_BF16: return 2;
     case GGML_TYPE_Q8_0: return GGML_Q8_0_BYTES;
     case GGML_TYPE_Q4_K: return GGML_Q4_K_BYTES;
+    case GGML_TYPE_Q5_K: return GGML_Q5_K_BYTES;
     case GGML_TYPE_Q6_K: return GGML_Q6_K_BYTES;
     }
     return 0;
@@ -444,7 +446,7 @@ static int parse_tensor_info(cursor *c, const gguf_file *f, int64_t i, gguf_tens
     size_t esz = ggml_type_size(t->type), blk = ggml_block_size(t->type);
     if (esz == 0)
         return fail(c, "%s: tensor type %u (%s) is not supported (only f32, f16, bf16, q8_0, "
-                    "q4_K and q6_K are)", where, type, ggml_type_name(t->type));
+                    "q4_K, q5_K and q6_K are)", where, type, ggml_type_name(t->type));
     if (t->ne[0] % blk)
         return fail(c, "%s: a %s row holds whole blocks of %zu, but dimension 0 is %llu", where,
                     ggml_type_name(t->type), blk, (unsigned long long)t->ne[0]);
@@ -1487,12 +1489,13 @@ static int clamp_int(float v, int lo, int hi)
     return i < lo ? lo : i > hi ? hi : i;
 }
 
-/* Q4_K: per sub-block of 32 a scale (max - min) / 15 and a min <= 0, both as
- * 6-bit multiples of the super-block's d and dmin; q = round((x - min) / scale). */
-void gguf_quantize_q4_k(const float *x, uint64_t n, void *blocks)
+/* Q4_K (levels 15) and Q5_K (31): per sub-block of 32 a scale (max - min) /
+ * levels and a min <= 0, both as 6-bit multiples of the super-block's d and
+ * dmin; q = round((x - min) / scale), its fifth bit (Q5_K) in qh. */
+static void quantize_k_min(const float *x, uint64_t n, unsigned char *b, int levels)
 {
-    unsigned char *b = blocks;
-    for (uint64_t i = 0; i < n; i += GGML_QK_K, x += GGML_QK_K, b += GGML_Q4_K_BYTES) {
+    size_t bytes = levels == 15 ? GGML_Q4_K_BYTES : GGML_Q5_K_BYTES;
+    for (uint64_t i = 0; i < n; i += GGML_QK_K, x += GGML_QK_K, b += bytes) {
         float scale[8], mn[8], smax = 0.0f, mmax = 0.0f;
         for (int j = 0; j < 8; j++) {
             float lo = 0.0f, hi = 0.0f;
@@ -1500,7 +1503,7 @@ void gguf_quantize_q4_k(const float *x, uint64_t n, void *blocks)
                 lo = fminf(lo, x[32 * j + l]);
                 hi = fmaxf(hi, x[32 * j + l]);
             }
-            scale[j] = (hi - lo) / 15.0f;
+            scale[j] = (hi - lo) / (float)levels;
             mn[j] = -lo;
             smax = fmaxf(smax, scale[j]);
             mmax = fmaxf(mmax, mn[j]);
@@ -1512,9 +1515,10 @@ void gguf_quantize_q4_k(const float *x, uint64_t n, void *blocks)
             sc[j] = (uint8_t)(d > 0.0f ? clamp_int(scale[j] / d, 0, 63) : 0);
             m[j] = (uint8_t)(dmin > 0.0f ? clamp_int(mn[j] / dmin, 0, 63) : 0);
         }
+        memset(b, 0, bytes);
         memcpy(b, &hd, 2);
         memcpy(b + 2, &hm, 2);
-        unsigned char *s = b + 4, *qs = b + 16;
+        unsigned char *s = b + 4, *qh = b + 16, *qs = b + (levels == 15 ? 16 : 48);
         for (int j = 0; j < 4; j++) {
             s[j] = (uint8_t)((sc[j] & 63) | ((sc[j + 4] >> 4) << 6));
             s[j + 4] = (uint8_t)((m[j] & 63) | ((m[j + 4] >> 4) << 6));
@@ -1523,13 +1527,18 @@ void gguf_quantize_q4_k(const float *x, uint64_t n, void *blocks)
         for (int j = 0; j < 8; j++) {
             float dj = d * (float)sc[j], mj = dmin * (float)m[j];
             for (int l = 0; l < 32; l++) {
-                int q = dj > 0.0f ? clamp_int((x[32 * j + l] + mj) / dj, 0, 15) : 0;
+                int q = dj > 0.0f ? clamp_int((x[32 * j + l] + mj) / dj, 0, levels) : 0;
                 unsigned char *at = qs + 32 * (j / 2) + l;
-                *at = (uint8_t)(j % 2 ? (*at & 0x0F) | (q << 4) : q);
+                *at |= (uint8_t)(j % 2 ? (q & 15) << 4 : q & 15);
+                if (q > 15) qh[l] |= (uint8_t)(1u << j);
             }
         }
     }
 }
+
+void gguf_quantize_q4_k(const float *x, uint64_t n, void *blocks) { quantize_k_min(x, n, blocks, 15); }
+
+void gguf_quantize_q5_k(const float *x, uint64_t n, void *blocks) { quantize_k_min(x, n, blocks, 31); }
 
 /* Q6_K: per sub-block of 16 a signed scale max|x| / 31 as an int8 multiple of
  * the super-block's d; q = round(x / scale) + 32 in 6 bits. */

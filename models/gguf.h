@@ -27,7 +27,8 @@ typedef enum {
 /* Tensor element types we understand (ggml numbering). Q8_0 is ggml's block
  * format of 32 weights: an F16 scale d, then 32 int8 q, each weight d * q. */
 typedef enum {
-    GGML_TYPE_F32 = 0, GGML_TYPE_F16 = 1, GGML_TYPE_Q8_0 = 8, GGML_TYPE_Q4_K = 12, GGML_TYPE_Q6_K = 14,
+    GGML_TYPE_F32 = 0, GGML_TYPE_F16 = 1, GGML_TYPE_Q8_0 = 8, GGML_TYPE_Q4_K = 12, GGML_TYPE_Q5_K = 13,
+    GGML_TYPE_Q6_K = 14,
     GGML_TYPE_BF16 = 30
 } ggml_type;
 
@@ -36,6 +37,7 @@ typedef enum {
 #define GGML_QK_K 256        /* weights a k-quant super-block holds (Q4_K, Q6_K: core/model.h) */
 #define GGML_Q4_K_BYTES 144
 #define GGML_Q6_K_BYTES 210
+#define GGML_Q5_K_BYTES 176
 
 #define GGUF_MAX_DIMS 4
 #define GGUF_DEFAULT_ALIGNMENT 32
@@ -157,10 +159,11 @@ int gguf_writer_write(gguf_writer *w, const char *path, char *err, size_t errlen
  * quantizer makes them: d = max |x| / 127 stored as F16, q = round(x / d). */
 void gguf_quantize_q8_0(const float *x, uint64_t n, void *blocks);
 
-/* Q4_K and Q6_K super-blocks for n finite floats (n a multiple of 256): valid blocks of
+/* Q4_K, Q5_K and Q6_K super-blocks for n finite floats (n a multiple of 256): valid blocks of
  * the format with plain per-sub-block scales (ggml's quantizer searches its
  * scales harder; any valid block is read the same way). */
 void gguf_quantize_q4_k(const float *x, uint64_t n, void *blocks);
+void gguf_quantize_q5_k(const float *x, uint64_t n, void *blocks);
 void gguf_quantize_q6_k(const float *x, uint64_t n, void *blocks);
 
 /* F16 / BF16 <-> F32 conversion. */

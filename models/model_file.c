@@ -206,8 +206,10 @@ static int tensor_check(tensor_loader *L, const char *name, const gguf_tensor *t
                         uint64_t ne0, uint64_t ne1, uint64_t ne2)
 {
     if (t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_BF16 &&
-        t->type != GGML_TYPE_Q8_0 && t->type != GGML_TYPE_Q4_K && t->type != GGML_TYPE_Q6_K)
-        return fail(L->err, L->errlen, "tensor %s has type %s (%d): supported are F32, F16, BF16, Q8_0, Q4_K, Q6_K",
+        t->type != GGML_TYPE_Q8_0 && t->type != GGML_TYPE_Q4_K && t->type != GGML_TYPE_Q5_K &&
+        t->type != GGML_TYPE_Q6_K)
+        return fail(L->err, L->errlen, "tensor %s has type %s (%d): supported are F32, F16, BF16, Q8_0, Q4_K, "
+                    "Q5_K, Q6_K",
                     name, ggml_type_name(t->type) ? ggml_type_name(t->type) : "?", (int)t->type);
     uint64_t want[3] = {ne0, ne1, ne2};
     int same = t->n_dims == n_dims;
@@ -251,6 +253,7 @@ static moe_wtype kept_type(const gguf_tensor *t)
 {
     if (t->type == GGML_TYPE_Q8_0) return MOE_WT_Q8_0;
     if (t->type == GGML_TYPE_Q4_K) return MOE_WT_Q4_K;
+    if (t->type == GGML_TYPE_Q5_K) return MOE_WT_Q5_K;
     if (t->type == GGML_TYPE_Q6_K) return MOE_WT_Q6_K;
     if ((uintptr_t)t->data % 2 != 0) return MOE_WT_F32;
     if (t->type == GGML_TYPE_F16) return MOE_WT_F16;
@@ -397,7 +400,7 @@ static void tensor_convert(const gguf_tensor *t, const float *f16_table, float *
         memcpy(dst, src, (size_t)n * sizeof(float));  /* unaligned in the file */
         return;
     }
-    if (kept_type(t) == MOE_WT_Q8_0 || kept_type(t) == MOE_WT_Q4_K || kept_type(t) == MOE_WT_Q6_K) {
+    if (kept_type(t) != MOE_WT_F32 && kept_type(t) != MOE_WT_F16 && kept_type(t) != MOE_WT_BF16) {
         wconv_rows(dst, src, (size_t)n, kept_type(t));  /* bytes: any address */
         return;
     }

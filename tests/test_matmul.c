@@ -226,9 +226,9 @@ START_TEST(q8_0_blocks_round_trip)
 }
 END_TEST
 
-/* The k-quants as ggml defines them (a Q4_K weight (d * sc) * q - dmin * m per
- * sub-block of 32, a Q6_K one (d * sc) * (q - 32) per 16): what the quantizer
- * writes reads back within a step of its sub-block's range. */
+/* The k-quants as ggml defines them (a Q4_K or Q5_K weight (d * sc) * q - dmin *
+ * m per sub-block of 32, a Q6_K one (d * sc) * (q - 32) per 16): what the
+ * quantizer writes reads back within a step of its sub-block's range. */
 START_TEST(k_quants_round_trip)
 {
     rng_state = 9;
@@ -237,10 +237,11 @@ START_TEST(k_quants_round_trip)
     unsigned char *q = malloc(n / 256 * 210);
     ck_assert(back && q);
     src[300] = 4.0f;   /* a sub-block with a large weight */
-    for (int t = 0; t < 2; t++) {
-        moe_wtype wt = t ? MOE_WT_Q6_K : MOE_WT_Q4_K;
-        int sub = t ? 16 : 32, levels = t ? 63 : 15;
-        if (t) gguf_quantize_q6_k(src, n, q);
+    for (int t = 0; t < 3; t++) {
+        moe_wtype wt = t == 1 ? MOE_WT_Q6_K : t == 2 ? MOE_WT_Q5_K : MOE_WT_Q4_K;
+        int sub = t == 1 ? 16 : 32, levels = t == 1 ? 63 : t == 2 ? 31 : 15;
+        if (t == 1) gguf_quantize_q6_k(src, n, q);
+        else if (t == 2) gguf_quantize_q5_k(src, n, q);
         else gguf_quantize_q4_k(src, n, q);
         wconv_rows(back, q, n, wt);
         for (size_t s0 = 0; s0 < n; s0 += (size_t)sub) {
@@ -250,7 +251,7 @@ START_TEST(k_quants_round_trip)
                 hi = fmaxf(hi, src[s0 + l]);
             }
             /* one quantization step, with the 6-bit and F16 rounding of the factors */
-            float step = (t ? 2.0f * fmaxf(hi, -lo) : hi - lo) / (float)levels * 1.1f + 1e-6f;
+            float step = (t == 1 ? 2.0f * fmaxf(hi, -lo) : hi - lo) / (float)levels * 1.1f + 1e-6f;
             for (int l = 0; l < sub; l++)
                 ck_assert_msg(fabsf(back[s0 + l] - src[s0 + l]) <= step, "%s weight %zu: %g from %g (step %g)",
                               moe_wtype_name(wt), s0 + l, (double)back[s0 + l], (double)src[s0 + l], (double)step);
@@ -273,8 +274,8 @@ START_TEST(wq_equals_widened_f32)
     rng_state = 77;
     int ms[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 40, 0};
     ms[14] = matmul_sgemm_min_rows() + 3;
-    static const moe_wtype types[5] = {MOE_WT_F16, MOE_WT_BF16, MOE_WT_Q8_0, MOE_WT_Q4_K, MOE_WT_Q6_K};
-    for (int t = 0; t < 5; t++) {
+    static const moe_wtype types[6] = {MOE_WT_F16, MOE_WT_BF16, MOE_WT_Q8_0, MOE_WT_Q4_K, MOE_WT_Q6_K, MOE_WT_Q5_K};
+    for (int t = 0; t < 6; t++) {
         moe_wtype wt = types[t];
         /* 16-bit: with and without a vector tail; quantized rows are whole blocks */
         int ks16[] = {64, 100, 1024 + 7}, ksq[] = {32, 96, 1024}, ksk[] = {256, 512, 1024};
@@ -293,6 +294,8 @@ START_TEST(wq_equals_widened_f32)
                 wq[2 * rb + 1] |= 0x80;                           /* a negative scale */
             } else if (wt == MOE_WT_Q4_K) {
                 gguf_quantize_q4_k(src, nw, wq);
+            } else if (wt == MOE_WT_Q5_K) {
+                gguf_quantize_q5_k(src, nw, wq);
             } else if (wt == MOE_WT_Q6_K) {
                 gguf_quantize_q6_k(src, nw, wq);
                 wq[rb + 209] |= 0x80;                             /* a negative d */

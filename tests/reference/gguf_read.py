@@ -18,8 +18,9 @@ _SCALAR = {
 }
 
 # ggml tensor types we read: id -> (elements per block, bytes per block)
-F32, F16, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 8, 12, 14, 30
-_TENSOR_TYPES = {F32: (1, 4), F16: (1, 2), Q8_0: (32, 34), Q4_K: (256, 144), Q6_K: (256, 210), BF16: (1, 2)}
+F32, F16, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 8, 12, 13, 14, 30
+_TENSOR_TYPES = {F32: (1, 4), F16: (1, 2), Q8_0: (32, 34), Q4_K: (256, 144), Q5_K: (256, 176),
+                 Q6_K: (256, 210), BF16: (1, 2)}
 
 
 def _f16(raw, offset, nb, stride):
@@ -28,20 +29,26 @@ def _f16(raw, offset, nb, stride):
     return u8[:, offset:offset + 2].copy().view("<f2").astype(np.float32).reshape(nb)
 
 
-def _q4_k(raw, nb):
-    """ggml's Q4_K: per sub-block j of 32, (d * sc_j) * q - dmin * m_j, in float32."""
-    u8 = np.frombuffer(raw, dtype=np.uint8).reshape(nb, 144)
-    d, dmin = _f16(raw, 0, nb, 144), _f16(raw, 2, nb, 144)
+def _q4_k(raw, nb, five=False):
+    """ggml's Q4_K: per sub-block j of 32, (d * sc_j) * q - dmin * m_j, in float32.
+    Q5_K (five): q has a fifth bit, bit j of byte l of the 32 bytes before the nibbles."""
+    size = 176 if five else 144
+    u8 = np.frombuffer(raw, dtype=np.uint8).reshape(nb, size)
+    d, dmin = _f16(raw, 0, nb, size), _f16(raw, 2, nb, size)
     s = u8[:, 4:16].astype(np.int32)
     sc = np.empty((nb, 8), np.int32)
     mn = np.empty((nb, 8), np.int32)
     sc[:, :4], mn[:, :4] = s[:, 0:4] & 63, s[:, 4:8] & 63
     sc[:, 4:] = (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)
     mn[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
-    qs = u8[:, 16:].reshape(nb, 4, 32)
+    qs = u8[:, 48 if five else 16:].reshape(nb, 4, 32)
     q = np.empty((nb, 8, 32), np.int32)
     q[:, 0::2, :] = qs & 15     # sub-blocks 0, 2, 4, 6: low nibbles of each 32 bytes
     q[:, 1::2, :] = qs >> 4     # 1, 3, 5, 7: high nibbles
+    if five:
+        qh = u8[:, 16:48].astype(np.int32)
+        for j in range(8):
+            q[:, j, :] |= ((qh >> j) & 1) << 4
     dj = (d[:, None] * sc.astype(np.float32))[:, :, None]
     mj = (dmin[:, None] * mn.astype(np.float32))[:, :, None]
     return (dj * q.astype(np.float32) - mj).reshape(nb * 256)
@@ -165,6 +172,8 @@ class GGUF:
             arr = blocks["d"].astype(np.float64)[:, None] * blocks["q"].astype(np.float64)
         elif ttype == Q4_K:
             arr = _q4_k(raw, count // 256)
+        elif ttype == Q5_K:
+            arr = _q4_k(raw, count // 256, five=True)
         elif ttype == Q6_K:
             arr = _q6_k(raw, count // 256)
         elif ttype == F16:
