@@ -38,7 +38,7 @@ static int usage(void)
         "  tokenize -m FILE [--ids-only] [--add-special] [--parse-special] TEXT\n"
         "  tokenize -m FILE --bench TEXTFILE           tokenizer throughput\n"
         "  synth --arch llama|qwen2moe|olmoe|qwen3moe --preset tiny|small|bench|dense|tiny256\n"
-        "        [--seed N] [--vocab FILE] [--type f32|f16|bf16|q8_0|q4_k_m|q5_k_m|q6_k | --f16]\n"
+        "        [--seed N] [--vocab FILE] [--type f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k | --f16]\n"
         "        -o FILE"
         "                                           write a synthetic model\n"
         "  eval -m FILE --text FILE [--ctx N] [--threads N]  bits per byte of a text\n"
@@ -527,12 +527,12 @@ static int cmd_synth(int argc, char **argv)
         else if (!strcmp(argv[i], "--vocab")) p.vocab_path = v;
         else if (!strcmp(argv[i], "--type")) {
             static const struct { const char *name; ggml_type t; } types[] = {
-                {"f32", GGML_TYPE_F32}, {"f16", GGML_TYPE_F16}, {"bf16", GGML_TYPE_BF16}, {"q8_0", GGML_TYPE_Q8_0},
+                {"f32", GGML_TYPE_F32}, {"f16", GGML_TYPE_F16}, {"bf16", GGML_TYPE_BF16}, {"q8_0", GGML_TYPE_Q8_0}, {"q4_0", GGML_TYPE_Q4_0},
                 {"q4_k_m", GGML_TYPE_Q4_K}, {"q5_k_m", GGML_TYPE_Q5_K}, {"q6_k", GGML_TYPE_Q6_K}};
             size_t j = 0;
             while (j < sizeof types / sizeof types[0] && strcmp(v, types[j].name)) j++;
             if (j == sizeof types / sizeof types[0]) {
-                fprintf(stderr, "moe: bad --type '%s' (f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k)\n", v);
+                fprintf(stderr, "moe: bad --type '%s' (f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k)\n", v);
                 return 2;
             }
             p.wtype = types[j].t;

@@ -359,7 +359,7 @@ static void matmul_few_rows(const float *x, int m, int k, const float *w, int n0
         }
 }
 
-/* Few rows, narrow weights (F16, BF16, Q8_0, Q4_K, Q5_K, Q6_K) --------------- */
+/* Few rows, narrow weights (F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) --------- */
 
 /* VL weights widened to F32 as they are read (exact, see core/wconv.h), and the
  * r < VL of a 16-bit row's tail with zeros after them, as vload_n gives. */
@@ -398,15 +398,27 @@ static inline vf q8_scale(const unsigned char *blk)
  * 34 bytes), a k-quant super-block (256 weights, its sub-blocks' factors
  * computed once a step) or one vector of 16-bit weights. */
 #define KQUANT(wt) ((wt) == MOE_WT_Q4_K || (wt) == MOE_WT_Q5_K || (wt) == MOE_WT_Q6_K)
-#define WSTEP(wt) ((wt) == MOE_WT_Q8_0 ? MOE_Q8_0_BLOCK : KQUANT(wt) ? MOE_QK_K : VL)
+#define BLOCK32(wt) ((wt) == MOE_WT_Q8_0 || (wt) == MOE_WT_Q4_0)
+#define WSTEP(wt) (BLOCK32(wt) ? MOE_Q8_0_BLOCK : KQUANT(wt) ? MOE_QK_K : VL)
 #define WSTEP_BYTES(wt)                                                                    \
-    ((wt) == MOE_WT_Q8_0 ? MOE_Q8_0_BYTES : (wt) == MOE_WT_Q4_K ? MOE_Q4_K_BYTES           \
+    ((wt) == MOE_WT_Q8_0 ? MOE_Q8_0_BYTES : (wt) == MOE_WT_Q4_0 ? MOE_Q4_0_BYTES           \
+     : (wt) == MOE_WT_Q4_K ? MOE_Q4_K_BYTES                                                \
      : (wt) == MOE_WT_Q5_K ? MOE_Q5_K_BYTES : (wt) == MOE_WT_Q6_K ? MOE_Q6_K_BYTES : VL * 2)
 
-/* VL weights at element i of the step at p: 16-bit, or Q8_0 with the block's
- * scale d. (A k-quant step is widened whole into a buffer: kquant_step.) */
+/* VL weights at element i of the step at p: 16-bit, or Q8_0 / Q4_0 with the
+ * block's scale d. (A k-quant step is widened whole into a buffer: kquant_step.) */
 static inline vf wload(const unsigned char *p, int i, const moe_wtype wt, vf d)
 {
+    if (wt == MOE_WT_Q4_0) {
+#if defined(WCONV_VL) && WCONV_VL == VL
+        return wconv_q4_0_vec(p + 2 + i % 16, i >= 16, d);
+#else
+        float f[VL], dv[VL];
+        memcpy(dv, &d, sizeof dv);
+        for (int l = 0; l < VL; l++) f[l] = wconv_q4_0_weight(p, dv[0], i + l);
+        return vload(f);
+#endif
+    }
     if (wt != MOE_WT_Q8_0) return widen((const uint16_t *)p + i, wt);
     const unsigned char *q = p + 2 + i;
 #if defined(WCONV_VL) && WCONV_VL == VL
@@ -462,7 +474,7 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
                 }
                 continue;
             }
-            vf d = wt == MOE_WT_Q8_0 ? q8_scale(p) : vzero();
+            vf d = BLOCK32(wt) ? q8_scale(p) : vzero();
             for (int i = 0; i < WSTEP(wt); i += VL) {
                 vf wv = wload(p, i, wt, d);
                 VREG(wv);
@@ -511,7 +523,7 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
                 /* as an integer: the next tile may lie past the end of W */
                 for (size_t l = 0; l < (size_t)WSTEP_BYTES(wt); l += 64)
                     VPREFETCH((uintptr_t)p[r] + (size_t)R * rb + l, 0);
-                d[r] = wt == MOE_WT_Q8_0 ? q8_scale(p[r]) : vzero();
+                d[r] = BLOCK32(wt) ? q8_scale(p[r]) : vzero();
                 if (KQUANT(wt)) kquant_step(p[r], wt, wb[r]);
             }
             for (int i = 0; i < WSTEP(wt); i += VL) {
@@ -559,6 +571,7 @@ static void narrow_block(const float *x, int nx, int k, const unsigned char *w, 
     if (wt == MOE_WT_F16) NARROW_CASES(MOE_WT_F16)
     else if (wt == MOE_WT_BF16) NARROW_CASES(MOE_WT_BF16)
     else if (wt == MOE_WT_Q8_0) NARROW_CASES(MOE_WT_Q8_0)
+    else if (wt == MOE_WT_Q4_0) NARROW_CASES(MOE_WT_Q4_0)
     else if (wt == MOE_WT_Q4_K) NARROW_CASES(MOE_WT_Q4_K)
     else if (wt == MOE_WT_Q5_K) NARROW_CASES(MOE_WT_Q5_K)
     else NARROW_CASES(MOE_WT_Q6_K)

@@ -84,10 +84,14 @@ typedef struct {
  * weight d * q, an F16 scale times an int8, needs at most 19 significant bits),
  * so the results are those of converting them at load. Q8_0 is ggml's block of
  * 32 weights in 34 bytes: the scale d (F16), then 32 int8 q. */
-typedef enum { MOE_WT_F32 = 0, MOE_WT_F16, MOE_WT_BF16, MOE_WT_Q8_0, MOE_WT_Q4_K, MOE_WT_Q6_K, MOE_WT_Q5_K } moe_wtype;
+typedef enum { MOE_WT_F32 = 0, MOE_WT_F16, MOE_WT_BF16, MOE_WT_Q8_0, MOE_WT_Q4_K, MOE_WT_Q6_K, MOE_WT_Q5_K,
+               MOE_WT_Q4_0 } moe_wtype;
 
 #define MOE_Q8_0_BLOCK 32
 #define MOE_Q8_0_BYTES 34
+/* Q4_0: an F16 scale d, then 16 bytes of 4-bit q, the low nibbles the first 16
+ * weights and the high ones the last; weight = d * (q - 8), exact like Q8_0's. */
+#define MOE_Q4_0_BYTES 18
 /* ggml's k-quants, super-blocks of 256 weights (the types of Q4_K_M and Q5_K_M
  * files):
  * Q4_K: F16 d and dmin, 12 bytes of eight 6-bit scales and mins, 128 bytes of
@@ -104,28 +108,29 @@ typedef enum { MOE_WT_F32 = 0, MOE_WT_F16, MOE_WT_BF16, MOE_WT_Q8_0, MOE_WT_Q4_K
 
 static inline const char *moe_wtype_name(moe_wtype t)
 {
-    static const char *const names[] = {"F32", "F16", "BF16", "Q8_0", "Q4_K", "Q6_K", "Q5_K"};
+    static const char *const names[] = {"F32", "F16", "BF16", "Q8_0", "Q4_K", "Q6_K", "Q5_K", "Q4_0"};
     return (unsigned)t < sizeof names / sizeof names[0] ? names[t] : "?";
 }
 
 /* Weights a block of type t holds: a row holds whole blocks. */
 static inline size_t moe_wtype_block(moe_wtype t)
 {
-    if (t == MOE_WT_Q8_0) return MOE_Q8_0_BLOCK;
+    if (t == MOE_WT_Q8_0 || t == MOE_WT_Q4_0) return MOE_Q8_0_BLOCK;
     return t == MOE_WT_Q4_K || t == MOE_WT_Q5_K || t == MOE_WT_Q6_K ? MOE_QK_K : 1;
 }
 
 /* A type the narrow-weight kernels read (not F32, not unknown). */
 static inline int moe_wtype_narrow(moe_wtype t)
 {
-    return t == MOE_WT_F16 || t == MOE_WT_BF16 || t == MOE_WT_Q8_0 || t == MOE_WT_Q4_K || t == MOE_WT_Q5_K ||
-           t == MOE_WT_Q6_K;
+    return t == MOE_WT_F16 || t == MOE_WT_BF16 || t == MOE_WT_Q8_0 || t == MOE_WT_Q4_0 || t == MOE_WT_Q4_K ||
+           t == MOE_WT_Q5_K || t == MOE_WT_Q6_K;
 }
 
 /* Bytes of a row of k weights of type t (k whole blocks). */
 static inline size_t moe_wtype_row_bytes(moe_wtype t, size_t k)
 {
     if (t == MOE_WT_Q8_0) return k / MOE_Q8_0_BLOCK * MOE_Q8_0_BYTES;
+    if (t == MOE_WT_Q4_0) return k / MOE_Q8_0_BLOCK * MOE_Q4_0_BYTES;
     if (t == MOE_WT_Q4_K) return k / MOE_QK_K * MOE_Q4_K_BYTES;
     if (t == MOE_WT_Q6_K) return k / MOE_QK_K * MOE_Q6_K_BYTES;
     if (t == MOE_WT_Q5_K) return k / MOE_QK_K * MOE_Q5_K_BYTES;

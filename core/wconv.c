@@ -56,10 +56,28 @@ static void wconv_k(float *dst, const unsigned char *b, size_t n, moe_wtype t)
     }
 }
 
+static void wconv_q4_0(float *dst, const unsigned char *b, size_t n)
+{
+    for (size_t i = 0; i < n; i += MOE_Q8_0_BLOCK, b += MOE_Q4_0_BYTES) {
+        float d = wconv_f16_at(b);
+        int j = 0;
+#if defined(WCONV_VL) && WCONV_VL == 16
+        for (; j < 32; j += 16) _mm512_storeu_ps(dst + i + j, wconv_q4_0_vec(b + 2, j >= 16, _mm512_set1_ps(d)));
+#elif defined(WCONV_VL) && WCONV_VL == 8
+        for (; j < 32; j += 8) _mm256_storeu_ps(dst + i + j, wconv_q4_0_vec(b + 2 + j % 16, j >= 16, _mm256_set1_ps(d)));
+#endif
+        for (; j < 32; j++) dst[i + (size_t)j] = wconv_q4_0_weight(b, d, j);
+    }
+}
+
 void wconv_rows(float *dst, const void *src, size_t n, moe_wtype t)
 {
     if (t == MOE_WT_Q8_0) {
         wconv_q8_0(dst, src, n);
+        return;
+    }
+    if (t == MOE_WT_Q4_0) {
+        wconv_q4_0(dst, src, n);
         return;
     }
     if (t == MOE_WT_Q4_K || t == MOE_WT_Q5_K || t == MOE_WT_Q6_K) {

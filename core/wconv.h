@@ -35,6 +35,13 @@ static inline __m512 wconv_q8_0_vec(const unsigned char *q, __m512 d)
     __m128i b = _mm_loadu_si128((const __m128i *)q);
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d);
 }
+/* 16 Q4_0 weights from the nibbles at q (the high ones when high) and scale d. */
+static inline __m512 wconv_q4_0_vec(const unsigned char *q, int high, __m512 d)
+{
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+    v = high ? _mm512_srli_epi32(v, 4) : _mm512_and_si512(v, _mm512_set1_epi32(15));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, _mm512_set1_epi32(8))), d);
+}
 #elif defined(__AVX2__) && defined(__F16C__)
 #include <immintrin.h>
 #define WCONV_VL 8
@@ -48,6 +55,12 @@ static inline __m256 wconv_q8_0_vec(const unsigned char *q, __m256 d)
 {
     __m128i b = _mm_loadl_epi64((const __m128i *)q);
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), d);
+}
+static inline __m256 wconv_q4_0_vec(const unsigned char *q, int high, __m256 d)
+{
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));
+    v = high ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, _mm256_set1_epi32(15));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v, _mm256_set1_epi32(8))), d);
 }
 #endif
 
@@ -72,6 +85,13 @@ static inline float wconv_f16_at(const unsigned char *b)
 
 /* One BF16 value: the high half of an F32. */
 float wconv_bf16(uint16_t h);
+
+/* Weight j (0..31) of the Q4_0 block at b with scale d. */
+static inline float wconv_q4_0_weight(const unsigned char *b, float d, int j)
+{
+    unsigned char v = b[2 + j % 16];
+    return d * (float)((j < 16 ? v & 15 : v >> 4) - 8);
+}
 
 /* The per-sub-block factors of the k-quant super-block at b (any address):
  * Q4_K, Q5_K ks[j] = d * sc_j and ks[8 + j] = dmin * m_j for its 8 sub-blocks of 32;

@@ -126,6 +126,7 @@ size_t ggml_block_size(ggml_type t)
     case GGML_TYPE_F32:
     case GGML_TYPE_F16:
     case GGML_TYPE_BF16: return 1;
+    case GGML_TYPE_Q4_0:
     case GGML_TYPE_Q8_0: return GGML_Q8_0_BLOCK;
     case GGML_TYPE_Q4_K:
     case GGML_TYPE_Q5_K:
@@ -140,6 +141,7 @@ size_t ggml_type_size(ggml_type t)
     case GGML_TYPE_F32: return 4;
     case GGML_TYPE_F16: return 2;
     case GGML_TYPE_BF16: return 2;
+    case GGML_TYPE_Q4_0: return GGML_Q4_0_BYTES;
     case GGML_TYPE_Q8_0: return GGML_Q8_0_BYTES;
     case GGML_TYPE_Q4_K: return GGML_Q4_K_BYTES;
     case GGML_TYPE_Q5_K: return GGML_Q5_K_BYTES;
@@ -445,8 +447,8 @@ static int parse_tensor_info(cursor *c, const gguf_file *f, int64_t i, gguf_tens
     t->type = (ggml_type)type;
     size_t esz = ggml_type_size(t->type), blk = ggml_block_size(t->type);
     if (esz == 0)
-        return fail(c, "%s: tensor type %u (%s) is not supported (only f32, f16, bf16, q8_0, "
-                    "q4_K, q5_K and q6_K are)", where, type, ggml_type_name(t->type));
+        return fail(c, "%s: tensor type %u (%s) is not supported (only f32, f16, bf16, q4_0, "
+                    "q8_0, q4_K, q5_K and q6_K are)", where, type, ggml_type_name(t->type));
     if (t->ne[0] % blk)
         return fail(c, "%s: a %s row holds whole blocks of %zu, but dimension 0 is %llu", where,
                     ggml_type_name(t->type), blk, (unsigned long long)t->ne[0]);
@@ -1487,6 +1489,26 @@ static int clamp_int(float v, int lo, int hi)
 {
     int i = (int)lroundf(v);
     return i < lo ? lo : i > hi ? hi : i;
+}
+
+void gguf_quantize_q4_0(const float *x, uint64_t n, void *blocks)
+{
+    unsigned char *b = blocks;
+    for (uint64_t i = 0; i < n; i += GGML_Q8_0_BLOCK, x += GGML_Q8_0_BLOCK, b += GGML_Q4_0_BYTES) {
+        float amax = 0.0f, max = 0.0f;
+        for (int j = 0; j < 32; j++)
+            if (fabsf(x[j]) > amax) {
+                amax = fabsf(x[j]);
+                max = x[j];
+            }
+        float d = max / -8.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        uint16_t h = gguf_f32_to_f16(d);
+        memcpy(b, &h, 2);
+        for (int j = 0; j < 16; j++) {
+            int lo = clamp_int(x[j] * id + 8.0f, 0, 15), hi = clamp_int(x[16 + j] * id + 8.0f, 0, 15);
+            b[2 + j] = (unsigned char)(lo | (hi << 4));
+        }
+    }
 }
 
 /* Q4_K (levels 15) and Q5_K (31): per sub-block of 32 a scale (max - min) /

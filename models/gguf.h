@@ -27,13 +27,14 @@ typedef enum {
 /* Tensor element types we understand (ggml numbering). Q8_0 is ggml's block
  * format of 32 weights: an F16 scale d, then 32 int8 q, each weight d * q. */
 typedef enum {
-    GGML_TYPE_F32 = 0, GGML_TYPE_F16 = 1, GGML_TYPE_Q8_0 = 8, GGML_TYPE_Q4_K = 12, GGML_TYPE_Q5_K = 13,
+    GGML_TYPE_F32 = 0, GGML_TYPE_F16 = 1, GGML_TYPE_Q4_0 = 2, GGML_TYPE_Q8_0 = 8, GGML_TYPE_Q4_K = 12, GGML_TYPE_Q5_K = 13,
     GGML_TYPE_Q6_K = 14,
     GGML_TYPE_BF16 = 30
 } ggml_type;
 
 #define GGML_Q8_0_BLOCK 32   /* weights a Q8_0 block holds */
 #define GGML_Q8_0_BYTES 34   /* its bytes: the F16 scale, then 32 int8 */
+#define GGML_Q4_0_BYTES 18   /* Q4_0's: the F16 scale, then 32 4-bit q (core/model.h) */
 #define GGML_QK_K 256        /* weights a k-quant super-block holds (Q4_K, Q6_K: core/model.h) */
 #define GGML_Q4_K_BYTES 144
 #define GGML_Q6_K_BYTES 210
@@ -158,6 +159,11 @@ int gguf_writer_write(gguf_writer *w, const char *path, char *err, size_t errlen
 /* Q8_0 blocks for n finite floats (n a multiple of 32), as ggml's reference
  * quantizer makes them: d = max |x| / 127 stored as F16, q = round(x / d). */
 void gguf_quantize_q8_0(const float *x, uint64_t n, void *blocks);
+
+/* Q4_0 blocks for n finite floats (n a multiple of 32), like ggml's reference
+ * quantizer: d = (the weight of largest magnitude) / -8 stored as F16,
+ * q = clamp(round(x / d) + 8, 0, 15). */
+void gguf_quantize_q4_0(const float *x, uint64_t n, void *blocks);
 
 /* Q4_K, Q5_K and Q6_K super-blocks for n finite floats (n a multiple of 256): valid blocks of
  * the format with plain per-sub-block scales (ggml's quantizer searches its

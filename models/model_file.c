@@ -206,10 +206,10 @@ static int tensor_check(tensor_loader *L, const char *name, const gguf_tensor *t
                         uint64_t ne0, uint64_t ne1, uint64_t ne2)
 {
     if (t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_BF16 &&
-        t->type != GGML_TYPE_Q8_0 && t->type != GGML_TYPE_Q4_K && t->type != GGML_TYPE_Q5_K &&
-        t->type != GGML_TYPE_Q6_K)
-        return fail(L->err, L->errlen, "tensor %s has type %s (%d): supported are F32, F16, BF16, Q8_0, Q4_K, "
-                    "Q5_K, Q6_K",
+        t->type != GGML_TYPE_Q8_0 && t->type != GGML_TYPE_Q4_0 && t->type != GGML_TYPE_Q4_K &&
+        t->type != GGML_TYPE_Q5_K && t->type != GGML_TYPE_Q6_K)
+        return fail(L->err, L->errlen, "tensor %s has type %s (%d): supported are F32, F16, BF16, Q8_0, Q4_0, "
+                    "Q4_K, Q5_K, Q6_K",
                     name, ggml_type_name(t->type) ? ggml_type_name(t->type) : "?", (int)t->type);
     uint64_t want[3] = {ne0, ne1, ne2};
     int same = t->n_dims == n_dims;
@@ -252,6 +252,7 @@ static int tensor_want(tensor_loader *L, const char *name, int required, const f
 static moe_wtype kept_type(const gguf_tensor *t)
 {
     if (t->type == GGML_TYPE_Q8_0) return MOE_WT_Q8_0;
+    if (t->type == GGML_TYPE_Q4_0) return MOE_WT_Q4_0;
     if (t->type == GGML_TYPE_Q4_K) return MOE_WT_Q4_K;
     if (t->type == GGML_TYPE_Q5_K) return MOE_WT_Q5_K;
     if (t->type == GGML_TYPE_Q6_K) return MOE_WT_Q6_K;

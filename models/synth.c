@@ -233,6 +233,7 @@ static void tensor_fill(const synth_tensor *t, uint64_t seed, ggml_type type, vo
             if (i % bn != bn - 1) continue;
             unsigned char *at = (unsigned char *)dst + i / bn * bb;
             if (type == GGML_TYPE_Q8_0) gguf_quantize_q8_0(block, bn, at);
+            else if (type == GGML_TYPE_Q4_0) gguf_quantize_q4_0(block, bn, at);
             else if (type == GGML_TYPE_Q4_K) gguf_quantize_q4_k(block, bn, at);
             else if (type == GGML_TYPE_Q5_K) gguf_quantize_q5_k(block, bn, at);
             else gguf_quantize_q6_k(block, bn, at);
@@ -246,6 +247,7 @@ static uint32_t file_type(ggml_type wtype)
     switch (wtype) {
     case GGML_TYPE_F16: return 1;
     case GGML_TYPE_Q8_0: return 7;
+    case GGML_TYPE_Q4_0: return 2;
     case GGML_TYPE_Q4_K: return 15;   /* MOSTLY_Q4_K_M */
     case GGML_TYPE_Q5_K: return 17;   /* MOSTLY_Q5_K_M */
     case GGML_TYPE_Q6_K: return 18;
@@ -653,9 +655,9 @@ int synth_write(const synth_params *p, const char *out_path, char *err, size_t e
         return -1;
     }
     if (p->wtype != GGML_TYPE_F32 && p->wtype != GGML_TYPE_F16 && p->wtype != GGML_TYPE_BF16 &&
-        p->wtype != GGML_TYPE_Q8_0 && p->wtype != GGML_TYPE_Q4_K && p->wtype != GGML_TYPE_Q5_K &&
-        p->wtype != GGML_TYPE_Q6_K) {
-        snprintf(err, errlen, "weight type %s is not one synth writes (f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k)",
+        p->wtype != GGML_TYPE_Q8_0 && p->wtype != GGML_TYPE_Q4_0 && p->wtype != GGML_TYPE_Q4_K &&
+        p->wtype != GGML_TYPE_Q5_K && p->wtype != GGML_TYPE_Q6_K) {
+        snprintf(err, errlen, "weight type %s is not one synth writes (f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k)",
                  ggml_type_name(p->wtype));
         return -1;
     }

@@ -12,7 +12,7 @@ typedef struct {
     const char *preset;     /* tiny | small | bench | dense (llama, n_expert 0) */
     uint64_t seed;
     const char *vocab_path; /* GGUF to copy tokenizer.* from; NULL: built-in byte-level BPE */
-    ggml_type wtype;        /* matrices' type: F32 (0, default), F16, BF16, Q8_0, Q6_K, or
+    ggml_type wtype;        /* matrices' type: F32 (0, default), F16, BF16, Q8_0, Q4_0, Q6_K, or
                              * Q4_K / Q5_K for llama.cpp's Q4_K_M / Q5_K_M mixes (down
                              * projections, attn_v and output in Q6_K); vectors, routers and
                              * matrices whose rows are not whole blocks stay F32 */

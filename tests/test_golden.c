@@ -47,6 +47,8 @@ static const golden_case cases[] = {
     {"qwen2moe", "tiny", GGML_TYPE_Q8_0, 0},
     {"olmoe", "tiny", GGML_TYPE_Q8_0, 0},
     {"qwen3moe", "tiny", GGML_TYPE_Q8_0, 0},
+    {"llama", "tiny", GGML_TYPE_Q4_0, 0},
+    {"qwen2moe", "tiny", GGML_TYPE_Q4_0, 0},
     {"qwen2moe", "tiny256", GGML_TYPE_Q4_K, 0},  /* the Q4_K_M mix: Q4_K and Q6_K */
     {"qwen3moe", "tiny256", GGML_TYPE_Q4_K, 0},
     {"olmoe", "tiny256", GGML_TYPE_Q5_K, 0},     /* Q5_K_M: Q5_K and Q6_K */

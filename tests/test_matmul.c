@@ -220,6 +220,20 @@ START_TEST(q8_0_blocks_round_trip)
         }
         ck_assert(top);
     }
+    /* Q4_0: d = (the weight of largest magnitude) / -8, within a step of d (the
+     * largest weight's opposite side clips at 7 steps) */
+    gguf_quantize_q4_0(src, n, q);
+    wconv_rows(back, q, n, MOE_WT_Q4_0);
+    for (size_t b = 0; b < n / 32; b++) {
+        uint16_t h;
+        memcpy(&h, q + b * 18, 2);
+        float d = fabsf(gguf_f16_to_f32(h));
+        for (int i = 0; i < 32; i++) {
+            size_t j = b * 32 + i;
+            ck_assert_msg(fabsf(back[j] - src[j]) <= d * 1.001f + 1e-7f, "q4_0 weight %zu: %g from %g", j,
+                          (double)back[j], (double)src[j]);
+        }
+    }
     free(src);
     free(back);
     free(q);
@@ -274,13 +288,14 @@ START_TEST(wq_equals_widened_f32)
     rng_state = 77;
     int ms[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 40, 0};
     ms[14] = matmul_sgemm_min_rows() + 3;
-    static const moe_wtype types[6] = {MOE_WT_F16, MOE_WT_BF16, MOE_WT_Q8_0, MOE_WT_Q4_K, MOE_WT_Q6_K, MOE_WT_Q5_K};
-    for (int t = 0; t < 6; t++) {
+    static const moe_wtype types[7] = {MOE_WT_F16, MOE_WT_BF16, MOE_WT_Q8_0, MOE_WT_Q4_K, MOE_WT_Q6_K, MOE_WT_Q5_K,
+                                       MOE_WT_Q4_0};
+    for (int t = 0; t < 7; t++) {
         moe_wtype wt = types[t];
         /* 16-bit: with and without a vector tail; quantized rows are whole blocks */
         int ks16[] = {64, 100, 1024 + 7}, ksq[] = {32, 96, 1024}, ksk[] = {256, 512, 1024};
         for (size_t ik = 0; ik < 3; ik++) {
-            int k = wt == MOE_WT_Q8_0 ? ksq[ik] : t > 2 ? ksk[ik] : ks16[ik], n = 37, n0 = 3, n1 = 36;
+            int k = wt == MOE_WT_Q8_0 || wt == MOE_WT_Q4_0 ? ksq[ik] : t > 2 ? ksk[ik] : ks16[ik], n = 37, n0 = 3, n1 = 36;
             size_t rb = moe_wtype_row_bytes(wt, (size_t)k), nw = (size_t)n * k;
             /* quantized ones a byte off alignment, as their blocks lie in a file */
             size_t off = t >= 2 ? 1 : 0;
@@ -292,6 +307,9 @@ START_TEST(wq_equals_widened_f32)
                 for (int i = 0; i < 32; i++) src[k + i] = 0.0f;  /* a block of scale 0 */
                 gguf_quantize_q8_0(src, nw, wq);
                 wq[2 * rb + 1] |= 0x80;                           /* a negative scale */
+            } else if (wt == MOE_WT_Q4_0) {
+                gguf_quantize_q4_0(src, nw, wq);
+                wq[rb + 1] ^= 0x80;                               /* a flipped scale */
             } else if (wt == MOE_WT_Q4_K) {
                 gguf_quantize_q4_k(src, nw, wq);
             } else if (wt == MOE_WT_Q5_K) {

@@ -130,12 +130,21 @@ static void rewrite(const char *src, const char *dst, const edit *e)
             type = GGML_TYPE_BF16;
         }
         if (e->to_f32 && (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_BF16 || t->type == GGML_TYPE_Q8_0 ||
-                          t->type == GGML_TYPE_Q4_K || t->type == GGML_TYPE_Q5_K || t->type == GGML_TYPE_Q6_K)) {
+                          t->type == GGML_TYPE_Q4_0 || t->type == GGML_TYPE_Q4_K || t->type == GGML_TYPE_Q5_K ||
+                          t->type == GGML_TYPE_Q6_K)) {
             ck_assert_int_lt(n_bf16, 256);
             float *fl = malloc(t->n_elements * sizeof *fl);
             ck_assert_ptr_nonnull(fl);
             /* k-quants as core/wconv reads them (the golden tests check that
              * against the numpy reader) */
+            for (uint64_t j = 0; j < t->n_elements && t->type == GGML_TYPE_Q4_0; j++) {
+                /* the definition: d * (q - 8), low nibbles first */
+                const uint8_t *blk = (const uint8_t *)t->data + j / 32 * 18;
+                uint16_t hv;
+                memcpy(&hv, blk, 2);
+                int q = j % 32 < 16 ? blk[2 + j % 16] & 15 : blk[2 + j % 16] >> 4;
+                fl[j] = gguf_f16_to_f32(hv) * (float)(q - 8);
+            }
             if (t->type == GGML_TYPE_Q4_K || t->type == GGML_TYPE_Q5_K || t->type == GGML_TYPE_Q6_K)
                 wconv_rows(fl, t->data, t->n_elements,
                            t->type == GGML_TYPE_Q4_K ? MOE_WT_Q4_K : t->type == GGML_TYPE_Q5_K ? MOE_WT_Q5_K : MOE_WT_Q6_K);
@@ -504,23 +513,28 @@ START_TEST(experts_narrow_equal_their_f32_widening)
 {
     fixture fx;
     fixture_synth(&fx, "qwen3moe", "tiny", GGML_TYPE_F16);
-    for (int bf = 0; bf < 8; bf++) {
+    for (int bf = 0; bf < 9; bf++) {
         char src[160];
         snprintf(src, sizeof src, "%s/narrow.gguf", fx.dir);
         /* 3: qwen2moe's shared expert, 4: llama's dense FFN, in Q8_0 too; 5, 6:
-         * the Q4_K_M mix (gate and up Q4_K, down Q6_K); 7: Q5_K_M */
-        static const char *const arch[8] = {"", "", "qwen3moe", "qwen2moe", "llama", "qwen3moe", "qwen2moe", "olmoe"};
+         * the Q4_K_M mix (gate and up Q4_K, down Q6_K); 7: Q5_K_M; 8: Q4_0 */
+        static const char *const arch[9] = {"", "", "qwen3moe", "qwen2moe", "llama", "qwen3moe", "qwen2moe", "olmoe",
+                                            "qwen2moe"};
         if (bf == 1) {
             edit eb = {.to_f32 = 1};
             rewrite(fx.path, fx.other, &eb);  /* F16 -> F32 ... */
             edit e2 = {.to_bf16 = 1};
             rewrite(fx.other, src, &e2);      /* ... -> BF16 */
         } else if (bf >= 2) {
-            synth_params p = {.arch = arch[bf], .preset = bf == 4 ? "dense" : bf >= 5 ? "tiny256" : "tiny", .seed = 9,
-                              .wtype = bf == 7 ? GGML_TYPE_Q5_K : bf >= 5 ? GGML_TYPE_Q4_K : GGML_TYPE_Q8_0};
+            synth_params p = {.arch = arch[bf], .preset = bf == 4 ? "dense" : bf >= 5 && bf <= 7 ? "tiny256" : "tiny",
+                              .seed = 9,
+                              .wtype = bf == 8   ? GGML_TYPE_Q4_0
+                                       : bf == 7 ? GGML_TYPE_Q5_K
+                                       : bf >= 5 ? GGML_TYPE_Q4_K
+                                                 : GGML_TYPE_Q8_0};
             ck_assert_msg(synth_write(&p, fx.other, err, sizeof err) == 0, "%s", err);
             edit none = {0};
-            if (bf == 2 || bf == 5) rewrite_misaligned(fx.other, src, "blk.1.ffn_up_exps.weight", 2);
+            if (bf == 2 || bf == 5 || bf == 8) rewrite_misaligned(fx.other, src, "blk.1.ffn_up_exps.weight", 2);
             else rewrite(fx.other, src, &none);
         } else {
             snprintf(src, sizeof src, "%s", fx.path);
@@ -530,12 +544,12 @@ START_TEST(experts_narrow_equal_their_f32_widening)
         moe_model *a, *b;
         ck_assert_msg(moe_model_load(src, &a, err, sizeof err) == 0, "%s", err);
         ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
-        moe_wtype want = bf == 0 ? MOE_WT_F16 : bf == 1 ? MOE_WT_BF16 : bf == 7 ? MOE_WT_Q5_K : bf >= 5 ? MOE_WT_Q4_K
-                                                                                           : MOE_WT_Q8_0;
+        moe_wtype want = bf == 0 ? MOE_WT_F16 : bf == 1 ? MOE_WT_BF16 : bf == 8 ? MOE_WT_Q4_0 : bf == 7 ? MOE_WT_Q5_K
+                         : bf >= 5 ? MOE_WT_Q4_K : MOE_WT_Q8_0;
         const moe_layer_weights *la0 = &a->weights.layers[0], *lb0 = &b->weights.layers[0];
         ck_assert_int_eq(bf == 4 ? la0->ffn_raw.type : la0->exp_raw.type, want);
-        if (bf == 3 || bf == 6) ck_assert_int_eq(la0->shexp_raw.type, want);
-        if (bf >= 5) {
+        if (bf == 3 || bf == 6 || bf == 8) ck_assert_int_eq(la0->shexp_raw.type, want);
+        if (bf >= 5 && bf <= 7) {
             ck_assert_int_eq(la0->exp_raw.up_type, want);
             ck_assert_int_eq(la0->exp_raw.down_type, MOE_WT_Q6_K);
             ck_assert_int_eq(la0->wv_raw.type, MOE_WT_Q6_K);
@@ -544,7 +558,7 @@ START_TEST(experts_narrow_equal_their_f32_widening)
         ck_assert_int_eq(lb0->exp_raw.type, MOE_WT_F32);
         ck_assert_int_eq(lb0->shexp_raw.type, MOE_WT_F32);
         ck_assert_int_eq(lb0->ffn_raw.type, MOE_WT_F32);
-        if (bf == 2 || bf == 5) ck_assert_uint_ne((uintptr_t)a->weights.layers[1].exp_raw.up % 2, 0);
+        if (bf == 2 || bf == 5 || bf == 8) ck_assert_uint_ne((uintptr_t)a->weights.layers[1].exp_raw.up % 2, 0);
         size_t n = (size_t)(500 + 40 + 32) * (size_t)a->weights.hp.n_vocab;
         float *la = malloc(n * sizeof *la), *lb = malloc(n * sizeof *lb);
         ck_assert(la && lb);

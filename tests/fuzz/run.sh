@@ -59,6 +59,7 @@ model)
     build/moe synth --arch olmoe --preset tiny --seed 4 --type q8_0 -o "$CORPUS/olmoe-q8_0.gguf" >/dev/null
     build/moe synth --arch qwen2moe --preset tiny256 --seed 5 --type q4_k_m -o "$CORPUS/qwen2moe-q4_k_m.gguf" >/dev/null
     build/moe synth --arch olmoe --preset tiny256 --seed 6 --type q5_k_m -o "$CORPUS/olmoe-q5_k_m.gguf" >/dev/null
+    build/moe synth --arch llama --preset tiny --seed 7 --type q4_0 -o "$CORPUS/llama-q4_0.gguf" >/dev/null
     if [ -d ../shared/testdata/vocab ]; then
         cp ../shared/testdata/vocab/*.gguf "$CORPUS/"
     else

@@ -18,8 +18,8 @@ _SCALAR = {
 }
 
 # ggml tensor types we read: id -> (elements per block, bytes per block)
-F32, F16, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 8, 12, 13, 14, 30
-_TENSOR_TYPES = {F32: (1, 4), F16: (1, 2), Q8_0: (32, 34), Q4_K: (256, 144), Q5_K: (256, 176),
+F32, F16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 8, 12, 13, 14, 30
+_TENSOR_TYPES = {F32: (1, 4), F16: (1, 2), Q4_0: (32, 18), Q8_0: (32, 34), Q4_K: (256, 144), Q5_K: (256, 176),
                  Q6_K: (256, 210), BF16: (1, 2)}
 
 
@@ -170,6 +170,10 @@ class GGUF:
         elif ttype == Q8_0:  # blocks of an f16 scale d and 32 int8 q: d * q
             blocks = np.frombuffer(raw, dtype=np.dtype([("d", "<f2"), ("q", "i1", 32)]))
             arr = blocks["d"].astype(np.float64)[:, None] * blocks["q"].astype(np.float64)
+        elif ttype == Q4_0:  # blocks of an f16 scale d and 16 bytes: low nibbles, then high; d * (q - 8)
+            blocks = np.frombuffer(raw, dtype=np.dtype([("d", "<f2"), ("q", "u1", 16)]))
+            q = np.concatenate([blocks["q"] & 15, blocks["q"] >> 4], axis=1).astype(np.float64) - 8.0
+            arr = blocks["d"].astype(np.float64)[:, None] * q
         elif ttype == Q4_K:
             arr = _q4_k(raw, count // 256)
         elif ttype == Q5_K:
