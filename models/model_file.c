@@ -205,12 +205,11 @@ static int needs_copy(const gguf_tensor *t)
 static int tensor_check(tensor_loader *L, const char *name, const gguf_tensor *t, uint32_t n_dims,
                         uint64_t ne0, uint64_t ne1, uint64_t ne2)
 {
-    if (t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_BF16 &&
-        t->type != GGML_TYPE_Q8_0 && t->type != GGML_TYPE_Q4_0 && t->type != GGML_TYPE_Q4_K &&
-        t->type != GGML_TYPE_Q5_K && t->type != GGML_TYPE_Q6_K)
-        return fail(L->err, L->errlen, "tensor %s has type %s (%d): supported are F32, F16, BF16, Q8_0, Q4_0, "
-                    "Q4_K, Q5_K, Q6_K",
-                    name, ggml_type_name(t->type) ? ggml_type_name(t->type) : "?", (int)t->type);
+    /* the reader refuses other types; this keeps the loader safe on its own,
+     * from the same table (ggml_block_size) rather than a list to keep in step */
+    if (ggml_block_size(t->type) == 0)
+        return fail(L->err, L->errlen, "tensor %s has type %s (%d), which the loader does not read", name,
+                    ggml_type_name(t->type) ? ggml_type_name(t->type) : "?", (int)t->type);
     uint64_t want[3] = {ne0, ne1, ne2};
     int same = t->n_dims == n_dims;
     for (uint32_t d = 0; same && d < n_dims; d++) same = t->ne[d] == want[d];
@@ -262,20 +261,21 @@ static moe_wtype kept_type(const gguf_tensor *t)
     return MOE_WT_F32;
 }
 
+static const char *const ffn_matrix[3] = {"gate", "up", "down"};
+
 /* An FFN's gate, up and down matrices (blk.<il>.ffn_{gate,up,down}<name>.weight)
  * stay in the file when each is of a kept type (moe_wtype in core/model.h; they
  * may differ): from half (16-bit) to a seventh (Q4_K) of the memory of
- * converting them, and of the bytes decode streams. n_dims 3 for the routed experts (ne2 experts), 2
- * for the shared expert and the dense FFN. Returns 1 when kept (shapes
- * checked), 0 to load them as F32, -1 on a bad shape. */
+ * converting them, and of the bytes decode streams. n_dims 3 for the routed
+ * experts (ne2 experts), 2 for the shared expert and the dense FFN. Returns 1
+ * when kept (shapes checked), 0 to load them as F32, -1 on a bad shape. */
 static int ffn_keep_raw(tensor_loader *L, int il, const char *name, uint32_t n_dims, uint64_t e, uint64_t ff,
                         uint64_t ne2, moe_ffn_raw *out)
 {
-    static const char *const suffix[3] = {"gate", "up", "down"};
     const gguf_tensor *t[3];
     char nm[3][96];
     for (int i = 0; i < 3; i++) {
-        snprintf(nm[i], sizeof nm[i], "blk.%d.ffn_%s%s.weight", il, suffix[i], name);
+        snprintf(nm[i], sizeof nm[i], "blk.%d.ffn_%s%s.weight", il, ffn_matrix[i], name);
         t[i] = gguf_find_tensor(L->f, nm[i]);
         if (!t[i] || kept_type(t[i]) == MOE_WT_F32) return 0;
     }
@@ -285,6 +285,22 @@ static int ffn_keep_raw(tensor_loader *L, int il, const char *name, uint32_t n_d
     }
     *out = (moe_ffn_raw){kept_type(t[0]), kept_type(t[1]), kept_type(t[2]), t[0]->data, t[1]->data, t[2]->data};
     return 1;
+}
+
+/* An FFN's three matrices: kept where the file has them (ffn_keep_raw), else
+ * required and queued for F32 into *f32[0..2] (gate, up, down). */
+static int ffn_want(tensor_loader *L, int il, const char *name, uint32_t n_dims, uint64_t e, uint64_t ff,
+                    uint64_t ne2, moe_ffn_raw *raw, const float **f32[3])
+{
+    int kept = ffn_keep_raw(L, il, name, n_dims, e, ff, ne2, raw);
+    if (kept) return kept < 0 ? -1 : 0;
+    for (int i = 0; i < 3; i++) {
+        int down = i == 2;
+        char nm[96];
+        snprintf(nm, sizeof nm, "blk.%d.ffn_%s%s.weight", il, ffn_matrix[i], name);
+        if (tensor_want(L, nm, 1, f32[i], n_dims, down ? ff : e, down ? e : ff, ne2)) return -1;
+    }
+    return 0;
 }
 
 /* A projection the file keeps in a type the kernels read (shape checked by
@@ -330,32 +346,17 @@ static int layer_want(tensor_loader *L, const moe_hparams *hp, int il, moe_layer
     }
     WANT("ffn_norm.weight", &w->ffn_norm, 1, e, 1, 1);
     if (hp->n_expert == 0) {
-        int kept = rc ? 0 : ffn_keep_raw(L, il, "", 2, e, ff, 1, &w->ffn_raw);
-        if (kept < 0) rc = -1;
-        if (kept == 0) {
-            WANT("ffn_gate.weight", &w->ffn_gate, 2, e, ff, 1);
-            WANT("ffn_up.weight", &w->ffn_up, 2, e, ff, 1);
-            WANT("ffn_down.weight", &w->ffn_down, 2, ff, e, 1);
-        }
+        const float **f32[3] = {&w->ffn_gate, &w->ffn_up, &w->ffn_down};
+        rc = rc ? rc : ffn_want(L, il, "", 2, e, ff, 1, &w->ffn_raw, f32);
     } else {
         WANT("ffn_gate_inp.weight", &w->router, 2, e, ne, 1);
-        int kept = rc ? 0 : ffn_keep_raw(L, il, "_exps", 3, e, ff, ne, &w->exp_raw);
-        if (kept < 0) rc = -1;
-        if (kept == 0) {
-            WANT("ffn_gate_exps.weight", &w->exp_gate, 3, e, ff, ne);
-            WANT("ffn_up_exps.weight", &w->exp_up, 3, e, ff, ne);
-            WANT("ffn_down_exps.weight", &w->exp_down, 3, ff, e, ne);
-        }
+        const float **f32[3] = {&w->exp_gate, &w->exp_up, &w->exp_down};
+        rc = rc ? rc : ffn_want(L, il, "_exps", 3, e, ff, ne, &w->exp_raw, f32);
     }
     if (a->shared_expert) {
         WANT("ffn_gate_inp_shexp.weight", &w->shexp_gate_inp, 1, e, 1, 1);
-        int kept = rc ? 0 : ffn_keep_raw(L, il, "_shexp", 2, e, sh, 1, &w->shexp_raw);
-        if (kept < 0) rc = -1;
-        if (kept == 0) {
-            WANT("ffn_gate_shexp.weight", &w->shexp_gate, 2, e, sh, 1);
-            WANT("ffn_up_shexp.weight", &w->shexp_up, 2, e, sh, 1);
-            WANT("ffn_down_shexp.weight", &w->shexp_down, 2, sh, e, 1);
-        }
+        const float **f32[3] = {&w->shexp_gate, &w->shexp_up, &w->shexp_down};
+        rc = rc ? rc : ffn_want(L, il, "_shexp", 2, e, sh, 1, &w->shexp_raw, f32);
     }
 #undef WANT
     return rc;
@@ -401,8 +402,9 @@ static void tensor_convert(const gguf_tensor *t, const float *f16_table, float *
         memcpy(dst, src, (size_t)n * sizeof(float));  /* unaligned in the file */
         return;
     }
-    if (kept_type(t) != MOE_WT_F32 && kept_type(t) != MOE_WT_F16 && kept_type(t) != MOE_WT_BF16) {
-        wconv_rows(dst, src, (size_t)n, kept_type(t));  /* bytes: any address */
+    moe_wtype kt = kept_type(t);
+    if (kt != MOE_WT_F32 && kt != MOE_WT_F16 && kt != MOE_WT_BF16) {
+        wconv_rows(dst, src, (size_t)n, kt);  /* the quantized types: bytes, any address */
         return;
     }
     for (uint64_t j = 0; j < n; j++) {

@@ -505,60 +505,79 @@ static void rewrite_misaligned(const char *src, const char *dst, const char *ten
     ck_assert(misaligned);
 }
 
-/* Experts read where the file keeps them (F16, BF16, Q8_0) give the very bits
- * of the same weights widened to F32 at load: each file against its exact F32
- * rewrite, through prefill, a ragged batch and decode. The Q8_0 file's data
- * starts at an odd address (Q8_0 blocks are read at any address). */
+/* The files of experts_narrow_equal_their_f32_widening: arch NULL is the F16
+ * fixture itself (synth F16) or rewritten to BF16; the others synth writes. */
+typedef struct {
+    const char *arch, *preset;
+    ggml_type synth;
+    moe_wtype want;     /* the routed experts' (dense: the FFN's) gate type */
+    int misaligned;     /* rewritten so the experts sit at odd addresses */
+    int shexp;          /* a shared expert kept in the same type */
+    int k_mix;          /* the Q4_K_M / Q5_K_M mix: down and attn_v in Q6_K */
+} narrow_case;
+
+static const narrow_case narrow_cases[] = {
+    {NULL, NULL, GGML_TYPE_F16, MOE_WT_F16, 0, 0, 0},
+    {NULL, NULL, GGML_TYPE_BF16, MOE_WT_BF16, 0, 0, 0},
+    {"qwen3moe", "tiny", GGML_TYPE_Q8_0, MOE_WT_Q8_0, 1, 0, 0},
+    {"qwen2moe", "tiny", GGML_TYPE_Q8_0, MOE_WT_Q8_0, 0, 1, 0},
+    {"llama", "dense", GGML_TYPE_Q8_0, MOE_WT_Q8_0, 0, 0, 0},
+    {"qwen3moe", "tiny256", GGML_TYPE_Q4_K, MOE_WT_Q4_K, 1, 0, 1},
+    {"qwen2moe", "tiny256", GGML_TYPE_Q4_K, MOE_WT_Q4_K, 0, 1, 1},
+    {"olmoe", "tiny256", GGML_TYPE_Q5_K, MOE_WT_Q5_K, 0, 0, 1},
+    {"qwen2moe", "tiny", GGML_TYPE_Q4_0, MOE_WT_Q4_0, 1, 1, 0},
+};
+
+/* Writes case c's file to src (fx->other is scratch), or names the fixture. */
+static void narrow_case_file(fixture *fx, const narrow_case *c, char *src, size_t cap)
+{
+    snprintf(src, cap, "%s/narrow.gguf", fx->dir);
+    if (!c->arch && c->synth == GGML_TYPE_F16) {
+        snprintf(src, cap, "%s", fx->path);
+    } else if (!c->arch) {
+        edit eb = {.to_f32 = 1};
+        rewrite(fx->path, fx->other, &eb);  /* F16 -> F32 ... */
+        edit e2 = {.to_bf16 = 1};
+        rewrite(fx->other, src, &e2);       /* ... -> BF16 */
+    } else {
+        synth_params p = {.arch = c->arch, .preset = c->preset, .seed = 9, .wtype = c->synth};
+        ck_assert_msg(synth_write(&p, fx->other, err, sizeof err) == 0, "%s", err);
+        edit none = {0};
+        if (c->misaligned) rewrite_misaligned(fx->other, src, "blk.1.ffn_up_exps.weight", 2);
+        else rewrite(fx->other, src, &none);
+    }
+}
+
+/* The FFNs read where the file keeps them (F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K,
+ * Q6_K; routed experts, shared expert, dense FFN) give the very bits of the same
+ * weights widened to F32 at load: each file against its exact F32 rewrite,
+ * through prefill, a ragged batch and decode (narrow_cases). */
 START_TEST(experts_narrow_equal_their_f32_widening)
 {
     fixture fx;
     fixture_synth(&fx, "qwen3moe", "tiny", GGML_TYPE_F16);
-    for (int bf = 0; bf < 9; bf++) {
+    for (size_t ci = 0; ci < sizeof narrow_cases / sizeof narrow_cases[0]; ci++) {
+        const narrow_case *c = &narrow_cases[ci];
         char src[160];
-        snprintf(src, sizeof src, "%s/narrow.gguf", fx.dir);
-        /* 3: qwen2moe's shared expert, 4: llama's dense FFN, in Q8_0 too; 5, 6:
-         * the Q4_K_M mix (gate and up Q4_K, down Q6_K); 7: Q5_K_M; 8: Q4_0 */
-        static const char *const arch[9] = {"", "", "qwen3moe", "qwen2moe", "llama", "qwen3moe", "qwen2moe", "olmoe",
-                                            "qwen2moe"};
-        if (bf == 1) {
-            edit eb = {.to_f32 = 1};
-            rewrite(fx.path, fx.other, &eb);  /* F16 -> F32 ... */
-            edit e2 = {.to_bf16 = 1};
-            rewrite(fx.other, src, &e2);      /* ... -> BF16 */
-        } else if (bf >= 2) {
-            synth_params p = {.arch = arch[bf], .preset = bf == 4 ? "dense" : bf >= 5 && bf <= 7 ? "tiny256" : "tiny",
-                              .seed = 9,
-                              .wtype = bf == 8   ? GGML_TYPE_Q4_0
-                                       : bf == 7 ? GGML_TYPE_Q5_K
-                                       : bf >= 5 ? GGML_TYPE_Q4_K
-                                                 : GGML_TYPE_Q8_0};
-            ck_assert_msg(synth_write(&p, fx.other, err, sizeof err) == 0, "%s", err);
-            edit none = {0};
-            if (bf == 2 || bf == 5 || bf == 8) rewrite_misaligned(fx.other, src, "blk.1.ffn_up_exps.weight", 2);
-            else rewrite(fx.other, src, &none);
-        } else {
-            snprintf(src, sizeof src, "%s", fx.path);
-        }
+        narrow_case_file(&fx, c, src, sizeof src);
         edit e = {.to_f32 = 1};
         rewrite(src, fx.other, &e);
         moe_model *a, *b;
         ck_assert_msg(moe_model_load(src, &a, err, sizeof err) == 0, "%s", err);
         ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
-        moe_wtype want = bf == 0 ? MOE_WT_F16 : bf == 1 ? MOE_WT_BF16 : bf == 8 ? MOE_WT_Q4_0 : bf == 7 ? MOE_WT_Q5_K
-                         : bf >= 5 ? MOE_WT_Q4_K : MOE_WT_Q8_0;
         const moe_layer_weights *la0 = &a->weights.layers[0], *lb0 = &b->weights.layers[0];
-        ck_assert_int_eq(bf == 4 ? la0->ffn_raw.type : la0->exp_raw.type, want);
-        if (bf == 3 || bf == 6 || bf == 8) ck_assert_int_eq(la0->shexp_raw.type, want);
-        if (bf >= 5 && bf <= 7) {
-            ck_assert_int_eq(la0->exp_raw.up_type, want);
+        ck_assert_int_eq(a->weights.hp.n_expert ? la0->exp_raw.type : la0->ffn_raw.type, c->want);
+        if (c->shexp) ck_assert_int_eq(la0->shexp_raw.type, c->want);
+        if (c->k_mix) {
+            ck_assert_int_eq(la0->exp_raw.up_type, c->want);
             ck_assert_int_eq(la0->exp_raw.down_type, MOE_WT_Q6_K);
             ck_assert_int_eq(la0->wv_raw.type, MOE_WT_Q6_K);
-            ck_assert_int_eq(la0->wq_raw.type, want);
+            ck_assert_int_eq(la0->wq_raw.type, c->want);
         }
         ck_assert_int_eq(lb0->exp_raw.type, MOE_WT_F32);
         ck_assert_int_eq(lb0->shexp_raw.type, MOE_WT_F32);
         ck_assert_int_eq(lb0->ffn_raw.type, MOE_WT_F32);
-        if (bf == 2 || bf == 5 || bf == 8) ck_assert_uint_ne((uintptr_t)a->weights.layers[1].exp_raw.up % 2, 0);
+        if (c->misaligned) ck_assert_uint_ne((uintptr_t)a->weights.layers[1].exp_raw.up % 2, 0);
         size_t n = (size_t)(500 + 40 + 32) * (size_t)a->weights.hp.n_vocab;
         float *la = malloc(n * sizeof *la), *lb = malloc(n * sizeof *lb);
         ck_assert(la && lb);
@@ -566,12 +585,12 @@ START_TEST(experts_narrow_equal_their_f32_widening)
         engine_run_all(b, lb);
         size_t diff = 0;
         for (size_t i = 0; i < n; i++) diff += memcmp(&la[i], &lb[i], sizeof(float)) != 0;
-        ck_assert_msg(diff == 0, "case %d (%s): %zu of %zu logits differ", bf, moe_wtype_name(want), diff, n);
+        ck_assert_msg(diff == 0, "case %zu (%s): %zu of %zu logits differ", ci, moe_wtype_name(c->want), diff, n);
         free(la);
         free(lb);
         moe_model_free(a);
         moe_model_free(b);
-        if (bf) unlink(src);
+        if (strcmp(src, fx.path)) unlink(src);
     }
     fixture_done(&fx);
 }
