@@ -38,7 +38,7 @@ static int usage(void)
         "  tokenize -m FILE [--ids-only] [--add-special] [--parse-special] TEXT\n"
         "  tokenize -m FILE --bench TEXTFILE           tokenizer throughput\n"
         "  synth --arch llama|qwen2moe|olmoe|qwen3moe --preset tiny|small|bench|dense|tiny256\n"
-        "        [--seed N] [--vocab FILE] [--type f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k | --f16]\n"
+        "        [--seed N] [--vocab FILE] [--type T | --f16]  (T: " SYNTH_TYPES ")\n"
         "        -o FILE"
         "                                           write a synthetic model\n"
         "  eval -m FILE --text FILE [--ctx N] [--threads N]  bits per byte of a text\n"
@@ -526,16 +526,10 @@ static int cmd_synth(int argc, char **argv)
         else if (!strcmp(argv[i], "--preset")) p.preset = v;
         else if (!strcmp(argv[i], "--vocab")) p.vocab_path = v;
         else if (!strcmp(argv[i], "--type")) {
-            static const struct { const char *name; ggml_type t; } types[] = {
-                {"f32", GGML_TYPE_F32}, {"f16", GGML_TYPE_F16}, {"bf16", GGML_TYPE_BF16}, {"q8_0", GGML_TYPE_Q8_0}, {"q4_0", GGML_TYPE_Q4_0},
-                {"q4_k_m", GGML_TYPE_Q4_K}, {"q5_k_m", GGML_TYPE_Q5_K}, {"q6_k", GGML_TYPE_Q6_K}};
-            size_t j = 0;
-            while (j < sizeof types / sizeof types[0] && strcmp(v, types[j].name)) j++;
-            if (j == sizeof types / sizeof types[0]) {
-                fprintf(stderr, "moe: bad --type '%s' (f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k)\n", v);
+            if (synth_type_from_name(v, &p.wtype)) {
+                fprintf(stderr, "moe: bad --type '%s' (%s)\n", v, SYNTH_TYPES);
                 return 2;
             }
-            p.wtype = types[j].t;
         }
         else if (!strcmp(argv[i], "-o")) out = v;
         else if (!strcmp(argv[i], "--seed")) {

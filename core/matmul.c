@@ -14,6 +14,7 @@
 #include "core/matmul.h"
 #include "core/wconv.h"
 
+#include <assert.h>
 #include <cblas.h>
 #include <pthread.h>
 #include <stddef.h>
@@ -359,7 +360,7 @@ static void matmul_few_rows(const float *x, int m, int k, const float *w, int n0
         }
 }
 
-/* Few rows, narrow weights (F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) --------- */
+/* Few rows, narrow weights (F16, BF16, the block and k-quant types) ---------- */
 
 /* VL weights widened to F32 as they are read (exact, see core/wconv.h), and the
  * r < VL of a 16-bit row's tail with zeros after them, as vload_n gives. */
@@ -381,8 +382,8 @@ static inline vf widen_n(const uint16_t *p, int r, const moe_wtype t)
     return widen(h, t);
 }
 
-/* The scale of the Q8_0 block at blk, in every lane. */
-static inline vf q8_scale(const unsigned char *blk)
+/* The F16 at blk (a block's scale d, or its min m), in every lane. */
+static inline vf f16_lanes(const unsigned char *blk)
 {
     float d = wconv_f16_at(blk);
 #if VL == 16
@@ -394,39 +395,27 @@ static inline vf q8_scale(const unsigned char *blk)
 #endif
 }
 
-/* The kernels walk a row a step at a time: a Q8_0 block (32 weights, one scale,
- * 34 bytes), a k-quant super-block (256 weights, its sub-blocks' factors
- * computed once a step) or one vector of 16-bit weights. */
-#define KQUANT(wt) ((wt) == MOE_WT_Q4_K || (wt) == MOE_WT_Q5_K || (wt) == MOE_WT_Q6_K)
-#define BLOCK32(wt) ((wt) == MOE_WT_Q8_0 || (wt) == MOE_WT_Q4_0)
+/* The kernels walk a row a step at a time: a block of 32 weights (its scale,
+ * and min, read once a step), a k-quant super-block (256 weights, its
+ * sub-blocks' factors computed once a step) or one vector of 16-bit weights. */
+#define KQUANT(wt) wconv_kquant(wt)
+#define BLOCK32(wt) wconv_b32(wt)
 #define WSTEP(wt) (BLOCK32(wt) ? MOE_Q8_0_BLOCK : KQUANT(wt) ? MOE_QK_K : VL)
-#define WSTEP_BYTES(wt)                                                                    \
-    ((wt) == MOE_WT_Q8_0 ? MOE_Q8_0_BYTES : (wt) == MOE_WT_Q4_0 ? MOE_Q4_0_BYTES           \
-     : (wt) == MOE_WT_Q4_K ? MOE_Q4_K_BYTES                                                \
-     : (wt) == MOE_WT_Q5_K ? MOE_Q5_K_BYTES : (wt) == MOE_WT_Q6_K ? MOE_Q6_K_BYTES : VL * 2)
+#define WSTEP_BYTES(wt) (BLOCK32(wt) || KQUANT(wt) ? (int)moe_wtype_row_bytes(wt, WSTEP(wt)) : VL * 2)
 
-/* VL weights at element i of the step at p: 16-bit, or Q8_0 / Q4_0 with the
- * block's scale d. (A k-quant step is widened whole into a buffer: kquant_step.) */
-static inline vf wload(const unsigned char *p, int i, const moe_wtype wt, vf d)
+/* VL weights at element i of the step at p: 16-bit, or a block of 32 with its
+ * scale d and min m (unused without one) in every lane. (A k-quant step is
+ * widened whole into a buffer: kquant_step.) */
+static inline vf wload(const unsigned char *p, int i, const moe_wtype wt, vf d, vf m)
 {
-    if (wt == MOE_WT_Q4_0) {
+    if (!BLOCK32(wt)) return widen((const uint16_t *)p + i, wt);
 #if defined(WCONV_VL) && WCONV_VL == VL
-        return wconv_q4_0_vec(p + 2 + i % 16, i >= 16, d);
+    return wconv_b32_vec(p, wt, i, d, m);
 #else
-        float f[VL], dv[VL];
-        memcpy(dv, &d, sizeof dv);
-        for (int l = 0; l < VL; l++) f[l] = wconv_q4_0_weight(p, dv[0], i + l);
-        return vload(f);
-#endif
-    }
-    if (wt != MOE_WT_Q8_0) return widen((const uint16_t *)p + i, wt);
-    const unsigned char *q = p + 2 + i;
-#if defined(WCONV_VL) && WCONV_VL == VL
-    return wconv_q8_0_vec(q, d);
-#else
-    float f[VL], dv[VL];
-    memcpy(dv, &d, sizeof dv);
-    for (int l = 0; l < VL; l++) f[l] = (float)(int8_t)q[l] * dv[0];
+    (void)d;
+    (void)m;
+    float f[VL];
+    for (int l = 0; l < VL; l++) f[l] = wconv_b32_weight(p, wt, i + l);
     return vload(f);
 #endif
 }
@@ -434,11 +423,33 @@ static inline vf wload(const unsigned char *p, int i, const moe_wtype wt, vf d)
 /* A k-quant super-block widened into wb (256 floats in L1): the shifts and
  * masks of its packed formats cost as much per vector as the FMAs of several x
  * rows, so they are done once a step, not per x row and vector. */
+#define KQUANT_STEP_OF(T, name)                                 \
+    static void name(const unsigned char *p, float *wb)         \
+    {                                                           \
+        float ks[32];                                           \
+        wconv_k_scales(p, T, ks);                               \
+        wconv_k_block(p, T, ks, wb);                            \
+    }
+KQUANT_STEP_OF(MOE_WT_Q2_K, kquant_step_q2_k)
+KQUANT_STEP_OF(MOE_WT_Q3_K, kquant_step_q3_k)
+KQUANT_STEP_OF(MOE_WT_Q4_K, kquant_step_q4_k)
+KQUANT_STEP_OF(MOE_WT_Q5_K, kquant_step_q5_k)
+KQUANT_STEP_OF(MOE_WT_Q6_K, kquant_step_q6_k)
+KQUANT_STEP_OF(MOE_WT_IQ4_XS, kquant_step_iq4_xs)
+
+/* One function per type, each with its unpacking fixed at compile time (a
+ * shared one, too large to inline, tested the type at every step: a Q3_K_M
+ * batch-1 step spent a fifth of its time in it). */
 static inline void kquant_step(const unsigned char *p, const moe_wtype wt, float *wb)
 {
-    float ks[16];
-    wconv_k_scales(p, wt, ks);
-    wconv_k_block(p, wt, ks, wb);
+    switch (wt) {
+    case MOE_WT_Q2_K: kquant_step_q2_k(p, wb); break;
+    case MOE_WT_Q3_K: kquant_step_q3_k(p, wb); break;
+    case MOE_WT_Q4_K: kquant_step_q4_k(p, wb); break;
+    case MOE_WT_Q5_K: kquant_step_q5_k(p, wb); break;
+    case MOE_WT_Q6_K: kquant_step_q6_k(p, wb); break;
+    default: kquant_step_iq4_xs(p, wb); break;
+    }
 }
 
 /* The x rows of one pass over the weight rows: 8 accumulators a weight row.
@@ -474,9 +485,9 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
                 }
                 continue;
             }
-            vf d = BLOCK32(wt) ? q8_scale(p) : vzero();
+            vf d = BLOCK32(wt) ? f16_lanes(p) : vzero(), m = wconv_b32_has_min(wt) ? f16_lanes(p + 2) : vzero();
             for (int i = 0; i < WSTEP(wt); i += VL) {
-                vf wv = wload(p, i, wt, d);
+                vf wv = wload(p, i, wt, d, m);
                 VREG(wv);
                 for (int b = 0; b < nx; b++) acc[b] = vfma(wv, vload(x + (size_t)b * k + t + i), acc[b]);
             }
@@ -517,18 +528,19 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
         }
         int t = 0;
         for (; t + WSTEP(wt) <= k; t += WSTEP(wt)) {
-            vf d[NARROW_TILE_R], a[NARROW_TILE_R];
+            vf d[NARROW_TILE_R], m[NARROW_TILE_R], a[NARROW_TILE_R];
             float wb[NARROW_TILE_R][MOE_QK_K];   /* a k-quant step's rows, widened */
             for (int r = 0; r < R; r++) {
                 /* as an integer: the next tile may lie past the end of W */
                 for (size_t l = 0; l < (size_t)WSTEP_BYTES(wt); l += 64)
                     VPREFETCH((uintptr_t)p[r] + (size_t)R * rb + l, 0);
-                d[r] = BLOCK32(wt) ? q8_scale(p[r]) : vzero();
+                d[r] = BLOCK32(wt) ? f16_lanes(p[r]) : vzero();
+                m[r] = wconv_b32_has_min(wt) ? f16_lanes(p[r] + 2) : vzero();
                 if (KQUANT(wt)) kquant_step(p[r], wt, wb[r]);
             }
             for (int i = 0; i < WSTEP(wt); i += VL) {
                 for (int r = 0; r < R; r++) {
-                    a[r] = KQUANT(wt) ? vload(wb[r] + i) : wload(p[r], i, wt, d[r]);
+                    a[r] = KQUANT(wt) ? vload(wb[r] + i) : wload(p[r], i, wt, d[r], m[r]);
                     VREG(a[r]);
                 }
                 for (int b = 0; b < nx; b++) {
@@ -568,13 +580,24 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
 static void narrow_block(const float *x, int nx, int k, const unsigned char *w, moe_wtype wt, int n0, int n1,
                          float *y, int ldy)
 {
-    if (wt == MOE_WT_F16) NARROW_CASES(MOE_WT_F16)
-    else if (wt == MOE_WT_BF16) NARROW_CASES(MOE_WT_BF16)
-    else if (wt == MOE_WT_Q8_0) NARROW_CASES(MOE_WT_Q8_0)
-    else if (wt == MOE_WT_Q4_0) NARROW_CASES(MOE_WT_Q4_0)
-    else if (wt == MOE_WT_Q4_K) NARROW_CASES(MOE_WT_Q4_K)
-    else if (wt == MOE_WT_Q5_K) NARROW_CASES(MOE_WT_Q5_K)
-    else NARROW_CASES(MOE_WT_Q6_K)
+    /* one instance per type, so each kernel's widening is fixed at compile time */
+    switch (wt) {
+    case MOE_WT_F16: NARROW_CASES(MOE_WT_F16) break;
+    case MOE_WT_BF16: NARROW_CASES(MOE_WT_BF16) break;
+    case MOE_WT_Q8_0: NARROW_CASES(MOE_WT_Q8_0) break;
+    case MOE_WT_Q4_0: NARROW_CASES(MOE_WT_Q4_0) break;
+    case MOE_WT_Q4_1: NARROW_CASES(MOE_WT_Q4_1) break;
+    case MOE_WT_Q5_0: NARROW_CASES(MOE_WT_Q5_0) break;
+    case MOE_WT_Q5_1: NARROW_CASES(MOE_WT_Q5_1) break;
+    case MOE_WT_IQ4_NL: NARROW_CASES(MOE_WT_IQ4_NL) break;
+    case MOE_WT_Q2_K: NARROW_CASES(MOE_WT_Q2_K) break;
+    case MOE_WT_Q3_K: NARROW_CASES(MOE_WT_Q3_K) break;
+    case MOE_WT_Q4_K: NARROW_CASES(MOE_WT_Q4_K) break;
+    case MOE_WT_Q5_K: NARROW_CASES(MOE_WT_Q5_K) break;
+    case MOE_WT_Q6_K: NARROW_CASES(MOE_WT_Q6_K) break;
+    case MOE_WT_IQ4_XS: NARROW_CASES(MOE_WT_IQ4_XS) break;
+    default: assert(!"narrow_block: not a narrow type");
+    }
 }
 
 /* Many rows: OpenBLAS ---------------------------------------------------- */

@@ -80,61 +80,100 @@ typedef struct {
 
 /* The routed experts may stay in the file's format: they are most of an MoE
  * model's bytes, and decode streams them every step. The kernels widen them to
- * F32 as they read them, exactly (F16 and BF16 are subsets of F32; a Q8_0
- * weight d * q, an F16 scale times an int8, needs at most 19 significant bits),
- * so the results are those of converting them at load. Q8_0 is ggml's block of
- * 32 weights in 34 bytes: the scale d (F16), then 32 int8 q. */
-typedef enum { MOE_WT_F32 = 0, MOE_WT_F16, MOE_WT_BF16, MOE_WT_Q8_0, MOE_WT_Q4_K, MOE_WT_Q6_K, MOE_WT_Q5_K,
-               MOE_WT_Q4_0 } moe_wtype;
+ * F32 as they read them, in the order ggml's dequantization computes them, so
+ * the results are those of converting them at load. The formats (ggml's):
+ *
+ * F16, BF16: subsets of F32, exact.
+ * Blocks of 32 weights, an F16 scale d first; the 4-bit q are 16 bytes, the low
+ * nibbles the first 16 weights and the high ones the last 16:
+ *   Q8_0 (34 bytes): 32 int8 q; weight d * q.
+ *   Q4_0 (18): 4-bit q; d * (q - 8).
+ *   Q4_1 (20): F16 m after d, 4-bit q; d * q + m.
+ *   Q5_0 (22): a 32-bit word of fifth bits (bit j for weight j), 4-bit q; d * (q - 16).
+ *   Q5_1 (24): m, the fifth bits, 4-bit q; d * q + m.
+ *   IQ4_NL (18): 4-bit indices into a table of 16 int8 levels; d * level.
+ * ggml's k-quants, super-blocks of 256 weights in sub-blocks of 16 or 32:
+ *   Q2_K (84): 16 bytes of 4-bit scales and mins, 64 bytes of 2-bit q, F16 d and dmin;
+ *     weight (d * sc) * q - (dmin * m), per sub-block of 16.
+ *   Q3_K (110): 32 bytes of third bits, 64 of 2-bit q, 12 of sixteen 6-bit scales,
+ *     F16 d; (d * (sc - 32)) * (q - 4 unless its third bit), per sub-block of 16.
+ *   Q4_K (144): F16 d and dmin, 12 bytes of eight 6-bit scales and mins, 128 bytes
+ *     of 4-bit q; (d * sc) * q - (dmin * m), per sub-block of 32.
+ *   Q5_K (176): Q4_K with a fifth bit of q in 32 bytes before the 4-bit ones.
+ *   Q6_K (210): 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales, F16 d;
+ *     (d * sc) * (q - 32), per sub-block of 16.
+ *   IQ4_XS (136): F16 d, 2 + 4 bytes of eight 6-bit scales, 128 bytes of 4-bit
+ *     indices into IQ4_NL's table; (d * (sc - 32)) * level, per sub-block of 32.
+ * Where a product or sum rounds (the mins, the k-quants' factors times q) it is
+ * computed in ggml's order, unfused; elsewhere every step is exact. */
+typedef enum {
+    MOE_WT_F32 = 0, MOE_WT_F16, MOE_WT_BF16, MOE_WT_Q8_0, MOE_WT_Q4_K, MOE_WT_Q6_K, MOE_WT_Q5_K, MOE_WT_Q4_0,
+    MOE_WT_Q4_1, MOE_WT_Q5_0, MOE_WT_Q5_1, MOE_WT_IQ4_NL, MOE_WT_Q2_K, MOE_WT_Q3_K, MOE_WT_IQ4_XS,
+    MOE_WT_COUNT
+} moe_wtype;
 
-#define MOE_Q8_0_BLOCK 32
+#define MOE_Q8_0_BLOCK 32   /* weights of a block of 32 (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL) */
 #define MOE_Q8_0_BYTES 34
-/* Q4_0: an F16 scale d, then 16 bytes of 4-bit q, the low nibbles the first 16
- * weights and the high ones the last; weight = d * (q - 8), exact like Q8_0's. */
 #define MOE_Q4_0_BYTES 18
-/* ggml's k-quants, super-blocks of 256 weights (the types of Q4_K_M and Q5_K_M
- * files):
- * Q4_K: F16 d and dmin, 12 bytes of eight 6-bit scales and mins, 128 bytes of
- *   4-bit q; weight = (d * sc) * q - (dmin * m), per sub-block of 32.
- * Q5_K: the same with a fifth bit of q in 32 bytes before the 4-bit ones.
- * Q6_K: 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales, F16 d;
- *   weight = (d * sc) * (q - 32), per sub-block of 16.
- * Their products are rounded (unlike Q8_0's): kernels and conversion compute
- * them in this order, unfused, so they still give the same bits. */
-#define MOE_QK_K 256
+#define MOE_Q4_1_BYTES 20
+#define MOE_Q5_0_BYTES 22
+#define MOE_Q5_1_BYTES 24
+#define MOE_IQ4_NL_BYTES 18
+#define MOE_QK_K 256        /* weights of a k-quant super-block */
+#define MOE_Q2_K_BYTES 84
+#define MOE_Q3_K_BYTES 110
 #define MOE_Q4_K_BYTES 144
-#define MOE_Q6_K_BYTES 210
 #define MOE_Q5_K_BYTES 176
+#define MOE_Q6_K_BYTES 210
+#define MOE_IQ4_XS_BYTES 136
+
+typedef struct {
+    const char *name;
+    unsigned block;   /* weights a block holds (1: not blocked) */
+    unsigned bytes;   /* bytes a block takes */
+} moe_wtype_info;
+
+static inline const moe_wtype_info *moe_wtype_get(moe_wtype t)
+{
+    static const moe_wtype_info info[MOE_WT_COUNT] = {
+        [MOE_WT_F32] = {"F32", 1, 4},
+        [MOE_WT_F16] = {"F16", 1, 2},
+        [MOE_WT_BF16] = {"BF16", 1, 2},
+        [MOE_WT_Q8_0] = {"Q8_0", MOE_Q8_0_BLOCK, MOE_Q8_0_BYTES},
+        [MOE_WT_Q4_K] = {"Q4_K", MOE_QK_K, MOE_Q4_K_BYTES},
+        [MOE_WT_Q6_K] = {"Q6_K", MOE_QK_K, MOE_Q6_K_BYTES},
+        [MOE_WT_Q5_K] = {"Q5_K", MOE_QK_K, MOE_Q5_K_BYTES},
+        [MOE_WT_Q4_0] = {"Q4_0", MOE_Q8_0_BLOCK, MOE_Q4_0_BYTES},
+        [MOE_WT_Q4_1] = {"Q4_1", MOE_Q8_0_BLOCK, MOE_Q4_1_BYTES},
+        [MOE_WT_Q5_0] = {"Q5_0", MOE_Q8_0_BLOCK, MOE_Q5_0_BYTES},
+        [MOE_WT_Q5_1] = {"Q5_1", MOE_Q8_0_BLOCK, MOE_Q5_1_BYTES},
+        [MOE_WT_IQ4_NL] = {"IQ4_NL", MOE_Q8_0_BLOCK, MOE_IQ4_NL_BYTES},
+        [MOE_WT_Q2_K] = {"Q2_K", MOE_QK_K, MOE_Q2_K_BYTES},
+        [MOE_WT_Q3_K] = {"Q3_K", MOE_QK_K, MOE_Q3_K_BYTES},
+        [MOE_WT_IQ4_XS] = {"IQ4_XS", MOE_QK_K, MOE_IQ4_XS_BYTES},
+    };
+    return &info[(unsigned)t < MOE_WT_COUNT ? t : MOE_WT_F32];
+}
 
 static inline const char *moe_wtype_name(moe_wtype t)
 {
-    static const char *const names[] = {"F32", "F16", "BF16", "Q8_0", "Q4_K", "Q6_K", "Q5_K", "Q4_0"};
-    return (unsigned)t < sizeof names / sizeof names[0] ? names[t] : "?";
+    return (unsigned)t < MOE_WT_COUNT ? moe_wtype_get(t)->name : "?";
 }
 
 /* Weights a block of type t holds: a row holds whole blocks. */
-static inline size_t moe_wtype_block(moe_wtype t)
-{
-    if (t == MOE_WT_Q8_0 || t == MOE_WT_Q4_0) return MOE_Q8_0_BLOCK;
-    return t == MOE_WT_Q4_K || t == MOE_WT_Q5_K || t == MOE_WT_Q6_K ? MOE_QK_K : 1;
-}
+static inline size_t moe_wtype_block(moe_wtype t) { return moe_wtype_get(t)->block; }
 
 /* A type the narrow-weight kernels read (not F32, not unknown). */
 static inline int moe_wtype_narrow(moe_wtype t)
 {
-    return t == MOE_WT_F16 || t == MOE_WT_BF16 || t == MOE_WT_Q8_0 || t == MOE_WT_Q4_0 || t == MOE_WT_Q4_K ||
-           t == MOE_WT_Q5_K || t == MOE_WT_Q6_K;
+    return t != MOE_WT_F32 && (unsigned)t < MOE_WT_COUNT;
 }
 
 /* Bytes of a row of k weights of type t (k whole blocks). */
 static inline size_t moe_wtype_row_bytes(moe_wtype t, size_t k)
 {
-    if (t == MOE_WT_Q8_0) return k / MOE_Q8_0_BLOCK * MOE_Q8_0_BYTES;
-    if (t == MOE_WT_Q4_0) return k / MOE_Q8_0_BLOCK * MOE_Q4_0_BYTES;
-    if (t == MOE_WT_Q4_K) return k / MOE_QK_K * MOE_Q4_K_BYTES;
-    if (t == MOE_WT_Q6_K) return k / MOE_QK_K * MOE_Q6_K_BYTES;
-    if (t == MOE_WT_Q5_K) return k / MOE_QK_K * MOE_Q5_K_BYTES;
-    return k * (t == MOE_WT_F32 ? 4 : 2);
+    const moe_wtype_info *i = moe_wtype_get(t);
+    return k / i->block * i->bytes;
 }
 
 /* A projection matrix also readable where the file keeps it in a narrower type

@@ -1,4 +1,4 @@
-/* wconv.c -- narrow weights (F16, BF16, Q8_0, Q4_K, Q6_K) widened to F32 (see wconv.h). */
+/* wconv.c -- narrow weights (the formats of core/model.h) widened to F32 (see wconv.h). */
 #include "core/wconv.h"
 
 #include <string.h>
@@ -31,18 +31,19 @@ float wconv_bf16(uint16_t h)
     return bits_f32((uint32_t)h << 16); /* BF16 is the high half of an F32 */
 }
 
-static void wconv_q8_0(float *dst, const unsigned char *b, size_t n)
+static void wconv_b32_rows(float *dst, const unsigned char *b, size_t n, moe_wtype t)
 {
-    for (size_t i = 0; i < n; i += MOE_Q8_0_BLOCK, b += MOE_Q8_0_BYTES) {
-        float d = wconv_f16_at(b);
-        const unsigned char *q = b + 2;
-        size_t j = 0;
+    size_t bytes = moe_wtype_row_bytes(t, MOE_Q8_0_BLOCK);
+    for (size_t i = 0; i < n; i += MOE_Q8_0_BLOCK, b += bytes) {
+        int j = 0;
 #if defined(WCONV_VL) && WCONV_VL == 16
-        for (; j < MOE_Q8_0_BLOCK; j += 16) _mm512_storeu_ps(dst + i + j, wconv_q8_0_vec(q + j, _mm512_set1_ps(d)));
+        __m512 d = _mm512_set1_ps(wconv_f16_at(b)), m = _mm512_set1_ps(wconv_f16_at(b + 2));
+        for (; j < 32; j += 16) _mm512_storeu_ps(dst + i + (size_t)j, wconv_b32_vec(b, t, j, d, m));
 #elif defined(WCONV_VL) && WCONV_VL == 8
-        for (; j < MOE_Q8_0_BLOCK; j += 8) _mm256_storeu_ps(dst + i + j, wconv_q8_0_vec(q + j, _mm256_set1_ps(d)));
+        __m256 d = _mm256_set1_ps(wconv_f16_at(b)), m = _mm256_set1_ps(wconv_f16_at(b + 2));
+        for (; j < 32; j += 8) _mm256_storeu_ps(dst + i + (size_t)j, wconv_b32_vec(b, t, j, d, m));
 #endif
-        for (; j < MOE_Q8_0_BLOCK; j++) dst[i + j] = d * (float)(int8_t)q[j];
+        for (; j < 32; j++) dst[i + (size_t)j] = wconv_b32_weight(b, t, j);
     }
 }
 
@@ -50,37 +51,19 @@ static void wconv_k(float *dst, const unsigned char *b, size_t n, moe_wtype t)
 {
     size_t bytes = moe_wtype_row_bytes(t, MOE_QK_K);
     for (size_t i = 0; i < n; i += MOE_QK_K, b += bytes) {
-        float ks[16];
+        float ks[32];
         wconv_k_scales(b, t, ks);
         wconv_k_block(b, t, ks, dst + i);
     }
 }
 
-static void wconv_q4_0(float *dst, const unsigned char *b, size_t n)
-{
-    for (size_t i = 0; i < n; i += MOE_Q8_0_BLOCK, b += MOE_Q4_0_BYTES) {
-        float d = wconv_f16_at(b);
-        int j = 0;
-#if defined(WCONV_VL) && WCONV_VL == 16
-        for (; j < 32; j += 16) _mm512_storeu_ps(dst + i + j, wconv_q4_0_vec(b + 2, j >= 16, _mm512_set1_ps(d)));
-#elif defined(WCONV_VL) && WCONV_VL == 8
-        for (; j < 32; j += 8) _mm256_storeu_ps(dst + i + j, wconv_q4_0_vec(b + 2 + j % 16, j >= 16, _mm256_set1_ps(d)));
-#endif
-        for (; j < 32; j++) dst[i + (size_t)j] = wconv_q4_0_weight(b, d, j);
-    }
-}
-
 void wconv_rows(float *dst, const void *src, size_t n, moe_wtype t)
 {
-    if (t == MOE_WT_Q8_0) {
-        wconv_q8_0(dst, src, n);
+    if (wconv_b32(t)) {
+        wconv_b32_rows(dst, src, n, t);
         return;
     }
-    if (t == MOE_WT_Q4_0) {
-        wconv_q4_0(dst, src, n);
-        return;
-    }
-    if (t == MOE_WT_Q4_K || t == MOE_WT_Q5_K || t == MOE_WT_Q6_K) {
+    if (wconv_kquant(t)) {
         wconv_k(dst, src, n, t);
         return;
     }

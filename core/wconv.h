@@ -1,13 +1,14 @@
-/* wconv.h -- weights stored narrower than F32 (F16, BF16, Q8_0, Q4_K, Q6_K)
+/* wconv.h -- weights stored narrower than F32 (the formats of core/model.h)
  * widened to F32.
  *
- * F16, BF16 and Q8_0 widen exactly: F16 and BF16 are subsets of F32, and a Q8_0
- * weight, an F16 scale times an int8, has at most 19 significant bits. The
- * k-quants' products round; every path here computes them in ggml's order,
- * unfused. So a kernel that widens its weights as it goes computes what it
- * would on weights converted at load. The vector paths (AVX-512F, or AVX2 with
- * F16C) and the scalar one give the same bits for every value but signalling
- * NaNs, which the F16C instructions quiet.
+ * F16 and BF16 are subsets of F32; a block-of-32 weight without a min, an F16
+ * scale times an integer of at most 8 bits, has at most 19 significant bits, so
+ * these widen exactly. The mins (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K) and the k-quants'
+ * factors round; every path here computes them in ggml's order, unfused. So a
+ * kernel that widens its weights as it goes computes what it would on weights
+ * converted at load. The vector paths (AVX-512F, or AVX2 with F16C) and the
+ * scalar one give the same bits for every value but signalling NaNs, which the
+ * F16C instructions quiet.
  */
 #ifndef MOE_CORE_WCONV_H
 #define MOE_CORE_WCONV_H
@@ -29,19 +30,6 @@ static inline __m512 wconv_vec(const uint16_t *p, moe_wtype t)
     if (t == MOE_WT_F16) return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-/* 16 Q8_0 weights from their int8 q (any address) and their block's scale d. */
-static inline __m512 wconv_q8_0_vec(const unsigned char *q, __m512 d)
-{
-    __m128i b = _mm_loadu_si128((const __m128i *)q);
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d);
-}
-/* 16 Q4_0 weights from the nibbles at q (the high ones when high) and scale d. */
-static inline __m512 wconv_q4_0_vec(const unsigned char *q, int high, __m512 d)
-{
-    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
-    v = high ? _mm512_srli_epi32(v, 4) : _mm512_and_si512(v, _mm512_set1_epi32(15));
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, _mm512_set1_epi32(8))), d);
-}
 #elif defined(__AVX2__) && defined(__F16C__)
 #include <immintrin.h>
 #define WCONV_VL 8
@@ -50,17 +38,6 @@ static inline __m256 wconv_vec(const uint16_t *p, moe_wtype t)
     __m128i h = _mm_loadu_si128((const __m128i *)p);
     if (t == MOE_WT_F16) return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-static inline __m256 wconv_q8_0_vec(const unsigned char *q, __m256 d)
-{
-    __m128i b = _mm_loadl_epi64((const __m128i *)q);
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), d);
-}
-static inline __m256 wconv_q4_0_vec(const unsigned char *q, int high, __m256 d)
-{
-    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));
-    v = high ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, _mm256_set1_epi32(15));
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v, _mm256_set1_epi32(8))), d);
 }
 #endif
 
@@ -86,17 +63,135 @@ static inline float wconv_f16_at(const unsigned char *b)
 /* One BF16 value: the high half of an F32. */
 float wconv_bf16(uint16_t h);
 
-/* Weight j (0..31) of the Q4_0 block at b with scale d. */
-static inline float wconv_q4_0_weight(const unsigned char *b, float d, int j)
+/* Blocks of 32 ---------------------------------------------------------- */
+
+/* IQ4_NL's (and IQ4_XS's) 16 levels, indexed by a 4-bit q. */
+static const int8_t wconv_iq4nl_levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                              1, 13, 25, 38, 53, 69, 89, 113};
+
+static inline int wconv_b32(moe_wtype t)
 {
-    unsigned char v = b[2 + j % 16];
-    return d * (float)((j < 16 ? v & 15 : v >> 4) - 8);
+    return t == MOE_WT_Q8_0 || t == MOE_WT_Q4_0 || t == MOE_WT_Q4_1 || t == MOE_WT_Q5_0 || t == MOE_WT_Q5_1 ||
+           t == MOE_WT_IQ4_NL;
+}
+
+/* Whether the block holds an F16 min m after its scale d (weight d * q + m). */
+static inline int wconv_b32_has_min(moe_wtype t) { return t == MOE_WT_Q4_1 || t == MOE_WT_Q5_1; }
+
+/* Where the q bytes of a block start, and (Q5_0, Q5_1) its word of fifth bits. */
+static inline int wconv_b32_qs(moe_wtype t)
+{
+    return t == MOE_WT_Q4_1 ? 4 : t == MOE_WT_Q5_0 ? 6 : t == MOE_WT_Q5_1 ? 8 : 2;
+}
+static inline uint32_t wconv_b32_qh(const unsigned char *b, moe_wtype t)
+{
+    uint32_t qh;
+    memcpy(&qh, b + (t == MOE_WT_Q5_0 ? 2 : 4), sizeof qh);   /* little-endian, as ggml reads it */
+    return qh;
+}
+
+/* The integer weight j (0..31) of the block at b is d times (plus m): its
+ * q, offset, or IQ4_NL's level. */
+static inline int wconv_b32_q(const unsigned char *b, moe_wtype t, int j)
+{
+    const unsigned char *q = b + wconv_b32_qs(t);
+    if (t == MOE_WT_Q8_0) return (int8_t)q[j];
+    int v = j < 16 ? q[j] & 15 : q[j - 16] >> 4;
+    if (t == MOE_WT_Q5_0 || t == MOE_WT_Q5_1) v |= (int)((wconv_b32_qh(b, t) >> j) & 1) << 4;
+    switch (t) {
+    case MOE_WT_Q4_0: return v - 8;
+    case MOE_WT_Q5_0: return v - 16;
+    case MOE_WT_IQ4_NL: return wconv_iq4nl_levels[v];
+    default: return v;
+    }
+}
+
+/* Weight j (0..31) of the block at b (any address). */
+static inline float wconv_b32_weight(const unsigned char *b, moe_wtype t, int j)
+{
+    float p = wconv_f16_at(b) * (float)wconv_b32_q(b, t, j);
+    return wconv_b32_has_min(t) ? p + wconv_f16_at(b + 2) : p;
+}
+
+/* WCONV_VL weights from element i (a multiple of WCONV_VL) of the block at b,
+ * whose scale d and min m (unused without one) are in every lane. */
+#if defined(__AVX512F__)
+static inline __m512 wconv_b32_vec(const unsigned char *b, moe_wtype t, int i, __m512 d, __m512 m)
+{
+    const unsigned char *q = b + wconv_b32_qs(t);
+    __m512i v;
+    if (t == MOE_WT_Q8_0) {
+        v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i)));
+    } else {
+        v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+        v = i >= 16 ? _mm512_srli_epi32(v, 4) : _mm512_and_si512(v, _mm512_set1_epi32(15));
+        if (t == MOE_WT_Q5_0 || t == MOE_WT_Q5_1) {
+            __m512i at = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(i));
+            __m512i h = _mm512_srlv_epi32(_mm512_set1_epi32((int)wconv_b32_qh(b, t)), at);
+            v = _mm512_or_si512(v, _mm512_slli_epi32(_mm512_and_si512(h, _mm512_set1_epi32(1)), 4));
+        }
+        if (t == MOE_WT_IQ4_NL)
+            v = _mm512_permutexvar_epi32(v, _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)wconv_iq4nl_levels)));
+        else if (t == MOE_WT_Q4_0 || t == MOE_WT_Q5_0)
+            v = _mm512_sub_epi32(v, _mm512_set1_epi32(t == MOE_WT_Q4_0 ? 8 : 16));
+    }
+    __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(v), d);
+    return wconv_b32_has_min(t) ? _mm512_add_ps(p, m) : p;
+}
+#elif defined(__AVX2__) && defined(__F16C__)
+static inline __m256 wconv_b32_vec(const unsigned char *b, moe_wtype t, int i, __m256 d, __m256 m)
+{
+    const unsigned char *q = b + wconv_b32_qs(t);
+    __m256i v;
+    if (t == MOE_WT_Q8_0) {
+        v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + i)));
+    } else {
+        v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + i % 16)));
+        v = i >= 16 ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, _mm256_set1_epi32(15));
+        if (t == MOE_WT_Q5_0 || t == MOE_WT_Q5_1) {
+            __m256i at = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(i));
+            __m256i h = _mm256_srlv_epi32(_mm256_set1_epi32((int)wconv_b32_qh(b, t)), at);
+            v = _mm256_or_si256(v, _mm256_slli_epi32(_mm256_and_si256(h, _mm256_set1_epi32(1)), 4));
+        }
+        if (t == MOE_WT_IQ4_NL) {
+            __m256i lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)wconv_iq4nl_levels));
+            __m256i hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wconv_iq4nl_levels + 8)));
+            __m256i upper = _mm256_cmpgt_epi32(v, _mm256_set1_epi32(7));
+            v = _mm256_blendv_epi8(_mm256_permutevar8x32_epi32(lo, v), _mm256_permutevar8x32_epi32(hi, v), upper);
+        } else if (t == MOE_WT_Q4_0 || t == MOE_WT_Q5_0) {
+            v = _mm256_sub_epi32(v, _mm256_set1_epi32(t == MOE_WT_Q4_0 ? 8 : 16));
+        }
+    }
+    __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(v), d);
+    return wconv_b32_has_min(t) ? _mm256_add_ps(p, m) : p;
+}
+#endif
+
+/* K-quants ---------------------------------------------------------------- */
+
+static inline int wconv_kquant(moe_wtype t)
+{
+    return t == MOE_WT_Q2_K || t == MOE_WT_Q3_K || t == MOE_WT_Q4_K || t == MOE_WT_Q5_K || t == MOE_WT_Q6_K ||
+           t == MOE_WT_IQ4_XS;
+}
+
+/* Weights per sub-block: each has its own factor (and min). */
+static inline int wconv_k_sub(moe_wtype t)
+{
+    return t == MOE_WT_Q4_K || t == MOE_WT_Q5_K || t == MOE_WT_IQ4_XS ? 32 : 16;
+}
+
+/* Where the min factors start in ks (0: the type has none). */
+static inline int wconv_k_min_at(moe_wtype t)
+{
+    return t == MOE_WT_Q2_K ? 16 : t == MOE_WT_Q4_K || t == MOE_WT_Q5_K ? 8 : 0;
 }
 
 /* The per-sub-block factors of the k-quant super-block at b (any address):
- * Q4_K, Q5_K ks[j] = d * sc_j and ks[8 + j] = dmin * m_j for its 8 sub-blocks of 32;
- * Q6_K ks[j] = d * sc_j for its 16 sub-blocks of 16. */
-static inline void wconv_k_scales(const unsigned char *b, moe_wtype t, float ks[16])
+ * ks[s] the scale factor of sub-block s (d * sc; Q3_K and IQ4_XS d * (sc - 32)),
+ * ks[wconv_k_min_at(t) + s] its min factor (dmin * m). */
+static inline void wconv_k_scales(const unsigned char *b, moe_wtype t, float ks[32])
 {
 #if defined(__AVX512F__)
     /* the same products, 16 lanes at once (the scalar loop compiles to a lane
@@ -106,19 +201,45 @@ static inline void wconv_k_scales(const unsigned char *b, moe_wtype t, float ks[
         _mm512_storeu_ps(ks, _mm512_mul_ps(_mm512_set1_ps(wconv_f16_at(b + 208)), sc));
         return;
     }
-    /* lanes: sc0-3, sc4-7, m0-3, m4-7 from the 12 scale bytes s (16 read: the
-     * block's q follow). sc_j = s[j] & 63, m_j = s[j+4] & 63 (j < 4); sc_j =
-     * (s[j+4] & 15) | (s[j-4] >> 6) << 4, m_j = s[j+4] >> 4 | (s[j] >> 6) << 4 */
-    __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 4)));
-    __m512i lo = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11), a);
-    __m512i hi = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7), a);
-    lo = _mm512_mask_srli_epi32(lo, (__mmask16)0xF000, lo, 4);
-    lo = _mm512_and_si512(lo, _mm512_setr_epi32(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
-    hi = _mm512_maskz_slli_epi32((__mmask16)0xF0F0, _mm512_srli_epi32(hi, 6), 4);
-    __m512 dm = _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(wconv_f16_at(b)),
-                                     _mm512_set1_ps(wconv_f16_at(b + 2)));
-    _mm512_storeu_ps(ks, _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_or_si512(lo, hi))));
-    return;
+    if (t == MOE_WT_Q2_K) {   /* 16 bytes: scale in the low nibble, min in the high */
+        __m512i s = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
+        __m512 sc = _mm512_cvtepi32_ps(_mm512_and_si512(s, _mm512_set1_epi32(15)));
+        __m512 mn = _mm512_cvtepi32_ps(_mm512_srli_epi32(s, 4));
+        _mm512_storeu_ps(ks, _mm512_mul_ps(_mm512_set1_ps(wconv_f16_at(b + 80)), sc));
+        _mm512_storeu_ps(ks + 16, _mm512_mul_ps(_mm512_set1_ps(wconv_f16_at(b + 82)), mn));
+        return;
+    }
+    if (t == MOE_WT_Q3_K) {
+        /* sc_i = (low 4 bits: byte i & 7, shifted by 4 from i = 8) | (high 2:
+         * byte 8 + i % 4, shifted by 2 * (i / 4)) << 4, minus 32 */
+        unsigned char s[16] = {0};
+        memcpy(s, b + 96, 12);
+        __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)s));
+        __m512i lo = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7), a);
+        __m512i hi = _mm512_permutexvar_epi32(_mm512_setr_epi32(8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11), a);
+        lo = _mm512_and_si512(_mm512_srlv_epi32(lo, _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4)),
+                              _mm512_set1_epi32(15));
+        hi = _mm512_and_si512(_mm512_srlv_epi32(hi, _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6)),
+                              _mm512_set1_epi32(3));
+        __m512i sc = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), _mm512_set1_epi32(32));
+        _mm512_storeu_ps(ks, _mm512_mul_ps(_mm512_set1_ps(wconv_f16_at(b + 108)), _mm512_cvtepi32_ps(sc)));
+        return;
+    }
+    if (t == MOE_WT_Q4_K || t == MOE_WT_Q5_K) {
+        /* lanes: sc0-3, sc4-7, m0-3, m4-7 from the 12 scale bytes s (16 read: the
+         * block's q follow). sc_j = s[j] & 63, m_j = s[j+4] & 63 (j < 4); sc_j =
+         * (s[j+4] & 15) | (s[j-4] >> 6) << 4, m_j = s[j+4] >> 4 | (s[j] >> 6) << 4 */
+        __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 4)));
+        __m512i lo = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11), a);
+        __m512i hi = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7), a);
+        lo = _mm512_mask_srli_epi32(lo, (__mmask16)0xF000, lo, 4);
+        lo = _mm512_and_si512(lo, _mm512_setr_epi32(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
+        hi = _mm512_maskz_slli_epi32((__mmask16)0xF0F0, _mm512_srli_epi32(hi, 6), 4);
+        __m512 dm = _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(wconv_f16_at(b)),
+                                         _mm512_set1_ps(wconv_f16_at(b + 2)));
+        _mm512_storeu_ps(ks, _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_or_si512(lo, hi))));
+        return;
+    }
 #endif
     if (t == MOE_WT_Q4_K || t == MOE_WT_Q5_K) {
         float d = wconv_f16_at(b), dmin = wconv_f16_at(b + 2);
@@ -131,56 +252,135 @@ static inline void wconv_k_scales(const unsigned char *b, moe_wtype t, float ks[
         }
         return;
     }
+    if (t == MOE_WT_Q2_K) {
+        float d = wconv_f16_at(b + 80), dmin = wconv_f16_at(b + 82);
+        for (int j = 0; j < 16; j++) {
+            ks[j] = d * (float)(b[j] & 15);
+            ks[16 + j] = dmin * (float)(b[j] >> 4);
+        }
+        return;
+    }
+    if (t == MOE_WT_Q3_K) {
+        float d = wconv_f16_at(b + 108);
+        const unsigned char *s = b + 96;
+        for (int i = 0; i < 16; i++) {
+            int lo = i < 8 ? s[i] & 15 : s[i - 8] >> 4, hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+            ks[i] = d * (float)((lo | hi << 4) - 32);
+        }
+        return;
+    }
+    if (t == MOE_WT_IQ4_XS) {
+        float d = wconv_f16_at(b);
+        unsigned sh = (unsigned)b[2] | (unsigned)b[3] << 8;
+        for (int j = 0; j < 8; j++) {
+            int ls = ((b[4 + j / 2] >> (4 * (j % 2))) & 15) | (int)((sh >> (2 * j)) & 3) << 4;
+            ks[j] = d * (float)(ls - 32);
+        }
+        return;
+    }
     float d = wconv_f16_at(b + 208);
     for (int j = 0; j < 16; j++) ks[j] = d * (float)(int8_t)b[192 + j];
 }
 
-/* The integer q of weight e (0..255) of a k-quant super-block (Q6_K: with its
- * offset of 32 removed). */
+/* The integer q of weight e (0..255) of a k-quant super-block: with Q3_K's and
+ * Q6_K's offsets removed; IQ4_XS's level. */
 static inline int wconv_k_q(const unsigned char *b, moe_wtype t, int e)
 {
-    if (t == MOE_WT_Q4_K || t == MOE_WT_Q5_K) {
+    int n = e / 128, j = (e % 128) / 32, l = e % 32;   /* Q2_K, Q3_K: 2-bit q at bits 2j of byte 32n + l */
+    switch (t) {
+    case MOE_WT_Q2_K: return (b[16 + 32 * n + l] >> (2 * j)) & 3;
+    case MOE_WT_Q3_K: return ((b[32 + 32 * n + l] >> (2 * j)) & 3) - ((b[l] >> (e / 32)) & 1 ? 0 : 4);
+    case MOE_WT_IQ4_XS: {
+        unsigned char v = b[8 + 16 * (e / 32) + e % 16];
+        return wconv_iq4nl_levels[l < 16 ? v & 15 : v >> 4];
+    }
+    case MOE_WT_Q4_K:
+    case MOE_WT_Q5_K: {
         int q5 = t == MOE_WT_Q5_K;
         unsigned char v = b[(q5 ? 48 : 16) + 32 * (e / 64) + e % 32];
         int q = (e / 32) % 2 ? v >> 4 : v & 15;
         return q5 ? q | (((b[16 + e % 32] >> (e / 32)) & 1) << 4) : q;
     }
-    int h = e / 128, l = e % 128, part = l / 32, at = l % 32;
-    unsigned char lo = b[64 * h + 32 * (part & 1) + at], hi = b[128 + 32 * h + at];
-    int q = (part < 2 ? lo & 15 : lo >> 4) | (((hi >> (2 * part)) & 3) << 4);
-    return q - 32;
+    default: {
+        int h = e / 128, part = (e % 128) / 32;
+        unsigned char lo = b[64 * h + 32 * (part & 1) + l], hi = b[128 + 32 * h + l];
+        int q = (part < 2 ? lo & 15 : lo >> 4) | (((hi >> (2 * part)) & 3) << 4);
+        return q - 32;
+    }
+    }
 }
 
 /* Weight e of a k-quant super-block whose factors are ks: the products in
  * ggml's order, each rounded, not fused (the vector kernels do the same). */
-static inline float wconv_k_weight(const unsigned char *b, moe_wtype t, const float ks[16], int e)
+static inline float wconv_k_weight(const unsigned char *b, moe_wtype t, const float ks[32], int e)
 {
-    if (t == MOE_WT_Q4_K || t == MOE_WT_Q5_K) {
-        float p = ks[e / 32] * (float)wconv_k_q(b, t, e);
-        return p - ks[8 + e / 32];
-    }
-    return ks[e / 16] * (float)wconv_k_q(b, t, e);
+    int s = e / wconv_k_sub(t), m = wconv_k_min_at(t);
+    float p = ks[s] * (float)wconv_k_q(b, t, e);
+    return m ? p - ks[m + s] : p;
 }
+
+#if defined(__AVX512F__)
+/* 16 weights of sub-block s from their integer q: ks[s] * q (- the min). */
+static inline void wconv_k_store(float *out, __m512i q, moe_wtype t, const float ks[32], int s)
+{
+    __m512 p = _mm512_mul_ps(_mm512_set1_ps(ks[s]), _mm512_cvtepi32_ps(q));
+    int m = wconv_k_min_at(t);
+    _mm512_storeu_ps(out, m ? _mm512_sub_ps(p, _mm512_set1_ps(ks[m + s])) : p);
+}
+
+static inline __m512i wconv_bytes16(const unsigned char *p)
+{
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+}
+#endif
 
 /* The 256 weights of the k-quant super-block at b (any address) into out,
  * with factors ks from wconv_k_scales: the bits of wconv_k_weight, 16 at a
  * time where AVX-512 has it. */
-static inline void wconv_k_block(const unsigned char *b, moe_wtype t, const float ks[16], float out[256])
+static inline void wconv_k_block(const unsigned char *b, moe_wtype t, const float ks[32], float out[256])
 {
 #if defined(__AVX512F__)
     const __m512i m4 = _mm512_set1_epi32(15), m2 = _mm512_set1_epi32(3);
+    if (t == MOE_WT_Q2_K || t == MOE_WT_Q3_K) {
+        /* weight 128n + 32j + 16h + l: bits 2j of byte 32n + 16h + l of the q */
+        const unsigned char *qs = b + (t == MOE_WT_Q2_K ? 16 : 32);
+        for (int h = 0; h < 2; h++) {
+            __m512i hm = t == MOE_WT_Q3_K ? wconv_bytes16(b + 16 * h) : _mm512_setzero_si512();
+            for (int n = 0; n < 2; n++) {
+                __m512i v = wconv_bytes16(qs + 32 * n + 16 * h);
+                for (int j = 0; j < 4; j++) {
+                    __m512i q = _mm512_and_si512(_mm512_srli_epi32(v, (unsigned)(2 * j)), m2);
+                    if (t == MOE_WT_Q3_K) {   /* - 4 unless the third bit, bit 4n + j of hmask[16h + l] */
+                        __m512i hb = _mm512_and_si512(_mm512_srli_epi32(hm, (unsigned)(4 * n + j)), _mm512_set1_epi32(1));
+                        q = _mm512_sub_epi32(q, _mm512_slli_epi32(_mm512_xor_si512(hb, _mm512_set1_epi32(1)), 2));
+                    }
+                    int e = 128 * n + 32 * j + 16 * h;
+                    wconv_k_store(out + e, q, t, ks, e / 16);
+                }
+            }
+        }
+        return;
+    }
+    if (t == MOE_WT_IQ4_XS) {
+        __m512i lv = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)wconv_iq4nl_levels));
+        for (int j = 0; j < 8; j++) {
+            __m512i v = wconv_bytes16(b + 8 + 16 * j);
+            wconv_k_store(out + 32 * j, _mm512_permutexvar_epi32(_mm512_and_si512(v, m4), lv), t, ks, j);
+            wconv_k_store(out + 32 * j + 16, _mm512_permutexvar_epi32(_mm512_srli_epi32(v, 4), lv), t, ks, j);
+        }
+        return;
+    }
     if (t == MOE_WT_Q4_K || t == MOE_WT_Q5_K) {
         int q5 = t == MOE_WT_Q5_K;
         const __m512i one = _mm512_set1_epi32(1);
         __m512i h0 = _mm512_setzero_si512(), h1 = h0;   /* Q5_K: the fifth bits, bit j for sub-block j */
         if (q5) {
-            h0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 16)));
-            h1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 32)));
+            h0 = wconv_bytes16(b + 16);
+            h1 = wconv_bytes16(b + 32);
         }
         for (int c = 0; c < 4; c++) {          /* 64 weights: sub-blocks 2c (low nibbles), 2c + 1 */
             const unsigned char *q = b + (q5 ? 48 : 16) + 32 * c;
-            __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
-            __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+            __m512i v0 = wconv_bytes16(q), v1 = wconv_bytes16(q + 16);
             __m512i q00 = _mm512_and_si512(v0, m4), q01 = _mm512_and_si512(v1, m4);
             __m512i q10 = _mm512_srli_epi32(v0, 4), q11 = _mm512_srli_epi32(v1, 4);
             if (q5) {
@@ -190,13 +390,11 @@ static inline void wconv_k_block(const unsigned char *b, moe_wtype t, const floa
                 q10 = _mm512_or_si512(q10, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h0, j1), one), 4));
                 q11 = _mm512_or_si512(q11, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h1, j1), one), 4));
             }
-            __m512 d0 = _mm512_set1_ps(ks[2 * c]), m0 = _mm512_set1_ps(ks[8 + 2 * c]);
-            __m512 d1 = _mm512_set1_ps(ks[2 * c + 1]), m1 = _mm512_set1_ps(ks[9 + 2 * c]);
             float *o = out + 64 * c;
-            _mm512_storeu_ps(o, _mm512_sub_ps(_mm512_mul_ps(d0, _mm512_cvtepi32_ps(q00)), m0));
-            _mm512_storeu_ps(o + 16, _mm512_sub_ps(_mm512_mul_ps(d0, _mm512_cvtepi32_ps(q01)), m0));
-            _mm512_storeu_ps(o + 32, _mm512_sub_ps(_mm512_mul_ps(d1, _mm512_cvtepi32_ps(q10)), m1));
-            _mm512_storeu_ps(o + 48, _mm512_sub_ps(_mm512_mul_ps(d1, _mm512_cvtepi32_ps(q11)), m1));
+            wconv_k_store(o, q00, t, ks, 2 * c);
+            wconv_k_store(o + 16, q01, t, ks, 2 * c);
+            wconv_k_store(o + 32, q10, t, ks, 2 * c + 1);
+            wconv_k_store(o + 48, q11, t, ks, 2 * c + 1);
         }
         return;
     }
@@ -204,9 +402,7 @@ static inline void wconv_k_block(const unsigned char *b, moe_wtype t, const floa
     for (int h = 0; h < 2; h++)
         for (int at = 0; at < 32; at += 16) {  /* weights 128h + 32 part + at + 0..15, part 0..3 */
             const unsigned char *ql = b + 64 * h + at, *qh = b + 128 + 32 * h + at;
-            __m512i la = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)ql));
-            __m512i lb = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + 32)));
-            __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qh));
+            __m512i la = wconv_bytes16(ql), lb = wconv_bytes16(ql + 32), hi = wconv_bytes16(qh);
             __m512i q[4] = {
                 _mm512_or_si512(_mm512_and_si512(la, m4), _mm512_slli_epi32(_mm512_and_si512(hi, m2), 4)),
                 _mm512_or_si512(_mm512_and_si512(lb, m4),
@@ -217,8 +413,7 @@ static inline void wconv_k_block(const unsigned char *b, moe_wtype t, const floa
             };
             for (int part = 0; part < 4; part++) {
                 int e = 128 * h + 32 * part + at;
-                __m512 w = _mm512_cvtepi32_ps(_mm512_sub_epi32(q[part], off));
-                _mm512_storeu_ps(out + e, _mm512_mul_ps(_mm512_set1_ps(ks[e / 16]), w));
+                wconv_k_store(out + e, _mm512_sub_epi32(q[part], off), t, ks, e / 16);
             }
         }
 #else
@@ -226,8 +421,8 @@ static inline void wconv_k_block(const unsigned char *b, moe_wtype t, const floa
 #endif
 }
 
-/* The n weights at src, of type t (F16 or BF16: src 2-byte aligned; Q8_0, Q4_K,
- * Q6_K: n whole blocks, any address), widened into dst[0, n). */
+/* The n weights at src, of type t (F16 or BF16: src 2-byte aligned; the block
+ * types: n whole blocks, any address), widened into dst[0, n). */
 void wconv_rows(float *dst, const void *src, size_t n, moe_wtype t);
 
 #endif

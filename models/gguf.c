@@ -127,10 +127,17 @@ size_t ggml_block_size(ggml_type t)
     case GGML_TYPE_F16:
     case GGML_TYPE_BF16: return 1;
     case GGML_TYPE_Q4_0:
+    case GGML_TYPE_Q4_1:
+    case GGML_TYPE_Q5_0:
+    case GGML_TYPE_Q5_1:
+    case GGML_TYPE_IQ4_NL:
     case GGML_TYPE_Q8_0: return GGML_Q8_0_BLOCK;
+    case GGML_TYPE_Q2_K:
+    case GGML_TYPE_Q3_K:
     case GGML_TYPE_Q4_K:
     case GGML_TYPE_Q5_K:
-    case GGML_TYPE_Q6_K: return GGML_QK_K;
+    case GGML_TYPE_Q6_K:
+    case GGML_TYPE_IQ4_XS: return GGML_QK_K;
     }
     return 0;
 }
@@ -142,6 +149,13 @@ size_t ggml_type_size(ggml_type t)
     case GGML_TYPE_F16: return 2;
     case GGML_TYPE_BF16: return 2;
     case GGML_TYPE_Q4_0: return GGML_Q4_0_BYTES;
+    case GGML_TYPE_Q4_1: return GGML_Q4_1_BYTES;
+    case GGML_TYPE_Q5_0: return GGML_Q5_0_BYTES;
+    case GGML_TYPE_Q5_1: return GGML_Q5_1_BYTES;
+    case GGML_TYPE_IQ4_NL: return GGML_IQ4_NL_BYTES;
+    case GGML_TYPE_Q2_K: return GGML_Q2_K_BYTES;
+    case GGML_TYPE_Q3_K: return GGML_Q3_K_BYTES;
+    case GGML_TYPE_IQ4_XS: return GGML_IQ4_XS_BYTES;
     case GGML_TYPE_Q8_0: return GGML_Q8_0_BYTES;
     case GGML_TYPE_Q4_K: return GGML_Q4_K_BYTES;
     case GGML_TYPE_Q5_K: return GGML_Q5_K_BYTES;
@@ -447,8 +461,8 @@ static int parse_tensor_info(cursor *c, const gguf_file *f, int64_t i, gguf_tens
     t->type = (ggml_type)type;
     size_t esz = ggml_type_size(t->type), blk = ggml_block_size(t->type);
     if (esz == 0)
-        return fail(c, "%s: tensor type %u (%s) is not supported (only f32, f16, bf16, q4_0, "
-                    "q8_0, q4_K, q5_K and q6_K are)", where, type, ggml_type_name(t->type));
+        return fail(c, "%s: tensor type %u (%s) is not supported (only f32, f16, bf16, q8_0, "
+                    "q4_0, q4_1, q5_0, q5_1, iq4_nl, q2_K, q3_K, q4_K, q5_K, q6_K and iq4_xs are)", where, type, ggml_type_name(t->type));
     if (t->ne[0] % blk)
         return fail(c, "%s: a %s row holds whole blocks of %zu, but dimension 0 is %llu", where,
                     ggml_type_name(t->type), blk, (unsigned long long)t->ne[0]);
@@ -1472,6 +1486,24 @@ uint16_t gguf_f32_to_f16(float f)
     return sign | (uint16_t)q;
 }
 
+static void put_f16(unsigned char *at, float f)
+{
+    uint16_t h = gguf_f32_to_f16(f);
+    memcpy(at, &h, 2);
+}
+
+/* The element of x[0, n) of largest magnitude (the first of equals). */
+static float signed_max(const float *x, int n)
+{
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < n; j++)
+        if (fabsf(x[j]) > amax) {
+            amax = fabsf(x[j]);
+            max = x[j];
+        }
+    return max;
+}
+
 void gguf_quantize_q8_0(const float *x, uint64_t n, void *blocks)
 {
     unsigned char *b = blocks;
@@ -1495,19 +1527,203 @@ void gguf_quantize_q4_0(const float *x, uint64_t n, void *blocks)
 {
     unsigned char *b = blocks;
     for (uint64_t i = 0; i < n; i += GGML_Q8_0_BLOCK, x += GGML_Q8_0_BLOCK, b += GGML_Q4_0_BYTES) {
-        float amax = 0.0f, max = 0.0f;
-        for (int j = 0; j < 32; j++)
-            if (fabsf(x[j]) > amax) {
-                amax = fabsf(x[j]);
-                max = x[j];
-            }
-        float d = max / -8.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        uint16_t h = gguf_f32_to_f16(d);
-        memcpy(b, &h, 2);
+        float d = signed_max(x, 32) / -8.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        put_f16(b, d);
         for (int j = 0; j < 16; j++) {
             int lo = clamp_int(x[j] * id + 8.0f, 0, 15), hi = clamp_int(x[16 + j] * id + 8.0f, 0, 15);
             b[2 + j] = (unsigned char)(lo | (hi << 4));
         }
+    }
+}
+
+/* Q4_1 (levels 15) and Q5_1 (31): d and m, then (Q5_1) the fifth bits, then
+ * the nibbles. q is taken against the stored (F16) d and m. */
+static void quantize_b32_min(const float *x, uint64_t n, unsigned char *b, int levels)
+{
+    size_t bytes = levels == 15 ? GGML_Q4_1_BYTES : GGML_Q5_1_BYTES;
+    for (uint64_t i = 0; i < n; i += GGML_Q8_0_BLOCK, x += GGML_Q8_0_BLOCK, b += bytes) {
+        float lo = x[0], hi = x[0];
+        for (int j = 1; j < 32; j++) {
+            lo = fminf(lo, x[j]);
+            hi = fmaxf(hi, x[j]);
+        }
+        memset(b, 0, bytes);
+        put_f16(b, (hi - lo) / (float)levels);
+        put_f16(b + 2, lo);
+        float d = gguf_f16_to_f32(gguf_f32_to_f16((hi - lo) / (float)levels));
+        float m = gguf_f16_to_f32(gguf_f32_to_f16(lo));
+        uint32_t qh = 0;
+        unsigned char *qs = b + (levels == 15 ? 4 : 8);
+        for (int j = 0; j < 32; j++) {
+            int q = d > 0.0f ? clamp_int((x[j] - m) / d, 0, levels) : 0;
+            qs[j % 16] |= (uint8_t)(j < 16 ? q & 15 : (q & 15) << 4);
+            qh |= (uint32_t)(q >> 4) << j;
+        }
+        if (levels == 31) memcpy(b + 4, &qh, 4);
+    }
+}
+
+void gguf_quantize_q4_1(const float *x, uint64_t n, void *blocks) { quantize_b32_min(x, n, blocks, 15); }
+
+void gguf_quantize_q5_1(const float *x, uint64_t n, void *blocks) { quantize_b32_min(x, n, blocks, 31); }
+
+void gguf_quantize_q5_0(const float *x, uint64_t n, void *blocks)
+{
+    unsigned char *b = blocks;
+    for (uint64_t i = 0; i < n; i += GGML_Q8_0_BLOCK, x += GGML_Q8_0_BLOCK, b += GGML_Q5_0_BYTES) {
+        float d = signed_max(x, 32) / -16.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        memset(b, 0, GGML_Q5_0_BYTES);
+        put_f16(b, d);
+        uint32_t qh = 0;
+        for (int j = 0; j < 32; j++) {
+            int q = clamp_int(x[j] * id + 16.0f, 0, 31);
+            b[6 + j % 16] |= (uint8_t)(j < 16 ? q & 15 : (q & 15) << 4);
+            qh |= (uint32_t)(q >> 4) << j;
+        }
+        memcpy(b + 2, &qh, 4);
+    }
+}
+
+/* The IQ4_NL level nearest to v (the lower of two equally near). */
+static int iq4_nearest(float v)
+{
+    int best = 0;
+    for (int k = 1; k < 16; k++)
+        if (fabsf(v - (float)wconv_iq4nl_levels[k]) < fabsf(v - (float)wconv_iq4nl_levels[best])) best = k;
+    return best;
+}
+
+/* 32 weights as IQ4_NL indices against scale d: nibbles at qs, as both IQ4
+ * types store them. */
+static void iq4_pack(const float *x, float d, unsigned char *qs)
+{
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int j = 0; j < 16; j++)
+        qs[j] = (uint8_t)(iq4_nearest(x[j] * id) | iq4_nearest(x[16 + j] * id) << 4);
+}
+
+void gguf_quantize_iq4_nl(const float *x, uint64_t n, void *blocks)
+{
+    unsigned char *b = blocks;
+    for (uint64_t i = 0; i < n; i += GGML_Q8_0_BLOCK, x += GGML_Q8_0_BLOCK, b += GGML_IQ4_NL_BYTES) {
+        put_f16(b, signed_max(x, 32) / -127.0f);
+        iq4_pack(x, gguf_f16_to_f32(gguf_f32_to_f16(signed_max(x, 32) / -127.0f)), b + 2);
+    }
+}
+
+/* The scales (max - min) / levels and mins -min (min <= 0) of the sub-blocks of
+ * `sub` weights of a super-block, as multiples sc and m (0..top) of d = the
+ * largest scale / top and dmin = the largest min / top, both stored as F16 at
+ * d_at and dmin_at; *d and *dmin as stored. */
+static void min_scales(const float *x, int sub, int levels, int top, uint8_t *sc, uint8_t *m,
+                       unsigned char *d_at, unsigned char *dmin_at, float *d, float *dmin)
+{
+    float scale[16], mn[16], smax = 0.0f, mmax = 0.0f;
+    int n = GGML_QK_K / sub;
+    for (int j = 0; j < n; j++) {
+        float lo = 0.0f, hi = 0.0f;
+        for (int l = 0; l < sub; l++) {
+            lo = fminf(lo, x[sub * j + l]);
+            hi = fmaxf(hi, x[sub * j + l]);
+        }
+        scale[j] = (hi - lo) / (float)levels;
+        mn[j] = -lo;
+        smax = fmaxf(smax, scale[j]);
+        mmax = fmaxf(mmax, mn[j]);
+    }
+    put_f16(d_at, smax / (float)top);
+    put_f16(dmin_at, mmax / (float)top);
+    *d = gguf_f16_to_f32(gguf_f32_to_f16(smax / (float)top));
+    *dmin = gguf_f16_to_f32(gguf_f32_to_f16(mmax / (float)top));
+    for (int j = 0; j < n; j++) {
+        sc[j] = (uint8_t)(*d > 0.0f ? clamp_int(scale[j] / *d, 0, top) : 0);
+        m[j] = (uint8_t)(*dmin > 0.0f ? clamp_int(mn[j] / *dmin, 0, top) : 0);
+    }
+}
+
+/* Q2_K: per sub-block of 16 a scale (max - min) / 3 and a min <= 0, as 4-bit
+ * multiples of the super-block's d and dmin; q = round((x - min) / scale). */
+void gguf_quantize_q2_k(const float *x, uint64_t n, void *blocks)
+{
+    unsigned char *b = blocks;
+    for (uint64_t i = 0; i < n; i += GGML_QK_K, x += GGML_QK_K, b += GGML_Q2_K_BYTES) {
+        uint8_t sc[16], m[16];
+        float d, dmin;
+        memset(b, 0, GGML_Q2_K_BYTES);
+        min_scales(x, 16, 3, 15, sc, m, b + 80, b + 82, &d, &dmin);
+        for (int j = 0; j < 16; j++) {
+            b[j] = (uint8_t)(sc[j] | m[j] << 4);
+            float dj = d * (float)sc[j], mj = dmin * (float)m[j];
+            for (int l = 0; l < 16; l++) {
+                int e = 16 * j + l, q = dj > 0.0f ? clamp_int((x[e] + mj) / dj, 0, 3) : 0;
+                b[16 + 32 * (e / 128) + e % 32] |= (uint8_t)(q << (2 * ((e % 128) / 32)));
+            }
+        }
+    }
+}
+
+/* The signed scales of the sub-blocks of `sub` weights of a super-block (the
+ * weight of largest magnitude / -levels, so it is exactly -levels steps) as
+ * 6-bit multiples sc (-32..31) of d = the largest magnitude / 31, d stored as
+ * F16 at d_at; returns d as stored. */
+static float signed_scales(const float *x, int sub, float levels, int *sc, unsigned char *d_at)
+{
+    float scale[16], smax = 0.0f;
+    int n = GGML_QK_K / sub;
+    for (int j = 0; j < n; j++) {
+        scale[j] = signed_max(x + sub * j, sub) / -levels;
+        smax = fmaxf(smax, fabsf(scale[j]));
+    }
+    put_f16(d_at, smax / 31.0f);
+    float d = gguf_f16_to_f32(gguf_f32_to_f16(smax / 31.0f));
+    for (int j = 0; j < n; j++) sc[j] = d > 0.0f ? clamp_int(scale[j] / d, -32, 31) : 0;
+    return d;
+}
+
+/* Q3_K: per sub-block of 16 a signed scale (the weight of largest magnitude) /
+ * -4 as a 6-bit multiple (-32..31) of the super-block's d; q = round(x / scale)
+ * in -4..3, stored as q + 4: its low 2 bits in qs, the third in hmask. */
+void gguf_quantize_q3_k(const float *x, uint64_t n, void *blocks)
+{
+    unsigned char *b = blocks;
+    for (uint64_t i = 0; i < n; i += GGML_QK_K, x += GGML_QK_K, b += GGML_Q3_K_BYTES) {
+        int sc[16];
+        memset(b, 0, GGML_Q3_K_BYTES);
+        float d = signed_scales(x, 16, 4.0f, sc, b + 108);
+        unsigned char *s = b + 96;
+        for (int j = 0; j < 16; j++) {
+            int u = sc[j] + 32;
+            s[j % 8] |= (uint8_t)(j < 8 ? u & 15 : (u & 15) << 4);
+            s[8 + j % 4] |= (uint8_t)((u >> 4) << (2 * (j / 4)));
+            float dj = d * (float)sc[j];
+            for (int l = 0; l < 16; l++) {
+                int e = 16 * j + l, q = (dj != 0.0f ? clamp_int(x[e] / dj, -4, 3) : 0) + 4;
+                if (q > 3) b[e % 32] |= (uint8_t)(1u << (e / 32));
+                b[32 + 32 * (e / 128) + e % 32] |= (uint8_t)((q & 3) << (2 * ((e % 128) / 32)));
+            }
+        }
+    }
+}
+
+/* IQ4_XS: per sub-block of 32 a signed scale (the weight of largest magnitude)
+ * / -127 as a 6-bit multiple (-32..31) of the super-block's d; IQ4_NL's
+ * indices against it. */
+void gguf_quantize_iq4_xs(const float *x, uint64_t n, void *blocks)
+{
+    unsigned char *b = blocks;
+    for (uint64_t i = 0; i < n; i += GGML_QK_K, x += GGML_QK_K, b += GGML_IQ4_XS_BYTES) {
+        int sc[8];
+        memset(b, 0, GGML_IQ4_XS_BYTES);
+        float d = signed_scales(x, 32, 127.0f, sc, b);
+        unsigned sh = 0;
+        for (int j = 0; j < 8; j++) {
+            int u = sc[j] + 32;
+            b[4 + j / 2] |= (uint8_t)((u & 15) << (4 * (j % 2)));
+            sh |= (unsigned)(u >> 4) << (2 * j);
+            iq4_pack(x + 32 * j, d * (float)sc[j], b + 8 + 16 * j);
+        }
+        b[2] = (uint8_t)(sh & 255);
+        b[3] = (uint8_t)(sh >> 8);
     }
 }
 
@@ -1518,28 +1734,10 @@ static void quantize_k_min(const float *x, uint64_t n, unsigned char *b, int lev
 {
     size_t bytes = levels == 15 ? GGML_Q4_K_BYTES : GGML_Q5_K_BYTES;
     for (uint64_t i = 0; i < n; i += GGML_QK_K, x += GGML_QK_K, b += bytes) {
-        float scale[8], mn[8], smax = 0.0f, mmax = 0.0f;
-        for (int j = 0; j < 8; j++) {
-            float lo = 0.0f, hi = 0.0f;
-            for (int l = 0; l < 32; l++) {
-                lo = fminf(lo, x[32 * j + l]);
-                hi = fmaxf(hi, x[32 * j + l]);
-            }
-            scale[j] = (hi - lo) / (float)levels;
-            mn[j] = -lo;
-            smax = fmaxf(smax, scale[j]);
-            mmax = fmaxf(mmax, mn[j]);
-        }
-        uint16_t hd = gguf_f32_to_f16(smax / 63.0f), hm = gguf_f32_to_f16(mmax / 63.0f);
-        float d = gguf_f16_to_f32(hd), dmin = gguf_f16_to_f32(hm);
         uint8_t sc[8], m[8];
-        for (int j = 0; j < 8; j++) {
-            sc[j] = (uint8_t)(d > 0.0f ? clamp_int(scale[j] / d, 0, 63) : 0);
-            m[j] = (uint8_t)(dmin > 0.0f ? clamp_int(mn[j] / dmin, 0, 63) : 0);
-        }
+        float d, dmin;
         memset(b, 0, bytes);
-        memcpy(b, &hd, 2);
-        memcpy(b + 2, &hm, 2);
+        min_scales(x, 32, levels, 63, sc, m, b, b + 2, &d, &dmin);
         unsigned char *s = b + 4, *qh = b + 16, *qs = b + (levels == 15 ? 16 : 48);
         for (int j = 0; j < 4; j++) {
             s[j] = (uint8_t)((sc[j] & 63) | ((sc[j + 4] >> 4) << 6));

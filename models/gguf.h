@@ -27,18 +27,27 @@ typedef enum {
 /* Tensor element types we understand (ggml numbering). Q8_0 is ggml's block
  * format of 32 weights: an F16 scale d, then 32 int8 q, each weight d * q. */
 typedef enum {
-    GGML_TYPE_F32 = 0, GGML_TYPE_F16 = 1, GGML_TYPE_Q4_0 = 2, GGML_TYPE_Q8_0 = 8, GGML_TYPE_Q4_K = 12, GGML_TYPE_Q5_K = 13,
-    GGML_TYPE_Q6_K = 14,
+    GGML_TYPE_F32 = 0, GGML_TYPE_F16 = 1, GGML_TYPE_Q4_0 = 2, GGML_TYPE_Q4_1 = 3, GGML_TYPE_Q5_0 = 6,
+    GGML_TYPE_Q5_1 = 7, GGML_TYPE_Q8_0 = 8, GGML_TYPE_Q2_K = 10, GGML_TYPE_Q3_K = 11, GGML_TYPE_Q4_K = 12,
+    GGML_TYPE_Q5_K = 13, GGML_TYPE_Q6_K = 14, GGML_TYPE_IQ4_NL = 20, GGML_TYPE_IQ4_XS = 23,
     GGML_TYPE_BF16 = 30
 } ggml_type;
 
-#define GGML_Q8_0_BLOCK 32   /* weights a Q8_0 block holds */
-#define GGML_Q8_0_BYTES 34   /* its bytes: the F16 scale, then 32 int8 */
-#define GGML_Q4_0_BYTES 18   /* Q4_0's: the F16 scale, then 32 4-bit q (core/model.h) */
-#define GGML_QK_K 256        /* weights a k-quant super-block holds (Q4_K, Q6_K: core/model.h) */
+/* Block sizes and bytes of the quantized types (their layouts: core/model.h). */
+#define GGML_Q8_0_BLOCK 32   /* weights a block of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL holds */
+#define GGML_Q8_0_BYTES 34   /* Q8_0's bytes: the F16 scale, then 32 int8 */
+#define GGML_Q4_0_BYTES 18
+#define GGML_Q4_1_BYTES 20
+#define GGML_Q5_0_BYTES 22
+#define GGML_Q5_1_BYTES 24
+#define GGML_IQ4_NL_BYTES 18
+#define GGML_QK_K 256        /* weights a k-quant super-block holds */
+#define GGML_Q2_K_BYTES 84
+#define GGML_Q3_K_BYTES 110
 #define GGML_Q4_K_BYTES 144
-#define GGML_Q6_K_BYTES 210
 #define GGML_Q5_K_BYTES 176
+#define GGML_Q6_K_BYTES 210
+#define GGML_IQ4_XS_BYTES 136
 
 #define GGUF_MAX_DIMS 4
 #define GGUF_DEFAULT_ALIGNMENT 32
@@ -165,9 +174,22 @@ void gguf_quantize_q8_0(const float *x, uint64_t n, void *blocks);
  * q = clamp(round(x / d) + 8, 0, 15). */
 void gguf_quantize_q4_0(const float *x, uint64_t n, void *blocks);
 
-/* Q4_K, Q5_K and Q6_K super-blocks for n finite floats (n a multiple of 256): valid blocks of
- * the format with plain per-sub-block scales (ggml's quantizer searches its
- * scales harder; any valid block is read the same way). */
+/* Q4_1 and Q5_1 blocks (n a multiple of 32), like ggml's reference quantizer:
+ * m = min x, d = (max x - m) / 15 (31), q = round((x - m) / d). Q5_0: Q4_0 with
+ * 5-bit q, d = (the weight of largest magnitude) / -16. IQ4_NL: d = (the weight
+ * of largest magnitude) / -127, each q the nearest of the 16 levels. */
+void gguf_quantize_q4_1(const float *x, uint64_t n, void *blocks);
+void gguf_quantize_q5_0(const float *x, uint64_t n, void *blocks);
+void gguf_quantize_q5_1(const float *x, uint64_t n, void *blocks);
+void gguf_quantize_iq4_nl(const float *x, uint64_t n, void *blocks);
+
+/* Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS super-blocks for n finite floats (n a
+ * multiple of 256): valid blocks of the format with plain per-sub-block scales
+ * (ggml's quantizer searches its scales harder; any valid block is read the
+ * same way). */
+void gguf_quantize_q2_k(const float *x, uint64_t n, void *blocks);
+void gguf_quantize_q3_k(const float *x, uint64_t n, void *blocks);
+void gguf_quantize_iq4_xs(const float *x, uint64_t n, void *blocks);
 void gguf_quantize_q4_k(const float *x, uint64_t n, void *blocks);
 void gguf_quantize_q5_k(const float *x, uint64_t n, void *blocks);
 void gguf_quantize_q6_k(const float *x, uint64_t n, void *blocks);

@@ -250,11 +250,14 @@ static int tensor_want(tensor_loader *L, const char *name, int required, const f
  * instead. */
 static moe_wtype kept_type(const gguf_tensor *t)
 {
-    if (t->type == GGML_TYPE_Q8_0) return MOE_WT_Q8_0;
-    if (t->type == GGML_TYPE_Q4_0) return MOE_WT_Q4_0;
-    if (t->type == GGML_TYPE_Q4_K) return MOE_WT_Q4_K;
-    if (t->type == GGML_TYPE_Q5_K) return MOE_WT_Q5_K;
-    if (t->type == GGML_TYPE_Q6_K) return MOE_WT_Q6_K;
+    static const struct { ggml_type g; moe_wtype m; } quantized[] = {
+        {GGML_TYPE_Q8_0, MOE_WT_Q8_0}, {GGML_TYPE_Q4_0, MOE_WT_Q4_0}, {GGML_TYPE_Q4_1, MOE_WT_Q4_1},
+        {GGML_TYPE_Q5_0, MOE_WT_Q5_0}, {GGML_TYPE_Q5_1, MOE_WT_Q5_1}, {GGML_TYPE_IQ4_NL, MOE_WT_IQ4_NL},
+        {GGML_TYPE_Q2_K, MOE_WT_Q2_K}, {GGML_TYPE_Q3_K, MOE_WT_Q3_K}, {GGML_TYPE_Q4_K, MOE_WT_Q4_K},
+        {GGML_TYPE_Q5_K, MOE_WT_Q5_K}, {GGML_TYPE_Q6_K, MOE_WT_Q6_K}, {GGML_TYPE_IQ4_XS, MOE_WT_IQ4_XS},
+    };
+    for (size_t i = 0; i < sizeof quantized / sizeof quantized[0]; i++)
+        if (t->type == quantized[i].g) return quantized[i].m;
     if ((uintptr_t)t->data % 2 != 0) return MOE_WT_F32;
     if (t->type == GGML_TYPE_F16) return MOE_WT_F16;
     if (t->type == GGML_TYPE_BF16) return MOE_WT_BF16;

@@ -195,21 +195,70 @@ static uint64_t tensor_elems(const synth_tensor *t)
     return t->ne[0] * t->ne[1] * t->ne[2];
 }
 
-/* Matrices are stored in the model's type; vectors (norms, biases, the shared
- * expert gate) stay F32, as llama.cpp's converters and quantizer do, and so do
- * the routers (llama.cpp does not quantize ffn_gate_inp) and Q8_0 matrices
- * whose rows are not whole blocks. */
+/* The type llama.cpp's mixes give a matrix of a model quantized to wtype:
+ * Q2_K keeps the down projections and attn_v in Q3_K, Q3_K_M in Q4_K, Q4_K_M
+ * and Q5_K_M in Q6_K (llama.cpp does so for some layers' down projections; all
+ * here), and all four the output in Q6_K. */
+static ggml_type mix_type(const synth_tensor *t, ggml_type wtype)
+{
+    int output = !strcmp(t->name, "output.weight");
+    int more_bits = strstr(t->name, "ffn_down") || strstr(t->name, "attn_v");
+    switch (wtype) {
+    case GGML_TYPE_Q2_K: return output ? GGML_TYPE_Q6_K : more_bits ? GGML_TYPE_Q3_K : wtype;
+    case GGML_TYPE_Q3_K: return output ? GGML_TYPE_Q6_K : more_bits ? GGML_TYPE_Q4_K : wtype;
+    case GGML_TYPE_Q4_K:
+    case GGML_TYPE_Q5_K: return output || more_bits ? GGML_TYPE_Q6_K : wtype;
+    default: return wtype;
+    }
+}
+
+/* llama.cpp's stand-in for a k-quant whose rows are not whole super-blocks
+ * (Qwen1.5-MoE's experts, 1408 wide, keep their down projections so). */
+static ggml_type row_fallback(ggml_type t)
+{
+    switch (t) {
+    case GGML_TYPE_Q2_K:
+    case GGML_TYPE_Q3_K:
+    case GGML_TYPE_IQ4_XS: return GGML_TYPE_IQ4_NL;
+    case GGML_TYPE_Q4_K: return GGML_TYPE_Q5_0;
+    case GGML_TYPE_Q5_K: return GGML_TYPE_Q5_1;
+    case GGML_TYPE_Q6_K: return GGML_TYPE_Q8_0;
+    default: return t;
+    }
+}
+
+/* Matrices are stored in the model's type (mix_type), or its row_fallback;
+ * vectors (norms, biases, the shared expert gate) stay F32, as llama.cpp's
+ * converters and quantizer do, and so do the routers (llama.cpp does not
+ * quantize ffn_gate_inp) and matrices whose rows are not whole blocks even of
+ * the fallback (llama.cpp would write F16). */
 static ggml_type tensor_type(const synth_tensor *t, ggml_type wtype)
 {
     if (t->n_dims < 2 || strstr(t->name, "ffn_gate_inp")) return GGML_TYPE_F32;
-    /* Q4_K and Q5_K mean llama.cpp's Q4_K_M and Q5_K_M mixes: the down
-     * projections, attn_v and the output in Q6_K (it does so for some layers'
-     * down projections; all here) */
-    if ((wtype == GGML_TYPE_Q4_K || wtype == GGML_TYPE_Q5_K) &&
-        (strstr(t->name, "ffn_down") || strstr(t->name, "attn_v") || !strcmp(t->name, "output.weight")))
-        wtype = GGML_TYPE_Q6_K;
-    if (t->ne[0] % ggml_block_size(wtype)) return GGML_TYPE_F32;
-    return wtype;
+    ggml_type type = mix_type(t, wtype);
+    if (t->ne[0] % ggml_block_size(type)) type = row_fallback(type);
+    return t->ne[0] % ggml_block_size(type) ? GGML_TYPE_F32 : type;
+}
+
+typedef void (*quantizer)(const float *x, uint64_t n, void *blocks);
+
+/* The quantizer of a block type (synth_write admits no other). */
+static quantizer quantizer_of(ggml_type t)
+{
+    switch (t) {
+    case GGML_TYPE_Q8_0: return gguf_quantize_q8_0;
+    case GGML_TYPE_Q4_0: return gguf_quantize_q4_0;
+    case GGML_TYPE_Q4_1: return gguf_quantize_q4_1;
+    case GGML_TYPE_Q5_0: return gguf_quantize_q5_0;
+    case GGML_TYPE_Q5_1: return gguf_quantize_q5_1;
+    case GGML_TYPE_IQ4_NL: return gguf_quantize_iq4_nl;
+    case GGML_TYPE_Q2_K: return gguf_quantize_q2_k;
+    case GGML_TYPE_Q3_K: return gguf_quantize_q3_k;
+    case GGML_TYPE_Q4_K: return gguf_quantize_q4_k;
+    case GGML_TYPE_Q5_K: return gguf_quantize_q5_k;
+    case GGML_TYPE_IQ4_XS: return gguf_quantize_iq4_xs;
+    default: return gguf_quantize_q6_k;
+    }
 }
 
 /* Fills one tensor in place: uniform values with the tensor's mean and std,
@@ -232,11 +281,7 @@ static void tensor_fill(const synth_tensor *t, uint64_t seed, ggml_type type, vo
             block[i % bn] = x;
             if (i % bn != bn - 1) continue;
             unsigned char *at = (unsigned char *)dst + i / bn * bb;
-            if (type == GGML_TYPE_Q8_0) gguf_quantize_q8_0(block, bn, at);
-            else if (type == GGML_TYPE_Q4_0) gguf_quantize_q4_0(block, bn, at);
-            else if (type == GGML_TYPE_Q4_K) gguf_quantize_q4_k(block, bn, at);
-            else if (type == GGML_TYPE_Q5_K) gguf_quantize_q5_k(block, bn, at);
-            else gguf_quantize_q6_k(block, bn, at);
+            quantizer_of(type)(block, bn, at);
         }
     }
 }
@@ -248,6 +293,13 @@ static uint32_t file_type(ggml_type wtype)
     case GGML_TYPE_F16: return 1;
     case GGML_TYPE_Q8_0: return 7;
     case GGML_TYPE_Q4_0: return 2;
+    case GGML_TYPE_Q4_1: return 3;
+    case GGML_TYPE_Q5_0: return 8;
+    case GGML_TYPE_Q5_1: return 9;
+    case GGML_TYPE_Q2_K: return 10;
+    case GGML_TYPE_Q3_K: return 12;   /* MOSTLY_Q3_K_M */
+    case GGML_TYPE_IQ4_NL: return 25;
+    case GGML_TYPE_IQ4_XS: return 30;
     case GGML_TYPE_Q4_K: return 15;   /* MOSTLY_Q4_K_M */
     case GGML_TYPE_Q5_K: return 17;   /* MOSTLY_Q5_K_M */
     case GGML_TYPE_Q6_K: return 18;
@@ -646,6 +698,30 @@ static int tensors_fill(const synth_list *l, const synth_params *p, const char *
     return rc;
 }
 
+static const struct { const char *name; ggml_type t; } synth_types[] = {
+    {"f32", GGML_TYPE_F32}, {"f16", GGML_TYPE_F16}, {"bf16", GGML_TYPE_BF16}, {"q8_0", GGML_TYPE_Q8_0},
+    {"q4_0", GGML_TYPE_Q4_0}, {"q4_1", GGML_TYPE_Q4_1}, {"q5_0", GGML_TYPE_Q5_0}, {"q5_1", GGML_TYPE_Q5_1},
+    {"iq4_nl", GGML_TYPE_IQ4_NL}, {"q2_k", GGML_TYPE_Q2_K}, {"q3_k_m", GGML_TYPE_Q3_K},
+    {"q4_k_m", GGML_TYPE_Q4_K}, {"q5_k_m", GGML_TYPE_Q5_K}, {"q6_k", GGML_TYPE_Q6_K}, {"iq4_xs", GGML_TYPE_IQ4_XS},
+};
+
+int synth_type_from_name(const char *name, ggml_type *t)
+{
+    for (size_t j = 0; name && j < sizeof synth_types / sizeof synth_types[0]; j++)
+        if (!strcmp(name, synth_types[j].name)) {
+            *t = synth_types[j].t;
+            return 0;
+        }
+    return -1;
+}
+
+int synth_writes_type(ggml_type t)
+{
+    for (size_t j = 0; j < sizeof synth_types / sizeof synth_types[0]; j++)
+        if (synth_types[j].t == t) return 1;
+    return 0;
+}
+
 int synth_write(const synth_params *p, const char *out_path, char *err, size_t errlen)
 {
     moe_arch arch = moe_arch_from_name(p->arch);
@@ -654,11 +730,8 @@ int synth_write(const synth_params *p, const char *out_path, char *err, size_t e
                  p->arch ? p->arch : "(null)");
         return -1;
     }
-    if (p->wtype != GGML_TYPE_F32 && p->wtype != GGML_TYPE_F16 && p->wtype != GGML_TYPE_BF16 &&
-        p->wtype != GGML_TYPE_Q8_0 && p->wtype != GGML_TYPE_Q4_0 && p->wtype != GGML_TYPE_Q4_K &&
-        p->wtype != GGML_TYPE_Q5_K && p->wtype != GGML_TYPE_Q6_K) {
-        snprintf(err, errlen, "weight type %s is not one synth writes (f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k)",
-                 ggml_type_name(p->wtype));
+    if (!synth_writes_type(p->wtype)) {
+        snprintf(err, errlen, "weight type %s is not one synth writes (%s)", ggml_type_name(p->wtype), SYNTH_TYPES);
         return -1;
     }
     const moe_arch_info *a = moe_arch_get(arch);

@@ -886,11 +886,11 @@ START_TEST(create_rejects_bad_input)
     ck_assert(strstr(err, "packed_projections") != NULL);
     /* weights that do not validate: a type no kernel reads, a missing matrix */
     static const unsigned char bytes[64];
-    m->L[0].wv_raw = (moe_wraw){bytes, (moe_wtype)9};
+    m->L[0].wv_raw = (moe_wraw){bytes, MOE_WT_COUNT};
     ck_assert_int_eq(moe_engine_create(&m->w, &p, &e, err, sizeof err), -1);
     ck_assert(strstr(err, "layer 0") != NULL && strstr(err, "attention") != NULL);
     m->L[0].wv_raw = (moe_wraw){NULL, MOE_WT_F32};
-    m->w.output_raw = (moe_wraw){bytes, MOE_WT_Q8_0 + 1};
+    m->w.output_raw = (moe_wraw){bytes, MOE_WT_Q4_K};   /* rows not whole super-blocks */
     ck_assert_int_eq(moe_engine_create(&m->w, &p, &e, err, sizeof err), -1);
     ck_assert(strstr(err, "output") != NULL);
     m->w.output_raw = (moe_wraw){NULL, MOE_WT_F32};

@@ -846,8 +846,8 @@ START_TEST(bad_type_ids)
     expect_reject(&b, "nested arrays");
     free(b.p);
 
-    s.a_type = 3;
-    reject_spec(s, "type 3 (q4_1) is not supported");
+    s.a_type = 16;
+    reject_spec(s, "type 16 (iq2_xxs) is not supported");
     s.a_type = 12;
     reject_spec(s, "q4_K");
     s.a_type = 1000;
@@ -995,7 +995,7 @@ START_TEST(writer_rejects_bad_tensors)
     ck_assert_int_eq(gguf_writer_add_tensor(w, "x", GGML_TYPE_F32, 1, ne, x), -1);
     ck_assert_int_eq(gguf_writer_add_tensor(w, "y", GGML_TYPE_F32, 1, zero, x), -1);
     ck_assert_int_eq(gguf_writer_add_tensor(w, "y", GGML_TYPE_F32, 5, ne5, x), -1);
-    ck_assert_int_eq(gguf_writer_add_tensor(w, "y", (ggml_type)3, 1, ne, x), -1);   /* q4_1: not written */
+    ck_assert_int_eq(gguf_writer_add_tensor(w, "y", (ggml_type)16, 1, ne, x), -1);  /* iq2_xxs: not written */
     ck_assert_int_eq(gguf_writer_add_tensor(w, "y", GGML_TYPE_Q8_0, 1, ne, x), -1); /* 4 < a block */
     ck_assert_int_eq(gguf_writer_add_tensor(w, "y", GGML_TYPE_F32, 1, ne, NULL), -1);
     const char *path = tmp_file("bad.gguf");

@@ -53,6 +53,13 @@ static const golden_case cases[] = {
     {"qwen3moe", "tiny256", GGML_TYPE_Q4_K, 0},
     {"olmoe", "tiny256", GGML_TYPE_Q5_K, 0},     /* Q5_K_M: Q5_K and Q6_K */
     {"llama", "tiny256", GGML_TYPE_Q6_K, 0},
+    {"llama", "tiny", GGML_TYPE_Q4_1, 0},
+    {"qwen3moe", "tiny", GGML_TYPE_IQ4_NL, 0},
+    {"qwen2moe", "tiny", GGML_TYPE_Q4_K, 0},     /* rows not whole super-blocks: Q5_0 and Q8_0 */
+    {"olmoe", "tiny", GGML_TYPE_Q5_K, 0},        /* likewise: Q5_1 and Q8_0 */
+    {"llama", "tiny256", GGML_TYPE_Q2_K, 0},     /* the Q2_K mix: Q2_K, Q3_K and Q6_K */
+    {"qwen2moe", "tiny256", GGML_TYPE_Q3_K, 0},  /* Q3_K_M: Q3_K, Q4_K and Q6_K */
+    {"olmoe", "tiny256", GGML_TYPE_IQ4_XS, 0},
     {"llama", "tiny", GGML_TYPE_F32, 1},
 };
 

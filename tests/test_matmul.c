@@ -220,20 +220,6 @@ START_TEST(q8_0_blocks_round_trip)
         }
         ck_assert(top);
     }
-    /* Q4_0: d = (the weight of largest magnitude) / -8, within a step of d (the
-     * largest weight's opposite side clips at 7 steps) */
-    gguf_quantize_q4_0(src, n, q);
-    wconv_rows(back, q, n, MOE_WT_Q4_0);
-    for (size_t b = 0; b < n / 32; b++) {
-        uint16_t h;
-        memcpy(&h, q + b * 18, 2);
-        float d = fabsf(gguf_f16_to_f32(h));
-        for (int i = 0; i < 32; i++) {
-            size_t j = b * 32 + i;
-            ck_assert_msg(fabsf(back[j] - src[j]) <= d * 1.001f + 1e-7f, "q4_0 weight %zu: %g from %g", j,
-                          (double)back[j], (double)src[j]);
-        }
-    }
     free(src);
     free(back);
     free(q);
@@ -277,51 +263,65 @@ START_TEST(k_quants_round_trip)
 }
 END_TEST
 
-/* Weights narrower than F32 (F16, BF16, Q8_0, Q4_K, Q6_K) widened as they are read give the
- * bits of matmul_range on the widened weights, for every x-row count of each
- * kernel (1-4 streamed, from 5 in pairs, in passes of 8 rows, from the sgemm
- * switch widened into scratch for sgemm), k with and without a vector tail
- * (16-bit), Q8_0 at odd addresses with zero and negative scales, odd slices,
- * and only the slice's columns written. */
+/* The types of wq_equals_widened_f32: each with its quantizer (NULL: 16-bit,
+ * rows with and without a vector tail) and a byte of the second or third row's
+ * first block to flip (-1: none), a scale made negative or a min flipped. */
+typedef struct {
+    moe_wtype wt;
+    void (*quantize)(const float *x, uint64_t n, void *blocks);
+    int flip_row, flip_byte;
+} wq_case;
+
+static const wq_case wq_cases[] = {
+    {MOE_WT_F16, NULL, -1, 0},
+    {MOE_WT_BF16, NULL, -1, 0},
+    {MOE_WT_Q8_0, gguf_quantize_q8_0, 2, 1},      /* a negative scale */
+    {MOE_WT_Q4_0, gguf_quantize_q4_0, 1, 1},      /* a flipped scale */
+    {MOE_WT_Q4_1, gguf_quantize_q4_1, 1, 3},      /* a flipped min */
+    {MOE_WT_Q5_0, gguf_quantize_q5_0, 1, 1},
+    {MOE_WT_Q5_1, gguf_quantize_q5_1, 2, 3},
+    {MOE_WT_IQ4_NL, gguf_quantize_iq4_nl, 1, 1},
+    {MOE_WT_Q2_K, gguf_quantize_q2_k, 1, 83},     /* a negative dmin */
+    {MOE_WT_Q3_K, gguf_quantize_q3_k, 1, 109},    /* a negative d */
+    {MOE_WT_Q4_K, gguf_quantize_q4_k, -1, 0},
+    {MOE_WT_Q5_K, gguf_quantize_q5_k, -1, 0},
+    {MOE_WT_Q6_K, gguf_quantize_q6_k, 1, 209},    /* a negative d */
+    {MOE_WT_IQ4_XS, gguf_quantize_iq4_xs, 2, 1},  /* a negative d */
+};
+
+/* Weights narrower than F32 (16-bit, blocks of 32, k-quants) widened as they are
+ * read give the bits of matmul_range on the widened weights, for every x-row
+ * count of each kernel (1-4 streamed, from 5 in pairs, in passes of 8 rows,
+ * from the sgemm switch widened into scratch for sgemm), k with and without a
+ * vector tail (16-bit), quantized blocks at odd addresses with zero and
+ * negative scales, odd slices, and only the slice's columns written. */
 START_TEST(wq_equals_widened_f32)
 {
     rng_state = 77;
     int ms[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 40, 0};
     ms[14] = matmul_sgemm_min_rows() + 3;
-    static const moe_wtype types[7] = {MOE_WT_F16, MOE_WT_BF16, MOE_WT_Q8_0, MOE_WT_Q4_K, MOE_WT_Q6_K, MOE_WT_Q5_K,
-                                       MOE_WT_Q4_0};
-    for (int t = 0; t < 7; t++) {
-        moe_wtype wt = types[t];
-        /* 16-bit: with and without a vector tail; quantized rows are whole blocks */
+    for (size_t t = 0; t < sizeof wq_cases / sizeof wq_cases[0]; t++) {
+        const wq_case *c = &wq_cases[t];
+        moe_wtype wt = c->wt;
         int ks16[] = {64, 100, 1024 + 7}, ksq[] = {32, 96, 1024}, ksk[] = {256, 512, 1024};
         for (size_t ik = 0; ik < 3; ik++) {
-            int k = wt == MOE_WT_Q8_0 || wt == MOE_WT_Q4_0 ? ksq[ik] : t > 2 ? ksk[ik] : ks16[ik], n = 37, n0 = 3, n1 = 36;
+            int k = !c->quantize ? ks16[ik] : moe_wtype_block(wt) == 32 ? ksq[ik] : ksk[ik], n = 37, n0 = 3, n1 = 36;
             size_t rb = moe_wtype_row_bytes(wt, (size_t)k), nw = (size_t)n * k;
             /* quantized ones a byte off alignment, as their blocks lie in a file */
-            size_t off = t >= 2 ? 1 : 0;
+            size_t off = c->quantize ? 1 : 0;
             unsigned char *buf = malloc((size_t)n * rb + off), *wq = buf + off;
             float *wf = malloc(nw * sizeof *wf), *src = rand_array(nw);
             float *scratch = malloc(nw * sizeof *scratch);
             ck_assert(buf && wf && scratch);
-            if (wt == MOE_WT_Q8_0) {
-                for (int i = 0; i < 32; i++) src[k + i] = 0.0f;  /* a block of scale 0 */
-                gguf_quantize_q8_0(src, nw, wq);
-                wq[2 * rb + 1] |= 0x80;                           /* a negative scale */
-            } else if (wt == MOE_WT_Q4_0) {
-                gguf_quantize_q4_0(src, nw, wq);
-                wq[rb + 1] ^= 0x80;                               /* a flipped scale */
-            } else if (wt == MOE_WT_Q4_K) {
-                gguf_quantize_q4_k(src, nw, wq);
-            } else if (wt == MOE_WT_Q5_K) {
-                gguf_quantize_q5_k(src, nw, wq);
-            } else if (wt == MOE_WT_Q6_K) {
-                gguf_quantize_q6_k(src, nw, wq);
-                wq[rb + 209] |= 0x80;                             /* a negative d */
+            if (c->quantize) {
+                for (int i = 0; i < 32; i++) src[k + i] = 0.0f;  /* a block (or sub-block) of zeros */
+                c->quantize(src, nw, wq);
+                if (c->flip_row >= 0) wq[(size_t)c->flip_row * rb + (size_t)c->flip_byte] ^= 0x80;
             } else {
                 for (size_t i = 0; i < nw; i++) {
                     uint32_t bits;
                     memcpy(&bits, &src[i], 4);
-                    uint16_t h = t ? (uint16_t)(bits >> 16) : gguf_f32_to_f16(src[i]);
+                    uint16_t h = wt == MOE_WT_BF16 ? (uint16_t)(bits >> 16) : gguf_f32_to_f16(src[i]);
                     memcpy(wq + 2 * i, &h, 2);
                 }
             }
@@ -347,6 +347,122 @@ START_TEST(wq_equals_widened_f32)
             free(scratch);
         }
     }
+}
+END_TEST
+
+static float f16_at(const unsigned char *p)
+{
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return gguf_f16_to_f32(h);
+}
+
+static void range_of(const float *x, int n, float *lo, float *hi, float *amax)
+{
+    *lo = *hi = x[0];
+    for (int i = 1; i < n; i++) {
+        *lo = fminf(*lo, x[i]);
+        *hi = fmaxf(*hi, x[i]);
+    }
+    *amax = fmaxf(fabsf(*lo), fabsf(*hi));
+}
+
+/* Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K and IQ4_XS as the quantizer writes them
+ * read back within the error of their format (half a step where q rounds,
+ * plus the clipping that the factors' own 4- or 6-bit and F16 rounding can
+ * cause; comments give each bound). */
+START_TEST(legacy_and_small_quants_round_trip)
+{
+    rng_state = 13;
+    size_t n = 256 * 6;
+    float *src = rand_array(n), *back = malloc(n * sizeof *back);
+    unsigned char *q = malloc(n / 32 * 24);
+    ck_assert(back && q);
+    src[300] = 4.0f;
+    src[700] = -3.0f;
+    static const moe_wtype types[] = {MOE_WT_Q4_0, MOE_WT_Q4_1, MOE_WT_Q5_0, MOE_WT_Q5_1, MOE_WT_IQ4_NL,
+                                      MOE_WT_Q2_K, MOE_WT_Q3_K, MOE_WT_IQ4_XS};
+    static void (*const quant[])(const float *, uint64_t, void *) = {
+        gguf_quantize_q4_0, gguf_quantize_q4_1, gguf_quantize_q5_0, gguf_quantize_q5_1, gguf_quantize_iq4_nl,
+        gguf_quantize_q2_k, gguf_quantize_q3_k, gguf_quantize_iq4_xs};
+    for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
+        moe_wtype wt = types[t];
+        size_t blk = moe_wtype_block(wt), bb = moe_wtype_row_bytes(wt, blk);
+        int sub = wt == MOE_WT_Q2_K || wt == MOE_WT_Q3_K ? 16 : 32;
+        quant[t](src, n, q);
+        wconv_rows(back, q, n, wt);
+        for (size_t s0 = 0; s0 < n; s0 += (size_t)sub) {
+            const unsigned char *b = q + s0 / blk * bb;
+            float lo, hi, amax, tol;
+            range_of(src + s0, sub, &lo, &hi, &amax);
+            switch (wt) {
+            case MOE_WT_Q4_1:   /* half of (max - min) / 15, d and m rounded to F16 */
+            case MOE_WT_Q5_1:
+                tol = 0.51f * (hi - lo) / (wt == MOE_WT_Q4_1 ? 15.0f : 31.0f) + 2e-3f * (hi - lo + fabsf(lo));
+                break;
+            case MOE_WT_Q4_0:   /* d = amax / 8 (Q5_0: 16); the far side clips at 7 (15) steps */
+            case MOE_WT_Q5_0:
+                tol = 1.01f * amax / (wt == MOE_WT_Q4_0 ? 8.0f : 16.0f);
+                break;
+            case MOE_WT_IQ4_NL: /* d = amax / 127; levels up to 24 apart, the far side clips at 113 */
+                tol = 14.01f * amax / 127.0f;
+                break;
+            case MOE_WT_Q2_K: { /* half a step (max(hi, 0) - min(lo, 0)) / 3, the 4-bit scale
+                                 * clipping 3 steps of d / 2, the min d_min / 2 */
+                float s = (fmaxf(hi, 0.0f) - fminf(lo, 0.0f)) / 3.0f;
+                tol = 0.5f * s + 2.0f * f16_at(b + 80) + 0.51f * f16_at(b + 82);
+                break;
+            }
+            case MOE_WT_Q3_K:   /* a step amax / 4, the 6-bit scale clipping 4 steps of d / 2 */
+                tol = 1.01f * amax / 4.0f + 2.01f * fabsf(f16_at(b + 108));
+                break;
+            default:            /* IQ4_XS: IQ4_NL's 14 steps of amax / 127, 127 of d / 2 */
+                tol = 14.01f * amax / 127.0f + 71.0f * fabsf(f16_at(b));
+                break;
+            }
+            for (int l = 0; l < sub; l++)
+                ck_assert_msg(fabsf(back[s0 + l] - src[s0 + l]) <= tol + 1e-6f, "%s weight %zu: %g from %g (tol %g)",
+                              moe_wtype_name(wt), s0 + l, (double)back[s0 + l], (double)src[s0 + l], (double)tol);
+        }
+    }
+    free(src);
+    free(back);
+    free(q);
+}
+END_TEST
+
+/* Every quantized type's vector widening (wconv_rows) gives the bits of its
+ * scalar definition, weight by weight, blocks at an odd address, including a
+ * block of zeros and flipped signs of scales and mins. */
+START_TEST(widening_equals_scalar_definition)
+{
+    rng_state = 31;
+    size_t n = 256 * 8;
+    float *src = rand_array(n), *back = malloc(n * sizeof *back);
+    unsigned char *buf = malloc(n / 256 * 210 * 2 + 1), *q = buf + 1;
+    ck_assert(back && buf);
+    for (int i = 0; i < 32; i++) src[256 + i] = 0.0f;
+    for (size_t t = 0; t < sizeof wq_cases / sizeof wq_cases[0]; t++) {
+        const wq_case *c = &wq_cases[t];
+        if (!c->quantize) continue;
+        size_t blk = moe_wtype_block(c->wt), bb = moe_wtype_row_bytes(c->wt, blk);
+        c->quantize(src, n, q);
+        if (c->flip_row >= 0) q[(size_t)c->flip_row * bb + (size_t)c->flip_byte] ^= 0x80;
+        wconv_rows(back, q, n, c->wt);
+        for (size_t b = 0; b < n / blk; b++) {
+            const unsigned char *at = q + b * bb;
+            float ks[32];
+            if (blk == MOE_QK_K) wconv_k_scales(at, c->wt, ks);
+            for (size_t e = 0; e < blk; e++) {
+                float want = blk == MOE_QK_K ? wconv_k_weight(at, c->wt, ks, (int)e) : wconv_b32_weight(at, c->wt, (int)e);
+                ck_assert_msg(memcmp(&want, &back[b * blk + e], sizeof want) == 0, "%s block %zu weight %zu: %a, not %a",
+                              moe_wtype_name(c->wt), b, e, (double)back[b * blk + e], (double)want);
+            }
+        }
+    }
+    free(src);
+    free(back);
+    free(buf);
 }
 END_TEST
 
@@ -379,6 +495,8 @@ int main(void)
     tcase_add_test(tc, q8_0_blocks_round_trip);
     tcase_add_test(tc, k_quants_round_trip);
     tcase_add_test(tc, wq_equals_widened_f32);
+    tcase_add_test(tc, widening_equals_scalar_definition);
+    tcase_add_test(tc, legacy_and_small_quants_round_trip);
     suite_add_tcase(s, tc);
     return tu_run_suite(s);
 }

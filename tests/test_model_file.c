@@ -79,6 +79,40 @@ typedef struct {
     int pad_len;                /* length of an extra string key (shifts the data section) */
 } edit;
 
+/* Weight j of a block of 32 (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL) by the
+ * format's definition (core/model.h), written apart from core/wconv. */
+static float b32_definition(const uint8_t *blk, ggml_type t, int j)
+{
+    static const int levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+    uint16_t hv;
+    memcpy(&hv, blk, 2);
+    float d = gguf_f16_to_f32(hv);
+    if (t == GGML_TYPE_Q8_0) return d * (float)(int8_t)blk[2 + j];
+    int at = t == GGML_TYPE_Q4_1 ? 4 : t == GGML_TYPE_Q5_0 ? 6 : t == GGML_TYPE_Q5_1 ? 8 : 2;
+    int q = j < 16 ? blk[at + j] & 15 : blk[at + j - 16] >> 4;
+    if (t == GGML_TYPE_Q5_0 || t == GGML_TYPE_Q5_1) {
+        const uint8_t *h = blk + at - 4;   /* the fifth bits, little-endian, bit j for weight j */
+        q |= ((h[j / 8] >> (j % 8)) & 1) << 4;
+    }
+    if (t == GGML_TYPE_Q4_0) return d * (float)(q - 8);
+    if (t == GGML_TYPE_Q5_0) return d * (float)(q - 16);
+    if (t == GGML_TYPE_IQ4_NL) return d * (float)levels[q];
+    memcpy(&hv, blk + 2, 2);
+    return d * (float)q + gguf_f16_to_f32(hv);   /* Q4_1, Q5_1: + m */
+}
+
+static moe_wtype kquant_of(ggml_type t)
+{
+    switch (t) {
+    case GGML_TYPE_Q2_K: return MOE_WT_Q2_K;
+    case GGML_TYPE_Q3_K: return MOE_WT_Q3_K;
+    case GGML_TYPE_Q4_K: return MOE_WT_Q4_K;
+    case GGML_TYPE_Q5_K: return MOE_WT_Q5_K;
+    case GGML_TYPE_Q6_K: return MOE_WT_Q6_K;
+    default: return MOE_WT_IQ4_XS;
+    }
+}
+
 /* Copies src to dst with one edit (keys in order, tensors by reference). */
 static void rewrite(const char *src, const char *dst, const edit *e)
 {
@@ -129,31 +163,19 @@ static void rewrite(const char *src, const char *dst, const edit *e)
             data = h;
             type = GGML_TYPE_BF16;
         }
-        if (e->to_f32 && (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_BF16 || t->type == GGML_TYPE_Q8_0 ||
-                          t->type == GGML_TYPE_Q4_0 || t->type == GGML_TYPE_Q4_K || t->type == GGML_TYPE_Q5_K ||
-                          t->type == GGML_TYPE_Q6_K)) {
+        if (e->to_f32 && t->type != GGML_TYPE_F32) {
             ck_assert_int_lt(n_bf16, 256);
             float *fl = malloc(t->n_elements * sizeof *fl);
             ck_assert_ptr_nonnull(fl);
-            /* k-quants as core/wconv reads them (the golden tests check that
-             * against the numpy reader) */
-            for (uint64_t j = 0; j < t->n_elements && t->type == GGML_TYPE_Q4_0; j++) {
-                /* the definition: d * (q - 8), low nibbles first */
-                const uint8_t *blk = (const uint8_t *)t->data + j / 32 * 18;
-                uint16_t hv;
-                memcpy(&hv, blk, 2);
-                int q = j % 32 < 16 ? blk[2 + j % 16] & 15 : blk[2 + j % 16] >> 4;
-                fl[j] = gguf_f16_to_f32(hv) * (float)(q - 8);
-            }
-            if (t->type == GGML_TYPE_Q4_K || t->type == GGML_TYPE_Q5_K || t->type == GGML_TYPE_Q6_K)
-                wconv_rows(fl, t->data, t->n_elements,
-                           t->type == GGML_TYPE_Q4_K ? MOE_WT_Q4_K : t->type == GGML_TYPE_Q5_K ? MOE_WT_Q5_K : MOE_WT_Q6_K);
-            for (uint64_t j = 0; j < t->n_elements && t->type == GGML_TYPE_Q8_0; j++) {
-                /* the definition, not wconv_rows: d * q */
-                const uint8_t *blk = (const uint8_t *)t->data + j / 32 * 34;
-                uint16_t hv;
-                memcpy(&hv, blk, 2);
-                fl[j] = gguf_f16_to_f32(hv) * (float)(int8_t)blk[2 + j % 32];
+            if (ggml_block_size(t->type) == 32) {
+                /* the definitions (b32_definition), not core/wconv */
+                size_t bb = ggml_type_size(t->type);
+                for (uint64_t j = 0; j < t->n_elements; j++)
+                    fl[j] = b32_definition((const uint8_t *)t->data + j / 32 * bb, t->type, (int)(j % 32));
+            } else if (ggml_block_size(t->type) == 256) {
+                /* k-quants as core/wconv reads them (the golden tests check that
+                 * against the numpy reader) */
+                wconv_rows(fl, t->data, t->n_elements, kquant_of(t->type));
             }
             for (uint64_t j = 0; j < t->n_elements && (t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_BF16); j++) {
                 uint16_t hv;
@@ -513,19 +535,29 @@ typedef struct {
     moe_wtype want;     /* the routed experts' (dense: the FFN's) gate type */
     int misaligned;     /* rewritten so the experts sit at odd addresses */
     int shexp;          /* a shared expert kept in the same type */
-    int k_mix;          /* the Q4_K_M / Q5_K_M mix: down and attn_v in Q6_K */
+    moe_wtype more;     /* a mix's type of the down projections and attn_v (F32: no mix) */
 } narrow_case;
 
 static const narrow_case narrow_cases[] = {
-    {NULL, NULL, GGML_TYPE_F16, MOE_WT_F16, 0, 0, 0},
-    {NULL, NULL, GGML_TYPE_BF16, MOE_WT_BF16, 0, 0, 0},
-    {"qwen3moe", "tiny", GGML_TYPE_Q8_0, MOE_WT_Q8_0, 1, 0, 0},
-    {"qwen2moe", "tiny", GGML_TYPE_Q8_0, MOE_WT_Q8_0, 0, 1, 0},
-    {"llama", "dense", GGML_TYPE_Q8_0, MOE_WT_Q8_0, 0, 0, 0},
-    {"qwen3moe", "tiny256", GGML_TYPE_Q4_K, MOE_WT_Q4_K, 1, 0, 1},
-    {"qwen2moe", "tiny256", GGML_TYPE_Q4_K, MOE_WT_Q4_K, 0, 1, 1},
-    {"olmoe", "tiny256", GGML_TYPE_Q5_K, MOE_WT_Q5_K, 0, 0, 1},
-    {"qwen2moe", "tiny", GGML_TYPE_Q4_0, MOE_WT_Q4_0, 1, 1, 0},
+    {NULL, NULL, GGML_TYPE_F16, MOE_WT_F16, 0, 0, MOE_WT_F32},
+    {NULL, NULL, GGML_TYPE_BF16, MOE_WT_BF16, 0, 0, MOE_WT_F32},
+    {"qwen3moe", "tiny", GGML_TYPE_Q8_0, MOE_WT_Q8_0, 1, 0, MOE_WT_F32},
+    {"qwen2moe", "tiny", GGML_TYPE_Q8_0, MOE_WT_Q8_0, 0, 1, MOE_WT_F32},
+    {"llama", "dense", GGML_TYPE_Q8_0, MOE_WT_Q8_0, 0, 0, MOE_WT_F32},
+    {"qwen3moe", "tiny256", GGML_TYPE_Q4_K, MOE_WT_Q4_K, 1, 0, MOE_WT_Q6_K},
+    {"qwen2moe", "tiny256", GGML_TYPE_Q4_K, MOE_WT_Q4_K, 0, 1, MOE_WT_Q6_K},
+    {"olmoe", "tiny256", GGML_TYPE_Q5_K, MOE_WT_Q5_K, 0, 0, MOE_WT_Q6_K},
+    {"qwen2moe", "tiny", GGML_TYPE_Q4_0, MOE_WT_Q4_0, 1, 1, MOE_WT_F32},
+    {"llama", "tiny", GGML_TYPE_Q4_1, MOE_WT_Q4_1, 1, 0, MOE_WT_F32},
+    {"llama", "dense", GGML_TYPE_Q5_0, MOE_WT_Q5_0, 0, 0, MOE_WT_F32},
+    {"qwen3moe", "tiny", GGML_TYPE_IQ4_NL, MOE_WT_IQ4_NL, 1, 0, MOE_WT_F32},
+    /* Q4_K_M and Q5_K_M of rows that are not whole super-blocks: llama.cpp's
+     * fallbacks, Q5_0 or Q5_1 and Q8_0 (Qwen1.5-MoE's files) */
+    {"qwen2moe", "tiny", GGML_TYPE_Q4_K, MOE_WT_Q5_0, 0, 1, MOE_WT_Q8_0},
+    {"olmoe", "tiny", GGML_TYPE_Q5_K, MOE_WT_Q5_1, 1, 0, MOE_WT_Q8_0},
+    {"llama", "tiny256", GGML_TYPE_Q2_K, MOE_WT_Q2_K, 1, 0, MOE_WT_Q3_K},
+    {"qwen2moe", "tiny256", GGML_TYPE_Q3_K, MOE_WT_Q3_K, 0, 1, MOE_WT_Q4_K},
+    {"olmoe", "tiny256", GGML_TYPE_IQ4_XS, MOE_WT_IQ4_XS, 1, 0, MOE_WT_F32},
 };
 
 /* Writes case c's file to src (fx->other is scratch), or names the fixture. */
@@ -568,10 +600,10 @@ START_TEST(experts_narrow_equal_their_f32_widening)
         const moe_layer_weights *la0 = &a->weights.layers[0], *lb0 = &b->weights.layers[0];
         ck_assert_int_eq(a->weights.hp.n_expert ? la0->exp_raw.type : la0->ffn_raw.type, c->want);
         if (c->shexp) ck_assert_int_eq(la0->shexp_raw.type, c->want);
-        if (c->k_mix) {
+        if (c->more != MOE_WT_F32) {
             ck_assert_int_eq(la0->exp_raw.up_type, c->want);
-            ck_assert_int_eq(la0->exp_raw.down_type, MOE_WT_Q6_K);
-            ck_assert_int_eq(la0->wv_raw.type, MOE_WT_Q6_K);
+            ck_assert_int_eq(la0->exp_raw.down_type, c->more);
+            ck_assert_int_eq(la0->wv_raw.type, c->more);
             ck_assert_int_eq(la0->wq_raw.type, c->want);
         }
         ck_assert_int_eq(lb0->exp_raw.type, MOE_WT_F32);
@@ -764,10 +796,10 @@ START_TEST(unsupported_tensor_type_is_named)
 {
     fixture fx;
     fixture_synth(&fx, "llama", "tiny", GGML_TYPE_F32);
-    patch_tensor_type(fx.path, "blk.1.attn_v.weight", 11);   /* q3_K: not read */
+    patch_tensor_type(fx.path, "blk.1.attn_v.weight", 9);    /* q8_1: not read */
     const char *msg = load_error(fx.path);
     ck_assert_err_has(msg, "blk.1.attn_v.weight");
-    ck_assert_err_has(msg, "q3_K");
+    ck_assert_err_has(msg, "q8_1");
     fixture_done(&fx);
     /* a type that is read, but rows of 64 are not whole super-blocks of 256 */
     fixture_synth(&fx, "llama", "tiny", GGML_TYPE_F32);

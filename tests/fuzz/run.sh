@@ -60,6 +60,13 @@ model)
     build/moe synth --arch qwen2moe --preset tiny256 --seed 5 --type q4_k_m -o "$CORPUS/qwen2moe-q4_k_m.gguf" >/dev/null
     build/moe synth --arch olmoe --preset tiny256 --seed 6 --type q5_k_m -o "$CORPUS/olmoe-q5_k_m.gguf" >/dev/null
     build/moe synth --arch llama --preset tiny --seed 7 --type q4_0 -o "$CORPUS/llama-q4_0.gguf" >/dev/null
+    build/moe synth --arch qwen2moe --preset tiny --seed 8 --type q4_k_m -o "$CORPUS/qwen2moe-q5_0.gguf" >/dev/null
+    build/moe synth --arch olmoe --preset tiny --seed 9 --type q5_k_m -o "$CORPUS/olmoe-q5_1.gguf" >/dev/null
+    build/moe synth --arch llama --preset tiny --seed 10 --type q4_1 -o "$CORPUS/llama-q4_1.gguf" >/dev/null
+    build/moe synth --arch qwen3moe --preset tiny --seed 11 --type iq4_nl -o "$CORPUS/qwen3moe-iq4_nl.gguf" >/dev/null
+    build/moe synth --arch llama --preset tiny256 --seed 12 --type q2_k -o "$CORPUS/llama-q2_k.gguf" >/dev/null
+    build/moe synth --arch qwen2moe --preset tiny256 --seed 13 --type q3_k_m -o "$CORPUS/qwen2moe-q3_k_m.gguf" >/dev/null
+    build/moe synth --arch olmoe --preset tiny256 --seed 14 --type iq4_xs -o "$CORPUS/olmoe-iq4_xs.gguf" >/dev/null
     if [ -d ../shared/testdata/vocab ]; then
         cp ../shared/testdata/vocab/*.gguf "$CORPUS/"
     else

@@ -18,9 +18,14 @@ _SCALAR = {
 }
 
 # ggml tensor types we read: id -> (elements per block, bytes per block)
-F32, F16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 8, 12, 13, 14, 30
-_TENSOR_TYPES = {F32: (1, 4), F16: (1, 2), Q4_0: (32, 18), Q8_0: (32, 34), Q4_K: (256, 144), Q5_K: (256, 176),
-                 Q6_K: (256, 210), BF16: (1, 2)}
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, BF16 = 0, 1, 2, 3, 6, 7, 8, 30
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS = 10, 11, 12, 13, 14, 20, 23
+_TENSOR_TYPES = {F32: (1, 4), F16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24),
+                 Q8_0: (32, 34), IQ4_NL: (32, 18), Q2_K: (256, 84), Q3_K: (256, 110), Q4_K: (256, 144),
+                 Q5_K: (256, 176), Q6_K: (256, 210), IQ4_XS: (256, 136), BF16: (1, 2)}
+
+# IQ4_NL's and IQ4_XS's 16 non-linear levels (ggml's kvalues_iq4nl)
+_IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
 
 
 def _f16(raw, offset, nb, stride):
@@ -69,6 +74,89 @@ def _q6_k(raw, nb):
         q[:, h, 3] = (ql[:, 32:] >> 4) | (((qh >> 6) & 3) << 4)
     q = (q - 32).reshape(nb, 16, 16).astype(np.float32)
     return ((d[:, None] * sc)[:, :, None] * q).reshape(nb * 256)
+
+
+def _block32(raw, ttype):
+    """ggml's blocks of 32: an f16 d, then (Q4_1, Q5_1) an f16 m, (Q5_0, Q5_1) a
+    little-endian u32 of fifth bits, bit j for weight j, then 16 bytes of
+    nibbles, low ones the first 16 weights. Q4_1, Q5_1: d * q + m; Q5_0: d *
+    (q - 16); IQ4_NL: d * level[q]. In float32, as ggml computes them."""
+    fields = [("d", "<f2")]
+    if ttype in (Q4_1, Q5_1):
+        fields.append(("m", "<f2"))
+    if ttype in (Q5_0, Q5_1):
+        fields.append(("qh", "<u4"))
+    fields.append(("q", "u1", 16))
+    blocks = np.frombuffer(raw, dtype=np.dtype(fields))
+    q = np.concatenate([blocks["q"] & 15, blocks["q"] >> 4], axis=1).astype(np.int64)
+    if ttype in (Q5_0, Q5_1):
+        bits = (blocks["qh"][:, None].astype(np.int64) >> np.arange(32)[None, :]) & 1
+        q |= bits << 4
+    d = blocks["d"].astype(np.float32)[:, None]
+    if ttype == IQ4_NL:
+        return (d * _IQ4_LEVELS[q]).reshape(-1)
+    if ttype == Q5_0:
+        return (d * (q - 16).astype(np.float32)).reshape(-1)
+    return (d * q.astype(np.float32) + blocks["m"].astype(np.float32)[:, None]).reshape(-1)
+
+
+def _two_bit(qs, nb):
+    """Q2_K's and Q3_K's 2-bit q: weight 128n + 32j + l at bits 2j of byte 32n + l."""
+    q = np.empty((nb, 2, 4, 32), np.int32)
+    for n in range(2):
+        for j in range(4):
+            q[:, n, j, :] = (qs[:, 32 * n:32 * n + 32] >> (2 * j)) & 3
+    return q.reshape(nb, 256)
+
+
+def _q2_k(raw, nb):
+    """ggml's Q2_K: per sub-block s of 16, (d * (sc_s & 15)) * q - dmin * (sc_s >> 4)."""
+    u8 = np.frombuffer(raw, dtype=np.uint8).reshape(nb, 84).astype(np.int32)
+    d, dmin = _f16(raw, 80, nb, 84), _f16(raw, 82, nb, 84)
+    sc = u8[:, :16]
+    q = _two_bit(u8[:, 16:80], nb).reshape(nb, 16, 16).astype(np.float32)
+    dl = (d[:, None] * (sc & 15).astype(np.float32))[:, :, None]
+    ml = (dmin[:, None] * (sc >> 4).astype(np.float32))[:, :, None]
+    return (dl * q - ml).reshape(nb * 256)
+
+
+def _q3_k(raw, nb):
+    """ggml's Q3_K: per sub-block s of 16, (d * (sc_s - 32)) * (q - 4), the 4 not
+    taken when weight e's bit e // 32 of hmask[e % 32] is set. The sixteen 6-bit
+    scales unpacked as ggml does, through four u32 words."""
+    u8 = np.frombuffer(raw, dtype=np.uint8).reshape(nb, 110)
+    d = _f16(raw, 108, nb, 110)
+    aux = np.zeros((nb, 4), np.uint32)
+    aux[:, :3] = u8[:, 96:108].copy().view("<u4")
+    tmp = aux[:, 2].copy()
+    k1, k2 = np.uint32(0x03030303), np.uint32(0x0F0F0F0F)
+    a0, a1 = aux[:, 0].copy(), aux[:, 1].copy()
+    aux[:, 2] = ((a0 >> 4) & k2) | (((tmp >> 4) & k1) << 4)
+    aux[:, 3] = ((a1 >> 4) & k2) | (((tmp >> 6) & k1) << 4)
+    aux[:, 0] = (a0 & k2) | (((tmp >> 0) & k1) << 4)
+    aux[:, 1] = (a1 & k2) | (((tmp >> 2) & k1) << 4)
+    sc = aux.view(np.int8).reshape(nb, 16).astype(np.int32) - 32
+    q = _two_bit(u8[:, 32:96].astype(np.int32), nb)
+    e = np.arange(256)
+    high = (u8[:, e % 32].astype(np.int32) >> (e // 32)[None, :]) & 1
+    q = (q - 4 * (1 - high)).reshape(nb, 16, 16).astype(np.float32)
+    return ((d[:, None] * sc.astype(np.float32))[:, :, None] * q).reshape(nb * 256)
+
+
+def _iq4_xs(raw, nb):
+    """ggml's IQ4_XS: f16 d, u16 of high scale bits, 4 bytes of low scale nibbles,
+    then per sub-block j of 32 16 bytes of indices (low nibbles first);
+    (d * (ls_j - 32)) * level[q]."""
+    u8 = np.frombuffer(raw, dtype=np.uint8).reshape(nb, 136).astype(np.int32)
+    d = _f16(raw, 0, nb, 136)
+    sh = u8[:, 2] | (u8[:, 3] << 8)
+    ls = np.empty((nb, 8), np.int32)
+    for j in range(8):
+        ls[:, j] = ((u8[:, 4 + j // 2] >> (4 * (j % 2))) & 15) | (((sh >> (2 * j)) & 3) << 4)
+    qs = u8[:, 8:].reshape(nb, 8, 16)
+    lv = np.concatenate([_IQ4_LEVELS[qs & 15], _IQ4_LEVELS[qs >> 4]], axis=2)
+    dl = (d[:, None] * (ls - 32).astype(np.float32))[:, :, None]
+    return (dl * lv).reshape(nb * 256)
 
 
 class GGUFError(Exception):
@@ -174,6 +262,14 @@ class GGUF:
             blocks = np.frombuffer(raw, dtype=np.dtype([("d", "<f2"), ("q", "u1", 16)]))
             q = np.concatenate([blocks["q"] & 15, blocks["q"] >> 4], axis=1).astype(np.float64) - 8.0
             arr = blocks["d"].astype(np.float64)[:, None] * q
+        elif ttype in (Q4_1, Q5_0, Q5_1, IQ4_NL):
+            arr = _block32(raw, ttype)
+        elif ttype == Q2_K:
+            arr = _q2_k(raw, count // 256)
+        elif ttype == Q3_K:
+            arr = _q3_k(raw, count // 256)
+        elif ttype == IQ4_XS:
+            arr = _iq4_xs(raw, count // 256)
         elif ttype == Q4_K:
             arr = _q4_k(raw, count // 256)
         elif ttype == Q5_K:
