@@ -37,7 +37,7 @@ static int usage(void)
         "           [--threads N] [--json]            generate a continuation\n"
         "  tokenize -m FILE [--ids-only] [--add-special] [--parse-special] TEXT\n"
         "  tokenize -m FILE --bench TEXTFILE           tokenizer throughput\n"
-        "  synth --arch llama|qwen2moe|olmoe|qwen3moe --preset tiny|small|bench|dense|tiny256\n"
+        "  synth --arch llama|qwen2moe|olmoe|qwen3moe --preset tiny|small|bench|dense|tiny256|tiny256odd\n"
         "        [--seed N] [--vocab FILE] [--type T | --f16]  (T: " SYNTH_TYPES ")\n"
         "        -o FILE"
         "                                           write a synthetic model\n"

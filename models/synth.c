@@ -38,6 +38,9 @@ typedef struct {
  *   tiny:  2 layers, n_embd 64, 4 heads (2 KV) of 16, 8 experts top-2 of width 96.
  *   tiny256: 2 layers, n_embd 256, 4 heads (2 KV) of 64, 8 experts top-2 of width 256
  *     (qwen2moe: + a shared expert of 512): rows of whole k-quant super-blocks.
+ *   tiny256odd: tiny256 with experts 160 wide, so that their down projections' rows
+ *     are not whole super-blocks (Qwen1.5-MoE's are 1408): a k-quant file keeps those
+ *     in llama.cpp's fallback type beside k-quant gate, up and shared expert.
  *   small: 4 layers, n_embd 128, 8 heads (4 KV) of 16, 16 experts top-4 of width 128.
  *   dense: llama only, tiny sizes with one dense FFN of width 192. (Not tied: with random
  *     tied embeddings a token's own logit dominates and greedy decoding repeats it.)
@@ -56,6 +59,7 @@ static const struct { const char *name; synth_shape s; } presets[] = {
     {"dense", {2, 64, 4, 2, 16, 192, 0, 0, 0, 512}},
     {"bench", {16, 1024, 16, 4, 64, 512, 32, 4, 1024, 4096}},
     {"tiny256", {2, 256, 4, 2, 64, 256, 8, 2, 512, 512}},
+    {"tiny256odd", {2, 256, 4, 2, 64, 160, 8, 2, 512, 512}},
 };
 
 /* The preset's shape adjusted to what each architecture looks like in practice:
@@ -68,7 +72,7 @@ static int synth_shape_for(moe_arch arch, const char *preset, synth_shape *out,
     for (i = 0; i < n; i++)
         if (!strcmp(presets[i].name, preset)) break;
     if (i == n) {
-        snprintf(err, errlen, "unknown preset '%s' (tiny, small, dense, bench, tiny256)", preset);
+        snprintf(err, errlen, "unknown preset '%s' (tiny, small, dense, bench, tiny256, tiny256odd)", preset);
         return -1;
     }
     synth_shape s = presets[i].s;

@@ -9,7 +9,7 @@
 
 typedef struct {
     const char *arch;       /* llama | qwen2moe | olmoe | qwen3moe */
-    const char *preset;     /* tiny | small | bench | dense (llama, n_expert 0) */
+    const char *preset;     /* tiny | small | bench | dense (llama, n_expert 0) | tiny256 | tiny256odd */
     uint64_t seed;
     const char *vocab_path; /* GGUF to copy tokenizer.* from; NULL: built-in byte-level BPE */
     ggml_type wtype;        /* matrices' type: F32 (0, default), F16, BF16, Q8_0, Q4_0, Q4_1,

@@ -60,6 +60,8 @@ static const golden_case cases[] = {
     {"llama", "tiny256", GGML_TYPE_Q2_K, 0},     /* the Q2_K mix: Q2_K, Q3_K and Q6_K */
     {"qwen2moe", "tiny256", GGML_TYPE_Q3_K, 0},  /* Q3_K_M: Q3_K, Q4_K and Q6_K */
     {"olmoe", "tiny256", GGML_TYPE_IQ4_XS, 0},
+    {"qwen2moe", "tiny256odd", GGML_TYPE_Q4_K, 0},  /* Qwen1.5-MoE's Q4_K_M: experts' down in Q8_0 */
+    {"qwen2moe", "tiny256odd", GGML_TYPE_Q3_K, 0},  /* and Q3_K_M: Q3_K gate and up, Q5_0 down */
     {"llama", "tiny", GGML_TYPE_F32, 1},
 };
 

@@ -535,29 +535,32 @@ typedef struct {
     moe_wtype want;     /* the routed experts' (dense: the FFN's) gate type */
     int misaligned;     /* rewritten so the experts sit at odd addresses */
     int shexp;          /* a shared expert kept in the same type */
-    moe_wtype more;     /* a mix's type of the down projections and attn_v (F32: no mix) */
+    moe_wtype down, v;  /* a mix's types of the experts' down projections and of attn_v (F32: no mix) */
 } narrow_case;
 
 static const narrow_case narrow_cases[] = {
-    {NULL, NULL, GGML_TYPE_F16, MOE_WT_F16, 0, 0, MOE_WT_F32},
-    {NULL, NULL, GGML_TYPE_BF16, MOE_WT_BF16, 0, 0, MOE_WT_F32},
-    {"qwen3moe", "tiny", GGML_TYPE_Q8_0, MOE_WT_Q8_0, 1, 0, MOE_WT_F32},
-    {"qwen2moe", "tiny", GGML_TYPE_Q8_0, MOE_WT_Q8_0, 0, 1, MOE_WT_F32},
-    {"llama", "dense", GGML_TYPE_Q8_0, MOE_WT_Q8_0, 0, 0, MOE_WT_F32},
-    {"qwen3moe", "tiny256", GGML_TYPE_Q4_K, MOE_WT_Q4_K, 1, 0, MOE_WT_Q6_K},
-    {"qwen2moe", "tiny256", GGML_TYPE_Q4_K, MOE_WT_Q4_K, 0, 1, MOE_WT_Q6_K},
-    {"olmoe", "tiny256", GGML_TYPE_Q5_K, MOE_WT_Q5_K, 0, 0, MOE_WT_Q6_K},
-    {"qwen2moe", "tiny", GGML_TYPE_Q4_0, MOE_WT_Q4_0, 1, 1, MOE_WT_F32},
-    {"llama", "tiny", GGML_TYPE_Q4_1, MOE_WT_Q4_1, 1, 0, MOE_WT_F32},
-    {"llama", "dense", GGML_TYPE_Q5_0, MOE_WT_Q5_0, 0, 0, MOE_WT_F32},
-    {"qwen3moe", "tiny", GGML_TYPE_IQ4_NL, MOE_WT_IQ4_NL, 1, 0, MOE_WT_F32},
+    {NULL, NULL, GGML_TYPE_F16, MOE_WT_F16, 0, 0, MOE_WT_F32, MOE_WT_F32},
+    {NULL, NULL, GGML_TYPE_BF16, MOE_WT_BF16, 0, 0, MOE_WT_F32, MOE_WT_F32},
+    {"qwen3moe", "tiny", GGML_TYPE_Q8_0, MOE_WT_Q8_0, 1, 0, MOE_WT_F32, MOE_WT_F32},
+    {"qwen2moe", "tiny", GGML_TYPE_Q8_0, MOE_WT_Q8_0, 0, 1, MOE_WT_F32, MOE_WT_F32},
+    {"llama", "dense", GGML_TYPE_Q8_0, MOE_WT_Q8_0, 0, 0, MOE_WT_F32, MOE_WT_F32},
+    {"qwen3moe", "tiny256", GGML_TYPE_Q4_K, MOE_WT_Q4_K, 1, 0, MOE_WT_Q6_K, MOE_WT_Q6_K},
+    {"qwen2moe", "tiny256", GGML_TYPE_Q4_K, MOE_WT_Q4_K, 0, 1, MOE_WT_Q6_K, MOE_WT_Q6_K},
+    {"olmoe", "tiny256", GGML_TYPE_Q5_K, MOE_WT_Q5_K, 0, 0, MOE_WT_Q6_K, MOE_WT_Q6_K},
+    {"qwen2moe", "tiny", GGML_TYPE_Q4_0, MOE_WT_Q4_0, 1, 1, MOE_WT_F32, MOE_WT_F32},
+    {"llama", "tiny", GGML_TYPE_Q4_1, MOE_WT_Q4_1, 1, 0, MOE_WT_F32, MOE_WT_F32},
+    {"llama", "dense", GGML_TYPE_Q5_0, MOE_WT_Q5_0, 0, 0, MOE_WT_F32, MOE_WT_F32},
+    {"qwen3moe", "tiny", GGML_TYPE_IQ4_NL, MOE_WT_IQ4_NL, 1, 0, MOE_WT_F32, MOE_WT_F32},
     /* Q4_K_M and Q5_K_M of rows that are not whole super-blocks: llama.cpp's
      * fallbacks, Q5_0 or Q5_1 and Q8_0 (Qwen1.5-MoE's files) */
-    {"qwen2moe", "tiny", GGML_TYPE_Q4_K, MOE_WT_Q5_0, 0, 1, MOE_WT_Q8_0},
-    {"olmoe", "tiny", GGML_TYPE_Q5_K, MOE_WT_Q5_1, 1, 0, MOE_WT_Q8_0},
-    {"llama", "tiny256", GGML_TYPE_Q2_K, MOE_WT_Q2_K, 1, 0, MOE_WT_Q3_K},
-    {"qwen2moe", "tiny256", GGML_TYPE_Q3_K, MOE_WT_Q3_K, 0, 1, MOE_WT_Q4_K},
-    {"olmoe", "tiny256", GGML_TYPE_IQ4_XS, MOE_WT_IQ4_XS, 1, 0, MOE_WT_F32},
+    {"qwen2moe", "tiny", GGML_TYPE_Q4_K, MOE_WT_Q5_0, 0, 1, MOE_WT_Q8_0, MOE_WT_Q8_0},
+    {"olmoe", "tiny", GGML_TYPE_Q5_K, MOE_WT_Q5_1, 1, 0, MOE_WT_Q8_0, MOE_WT_Q8_0},
+    {"llama", "tiny256", GGML_TYPE_Q2_K, MOE_WT_Q2_K, 1, 0, MOE_WT_Q3_K, MOE_WT_Q3_K},
+    {"qwen2moe", "tiny256", GGML_TYPE_Q3_K, MOE_WT_Q3_K, 0, 1, MOE_WT_Q4_K, MOE_WT_Q4_K},
+    {"olmoe", "tiny256", GGML_TYPE_IQ4_XS, MOE_WT_IQ4_XS, 1, 0, MOE_WT_F32, MOE_WT_F32},
+    /* Qwen1.5-MoE's shape: k-quant gate and up, the experts' down (rows of 160)
+     * in Q5_0, the shared expert's in Q4_K */
+    {"qwen2moe", "tiny256odd", GGML_TYPE_Q3_K, MOE_WT_Q3_K, 1, 1, MOE_WT_Q5_0, MOE_WT_Q4_K},
 };
 
 /* Writes case c's file to src (fx->other is scratch), or names the fixture. */
@@ -600,10 +603,10 @@ START_TEST(experts_narrow_equal_their_f32_widening)
         const moe_layer_weights *la0 = &a->weights.layers[0], *lb0 = &b->weights.layers[0];
         ck_assert_int_eq(a->weights.hp.n_expert ? la0->exp_raw.type : la0->ffn_raw.type, c->want);
         if (c->shexp) ck_assert_int_eq(la0->shexp_raw.type, c->want);
-        if (c->more != MOE_WT_F32) {
+        if (c->down != MOE_WT_F32) {
             ck_assert_int_eq(la0->exp_raw.up_type, c->want);
-            ck_assert_int_eq(la0->exp_raw.down_type, c->more);
-            ck_assert_int_eq(la0->wv_raw.type, c->more);
+            ck_assert_int_eq(la0->exp_raw.down_type, c->down);
+            ck_assert_int_eq(la0->wv_raw.type, c->v);
             ck_assert_int_eq(la0->wq_raw.type, c->want);
         }
         ck_assert_int_eq(lb0->exp_raw.type, MOE_WT_F32);
