@@ -83,17 +83,6 @@ static double now_ms(void)
 
 /* info ------------------------------------------------------------------- */
 
-/* "Q4_K", or "Q4_K (down Q6_K)" when an FFN's matrices differ in type. */
-static const char *ffn_types(const moe_ffn_raw *r, char *buf, size_t cap)
-{
-    if (r->up_type == r->type && r->down_type == r->type) snprintf(buf, cap, "%s", moe_wtype_name(r->type));
-    else if (r->up_type == r->type) snprintf(buf, cap, "%s (down %s)", moe_wtype_name(r->type), moe_wtype_name(r->down_type));
-    else
-        snprintf(buf, cap, "gate %s, up %s, down %s", moe_wtype_name(r->type), moe_wtype_name(r->up_type),
-                 moe_wtype_name(r->down_type));
-    return buf;
-}
-
 static int cmd_info(int argc, char **argv)
 {
     if (argc != 1) return usage();
@@ -123,11 +112,11 @@ static int cmd_info(int argc, char **argv)
     char types[64];
     if (hp->n_expert && L0->exp_raw.type != MOE_WT_F32)
         printf("expert weights: %s, read where the file keeps them (widened as the kernels read them)\n",
-               ffn_types(&L0->exp_raw, types, sizeof types));
+               moe_ffn_raw_types(&L0->exp_raw, types, sizeof types));
     if (L0->shexp_raw.type != MOE_WT_F32)
-        printf("shared expert:  %s, likewise\n", ffn_types(&L0->shexp_raw, types, sizeof types));
+        printf("shared expert:  %s, likewise\n", moe_ffn_raw_types(&L0->shexp_raw, types, sizeof types));
     if (L0->ffn_raw.type != MOE_WT_F32)
-        printf("dense FFN:      %s, likewise\n", ffn_types(&L0->ffn_raw, types, sizeof types));
+        printf("dense FFN:      %s, likewise\n", moe_ffn_raw_types(&L0->ffn_raw, types, sizeof types));
     if (L0->wq_raw.raw)
         printf("projections:    %s%s%s where the file keeps them for steps of up to %d rows (decode), their\n"
                "                F32 conversion for more\n", moe_wtype_name(L0->wq_raw.type),

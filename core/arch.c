@@ -140,6 +140,16 @@ static uint64_t params(const moe_hparams *hp, int tied_output, int experts_count
     return n + (uint64_t)hp->n_layer * layer_params(hp, experts_counted);
 }
 
+const char *moe_ffn_raw_types(const moe_ffn_raw *r, char *buf, size_t cap)
+{
+    if (r->up_type == r->type && r->down_type == r->type) snprintf(buf, cap, "%s", moe_wtype_name(r->type));
+    else if (r->up_type == r->type) snprintf(buf, cap, "%s (down %s)", moe_wtype_name(r->type), moe_wtype_name(r->down_type));
+    else
+        snprintf(buf, cap, "gate %s, up %s, down %s", moe_wtype_name(r->type), moe_wtype_name(r->up_type),
+                 moe_wtype_name(r->down_type));
+    return buf;
+}
+
 uint64_t moe_hparams_n_params(const moe_hparams *hp, int tied_output)
 {
     return params(hp, tied_output, hp->n_expert);

@@ -241,6 +241,10 @@ typedef struct {
  * rope_dim <= head_dim, ...). Returns 0 or -1 with a message. */
 int moe_weights_validate(const moe_weights *w, char *err, size_t errlen);
 
+/* An FFN's types as text into buf: "Q4_K", "Q3_K (down Q5_0)" when the down
+ * projection's differs, or all three. Returns buf. */
+const char *moe_ffn_raw_types(const moe_ffn_raw *r, char *buf, size_t cap);
+
 /* Parameter counts: total, and active for one token (k of n experts). */
 uint64_t moe_hparams_n_params(const moe_hparams *hp, int tied_output);
 uint64_t moe_hparams_n_params_active(const moe_hparams *hp, int tied_output);

@@ -611,10 +611,11 @@ static int auto_batch_tokens(void)
 }
 
 /* The type the first layer's FFN (routed experts, else the dense FFN) is read in. */
-static moe_wtype ffn_type(const moe_weights *w)
+/* The routed experts' types (a dense model: its FFN's), for the load line. */
+static const char *ffn_types(const moe_weights *w, char *buf, size_t cap)
 {
     const moe_layer_weights *L = &w->layers[0];
-    return w->hp.n_expert ? L->exp_raw.type : L->ffn_raw.type;
+    return moe_ffn_raw_types(w->hp.n_expert ? &L->exp_raw : &L->ffn_raw, buf, cap);
 }
 
 /* Reads a mapped model file in before /ready says 200: otherwise the first
@@ -688,7 +689,7 @@ static void *loader_main(void *arg)
         const moe_engine *e = sched_engine(sc);
         metrics_model_loaded(s->metrics, i, hp->n_layer, hp->n_expert, moe_engine_kv_blocks_total(e),
                              moe_engine_kv_bytes(e), secs);
-        char packed[64] = "packed projections off";
+        char packed[64] = "packed projections off", ftypes[64];
         if (moe_engine_packed_bytes(e))
             snprintf(packed, sizeof packed, "packed projections %.1f MiB (made in the background)",
                      moe_engine_packed_bytes(e) / 1048576.0);
@@ -702,7 +703,7 @@ static void *loader_main(void *arg)
                   hp->n_expert, hp->n_expert_used, hp->n_layer, hp->n_vocab, sched_max_seq_len(sc),
                   moe_engine_kv_bytes(e) / 1048576.0, sched_kv_positions(sc), packed, sp.max_batch_tokens,
                   sp.max_seqs < sp.max_batch_tokens ? sp.max_seqs : sp.max_batch_tokens,
-                  gguf_placement(m->gguf), moe_wtype_name(ffn_type(&m->weights)), m->converted_bytes / 1048576.0,
+                  gguf_placement(m->gguf), ffn_types(&m->weights, ftypes, sizeof ftypes), m->converted_bytes / 1048576.0,
                   secs * 1e3);
         s->models[i] = m;
         s->scheds[i] = sc;
