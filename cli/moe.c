@@ -38,7 +38,7 @@ static int usage(void)
         "  tokenize -m FILE [--ids-only] [--add-special] [--parse-special] TEXT\n"
         "  tokenize -m FILE --bench TEXTFILE           tokenizer throughput\n"
         "  synth --arch llama|qwen2moe|olmoe|qwen3moe --preset tiny|small|bench|dense|tiny256|tiny256odd\n"
-        "        [--seed N] [--vocab FILE] [--type T | --f16]  (T: " SYNTH_TYPES ")\n"
+        "        [--seed N] [--vocab FILE] [--type T | --f16] [--split-experts]  (T: " SYNTH_TYPES ")\n"
         "        -o FILE"
         "                                           write a synthetic model\n"
         "  eval -m FILE --text FILE [--ctx N] [--threads N]  bits per byte of a text\n"
@@ -126,6 +126,9 @@ static int cmd_info(int argc, char **argv)
     printf("memory:         %.1f MiB %s, %.1f MiB converted to F32 at load\n",
            m->mapped_bytes / 1048576.0, gguf_placement(m->gguf),
            m->converted_bytes / 1048576.0);
+    if (m->merged_bytes)
+        printf("merged experts: %.1f MiB copied at load: the file keeps each expert's matrices as tensors of\n"
+               "                their own (Mixtral files before April 2024)\n", m->merged_bytes / 1048576.0);
     size_t packed = moe_engine_packed_bytes_for(hp);
     if (packed)
         printf("packed copy:    %.1f MiB more when it runs: the attention and output projections packed\n"
@@ -510,6 +513,7 @@ static int cmd_synth(int argc, char **argv)
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         long l;
         if (!strcmp(argv[i], "--f16")) { p.wtype = GGML_TYPE_F16; continue; }
+        if (!strcmp(argv[i], "--split-experts")) { p.split_experts = 1; continue; }
         if (!v) { fprintf(stderr, "moe: %s needs a value\n", argv[i]); return 2; }
         if (!strcmp(argv[i], "--arch")) p.arch = v;
         else if (!strcmp(argv[i], "--preset")) p.preset = v;

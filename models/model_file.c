@@ -9,6 +9,7 @@
  */
 #include "models/model_file.h"
 
+#include "core/hugemem.h"
 #include "core/wconv.h"
 
 #include <math.h>
@@ -181,9 +182,29 @@ typedef struct {
     tensor_ref *refs;
     int n_refs, cap_refs;
     size_t convert_floats;  /* F32 floats needed for conversions (64-byte padded) */
+    gguf_tensor *merged;    /* the routed experts merged from per-expert tensors (experts_merge): */
+    int n_merged;           /* 3 a layer (gate, up, down), or none */
+    char (*merged_names)[40];
     char *err;
     size_t errlen;
 } tensor_loader;
+
+static const char *const ffn_matrix[3] = {"gate", "up", "down"};
+
+/* Tensor `name` in the file, or merged by experts_merge under its 3-D name. */
+static const gguf_tensor *find_tensor(const tensor_loader *L, const char *name)
+{
+    const gguf_tensor *t = gguf_find_tensor(L->f, name);
+    if (t || !L->n_merged) return t;
+    int il, end = 0;
+    char kind[8];
+    if (sscanf(name, "blk.%d.ffn_%7[a-z]_exps.weight%n", &il, kind, &end) != 2 || name[end] || il < 0 ||
+        il >= L->n_merged / 3)
+        return NULL;
+    for (int i = 0; i < 3; i++)
+        if (!strcmp(kind, ffn_matrix[i])) return &L->merged[3 * il + i];
+    return NULL;
+}
 
 static void shape_str(char *buf, size_t cap, uint32_t n_dims, const uint64_t *ne)
 {
@@ -227,7 +248,7 @@ static int tensor_check(tensor_loader *L, const char *name, const gguf_tensor *t
 static int tensor_want(tensor_loader *L, const char *name, int required, const float **slot,
                        uint32_t n_dims, uint64_t ne0, uint64_t ne1, uint64_t ne2)
 {
-    const gguf_tensor *t = gguf_find_tensor(L->f, name);
+    const gguf_tensor *t = find_tensor(L, name);
     if (!t) {
         if (required) return fail(L->err, L->errlen, "missing tensor %s", name);
         return 0;
@@ -264,8 +285,6 @@ static moe_wtype kept_type(const gguf_tensor *t)
     return MOE_WT_F32;
 }
 
-static const char *const ffn_matrix[3] = {"gate", "up", "down"};
-
 /* An FFN's gate, up and down matrices (blk.<il>.ffn_{gate,up,down}<name>.weight)
  * stay in the file when each is of a kept type (moe_wtype in core/model.h; they
  * may differ): from half (16-bit) to a seventh (Q4_K) of the memory of
@@ -279,7 +298,7 @@ static int ffn_keep_raw(tensor_loader *L, int il, const char *name, uint32_t n_d
     char nm[3][96];
     for (int i = 0; i < 3; i++) {
         snprintf(nm[i], sizeof nm[i], "blk.%d.ffn_%s%s.weight", il, ffn_matrix[i], name);
-        t[i] = gguf_find_tensor(L->f, nm[i]);
+        t[i] = find_tensor(L, nm[i]);
         if (!t[i] || kept_type(t[i]) == MOE_WT_F32) return 0;
     }
     for (int i = 0; i < 3; i++) {
@@ -365,6 +384,74 @@ static int layer_want(tensor_loader *L, const moe_hparams *hp, int il, moe_layer
     return rc;
 }
 
+/* Mixtral files written before llama.cpp merged the experts (April 2024) keep
+ * each expert's matrices as tensors of their own, blk.<il>.ffn_<m>.<x>.weight.
+ * The kernels read the experts of a matrix at a fixed stride, so these are
+ * copied, in the file's type, into one block per layer and matrix (64-byte
+ * aligned, m->merged), which find_tensor gives under the merged name: the rest
+ * of the loader sees the merged format. The experts of one matrix must share
+ * type and shape; the copy costs their bytes in memory (moe info says how many).
+ * No bytes are amplified: the reader has refused overlapping tensors. */
+static int experts_merge(tensor_loader *L, moe_model *m)
+{
+    const moe_hparams *hp = &m->weights.hp;
+    if (hp->n_expert == 0 || gguf_find_tensor(L->f, "blk.0.ffn_gate_exps.weight") ||
+        !gguf_find_tensor(L->f, "blk.0.ffn_gate.0.weight"))
+        return 0;
+    int n = 3 * hp->n_layer;
+    uint64_t e = (uint64_t)hp->n_embd, ff = (uint64_t)hp->n_ff, ne = (uint64_t)hp->n_expert;
+    L->merged = calloc((size_t)n, sizeof *L->merged);
+    L->merged_names = calloc((size_t)n, sizeof *L->merged_names);
+    if (!L->merged || !L->merged_names) return fail(L->err, L->errlen, "out of memory");
+    size_t total = 0;
+    for (int j = 0; j < n; j++) {
+        int il = j / 3, i = j % 3, down = i == 2;
+        const gguf_tensor *t0 = NULL;
+        for (uint64_t x = 0; x < ne; x++) {
+            char nm[96];
+            snprintf(nm, sizeof nm, "blk.%d.ffn_%s.%llu.weight", il, ffn_matrix[i], (unsigned long long)x);
+            const gguf_tensor *t = gguf_find_tensor(L->f, nm);
+            if (!t)
+                return fail(L->err, L->errlen, "missing tensor %s (the file keeps its experts as tensors of "
+                            "their own, and has no blk.%d.ffn_%s_exps.weight)", nm, il, ffn_matrix[i]);
+            if (tensor_check(L, nm, t, 2, down ? ff : e, down ? e : ff, 1)) return -1;
+            if (t0 && t->type != t0->type)
+                return fail(L->err, L->errlen, "tensor %s is %s but blk.%d.ffn_%s.0.weight is %s: the experts "
+                            "of one matrix must share a type", nm, ggml_type_name(t->type), il, ffn_matrix[i],
+                            ggml_type_name(t0->type));
+            if (!t0) t0 = t;
+        }
+        gguf_tensor *mt = &L->merged[j];
+        int len = snprintf(L->merged_names[j], sizeof L->merged_names[j], "blk.%d.ffn_%s_exps.weight", il,
+                           ffn_matrix[i]);
+        *mt = *t0;
+        mt->name = (gguf_str){L->merged_names[j], (uint64_t)len};
+        mt->n_dims = 3;
+        mt->ne[2] = ne;
+        mt->n_elements = t0->n_elements * ne;
+        mt->nbytes = t0->nbytes * ne;
+        mt->offset = total;   /* into m->merged until the copy below */
+        total += (size_t)(mt->nbytes + 63) / 64 * 64;
+    }
+    m->merged = hugemem_alloc(total);
+    if (!m->merged)
+        return fail(L->err, L->errlen, "out of memory merging %.1f MiB of per-expert tensors", total / 1048576.0);
+    m->merged_bytes = total;
+    for (int j = 0; j < n; j++) {
+        gguf_tensor *mt = &L->merged[j];
+        unsigned char *dst = m->merged + mt->offset;
+        size_t per = (size_t)(mt->nbytes / ne);
+        for (uint64_t x = 0; x < ne; x++) {
+            char nm[96];
+            snprintf(nm, sizeof nm, "blk.%d.ffn_%s.%llu.weight", j / 3, ffn_matrix[j % 3], (unsigned long long)x);
+            memcpy(dst + x * per, gguf_find_tensor(L->f, nm)->data, per);
+        }
+        mt->data = dst;
+    }
+    L->n_merged = n;
+    return 0;
+}
+
 /* Every tensor of the model; n_vocab comes from token_embd's shape. */
 static int tensors_want(tensor_loader *L, moe_model *m)
 {
@@ -388,6 +475,7 @@ static int tensors_want(tensor_loader *L, moe_model *m)
     raw_want(L, m->tied_output ? "token_embd.weight" : "output.weight", &w->output_raw);
     w->layers = calloc((size_t)hp->n_layer, sizeof *w->layers);
     if (!w->layers) return fail(L->err, L->errlen, "out of memory");
+    if (experts_merge(L, m)) return -1;
     for (int il = 0; il < hp->n_layer; il++)
         if (layer_want(L, hp, il, &w->layers[il])) return -1;
     return 0;
@@ -505,6 +593,8 @@ static int model_fill(moe_model *m, const char *path, char *err, size_t errlen)
     int rc = tensors_want(&L, m);
     if (rc == 0) rc = tensors_resolve(&L, m);
     free(L.refs);
+    free(L.merged);
+    free(L.merged_names);
     if (rc) return -1;
     int vocab_key;
     char key[96];
@@ -552,6 +642,7 @@ void moe_model_free(moe_model *m)
     if (m->tokenizer) tokenizer_free(m->tokenizer);
     free(m->weights.layers);
     free(m->converted);
+    hugemem_free(m->merged, m->merged_bytes);
     if (m->gguf) gguf_close(m->gguf);
     free(m);
 }

@@ -27,6 +27,8 @@ typedef struct {
     int copied;                /* the file's bytes are an anonymous copy (gguf_copied) */
     float *converted;          /* owned: every tensor converted to F32, one buffer */
     size_t converted_bytes;    /* heap used for the conversions */
+    unsigned char *merged;     /* owned: per-expert tensors merged per matrix (old Mixtral files), or NULL */
+    size_t merged_bytes;
     double load_ms;
     char name[128];            /* general.name, or the file stem */
 } moe_model;

@@ -132,7 +132,7 @@ static void list_add(synth_list *l, const char *name, float mean, float std,
 /* Scales chosen so the model is not flat: every projection keeps activations near
  * unit RMS, the router's logits spread by ~2 (clear top-k choices), and the output
  * logits by ~4 (greedy decoding with clear top-1 margins). Norm weights are near 1. */
-static void list_layer(synth_list *l, const moe_arch_info *a, const synth_shape *s, int il)
+static void list_layer(synth_list *l, const moe_arch_info *a, const synth_shape *s, int il, int split)
 {
     char nm[64];
     uint64_t e = (uint64_t)s->n_embd, hd = (uint64_t)s->head_dim;
@@ -166,9 +166,23 @@ static void list_layer(synth_list *l, const moe_arch_info *a, const synth_shape 
         ADD("ffn_down.weight", 0.0f, in_ff, 2, ff, e, 1);
     } else {
         ADD("ffn_gate_inp.weight", 0.0f, 2.0f * in_e, 2, e, ne, 1);
-        ADD("ffn_gate_exps.weight", 0.0f, in_e, 3, e, ff, ne);
-        ADD("ffn_up_exps.weight", 0.0f, in_e, 3, e, ff, ne);
-        ADD("ffn_down_exps.weight", 0.0f, in_ff, 3, ff, e, ne);
+        if (split) {
+            /* Mixtral files before April 2024: each expert's matrices as tensors of
+             * their own, in the order of the checkpoint (w1, w2, w3) */
+            for (uint64_t x = 0; x < ne; x++) {
+                char sfx[48];
+                snprintf(sfx, sizeof sfx, "ffn_gate.%llu.weight", (unsigned long long)x);
+                ADD(sfx, 0.0f, in_e, 2, e, ff, 1);
+                snprintf(sfx, sizeof sfx, "ffn_down.%llu.weight", (unsigned long long)x);
+                ADD(sfx, 0.0f, in_ff, 2, ff, e, 1);
+                snprintf(sfx, sizeof sfx, "ffn_up.%llu.weight", (unsigned long long)x);
+                ADD(sfx, 0.0f, in_e, 2, e, ff, 1);
+            }
+        } else {
+            ADD("ffn_gate_exps.weight", 0.0f, in_e, 3, e, ff, ne);
+            ADD("ffn_up_exps.weight", 0.0f, in_e, 3, e, ff, ne);
+            ADD("ffn_down_exps.weight", 0.0f, in_ff, 3, ff, e, ne);
+        }
     }
     if (a->shared_expert) {
         uint64_t sh = (uint64_t)s->n_ff_shexp;
@@ -180,15 +194,15 @@ static void list_layer(synth_list *l, const moe_arch_info *a, const synth_shape 
 #undef ADD
 }
 
-static int list_build(synth_list *l, const moe_arch_info *a, const synth_shape *s, int n_vocab)
+static int list_build(synth_list *l, const moe_arch_info *a, const synth_shape *s, int n_vocab, int split)
 {
-    l->cap = 3 + 24 * s->n_layer;
+    l->cap = 3 + (24 + (split ? 3 * s->n_expert : 0)) * s->n_layer;
     l->n = 0;
     l->t = calloc((size_t)l->cap, sizeof *l->t);
     if (!l->t) return -1;
     uint64_t e = (uint64_t)s->n_embd, v = (uint64_t)n_vocab;
     list_add(l, "token_embd.weight", 0.0f, 0.5f, 2, e, v, 1);
-    for (int il = 0; il < s->n_layer; il++) list_layer(l, a, s, il);
+    for (int il = 0; il < s->n_layer; il++) list_layer(l, a, s, il, split);
     list_add(l, "output_norm.weight", 1.0f, 0.1f, 1, e, 1, 1);
     list_add(l, "output.weight", 0.0f, 4.0f / sqrtf((float)e), 2, e, v, 1);
     return 0;
@@ -760,7 +774,7 @@ int synth_write(const synth_params *p, const char *out_path, char *err, size_t e
         if (bpe_build(&bpe) || bpe_write_kv(w, &bpe)) { snprintf(err, errlen, "out of memory"); goto done; }
         n_vocab = bpe.n_tok;
     }
-    if (hparams_write(w, a, arch, &s, p, n_vocab) || list_build(&list, a, &s, n_vocab)) {
+    if (hparams_write(w, a, arch, &s, p, n_vocab) || list_build(&list, a, &s, n_vocab, p->split_experts)) {
         snprintf(err, errlen, "out of memory");
         goto done;
     }

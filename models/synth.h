@@ -19,6 +19,8 @@ typedef struct {
                              * not whole super-blocks in llama.cpp's fallback type (Q4_K ->
                              * Q5_0, ...); vectors, routers and matrices whose rows are not
                              * whole blocks of that either stay F32 */
+    int split_experts;      /* each expert's matrices as tensors of their own, blk.N.ffn_gate.X.weight
+                             * (Mixtral files before April 2024), not ffn_gate_exps */
 } synth_params;
 
 /* The --type names synth takes, each with its wtype (q4_k_m: GGML_TYPE_Q4_K). */

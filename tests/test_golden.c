@@ -33,36 +33,39 @@ typedef struct {
     const char *arch, *preset;
     ggml_type wtype;  /* the matrices' type (synth_params.wtype) */
     int spm_vocab;  /* tokenizer (and 32000-token vocabulary) from ../shared */
+    int split;      /* each expert's matrices as tensors of their own (old Mixtral files) */
 } golden_case;
 
 static const golden_case cases[] = {
-    {"llama", "tiny", GGML_TYPE_F32, 0},
-    {"llama", "dense", GGML_TYPE_F32, 0},
-    {"qwen2moe", "tiny", GGML_TYPE_F32, 0},
-    {"olmoe", "tiny", GGML_TYPE_F32, 0},
-    {"qwen3moe", "tiny", GGML_TYPE_F32, 0},
-    {"qwen2moe", "tiny", GGML_TYPE_F16, 0},
-    {"llama", "tiny", GGML_TYPE_Q8_0, 0},
-    {"llama", "dense", GGML_TYPE_Q8_0, 0},
-    {"qwen2moe", "tiny", GGML_TYPE_Q8_0, 0},
-    {"olmoe", "tiny", GGML_TYPE_Q8_0, 0},
-    {"qwen3moe", "tiny", GGML_TYPE_Q8_0, 0},
-    {"llama", "tiny", GGML_TYPE_Q4_0, 0},
-    {"qwen2moe", "tiny", GGML_TYPE_Q4_0, 0},
-    {"qwen2moe", "tiny256", GGML_TYPE_Q4_K, 0},  /* the Q4_K_M mix: Q4_K and Q6_K */
-    {"qwen3moe", "tiny256", GGML_TYPE_Q4_K, 0},
-    {"olmoe", "tiny256", GGML_TYPE_Q5_K, 0},     /* Q5_K_M: Q5_K and Q6_K */
-    {"llama", "tiny256", GGML_TYPE_Q6_K, 0},
-    {"llama", "tiny", GGML_TYPE_Q4_1, 0},
-    {"qwen3moe", "tiny", GGML_TYPE_IQ4_NL, 0},
-    {"qwen2moe", "tiny", GGML_TYPE_Q4_K, 0},     /* rows not whole super-blocks: Q5_0 and Q8_0 */
-    {"olmoe", "tiny", GGML_TYPE_Q5_K, 0},        /* likewise: Q5_1 and Q8_0 */
-    {"llama", "tiny256", GGML_TYPE_Q2_K, 0},     /* the Q2_K mix: Q2_K, Q3_K and Q6_K */
-    {"qwen2moe", "tiny256", GGML_TYPE_Q3_K, 0},  /* Q3_K_M: Q3_K, Q4_K and Q6_K */
-    {"olmoe", "tiny256", GGML_TYPE_IQ4_XS, 0},
-    {"qwen2moe", "tiny256odd", GGML_TYPE_Q4_K, 0},  /* Qwen1.5-MoE's Q4_K_M: experts' down in Q8_0 */
-    {"qwen2moe", "tiny256odd", GGML_TYPE_Q3_K, 0},  /* and Q3_K_M: Q3_K gate and up, Q5_0 down */
-    {"llama", "tiny", GGML_TYPE_F32, 1},
+    {"llama", "tiny", GGML_TYPE_F32, 0, 0},
+    {"llama", "dense", GGML_TYPE_F32, 0, 0},
+    {"qwen2moe", "tiny", GGML_TYPE_F32, 0, 0},
+    {"olmoe", "tiny", GGML_TYPE_F32, 0, 0},
+    {"qwen3moe", "tiny", GGML_TYPE_F32, 0, 0},
+    {"qwen2moe", "tiny", GGML_TYPE_F16, 0, 0},
+    {"llama", "tiny", GGML_TYPE_Q8_0, 0, 0},
+    {"llama", "dense", GGML_TYPE_Q8_0, 0, 0},
+    {"qwen2moe", "tiny", GGML_TYPE_Q8_0, 0, 0},
+    {"olmoe", "tiny", GGML_TYPE_Q8_0, 0, 0},
+    {"qwen3moe", "tiny", GGML_TYPE_Q8_0, 0, 0},
+    {"llama", "tiny", GGML_TYPE_Q4_0, 0, 0},
+    {"qwen2moe", "tiny", GGML_TYPE_Q4_0, 0, 0},
+    {"qwen2moe", "tiny256", GGML_TYPE_Q4_K, 0, 0},  /* the Q4_K_M mix: Q4_K and Q6_K */
+    {"qwen3moe", "tiny256", GGML_TYPE_Q4_K, 0, 0},
+    {"olmoe", "tiny256", GGML_TYPE_Q5_K, 0, 0},     /* Q5_K_M: Q5_K and Q6_K */
+    {"llama", "tiny256", GGML_TYPE_Q6_K, 0, 0},
+    {"llama", "tiny", GGML_TYPE_Q4_1, 0, 0},
+    {"qwen3moe", "tiny", GGML_TYPE_IQ4_NL, 0, 0},
+    {"qwen2moe", "tiny", GGML_TYPE_Q4_K, 0, 0},     /* rows not whole super-blocks: Q5_0 and Q8_0 */
+    {"olmoe", "tiny", GGML_TYPE_Q5_K, 0, 0},        /* likewise: Q5_1 and Q8_0 */
+    {"llama", "tiny256", GGML_TYPE_Q2_K, 0, 0},     /* the Q2_K mix: Q2_K, Q3_K and Q6_K */
+    {"qwen2moe", "tiny256", GGML_TYPE_Q3_K, 0, 0},  /* Q3_K_M: Q3_K, Q4_K and Q6_K */
+    {"olmoe", "tiny256", GGML_TYPE_IQ4_XS, 0, 0},
+    {"qwen2moe", "tiny256odd", GGML_TYPE_Q4_K, 0, 0},  /* Qwen1.5-MoE's Q4_K_M: experts' down in Q8_0 */
+    {"qwen2moe", "tiny256odd", GGML_TYPE_Q3_K, 0, 0},  /* and Q3_K_M: Q3_K gate and up, Q5_0 down */
+    {"llama", "tiny", GGML_TYPE_F32, 1, 0},
+    {"llama", "tiny", GGML_TYPE_F32, 0, 1},
+    {"llama", "tiny256", GGML_TYPE_Q4_K, 0, 1},   /* an old Mixtral Q4_K_M file's layout */
 };
 
 /* "" for F32, else the type's name, for messages. */
@@ -212,7 +215,8 @@ START_TEST(engine_matches_reference)
     snprintf(model, sizeof model, "%s/model.gguf", dir);
     snprintf(ref_logits, sizeof ref_logits, "%s/ref_logits.f32", dir);
     synth_params sp = {.arch = gc->arch, .preset = gc->preset, .seed = 11 + (uint64_t)_i,
-                       .vocab_path = gc->spm_vocab ? vocab : NULL, .wtype = gc->wtype};
+                       .vocab_path = gc->spm_vocab ? vocab : NULL, .wtype = gc->wtype,
+                       .split_experts = gc->split};
     ck_assert_msg(synth_write(&sp, model, err, sizeof err) == 0, "%s", err);
     moe_model *m;
     ck_assert_msg(moe_model_load(model, &m, err, sizeof err) == 0, "%s", err);
@@ -237,7 +241,7 @@ START_TEST(engine_matches_reference)
         ck_assert_msg(greedy_c[i] == greedy_r[i], "%s/%s/%s greedy token %d: engine %d, reference %d",
                       gc->arch, gc->preset, type_tag(gc->wtype), i, greedy_c[i], greedy_r[i]);
     printf("golden %-8s %-7s %-4s%s: max relative error %.2e, smallest greedy top-1 margin %.3f\n",
-           gc->arch, gc->preset, type_tag(gc->wtype), gc->spm_vocab ? " spm-vocab" : "",
+           gc->arch, gc->preset, type_tag(gc->wtype), gc->spm_vocab ? " spm-vocab" : gc->split ? " split-experts" : "",
            worst, (double)margin);
     free(ref);
     free(logits);

@@ -795,6 +795,58 @@ static void patch_tensor_type(const char *path, const char *name, uint32_t type)
     fclose(f);
 }
 
+/* A file that keeps each expert's matrices as tensors of their own (Mixtral
+ * files before April 2024) loads with the experts copied, byte for byte, into
+ * one block per layer and matrix; a missing expert or experts of one matrix in
+ * different types are refused by name. */
+START_TEST(split_experts_are_merged)
+{
+    fixture fx;
+    snprintf(fx.dir, sizeof fx.dir, "%s", tu_tmpdir());
+    snprintf(fx.path, sizeof fx.path, "%s/model.gguf", fx.dir);
+    snprintf(fx.other, sizeof fx.other, "%s/variant.gguf", fx.dir);
+    for (int q = 0; q < 2; q++) {
+        synth_params p = {.arch = "llama", .preset = q ? "tiny256" : "tiny", .seed = 7,
+                          .wtype = q ? GGML_TYPE_Q4_K : GGML_TYPE_F32, .split_experts = 1};
+        ck_assert_msg(synth_write(&p, fx.path, err, sizeof err) == 0, "%s", err);
+        moe_model *m;
+        ck_assert_msg(moe_model_load(fx.path, &m, err, sizeof err) == 0, "%s", err);
+        const moe_hparams *hp = &m->weights.hp;
+        ck_assert_uint_gt(m->merged_bytes, 0);
+        ck_assert_ptr_null(gguf_find_tensor(m->gguf, "blk.1.ffn_down_exps.weight"));
+        for (int il = 0; il < hp->n_layer; il++) {
+            const moe_layer_weights *L = &m->weights.layers[il];
+            const void *base[3] = {q ? (const void *)L->exp_raw.gate : (const void *)L->exp_gate,
+                                   q ? (const void *)L->exp_raw.up : (const void *)L->exp_up,
+                                   q ? (const void *)L->exp_raw.down : (const void *)L->exp_down};
+            static const char *const mat[3] = {"gate", "up", "down"};
+            for (int i = 0; i < 3; i++)
+                for (int x = 0; x < hp->n_expert; x++) {
+                    char nm[64];
+                    snprintf(nm, sizeof nm, "blk.%d.ffn_%s.%d.weight", il, mat[i], x);
+                    const gguf_tensor *t = gguf_find_tensor(m->gguf, nm);
+                    ck_assert_ptr_nonnull(t);
+                    ck_assert_msg(memcmp((const char *)base[i] + (size_t)x * t->nbytes, t->data, t->nbytes) == 0,
+                                  "%s differs in the merged block", nm);
+                }
+        }
+        if (q) ck_assert_int_eq(m->weights.layers[0].exp_raw.down_type, MOE_WT_Q6_K);
+        moe_model_free(m);
+    }
+    edit e = {.drop_tensor = "blk.1.ffn_up.3.weight"};
+    rewrite(fx.path, fx.other, &e);
+    const char *msg = load_error(fx.other);
+    ck_assert_err_has(msg, "blk.1.ffn_up.3.weight");
+    synth_params p = {.arch = "llama", .preset = "tiny", .seed = 7, .split_experts = 1};
+    ck_assert_msg(synth_write(&p, fx.path, err, sizeof err) == 0, "%s", err);
+    patch_tensor_type(fx.path, "blk.0.ffn_down.2.weight", GGML_TYPE_F16);
+    msg = load_error(fx.path);
+    ck_assert_err_has(msg, "blk.0.ffn_down.2.weight");
+    ck_assert_err_has(msg, "share a type");
+    fixture_done(&fx);
+}
+END_TEST
+
 START_TEST(unsupported_tensor_type_is_named)
 {
     fixture fx;
@@ -1317,6 +1369,7 @@ int main(void)
     tcase_add_test(tc, f16_equals_f32_to_f16_precision);
     tcase_add_test(tc, bf16_equals_f32_to_bf16_precision);
     tcase_add_test(tc, experts_narrow_equal_their_f32_widening);
+    tcase_add_test(tc, split_experts_are_merged);
     tcase_add_loop_test(tc, decode_reads_projections_in_the_file_type, 0, 2);
     tcase_add_test(tc, misaligned_f32_is_copied);
     tcase_add_test(tc, misaligned_16bit_experts_are_converted);

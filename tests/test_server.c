@@ -878,7 +878,7 @@ int main(void)
     snprintf(g_model_a, sizeof g_model_a, "%s/a.gguf", g_dir);
     snprintf(g_model_b, sizeof g_model_b, "%s/b.gguf", g_dir);
     char err[256];
-    synth_params pa = {"olmoe", "tiny", 1, NULL, 0}, pb = {"qwen3moe", "tiny", 2, NULL, 0};
+    synth_params pa = {.arch = "olmoe", .preset = "tiny", .seed = 1}, pb = {.arch = "qwen3moe", .preset = "tiny", .seed = 2};
     if (synth_write(&pa, g_model_a, err, sizeof err) || synth_write(&pb, g_model_b, err, sizeof err)) {
         fprintf(stderr, "synth_write: %s\n", err);
         return EXIT_FAILURE;

@@ -518,8 +518,8 @@ int main(void)
     char err[256], vocab[256] = "";
     snprintf(g_sa, sizeof g_sa, "sa=%s/sa.gguf", g_dir);
     snprintf(g_sb, sizeof g_sb, "sb=%s/sb.gguf", g_dir);
-    synth_params pa = {"llama", "tiny", 1, NULL, 0}, pb = {"llama", "tiny", 2, NULL, 0};
-    synth_params psa = {"llama", "small", 1, NULL, 0}, psb = {"llama", "small", 2, NULL, 0};
+    synth_params pa = {.arch = "llama", .preset = "tiny", .seed = 1}, pb = {.arch = "llama", .preset = "tiny", .seed = 2};
+    synth_params psa = {.arch = "llama", .preset = "small", .seed = 1}, psb = {.arch = "llama", .preset = "small", .seed = 2};
     if (synth_write(&pa, g_a + 2, err, sizeof err) || synth_write(&pb, g_b + 2, err, sizeof err) ||
         synth_write(&psa, g_sa + 3, err, sizeof err) || synth_write(&psb, g_sb + 3, err, sizeof err)) {
         fprintf(stderr, "synth_write: %s\n", err);
@@ -528,7 +528,7 @@ int main(void)
     const char *shared = tu_shared_dir();
     if (shared) snprintf(vocab, sizeof vocab, "%s/testdata/vocab/ggml-vocab-gpt-2.gguf", shared);
     if (shared && access(vocab, R_OK) == 0) {
-        synth_params pc = {"llama", "tiny", 3, vocab, 0};
+        synth_params pc = {.arch = "llama", .preset = "tiny", .seed = 3, .vocab_path = vocab};
         if (synth_write(&pc, g_c + 2, err, sizeof err)) {
             fprintf(stderr, "synth_write: %s\n", err);
             return EXIT_FAILURE;

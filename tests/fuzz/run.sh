@@ -67,6 +67,7 @@ model)
     build/moe synth --arch llama --preset tiny256 --seed 12 --type q2_k -o "$CORPUS/llama-q2_k.gguf" >/dev/null
     build/moe synth --arch qwen2moe --preset tiny256 --seed 13 --type q3_k_m -o "$CORPUS/qwen2moe-q3_k_m.gguf" >/dev/null
     build/moe synth --arch olmoe --preset tiny256 --seed 14 --type iq4_xs -o "$CORPUS/olmoe-iq4_xs.gguf" >/dev/null
+    build/moe synth --arch llama --preset tiny --seed 15 --split-experts -o "$CORPUS/llama-split.gguf" >/dev/null
     if [ -d ../shared/testdata/vocab ]; then
         cp ../shared/testdata/vocab/*.gguf "$CORPUS/"
     else

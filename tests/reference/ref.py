@@ -98,7 +98,13 @@ class Model:
         out = {}
         for short, base in names.items():
             suffix = ".bias" if short in ("bq", "bk", "bv") else ".weight"
-            out[short] = g.tensor("blk.%d.%s%s" % (i, base, suffix))
+            name = "blk.%d.%s%s" % (i, base, suffix)
+            if base.endswith("_exps") and g.shape(name) is None:
+                # Mixtral files before April 2024: one tensor per expert
+                per = base[:-len("_exps")]
+                out[short] = np.stack([g.tensor("blk.%d.%s.%d.weight" % (i, per, x)) for x in range(self.n_expert)])
+            else:
+                out[short] = g.tensor(name)
         return out
 
 
