@@ -118,6 +118,21 @@ static int hparams_attention(const kv_reader *r, moe_hparams *hp)
     return 0;
 }
 
+/* An FFN width the file gives only as the rows of a gate tensor (name, or alt):
+ * its dimension 1, in 1..MAX_FF. `key` names what is missing in the error. */
+static int width_from_tensor(const kv_reader *r, const char *name, const char *alt, const char *key, int *out)
+{
+    const gguf_tensor *t = gguf_find_tensor(r->f, name);
+    if (!t && alt) t = gguf_find_tensor(r->f, alt);
+    if (!t)
+        return fail(r->err, r->errlen, "missing key %s.%s (and no %s to take the width from)", r->arch, key, name);
+    if (t->n_dims < 2 || t->ne[1] < 1 || t->ne[1] > MAX_FF)
+        return fail(r->err, r->errlen, "missing key %s.%s, and %s has no width in 1..%d to take instead", r->arch,
+                    key, name, MAX_FF);
+    *out = (int)t->ne[1];
+    return 0;
+}
+
 /* The FFN: dense width or expert count, k and expert width per architecture. */
 static int hparams_ffn(const kv_reader *r, const moe_arch_info *a, moe_hparams *hp)
 {
@@ -132,14 +147,23 @@ static int hparams_ffn(const kv_reader *r, const moe_arch_info *a, moe_hparams *
         return fail(r->err, r->errlen, "%s.expert_used_count (%d) without experts", r->arch,
                     hp->n_expert_used);
     /* Qwen MoE files give the expert width its own key; feed_forward_length there
-     * is a dense width no layer uses. llama (Mixtral) and OLMoE use the plain key. */
+     * is a dense width no layer uses. llama (Mixtral) and OLMoE use the plain key.
+     * Qwen1.5-MoE files converted before those keys existed (spring 2024) have
+     * neither: the widths are then the gate tensors' (the loader checks every
+     * other tensor against them). */
     int own_key = hp->arch == MOE_ARCH_QWEN2MOE || hp->arch == MOE_ARCH_QWEN3MOE;
-    if (kv_int(r, own_key ? "expert_feed_forward_length" : "feed_forward_length", 1, 0, 1, MAX_FF,
+    if (kv_int(r, own_key ? "expert_feed_forward_length" : "feed_forward_length", !own_key, 0, 0, MAX_FF,
                &hp->n_ff))
         return -1;
-    if (a->shared_expert &&
-        kv_int(r, "expert_shared_feed_forward_length", 1, 0, 1, MAX_FF, &hp->n_ff_shexp))
+    if (hp->n_ff == 0 && width_from_tensor(r, "blk.0.ffn_gate_exps.weight", "blk.0.ffn_gate.0.weight",
+                                           "expert_feed_forward_length", &hp->n_ff))
         return -1;
+    if (a->shared_expert) {
+        if (kv_int(r, "expert_shared_feed_forward_length", 0, 0, 0, MAX_FF, &hp->n_ff_shexp)) return -1;
+        if (hp->n_ff_shexp == 0 && width_from_tensor(r, "blk.0.ffn_gate_shexp.weight", NULL,
+                                                     "expert_shared_feed_forward_length", &hp->n_ff_shexp))
+            return -1;
+    }
     return 0;
 }
 

@@ -892,6 +892,44 @@ START_TEST(wrong_key_types_and_values)
 }
 END_TEST
 
+/* Qwen1.5-MoE files converted before the expert width keys existed: the widths
+ * come from the gate tensors, and the model is the one with the keys, to the
+ * bit. Without the keys and the tensor to take them from, the error says so. */
+START_TEST(expert_widths_from_tensors_without_keys)
+{
+    fixture fx;
+    fixture_synth(&fx, "qwen2moe", "tiny", GGML_TYPE_F32);
+    char mid[160];
+    snprintf(mid, sizeof mid, "%s/mid.gguf", fx.dir);
+    edit e1 = {.drop_key = "qwen2moe.expert_feed_forward_length"};
+    rewrite(fx.path, mid, &e1);
+    edit e2 = {.drop_key = "qwen2moe.expert_shared_feed_forward_length"};
+    rewrite(mid, fx.other, &e2);
+    moe_model *a, *b;
+    ck_assert_msg(moe_model_load(fx.path, &a, err, sizeof err) == 0, "%s", err);
+    ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(b->weights.hp.n_ff, a->weights.hp.n_ff);
+    ck_assert_int_eq(b->weights.hp.n_ff_shexp, a->weights.hp.n_ff_shexp);
+    ck_assert_int_ne(a->weights.hp.n_ff, a->weights.hp.n_ff_shexp);
+    size_t n = (size_t)(500 + 40 + 32) * (size_t)a->weights.hp.n_vocab;
+    float *la = malloc(n * sizeof *la), *lb = malloc(n * sizeof *lb);
+    ck_assert(la && lb);
+    engine_run_all(a, la);
+    engine_run_all(b, lb);
+    ck_assert(memcmp(la, lb, n * sizeof *la) == 0);
+    free(la);
+    free(lb);
+    moe_model_free(a);
+    moe_model_free(b);
+    edit e3 = {.drop_key = "qwen2moe.expert_shared_feed_forward_length", .drop_tensor = "blk.0.ffn_gate_shexp.weight"};
+    rewrite(fx.path, fx.other, &e3);
+    const char *msg = load_error(fx.other);
+    ck_assert_err_has(msg, "expert_shared_feed_forward_length");
+    unlink(mid);
+    fixture_done(&fx);
+}
+END_TEST
+
 START_TEST(absurd_dims_are_rejected_before_use)
 {
     fixture fx;
@@ -1370,6 +1408,7 @@ int main(void)
     tcase_add_test(tc, bf16_equals_f32_to_bf16_precision);
     tcase_add_test(tc, experts_narrow_equal_their_f32_widening);
     tcase_add_test(tc, split_experts_are_merged);
+    tcase_add_test(tc, expert_widths_from_tensors_without_keys);
     tcase_add_loop_test(tc, decode_reads_projections_in_the_file_type, 0, 2);
     tcase_add_test(tc, misaligned_f32_is_copied);
     tcase_add_test(tc, misaligned_16bit_experts_are_converted);
