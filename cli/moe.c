@@ -123,6 +123,7 @@ static int cmd_info(int argc, char **argv)
                L0->wv_raw.raw && L0->wv_raw.type != L0->wq_raw.type ? ", v in " : "",
                L0->wv_raw.raw && L0->wv_raw.type != L0->wq_raw.type ? moe_wtype_name(L0->wv_raw.type) : "",
                MOE_RAW_PROJ_MAX_ROWS);
+    if (m->n_parts > 1) printf("parts:          %d files (a split model: gguf-split)\n", m->n_parts);
     printf("memory:         %.1f MiB %s, %.1f MiB converted to F32 at load\n",
            m->mapped_bytes / 1048576.0, gguf_placement(m->gguf),
            m->converted_bytes / 1048576.0);

@@ -28,6 +28,7 @@
 #define MAX_HEAD_DIM 8192
 #define MAX_FF       (1 << 20)
 #define MAX_EXPERTS  4096
+#define MAX_PARTS    1024   /* files of a split model */
 #define MAX_CTX      (1 << 24)
 #define MAX_VOCAB    (1 << 24)
 
@@ -47,7 +48,19 @@ typedef struct {
     const char *arch;  /* key prefix */
     char *err;
     size_t errlen;
+    gguf_file *const *parts;   /* every part of the model's file(s), for width_from_tensor */
+    int n_parts;
 } kv_reader;
+
+/* A tensor from whichever part of a split model holds it (the first that does). */
+static const gguf_tensor *parts_find(gguf_file *const *parts, int n_parts, const char *name)
+{
+    for (int i = 0; i < n_parts; i++) {
+        const gguf_tensor *t = gguf_find_tensor(parts[i], name);
+        if (t) return t;
+    }
+    return NULL;
+}
 
 /* "<arch>.<suffix>" as an integer in [lo, hi]; def when absent and not required.
  * Returns 0, or -1 with a message naming the key. */
@@ -122,8 +135,8 @@ static int hparams_attention(const kv_reader *r, moe_hparams *hp)
  * its dimension 1, in 1..MAX_FF. `key` names what is missing in the error. */
 static int width_from_tensor(const kv_reader *r, const char *name, const char *alt, const char *key, int *out)
 {
-    const gguf_tensor *t = gguf_find_tensor(r->f, name);
-    if (!t && alt) t = gguf_find_tensor(r->f, alt);
+    const gguf_tensor *t = parts_find(r->parts, r->n_parts, name);
+    if (!t && alt) t = parts_find(r->parts, r->n_parts, alt);
     if (!t)
         return fail(r->err, r->errlen, "missing key %s.%s (and no %s to take the width from)", r->arch, key, name);
     if (t->n_dims < 2 || t->ne[1] < 1 || t->ne[1] > MAX_FF)
@@ -167,8 +180,9 @@ static int hparams_ffn(const kv_reader *r, const moe_arch_info *a, moe_hparams *
     return 0;
 }
 
-static int hparams_read(const gguf_file *f, moe_hparams *hp, char *err, size_t errlen)
+static int hparams_read(gguf_file *const *parts, int n_parts, moe_hparams *hp, char *err, size_t errlen)
 {
+    const gguf_file *f = parts[0];
     char arch[64];
     int rc = gguf_get_cstr(f, "general.architecture", arch, sizeof arch);
     if (rc == -1) return fail(err, errlen, "missing key general.architecture");
@@ -183,7 +197,7 @@ static int hparams_read(const gguf_file *f, moe_hparams *hp, char *err, size_t e
         return fail(err, errlen, "unsupported architecture '%s' (supported: %s)", arch, list);
     }
     const moe_arch_info *a = moe_arch_get(hp->arch);
-    kv_reader r = {f, a->name, err, errlen};
+    kv_reader r = {f, a->name, err, errlen, parts, n_parts};
     if (kv_int(&r, "block_count", 1, 0, 1, MAX_LAYERS, &hp->n_layer)) return -1;
     if (kv_int(&r, "embedding_length", 1, 0, 1, MAX_EMBD, &hp->n_embd)) return -1;
     if (kv_int(&r, "context_length", 1, 0, 1, MAX_CTX, &hp->n_ctx_train)) return -1;
@@ -202,7 +216,8 @@ typedef struct {
 } tensor_ref;
 
 typedef struct {
-    const gguf_file *f;
+    gguf_file *const *parts;   /* the model's file, or the parts of a split one */
+    int n_parts;
     tensor_ref *refs;
     int n_refs, cap_refs;
     size_t convert_floats;  /* F32 floats needed for conversions (64-byte padded) */
@@ -218,7 +233,7 @@ static const char *const ffn_matrix[3] = {"gate", "up", "down"};
 /* Tensor `name` in the file, or merged by experts_merge under its 3-D name. */
 static const gguf_tensor *find_tensor(const tensor_loader *L, const char *name)
 {
-    const gguf_tensor *t = gguf_find_tensor(L->f, name);
+    const gguf_tensor *t = parts_find(L->parts, L->n_parts, name);
     if (t || !L->n_merged) return t;
     int il, end = 0;
     char kind[8];
@@ -353,7 +368,7 @@ static int ffn_want(tensor_loader *L, int il, const char *name, uint32_t n_dims,
  * tensor_want): decode reads it there, the F32 conversion serves many rows. */
 static void raw_want(const tensor_loader *L, const char *name, moe_wraw *r)
 {
-    const gguf_tensor *t = gguf_find_tensor(L->f, name);
+    const gguf_tensor *t = parts_find(L->parts, L->n_parts, name);
     if (t && kept_type(t) != MOE_WT_F32) *r = (moe_wraw){t->data, kept_type(t)};
 }
 
@@ -419,8 +434,8 @@ static int layer_want(tensor_loader *L, const moe_hparams *hp, int il, moe_layer
 static int experts_merge(tensor_loader *L, moe_model *m)
 {
     const moe_hparams *hp = &m->weights.hp;
-    if (hp->n_expert == 0 || gguf_find_tensor(L->f, "blk.0.ffn_gate_exps.weight") ||
-        !gguf_find_tensor(L->f, "blk.0.ffn_gate.0.weight"))
+    if (hp->n_expert == 0 || parts_find(L->parts, L->n_parts, "blk.0.ffn_gate_exps.weight") ||
+        !parts_find(L->parts, L->n_parts, "blk.0.ffn_gate.0.weight"))
         return 0;
     int n = 3 * hp->n_layer;
     uint64_t e = (uint64_t)hp->n_embd, ff = (uint64_t)hp->n_ff, ne = (uint64_t)hp->n_expert;
@@ -434,7 +449,7 @@ static int experts_merge(tensor_loader *L, moe_model *m)
         for (uint64_t x = 0; x < ne; x++) {
             char nm[96];
             snprintf(nm, sizeof nm, "blk.%d.ffn_%s.%llu.weight", il, ffn_matrix[i], (unsigned long long)x);
-            const gguf_tensor *t = gguf_find_tensor(L->f, nm);
+            const gguf_tensor *t = parts_find(L->parts, L->n_parts, nm);
             if (!t)
                 return fail(L->err, L->errlen, "missing tensor %s (the file keeps its experts as tensors of "
                             "their own, and has no blk.%d.ffn_%s_exps.weight)", nm, il, ffn_matrix[i]);
@@ -468,7 +483,7 @@ static int experts_merge(tensor_loader *L, moe_model *m)
         for (uint64_t x = 0; x < ne; x++) {
             char nm[96];
             snprintf(nm, sizeof nm, "blk.%d.ffn_%s.%llu.weight", j / 3, ffn_matrix[j % 3], (unsigned long long)x);
-            memcpy(dst + x * per, gguf_find_tensor(L->f, nm)->data, per);
+            memcpy(dst + x * per, parts_find(L->parts, L->n_parts, nm)->data, per);
         }
         mt->data = dst;
     }
@@ -482,7 +497,7 @@ static int tensors_want(tensor_loader *L, moe_model *m)
     moe_weights *w = &m->weights;
     moe_hparams *hp = &w->hp;
     uint64_t e = (uint64_t)hp->n_embd;
-    const gguf_tensor *te = gguf_find_tensor(L->f, "token_embd.weight");
+    const gguf_tensor *te = parts_find(L->parts, L->n_parts, "token_embd.weight");
     if (!te) return fail(L->err, L->errlen, "missing tensor token_embd.weight");
     if (te->n_dims != 2 || te->ne[0] != e || te->ne[1] < 1 || te->ne[1] > MAX_VOCAB) {
         char b[96];
@@ -495,7 +510,7 @@ static int tensors_want(tensor_loader *L, moe_model *m)
     if (tensor_want(L, "token_embd.weight", 1, &w->tok_embd, 2, e, v, 1)) return -1;
     if (tensor_want(L, "output_norm.weight", 1, &w->output_norm, 1, e, 1, 1)) return -1;
     if (tensor_want(L, "output.weight", 0, &w->output, 2, e, v, 1)) return -1;
-    m->tied_output = gguf_find_tensor(L->f, "output.weight") == NULL;
+    m->tied_output = parts_find(L->parts, L->n_parts, "output.weight") == NULL;
     raw_want(L, m->tied_output ? "token_embd.weight" : "output.weight", &w->output_raw);
     w->layers = calloc((size_t)hp->n_layer, sizeof *w->layers);
     if (!w->layers) return fail(L->err, L->errlen, "out of memory");
@@ -612,8 +627,8 @@ static double now_ms(void)
 
 static int model_fill(moe_model *m, const char *path, char *err, size_t errlen)
 {
-    if (hparams_read(m->gguf, &m->weights.hp, err, errlen)) return -1;
-    tensor_loader L = {.f = m->gguf, .err = err, .errlen = errlen};
+    if (hparams_read(m->parts, m->n_parts, &m->weights.hp, err, errlen)) return -1;
+    tensor_loader L = {.parts = m->parts, .n_parts = m->n_parts, .err = err, .errlen = errlen};
     int rc = tensors_want(&L, m);
     if (rc == 0) rc = tensors_resolve(&L, m);
     free(L.refs);
@@ -623,7 +638,7 @@ static int model_fill(moe_model *m, const char *path, char *err, size_t errlen)
     int vocab_key;
     char key[96];
     snprintf(key, sizeof key, "%s.vocab_size", moe_arch_get(m->weights.hp.arch)->name);
-    kv_reader r = {m->gguf, moe_arch_get(m->weights.hp.arch)->name, err, errlen};
+    kv_reader r = {m->gguf, moe_arch_get(m->weights.hp.arch)->name, err, errlen, m->parts, m->n_parts};
     if (kv_int(&r, "vocab_size", 0, m->weights.hp.n_vocab, 1, MAX_VOCAB, &vocab_key)) return -1;
     if (vocab_key != m->weights.hp.n_vocab)
         return fail(err, errlen, "%s = %d but token_embd.weight has %d rows", key, vocab_key,
@@ -631,6 +646,51 @@ static int model_fill(moe_model *m, const char *path, char *err, size_t errlen)
     if (moe_weights_validate(&m->weights, err, errlen)) return -1;
     if (model_tokenizer(m, err, errlen)) return -1;
     model_name(m->gguf, path, m->name, sizeof m->name);
+    return 0;
+}
+
+/* A model split by llama.cpp's gguf-split comes as PREFIX-00001-of-0000N.gguf
+ * to ...-0000N-of-0000N.gguf: each a whole GGUF file holding some of the
+ * tensors, the first also the metadata, all with split.no (0-based) and
+ * split.count. Given the first, the others are opened in the same mode and
+ * checked to be the parts they are named as; the tensors are then looked up in
+ * every part. A file without split.count (or 1) is its own single part. */
+static int parts_open(moe_model *m, const char *path, gguf_load_mode mode, char *err, size_t errlen)
+{
+    uint32_t count = 1, no = 0;
+    int rc = gguf_get_u32(m->gguf, "split.count", &count);
+    if (rc == -2) return fail(err, errlen, "split.count is not a 32-bit unsigned integer");
+    if (rc == -1 || count <= 1) count = 1;
+    if (count > MAX_PARTS) return fail(err, errlen, "split.count = %u is more than %d parts", count, MAX_PARTS);
+    m->parts = calloc(count, sizeof *m->parts);
+    if (!m->parts) return fail(err, errlen, "out of memory");
+    m->parts[0] = m->gguf;
+    m->n_parts = 1;
+    if (count == 1) return 0;
+    if (gguf_get_u32(m->gguf, "split.no", &no) || no != 0)
+        return fail(err, errlen, "%s is part %u of a model split in %u (split.no): load its first part, "
+                    "-00001-of-%05u.gguf", path, no + 1, count, count);
+    char suffix[40];
+    snprintf(suffix, sizeof suffix, "-00001-of-%05u.gguf", count);
+    size_t pl = strlen(path), sl = strlen(suffix);
+    if (pl < sl || strcmp(path + pl - sl, suffix))
+        return fail(err, errlen, "%s is the first of %u parts of a split model, but its name does not end in %s, "
+                    "so the other parts cannot be found", path, count, suffix);
+    for (uint32_t i = 1; i < count; i++) {
+        char part[4096], why[256];
+        if ((size_t)snprintf(part, sizeof part, "%.*s-%05u-of-%05u.gguf", (int)(pl - sl), path, i + 1, count) >=
+            sizeof part)
+            return fail(err, errlen, "path too long: %s", path);
+        if (gguf_open_mode(part, mode, &m->parts[i], why, sizeof why))
+            return fail(err, errlen, "part %u of %u of a split model: %s", i + 1, count, why);
+        m->n_parts++;
+        uint32_t c2 = 0, n2 = 0;
+        if (gguf_get_u32(m->parts[i], "split.count", &c2) || c2 != count || gguf_get_u32(m->parts[i], "split.no", &n2) ||
+            n2 != i)
+            return fail(err, errlen, "%s: not part %u of %u of this model (its split.no and split.count say "
+                        "otherwise)", part, i + 1, count);
+        m->mapped_bytes += gguf_file_size(m->parts[i]);
+    }
     return 0;
 }
 
@@ -646,7 +706,7 @@ int moe_model_load_mode(const char *path, gguf_load_mode mode, moe_model **out, 
     }
     m->mapped_bytes = gguf_file_size(m->gguf);
     m->copied = gguf_copied(m->gguf);
-    if (model_fill(m, path, err, errlen)) {
+    if (parts_open(m, path, mode, err, errlen) || model_fill(m, path, err, errlen)) {
         moe_model_free(m);
         return -1;
     }
@@ -667,6 +727,8 @@ void moe_model_free(moe_model *m)
     free(m->weights.layers);
     free(m->converted);
     hugemem_free(m->merged, m->merged_bytes);
+    for (int i = 1; i < m->n_parts; i++) gguf_close(m->parts[i]);
+    free(m->parts);
     if (m->gguf) gguf_close(m->gguf);
     free(m);
 }

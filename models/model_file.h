@@ -20,10 +20,12 @@
 
 typedef struct {
     moe_weights weights;       /* points into the mapping or into converted buffers */
-    gguf_file *gguf;           /* owned */
+    gguf_file *gguf;           /* owned: the file, or the first part of a split model */
+    gguf_file **parts;         /* owned: (n_parts) the parts, parts[0] == gguf */
+    int n_parts;
     moe_tokenizer *tokenizer;  /* owned; NULL when the file has no tokenizer */
     int tied_output;           /* output.weight absent: token_embd used */
-    size_t mapped_bytes;       /* file size (mapped, or copied) */
+    size_t mapped_bytes;       /* file size, all parts (mapped, or copied) */
     int copied;                /* the file's bytes are an anonymous copy (gguf_copied) */
     float *converted;          /* owned: every tensor converted to F32, one buffer */
     size_t converted_bytes;    /* heap used for the conversions */

@@ -627,7 +627,7 @@ static const char *ffn_types(const moe_weights *w, char *buf, size_t cap)
 static int preload(moe_server *s, int i, const moe_model *m)
 {
     const server_config *c = s->cfg;
-    size_t size = gguf_file_size(m->gguf);
+    size_t size = m->mapped_bytes;
     if (c->no_preload || m->copied) return 0;
     if (size > pages_mem_available()) {
         log_event(c->log_fmt, "warn", "model '%s': %.1f MiB of weights not read in before ready: more than the "
@@ -635,10 +635,11 @@ static int preload(moe_server *s, int i, const moe_model *m)
         return 0;
     }
     double t0 = mono_now();
-    for (size_t off = 0; off < size; off += PRELOAD_CHUNK) {
-        if (atomic_load(&s->loader_cancel)) return -1;
-        gguf_page_in(m->gguf, off, PRELOAD_CHUNK);
-    }
+    for (int p = 0; p < m->n_parts; p++)
+        for (size_t off = 0; off < gguf_file_size(m->parts[p]); off += PRELOAD_CHUNK) {
+            if (atomic_load(&s->loader_cancel)) return -1;
+            gguf_page_in(m->parts[p], off, PRELOAD_CHUNK);
+        }
     log_event(c->log_fmt, "info", "model '%s': %.1f MiB of weights read in before ready in %.0f ms",
               c->models[i].name, size / 1048576.0, (mono_now() - t0) * 1e3);
     return 0;

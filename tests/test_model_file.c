@@ -847,6 +847,90 @@ START_TEST(split_experts_are_merged)
 }
 END_TEST
 
+/* src written as n_parts files named as gguf-split names them,
+ * PREFIX-0000i-of-0000n.gguf: the first with every key, all with split.no
+ * (0-based, part `wrong_no` given a wrong one) and split.count, the tensors
+ * dealt out in file order. */
+static void split_write(const char *src, const char *prefix, int n_parts, int wrong_no)
+{
+    gguf_file *f;
+    ck_assert_msg(gguf_open(src, &f, err, sizeof err) == 0, "%s", err);
+    int64_t nt = gguf_n_tensors(f);
+    for (int p = 0; p < n_parts; p++) {
+        gguf_writer *w = gguf_writer_create();
+        ck_assert_ptr_nonnull(w);
+        for (int64_t i = 0; p == 0 && i < gguf_n_kv(f); i++) {
+            gguf_str k = gguf_kv_key(f, i);
+            char key[256];
+            ck_assert_uint_lt(k.len, sizeof key);
+            memcpy(key, k.data, k.len);
+            key[k.len] = 0;
+            ck_assert_int_eq(gguf_writer_copy_kv(w, f, key), 0);
+        }
+        ck_assert_int_eq(gguf_writer_set_u32(w, "split.no", (uint32_t)(p == wrong_no ? p + 1 : p)), 0);
+        ck_assert_int_eq(gguf_writer_set_u32(w, "split.count", (uint32_t)n_parts), 0);
+        for (int64_t i = nt * p / n_parts; i < nt * (p + 1) / n_parts; i++) {
+            const gguf_tensor *t = gguf_get_tensor(f, i);
+            char name[256];
+            ck_assert_uint_lt(t->name.len, sizeof name);
+            memcpy(name, t->name.data, t->name.len);
+            name[t->name.len] = 0;
+            ck_assert_int_eq(gguf_writer_add_tensor(w, name, t->type, t->n_dims, t->ne, t->data), 0);
+        }
+        char path[256];
+        snprintf(path, sizeof path, "%s-%05d-of-%05d.gguf", prefix, p + 1, n_parts);
+        ck_assert_msg(gguf_writer_write(w, path, err, sizeof err) == 0, "%s", err);
+        gguf_writer_free(w);
+    }
+    gguf_close(f);
+}
+
+/* A model split by gguf-split loads from its first part, with the same logits to
+ * the bit as the whole file; the other parts, a missing part, a part that says
+ * it is another, and a first part not named as gguf-split names it are refused
+ * with what to do. */
+START_TEST(split_files_load_from_the_first_part)
+{
+    fixture fx;
+    fixture_synth(&fx, "qwen2moe", "tiny", GGML_TYPE_Q8_0);
+    char prefix[160], first[192], second[192], third[192], renamed[192];
+    snprintf(prefix, sizeof prefix, "%s/split", fx.dir);
+    snprintf(first, sizeof first, "%s-00001-of-00003.gguf", prefix);
+    snprintf(second, sizeof second, "%s-00002-of-00003.gguf", prefix);
+    snprintf(third, sizeof third, "%s-00003-of-00003.gguf", prefix);
+    snprintf(renamed, sizeof renamed, "%s/first.gguf", fx.dir);
+    split_write(fx.path, prefix, 3, -1);
+    moe_model *a, *b;
+    ck_assert_msg(moe_model_load(fx.path, &a, err, sizeof err) == 0, "%s", err);
+    ck_assert_msg(moe_model_load(first, &b, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(a->n_parts, 1);
+    ck_assert_int_eq(b->n_parts, 3);
+    ck_assert_int_eq(gguf_n_tensors(b->gguf) < gguf_n_tensors(a->gguf), 1);
+    size_t n = (size_t)(500 + 40 + 32) * (size_t)a->weights.hp.n_vocab;
+    float *la = malloc(n * sizeof *la), *lb = malloc(n * sizeof *lb);
+    ck_assert(la && lb);
+    engine_run_all(a, la);
+    engine_run_all(b, lb);
+    ck_assert(memcmp(la, lb, n * sizeof *la) == 0);
+    free(la);
+    free(lb);
+    moe_model_free(a);
+    moe_model_free(b);
+    ck_assert_err_has(load_error(second), "load its first part");
+    ck_assert_int_eq(rename(first, renamed), 0);
+    ck_assert_err_has(load_error(renamed), "cannot be found");
+    ck_assert_int_eq(unlink(third), 0);
+    ck_assert_int_eq(rename(renamed, first), 0);
+    ck_assert_err_has(load_error(first), "part 3 of 3");
+    split_write(fx.path, prefix, 3, 1);
+    ck_assert_err_has(load_error(first), "not part 2 of 3");
+    unlink(first);
+    unlink(second);
+    unlink(third);
+    fixture_done(&fx);
+}
+END_TEST
+
 START_TEST(unsupported_tensor_type_is_named)
 {
     fixture fx;
@@ -1409,6 +1493,7 @@ int main(void)
     tcase_add_test(tc, experts_narrow_equal_their_f32_widening);
     tcase_add_test(tc, split_experts_are_merged);
     tcase_add_test(tc, expert_widths_from_tensors_without_keys);
+    tcase_add_test(tc, split_files_load_from_the_first_part);
     tcase_add_loop_test(tc, decode_reads_projections_in_the_file_type, 0, 2);
     tcase_add_test(tc, misaligned_f32_is_copied);
     tcase_add_test(tc, misaligned_16bit_experts_are_converted);
