@@ -511,6 +511,20 @@ static void engine_run_all(const moe_model *m, float *out)
     moe_engine_free(e);
 }
 
+/* Whether two models give the same logits to the bit through engine_run_all. */
+static int same_logits(const moe_model *a, const moe_model *b)
+{
+    size_t n = (size_t)(500 + 40 + 32) * (size_t)a->weights.hp.n_vocab;
+    float *la = malloc(n * sizeof *la), *lb = malloc(n * sizeof *lb);
+    ck_assert(la && lb);
+    engine_run_all(a, la);
+    engine_run_all(b, lb);
+    int same = memcmp(la, lb, n * sizeof *la) == 0;
+    free(la);
+    free(lb);
+    return same;
+}
+
 /* Rewrites src to dst with general.alignment 1 and a padding key that shifts
  * the data section until `tensor`'s address is not a multiple of `align`. */
 static void rewrite_misaligned(const char *src, const char *dst, const char *tensor, uintptr_t align)
@@ -906,14 +920,7 @@ START_TEST(split_files_load_from_the_first_part)
     ck_assert_int_eq(a->n_parts, 1);
     ck_assert_int_eq(b->n_parts, 3);
     ck_assert_int_eq(gguf_n_tensors(b->gguf) < gguf_n_tensors(a->gguf), 1);
-    size_t n = (size_t)(500 + 40 + 32) * (size_t)a->weights.hp.n_vocab;
-    float *la = malloc(n * sizeof *la), *lb = malloc(n * sizeof *lb);
-    ck_assert(la && lb);
-    engine_run_all(a, la);
-    engine_run_all(b, lb);
-    ck_assert(memcmp(la, lb, n * sizeof *la) == 0);
-    free(la);
-    free(lb);
+    ck_assert(same_logits(a, b));
     moe_model_free(a);
     moe_model_free(b);
     ck_assert_err_has(load_error(second), "load its first part");
@@ -995,14 +1002,7 @@ START_TEST(expert_widths_from_tensors_without_keys)
     ck_assert_int_eq(b->weights.hp.n_ff, a->weights.hp.n_ff);
     ck_assert_int_eq(b->weights.hp.n_ff_shexp, a->weights.hp.n_ff_shexp);
     ck_assert_int_ne(a->weights.hp.n_ff, a->weights.hp.n_ff_shexp);
-    size_t n = (size_t)(500 + 40 + 32) * (size_t)a->weights.hp.n_vocab;
-    float *la = malloc(n * sizeof *la), *lb = malloc(n * sizeof *lb);
-    ck_assert(la && lb);
-    engine_run_all(a, la);
-    engine_run_all(b, lb);
-    ck_assert(memcmp(la, lb, n * sizeof *la) == 0);
-    free(la);
-    free(lb);
+    ck_assert(same_logits(a, b));
     moe_model_free(a);
     moe_model_free(b);
     edit e3 = {.drop_key = "qwen2moe.expert_shared_feed_forward_length", .drop_tensor = "blk.0.ffn_gate_shexp.weight"};
