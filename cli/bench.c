@@ -523,7 +523,7 @@ int bench_run(const bench_opts *o, char *err, size_t errlen)
            "(OpenBLAS sgemm %.1f with its %s kernels, engine kernel %.1f at %d rows, packed kernel %.1f at %d or %d)\n",
            o->threads, rd, triad, bw.n * sizeof(float) >> 20, peak, pc.sgemm, matmul_blas_corename(), pc.kernel,
            PEAK_KERNEL_ROWS, pc.packed, PEAK_KERNEL_ROWS, PEAK_PACKED_ROWS);
-    if (moe_model_load_mode(o->model, o->weights, &m, err, errlen)) goto done;
+    if (moe_model_load_opts(o->model, &(moe_load_opts){o->weights, o->projections}, &m, err, errlen)) goto done;
     const moe_hparams *hp = &m->weights.hp;
     printf("model: %s, %s, %.2f G params (%.2f G active), %d experts top-%d, %d layers; weights %s in %.0f ms\n",
            o->model, moe_arch_get(hp->arch)->name,

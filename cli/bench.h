@@ -6,6 +6,7 @@
 #include <stddef.h>
 
 #include "models/gguf.h"
+#include "models/model_file.h"
 
 typedef struct {
     const char *model;  /* GGUF to measure (required) */
@@ -13,6 +14,7 @@ typedef struct {
     int threads;
     int quick;          /* fewer repetitions (smoke runs) */
     gguf_load_mode weights; /* --weights auto|mmap|copy (models/gguf.h) */
+    moe_proj_mode projections; /* --projections auto|f32|file (models/model_file.h) */
 } bench_opts;
 
 typedef struct {

@@ -42,7 +42,7 @@ static int usage(void)
         "        -o FILE"
         "                                           write a synthetic model\n"
         "  eval -m FILE --text FILE [--ctx N] [--threads N]  bits per byte of a text\n"
-        "  bench -m FILE [--threads N] [--quick] [--weights mmap|copy]\n"
+        "  bench -m FILE [--threads N] [--quick] [--weights auto|mmap|copy] [--projections auto|f32|file]\n"
         "                                              throughput and rooflines\n");
     return 2;
 }
@@ -117,12 +117,17 @@ static int cmd_info(int argc, char **argv)
         printf("shared expert:  %s, likewise\n", moe_ffn_raw_types(&L0->shexp_raw, types, sizeof types));
     if (L0->ffn_raw.type != MOE_WT_F32)
         printf("dense FFN:      %s, likewise\n", moe_ffn_raw_types(&L0->ffn_raw, types, sizeof types));
-    if (L0->wq_raw.raw)
+    const char *v_in = L0->wv_raw.raw && L0->wv_raw.type != L0->wq_raw.type ? ", v in " : "";
+    const char *v_type = *v_in ? moe_wtype_name(L0->wv_raw.type) : "";
+    if (L0->wq_raw.raw && m->proj_f32)
         printf("projections:    %s%s%s where the file keeps them for steps of up to %d rows (decode), their\n"
-               "                F32 conversion for more\n", moe_wtype_name(L0->wq_raw.type),
-               L0->wv_raw.raw && L0->wv_raw.type != L0->wq_raw.type ? ", v in " : "",
-               L0->wv_raw.raw && L0->wv_raw.type != L0->wq_raw.type ? moe_wtype_name(L0->wv_raw.type) : "",
-               MOE_RAW_PROJ_MAX_ROWS);
+               "                F32 conversion for more (with this much free memory; --projections file\n"
+               "                would keep them in the file's type only)\n",
+               moe_wtype_name(L0->wq_raw.type), v_in, v_type, MOE_RAW_PROJ_MAX_ROWS);
+    else if (L0->wq_raw.raw)
+        printf("projections:    %s%s%s, read where the file keeps them at every batch size (not enough\n"
+               "                free memory for F32 copies; --projections f32 would make them)\n",
+               moe_wtype_name(L0->wq_raw.type), v_in, v_type);
     if (m->n_parts > 1) printf("parts:          %d files (a split model: gguf-split)\n", m->n_parts);
     printf("memory:         %.1f MiB %s, %.1f MiB converted to F32 at load\n",
            m->mapped_bytes / 1048576.0, gguf_placement(m->gguf),
@@ -130,7 +135,7 @@ static int cmd_info(int argc, char **argv)
     if (m->merged_bytes)
         printf("merged experts: %.1f MiB copied at load: the file keeps each expert's matrices as tensors of\n"
                "                their own (Mixtral files before April 2024)\n", m->merged_bytes / 1048576.0);
-    size_t packed = moe_engine_packed_bytes_for(hp);
+    size_t packed = moe_weights_f32_projections(&m->weights) ? moe_engine_packed_bytes_for(hp) : 0;
     if (packed)
         printf("packed copy:    %.1f MiB more when it runs: the attention and output projections packed\n"
                "                for the many-row kernel (core/packed.h)\n", packed / 1048576.0);
@@ -576,6 +581,11 @@ static int cmd_bench(int argc, char **argv)
         else if (!strcmp(argv[i], "--weights")) {
             if (gguf_load_mode_parse(v, &o.weights)) {
                 fprintf(stderr, "moe: bench: --weights %s: want auto, mmap or copy\n", v);
+                return 2;
+            }
+        } else if (!strcmp(argv[i], "--projections")) {
+            if (moe_proj_mode_parse(v, &o.projections)) {
+                fprintf(stderr, "moe: bench: --projections %s: want auto, f32 or file\n", v);
                 return 2;
             }
         } else { fprintf(stderr, "moe: bench: unknown option %s %s\n", argv[i], v); return 2; }

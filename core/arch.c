@@ -85,13 +85,14 @@ int moe_weights_validate(const moe_weights *w, char *err, size_t errlen)
     const moe_hparams *hp = &w->hp;
     if (hparams_validate(hp, err, errlen)) return -1;
     const moe_arch_info *a = moe_arch_get(hp->arch);
-    if (!w->tok_embd || !w->output_norm || !w->output || !w->layers)
+    if (!w->tok_embd || !w->output_norm || !(w->output || w->output_raw.raw) || !w->layers)
         return fail(err, errlen, "missing token embedding, output norm or output", -1);
     if (!raw_ok(&w->output_raw, hp->n_embd))
         return fail(err, errlen, "output weights in a type or shape the kernels cannot read", -1);
     for (int l = 0; l < hp->n_layer; l++) {
         const moe_layer_weights *L = &w->layers[l];
-        if (!L->attn_norm || !L->wq || !L->wk || !L->wv || !L->wo || !L->ffn_norm)
+        if (!L->attn_norm || !(L->wq || L->wq_raw.raw) || !(L->wk || L->wk_raw.raw) || !(L->wv || L->wv_raw.raw) ||
+            !(L->wo || L->wo_raw.raw) || !L->ffn_norm)
             return fail(err, errlen, "missing attention or norm weights", l);
         if (!raw_ok(&L->wq_raw, hp->n_embd) || !raw_ok(&L->wk_raw, hp->n_embd) || !raw_ok(&L->wv_raw, hp->n_embd) ||
             !raw_ok(&L->wo_raw, hp->n_head * hp->head_dim))
@@ -138,6 +139,16 @@ static uint64_t params(const moe_hparams *hp, int tied_output, int experts_count
     uint64_t e = (uint64_t)hp->n_embd, v = (uint64_t)hp->n_vocab;
     uint64_t n = v * e + e + (tied_output ? 0 : v * e);
     return n + (uint64_t)hp->n_layer * layer_params(hp, experts_counted);
+}
+
+int moe_weights_f32_projections(const moe_weights *w)
+{
+    if (!w->output) return 0;
+    for (int l = 0; l < w->hp.n_layer; l++) {
+        const moe_layer_weights *L = &w->layers[l];
+        if (!L->wq || !L->wk || !L->wv || !L->wo) return 0;
+    }
+    return 1;
 }
 
 const char *moe_ffn_raw_types(const moe_ffn_raw *r, char *buf, size_t cap)

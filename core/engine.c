@@ -66,6 +66,9 @@ struct moe_engine {
     packed_w **pk_q, **pk_k, **pk_v, **pk_o;
     packed_w *pk_out;
     packed_scratch *pk_scratch;
+    float *proj_wide;        /* projections read only in the file's type: (n_threads) slices
+                              * widened at once (matmul_multi_scratch_floats), else NULL */
+    int proj_sgemm;          /* and sgemm takes their many-row products (else the row kernels) */
     atomic_int pk_ready;
     atomic_int pk_stop;         /* engine free: the packer stops at the next matrix */
     pthread_t pk_thread;
@@ -305,6 +308,23 @@ int moe_engine_create(const moe_weights *w, const moe_engine_params *p,
         snprintf(err, errlen, "engine: out of memory for scratch (%d batch tokens)", p->max_batch_tokens);
         goto fail;
     }
+    /* The packed copies are made from the F32 projections. A model that keeps
+     * them only in the file's narrower type reads them there at every batch
+     * size, with the bits the F32 projections would give: where those would
+     * take the packed kernel (AVX-512, packing asked for, OpenBLAS's 256-bit
+     * sgemm: use_packed), the few-rows kernels, whose bits the packed kernel
+     * has, at every size; else sgemm from the switch up. Both widen a slice
+     * into proj_wide where that pays. */
+    if (!moe_weights_f32_projections(w)) {
+        e->proj_sgemm = !(e->p.packed_projections && packed_supported() && !matmul_blas_512_bit());
+        e->p.packed_projections = MOE_PACK_OFF;
+        int max_k = hp->n_embd > e->q_dim ? hp->n_embd : e->q_dim;
+        e->proj_wide = malloc((size_t)p->n_threads * matmul_multi_scratch_floats(max_k) * sizeof(float));
+        if (!e->proj_wide) {
+            snprintf(err, errlen, "engine: out of memory for the projections' widening buffers");
+            goto fail;
+        }
+    }
     if (e->p.packed_projections && packed_create(e, err, errlen)) goto fail;
     /* Same angle formula as ops.c rope(): theta = pos * base^(-2i/d), in double. */
     for (int i = 0; i < half; i++)
@@ -324,6 +344,7 @@ void moe_engine_free(moe_engine *e)
         pthread_join(e->pk_thread, NULL);
     }
     packed_free(e);
+    free(e->proj_wide);
     kv_cache_free(e->kv);
     moe_ffn_free(e->ffn);
     pool_free(e->pool);
@@ -879,24 +900,23 @@ static int use_packed(int m, const proj_out *outs, int n_outs)
     return m < matmul_sgemm_min_rows() || !matmul_blas_512_bit();
 }
 
-/* Whether a projection of m rows reads the weights where the file keeps them
- * narrower (F16, BF16, Q8_0): up to MOE_RAW_PROJ_MAX_ROWS rows, where reading the
- * weights is the cost, when every output has them. */
-static int use_raw(int m, const proj_out *outs, int n_outs)
+/* Whether output o of a projection of m rows reads its weights where the file
+ * keeps them narrower: up to MOE_RAW_PROJ_MAX_ROWS rows, where reading the
+ * weights is the cost, and at every size when it has no F32 form. */
+static int use_raw(int m, const proj_out *o)
 {
-    for (int i = 0; i < n_outs; i++)
-        if (!outs[i].raw.raw) return 0;
-    return m <= MOE_RAW_PROJ_MAX_ROWS;
+    return o->raw.raw && (m <= MOE_RAW_PROJ_MAX_ROWS || !o->w);
 }
 
 /* y_i = x W_i^T for each of outs, as one parallel run: on the file's narrower
- * weights or the packed copies where use_raw or use_packed says so, else on the
- * F32 weights (core/matmul.c). The same bits every way. */
+ * weights where use_raw says so, else on the packed copies where use_packed
+ * says so, else on the F32 weights (core/matmul.c). The same bits every way. */
 static void project(moe_engine *e, const float *x, int m, int k, const proj_out *outs, int n_outs)
 {
     assert(n_outs >= 1 && n_outs <= PROJ_MAX_OUTS);
-    int raw = use_raw(m, outs, n_outs);
-    if (!raw && use_packed(m, outs, n_outs)) {
+    int any_raw = 0;
+    for (int i = 0; i < n_outs; i++) any_raw |= use_raw(m, &outs[i]);
+    if (!any_raw && use_packed(m, outs, n_outs)) {
         packed_out po[PROJ_MAX_OUTS];
         for (int i = 0; i < n_outs; i++) po[i] = (packed_out){outs[i].pw, outs[i].y};
         packed_matmul(e->pool, e->pk_scratch, x, m, k, po, n_outs);
@@ -904,8 +924,9 @@ static void project(moe_engine *e, const float *x, int m, int k, const proj_out 
     }
     matmul_out mo[PROJ_MAX_OUTS];
     for (int i = 0; i < n_outs; i++)
-        mo[i] = (matmul_out){outs[i].w, outs[i].n, outs[i].y, raw ? outs[i].raw : (moe_wraw){NULL, MOE_WT_F32}};
-    matmul_multi(e->pool, x, m, k, mo, n_outs);
+        mo[i] = (matmul_out){outs[i].w, outs[i].n, outs[i].y,
+                             use_raw(m, &outs[i]) ? outs[i].raw : (moe_wraw){NULL, MOE_WT_F32}};
+    matmul_multi(e->pool, x, m, k, mo, n_outs, e->proj_wide, e->proj_sgemm);
 }
 
 /* a[l], one of the packed copies, once the copies are complete; NULL before,

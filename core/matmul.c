@@ -679,16 +679,16 @@ void matmul_range(const float *x, int m, int k, const float *w, int n0, int n1, 
     else matmul_few_rows(x, m, k, w, n0, n1, y, ldy);
 }
 
-void matmul_range_wq(const float *x, int m, int k, const void *w, moe_wtype wt, int n0, int n1,
-                     float *y, int ldy, float *scratch)
+/* The few-rows kernels on narrow W at any m: in passes of NARROW_XB x rows, each
+ * widening W again as it reads it; a k-quant, whose unpacking costs more than
+ * several x rows' FMAs, is widened once into scratch (when given) for more rows,
+ * and the F32 row kernels take it from there: the same bits. */
+static void wq_rows(const float *x, int m, int k, const unsigned char *w, moe_wtype wt, int n0, int n1,
+                    float *y, int ldy, float *scratch)
 {
-    if (m <= 0 || n1 <= n0) return;
-    size_t rb = moe_wtype_row_bytes(wt, (size_t)k);
-    if (m >= sgemm_min_rows() && k > 0) {
-        /* sgemm's bits are those of its call shape: the slice widened once, then
-         * the F32 call of the same shape */
-        wconv_rows(scratch, (const unsigned char *)w + (size_t)n0 * rb, (size_t)(n1 - n0) * (size_t)k, wt);
-        matmul_sgemm(x, m, k, scratch, 0, n1 - n0, y + n0, ldy);
+    if (scratch && m > NARROW_XB && KQUANT(wt)) {
+        wconv_rows(scratch, w + (size_t)n0 * moe_wtype_row_bytes(wt, (size_t)k), (size_t)(n1 - n0) * (size_t)k, wt);
+        matmul_few_rows(x, m, k, scratch, 0, n1 - n0, y + n0, ldy);
         return;
     }
     for (int i = 0; i < m; i += NARROW_XB) {
@@ -697,10 +697,25 @@ void matmul_range_wq(const float *x, int m, int k, const void *w, moe_wtype wt, 
     }
 }
 
+void matmul_range_wq(const float *x, int m, int k, const void *w, moe_wtype wt, int n0, int n1,
+                     float *y, int ldy, float *scratch)
+{
+    if (m <= 0 || n1 <= n0) return;
+    size_t rb = moe_wtype_row_bytes(wt, (size_t)k);
+    if (scratch && m >= sgemm_min_rows() && k > 0) {
+        /* sgemm's bits are those of its call shape: the slice widened once, then
+         * the F32 call of the same shape */
+        wconv_rows(scratch, (const unsigned char *)w + (size_t)n0 * rb, (size_t)(n1 - n0) * (size_t)k, wt);
+        matmul_sgemm(x, m, k, scratch, 0, n1 - n0, y + n0, ldy);
+        return;
+    }
+    wq_rows(x, m, k, w, wt, n0, n1, y, ldy, scratch);
+}
+
 void matmul(pool *p, const float *x, int m, int k, const float *w, int n, float *y)
 {
     matmul_out o = {w, n, y, {NULL, MOE_WT_F32}};
-    matmul_multi(p, x, m, k, &o, 1);
+    matmul_multi(p, x, m, k, &o, 1, NULL, 1);
 }
 
 #define MULTI_MAX 4
@@ -708,31 +723,41 @@ void matmul(pool *p, const float *x, int m, int k, const float *w, int n, float 
 typedef struct {
     const float *x;
     int m, k, slice, n_outs;
+    float *scratch;             /* per thread SLICE_SGEMM * k floats, or NULL */
+    int sgemm;                  /* raw-only outputs of many rows on sgemm, not the row kernels */
     matmul_out outs[MULTI_MAX];
     int first[MULTI_MAX + 1];   /* first task of each output; first[n_outs] = all */
 } multi_job;
 
 static void multi_task(void *ctx, int task, int thread)
 {
-    (void)thread;
     const multi_job *j = ctx;
     int i = 0;
     while (task >= j->first[i + 1]) i++;
     const matmul_out *o = &j->outs[i];
     int n0 = (task - j->first[i]) * j->slice;
     int n1 = n0 + j->slice < o->n ? n0 + j->slice : o->n;
-    if (o->raw.raw && o->raw.type != MOE_WT_F32 && j->m < sgemm_min_rows())
-        matmul_range_wq(j->x, j->m, j->k, o->raw.raw, o->raw.type, n0, n1, o->y, o->n, NULL);
-    else
+    int raw = o->raw.raw && o->raw.type != MOE_WT_F32;
+    float *scratch = j->scratch ? j->scratch + (size_t)thread * matmul_multi_scratch_floats(j->k) : NULL;
+    if (raw && (j->m < sgemm_min_rows() || (!o->w && !(j->sgemm && scratch)))) {
+        wq_rows(j->x, j->m, j->k, o->raw.raw, o->raw.type, n0, n1, o->y, o->n, scratch);
+    } else if (raw && !o->w) {   /* only the narrow copy, many rows: sgemm on a widened slice */
+        matmul_range_wq(j->x, j->m, j->k, o->raw.raw, o->raw.type, n0, n1, o->y, o->n, scratch);
+    } else {
         matmul_range(j->x, j->m, j->k, o->w, n0, n1, o->y, o->n);
+    }
 }
 
-void matmul_multi(pool *p, const float *x, int m, int k, const matmul_out *outs, int n_outs)
+size_t matmul_multi_scratch_floats(int k) { return (size_t)SLICE_SGEMM * (size_t)(k > 0 ? k : 0); }
+
+void matmul_multi(pool *p, const float *x, int m, int k, const matmul_out *outs, int n_outs, float *scratch,
+                  int sgemm)
 {
     if (m <= 0) return;
     int i = 0;
     while (i < n_outs) {   /* up to MULTI_MAX non-empty outputs a job */
-        multi_job j = {.x = x, .m = m, .k = k, .slice = m >= sgemm_min_rows() ? SLICE_SGEMM : SLICE_KERNEL};
+        multi_job j = {.x = x, .m = m, .k = k, .slice = m >= sgemm_min_rows() ? SLICE_SGEMM : SLICE_KERNEL,
+                       .scratch = scratch, .sgemm = sgemm};
         for (; i < n_outs && j.n_outs < MULTI_MAX; i++) {
             if (outs[i].n <= 0) continue;
             j.outs[j.n_outs] = outs[i];

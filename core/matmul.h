@@ -17,12 +17,12 @@
 /* Serial, on the calling thread: y[i][j] = sum_t x[i][t] * W[j][t] for j in [n0, n1). */
 void matmul_range(const float *x, int m, int k, const float *w, int n0, int n1, float *y, int ldy);
 
-/* The same with W narrower than F32 (moe_wtype F16, BF16 or Q8_0; rows of
- * moe_wtype_row_bytes(wt, k) bytes, k a multiple of 32 for Q8_0), widened in
- * registers as it is read: the same bits as matmul_range on the widened W, from
- * half (16-bit) or about a quarter (Q8_0) of the bytes. scratch holds
+/* The same with W narrower than F32 (a narrow moe_wtype; rows of
+ * moe_wtype_row_bytes(wt, k) bytes, whole blocks), widened as it is read: the
+ * same bits as matmul_range on the widened W, from fewer bytes. scratch holds
  * (n1 - n0) * k floats, used from matmul_sgemm_min_rows() rows up, where W's
- * slice is widened once and goes to sgemm. */
+ * slice is widened once and goes to sgemm; NULL keeps the few-rows kernels at
+ * every m (the bits of the packed kernel, core/packed.h, not of sgemm). */
 void matmul_range_wq(const float *x, int m, int k, const void *w, moe_wtype wt, int n0, int n1,
                      float *y, int ldy, float *scratch);
 
@@ -31,7 +31,12 @@ void matmul(pool *p, const float *x, int m, int k, const float *w, int n, float 
 
 /* Several products of the same x in one parallel run: y_i = x W_i^T for each
  * (w, n, y) of outs, from raw where an output has it and m is below
- * matmul_sgemm_min_rows() (the same bits; w may then be NULL). One run instead of several saves the barriers between them
+ * matmul_sgemm_min_rows(), or where it has no w: from the sgemm switch up raw
+ * then goes to sgemm (a slice widened into the thread's part of scratch) when
+ * sgemm is set and scratch given, else to the few-rows kernels at every m.
+ * scratch (matmul_multi_scratch_floats(k) floats a pool thread, or NULL) also
+ * lets those widen a k-quant slice once for many rows. The same bits every way
+ * as the F32 weights on the same path. One run instead of several saves the barriers between them
  * and keeps the threads streaming across the weights (the q, k and v projections
  * of a decode step are 8 + 2 + 2 MB). Same results as separate matmul calls. */
 typedef struct {
@@ -40,7 +45,9 @@ typedef struct {
     float *y;
     moe_wraw raw;   /* optional: W in a narrower type, read below the sgemm switch */
 } matmul_out;
-void matmul_multi(pool *p, const float *x, int m, int k, const matmul_out *outs, int n_outs);
+void matmul_multi(pool *p, const float *x, int m, int k, const matmul_out *outs, int n_outs, float *scratch,
+                  int sgemm);
+size_t matmul_multi_scratch_floats(int k);
 
 /* Plain triple loop, the reference the tests compare both paths against. */
 void matmul_ref(const float *x, int m, int k, const float *w, int n, float *y);

@@ -204,7 +204,8 @@ typedef struct {
     const float *q_norm;      /* optional: (n_head*head_dim) FULL, (head_dim) HEAD */
     const float *k_norm;      /* optional: (n_head_kv*head_dim) FULL, (head_dim) HEAD */
     const float *ffn_norm;    /* (n_embd) */
-    moe_wraw wq_raw, wk_raw, wv_raw, wo_raw; /* optional: wq..wo in the file's type */
+    moe_wraw wq_raw, wk_raw, wv_raw, wo_raw; /* optional: wq..wo in the file's type; where a
+                                              * raw is set its F32 form may be NULL (read there only) */
 
     /* dense FFN, n_expert == 0 */
     const float *ffn_gate;    /* (n_ff, n_embd) */
@@ -232,7 +233,7 @@ typedef struct {
     const float *tok_embd;    /* (n_vocab, n_embd) */
     const float *output_norm; /* (n_embd) */
     const float *output;      /* (n_vocab, n_embd); == tok_embd when tied */
-    moe_wraw output_raw;      /* optional: output in the file's type */
+    moe_wraw output_raw;      /* optional: output in the file's type (then output may be NULL) */
     moe_layer_weights *layers;/* (n_layer), owned by whoever filled this struct */
 } moe_weights;
 
@@ -240,6 +241,10 @@ typedef struct {
  * are consistent (positive sizes, k <= n_expert, n_head % n_head_kv == 0, even
  * rope_dim <= head_dim, ...). Returns 0 or -1 with a message. */
 int moe_weights_validate(const moe_weights *w, char *err, size_t errlen);
+
+/* Whether every attention and output projection has its F32 form (a model
+ * whose file keeps them narrower reads them there only: moe_wraw). */
+int moe_weights_f32_projections(const moe_weights *w);
 
 /* An FFN's types as text into buf: "Q4_K", "Q3_K (down Q5_0)" when the down
  * projection's differs, or all three. Returns buf. */

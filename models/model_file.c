@@ -8,6 +8,7 @@
  * converted to F32. moe_weights_validate has the last word.
  */
 #include "models/model_file.h"
+#include "models/pages.h"
 
 #include "core/hugemem.h"
 #include "core/wconv.h"
@@ -218,6 +219,7 @@ typedef struct {
 typedef struct {
     gguf_file *const *parts;   /* the model's file, or the parts of a split one */
     int n_parts;
+    int proj_f32;              /* narrow projections converted to F32 as well */
     tensor_ref *refs;
     int n_refs, cap_refs;
     size_t convert_floats;  /* F32 floats needed for conversions (64-byte padded) */
@@ -372,6 +374,27 @@ static void raw_want(const tensor_loader *L, const char *name, moe_wraw *r)
     if (t && kept_type(t) != MOE_WT_F32) *r = (moe_wraw){t->data, kept_type(t)};
 }
 
+/* An attention or output projection: where the file keeps it in a type the
+ * kernels read, its raw copy, and unless L->proj_f32 only that (*slot stays
+ * NULL: read there at every batch size; an F32 copy of a quantized model's
+ * projections, and the packed copy the engine makes of it, cost 11 GB more
+ * than the file for Mixtral's Q4_K_M). Else wanted in F32 as tensor_want does. */
+static int proj_want(tensor_loader *L, const char *name, int required, const float **slot, moe_wraw *raw,
+                     uint64_t ne0, uint64_t ne1)
+{
+    const gguf_tensor *t = find_tensor(L, name);
+    if (t && kept_type(t) != MOE_WT_F32) {
+        if (L->proj_f32) {
+            raw_want(L, name, raw);
+            return tensor_want(L, name, required, slot, 2, ne0, ne1, 1);
+        }
+        if (tensor_check(L, name, t, 2, ne0, ne1, 1)) return -1;
+        *raw = (moe_wraw){t->data, kept_type(t)};
+        return 0;
+    }
+    return tensor_want(L, name, required, slot, 2, ne0, ne1, 1);
+}
+
 static int layer_want(tensor_loader *L, const moe_hparams *hp, int il, moe_layer_weights *w)
 {
     const moe_arch_info *a = moe_arch_get(hp->arch);
@@ -383,18 +406,13 @@ static int layer_want(tensor_loader *L, const moe_hparams *hp, int il, moe_layer
 #define WANT(suffix, slot, nd, a0, a1, a2) \
     (snprintf(nm, sizeof nm, "blk.%d.%s", il, suffix), rc = rc ? rc : tensor_want(L, nm, 1, slot, nd, a0, a1, a2))
     WANT("attn_norm.weight", &w->attn_norm, 1, e, 1, 1);
-    WANT("attn_q.weight", &w->wq, 2, e, q, 1);
-    WANT("attn_k.weight", &w->wk, 2, e, kv, 1);
-    WANT("attn_v.weight", &w->wv, 2, e, kv, 1);
-    WANT("attn_output.weight", &w->wo, 2, q, e, 1);
-    if (rc == 0) {
-        static const char *const proj[4] = {"attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight"};
-        moe_wraw *raw[4] = {&w->wq_raw, &w->wk_raw, &w->wv_raw, &w->wo_raw};
-        for (int i = 0; i < 4; i++) {
-            snprintf(nm, sizeof nm, "blk.%d.%s", il, proj[i]);
-            raw_want(L, nm, raw[i]);
-        }
-    }
+#define PROJ(suffix, slot, raw, a0, a1) \
+    (snprintf(nm, sizeof nm, "blk.%d.%s", il, suffix), rc = rc ? rc : proj_want(L, nm, 1, slot, raw, a0, a1))
+    PROJ("attn_q.weight", &w->wq, &w->wq_raw, e, q);
+    PROJ("attn_k.weight", &w->wk, &w->wk_raw, e, kv);
+    PROJ("attn_v.weight", &w->wv, &w->wv_raw, e, kv);
+    PROJ("attn_output.weight", &w->wo, &w->wo_raw, q, e);
+#undef PROJ
     if (a->qkv_bias) {
         WANT("attn_q.bias", &w->bq, 1, q, 1, 1);
         WANT("attn_k.bias", &w->bk, 1, kv, 1, 1);
@@ -509,9 +527,10 @@ static int tensors_want(tensor_loader *L, moe_model *m)
     uint64_t v = (uint64_t)hp->n_vocab;
     if (tensor_want(L, "token_embd.weight", 1, &w->tok_embd, 2, e, v, 1)) return -1;
     if (tensor_want(L, "output_norm.weight", 1, &w->output_norm, 1, e, 1, 1)) return -1;
-    if (tensor_want(L, "output.weight", 0, &w->output, 2, e, v, 1)) return -1;
+    if (proj_want(L, "output.weight", 0, &w->output, &w->output_raw, e, v)) return -1;
     m->tied_output = parts_find(L->parts, L->n_parts, "output.weight") == NULL;
-    raw_want(L, m->tied_output ? "token_embd.weight" : "output.weight", &w->output_raw);
+    /* tied: the embedding rows are looked up in F32, and the logits read the file's type */
+    if (m->tied_output) raw_want(L, "token_embd.weight", &w->output_raw);
     w->layers = calloc((size_t)hp->n_layer, sizeof *w->layers);
     if (!w->layers) return fail(L->err, L->errlen, "out of memory");
     if (experts_merge(L, m)) return -1;
@@ -625,10 +644,27 @@ static double now_ms(void)
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
-static int model_fill(moe_model *m, const char *path, char *err, size_t errlen)
+/* Whether to convert the narrow projections to F32 as well (moe_proj_mode):
+ * AUTO when those copies (F32 and packed) and the file itself take at most
+ * half the memory available. */
+static int proj_f32_wanted(const moe_model *m, moe_proj_mode mode)
+{
+    if (mode != MOE_PROJ_AUTO) return mode == MOE_PROJ_F32;
+    const moe_hparams *hp = &m->weights.hp;
+    double e = hp->n_embd, q = (double)hp->n_head * hp->head_dim, kv = (double)hp->n_head_kv * hp->head_dim;
+    double floats = hp->n_layer * (2 * q * e + 2 * kv * e) + (double)hp->n_vocab * e;
+    double copies = 2 * 4 * floats, avail = (double)pages_mem_available();
+    return avail > 0 && copies + (double)m->mapped_bytes <= avail / 2;
+}
+
+static int model_fill(moe_model *m, const char *path, moe_proj_mode proj, char *err, size_t errlen)
 {
     if (hparams_read(m->parts, m->n_parts, &m->weights.hp, err, errlen)) return -1;
     tensor_loader L = {.parts = m->parts, .n_parts = m->n_parts, .err = err, .errlen = errlen};
+    /* n_vocab is known only from token_embd's shape: estimated from it here */
+    const gguf_tensor *te = parts_find(m->parts, m->n_parts, "token_embd.weight");
+    m->weights.hp.n_vocab = te && te->n_dims == 2 && te->ne[1] <= MAX_VOCAB ? (int)te->ne[1] : 0;
+    m->proj_f32 = L.proj_f32 = proj_f32_wanted(m, proj);
     int rc = tensors_want(&L, m);
     if (rc == 0) rc = tensors_resolve(&L, m);
     free(L.refs);
@@ -694,8 +730,26 @@ static int parts_open(moe_model *m, const char *path, gguf_load_mode mode, char 
     return 0;
 }
 
+int moe_proj_mode_parse(const char *s, moe_proj_mode *out)
+{
+    static const char *const names[] = {"auto", "f32", "file"};
+    for (int i = 0; i < 3; i++)
+        if (s && !strcmp(s, names[i])) {
+            *out = (moe_proj_mode)i;
+            return 0;
+        }
+    return -1;
+}
+
 int moe_model_load_mode(const char *path, gguf_load_mode mode, moe_model **out, char *err, size_t errlen)
 {
+    moe_load_opts o = {mode, MOE_PROJ_AUTO};
+    return moe_model_load_opts(path, &o, out, err, errlen);
+}
+
+int moe_model_load_opts(const char *path, const moe_load_opts *o, moe_model **out, char *err, size_t errlen)
+{
+    gguf_load_mode mode = o->weights;
     double t0 = now_ms();
     *out = NULL;
     moe_model *m = calloc(1, sizeof *m);
@@ -706,7 +760,7 @@ int moe_model_load_mode(const char *path, gguf_load_mode mode, moe_model **out, 
     }
     m->mapped_bytes = gguf_file_size(m->gguf);
     m->copied = gguf_copied(m->gguf);
-    if (parts_open(m, path, mode, err, errlen) || model_fill(m, path, err, errlen)) {
+    if (parts_open(m, path, mode, err, errlen) || model_fill(m, path, o->projections, err, errlen)) {
         moe_model_free(m);
         return -1;
     }

@@ -29,6 +29,7 @@ typedef struct {
     int copied;                /* the file's bytes are an anonymous copy (gguf_copied) */
     float *converted;          /* owned: every tensor converted to F32, one buffer */
     size_t converted_bytes;    /* heap used for the conversions */
+    int proj_f32;              /* narrow projections converted to F32 too (moe_proj_mode) */
     unsigned char *merged;     /* owned: per-expert tensors merged per matrix (old Mixtral files), or NULL */
     size_t merged_bytes;
     double load_ms;
@@ -41,6 +42,21 @@ int moe_model_load(const char *path, moe_model **out, char *err, size_t errlen);
  * kernel maps the file in 4 KiB pages (GGUF_LOAD_AUTO): see models/gguf.h.
  * gguf_placement(m->gguf) says which happened. */
 int moe_model_load_mode(const char *path, gguf_load_mode mode, moe_model **out, char *err, size_t errlen);
+
+/* The attention and output projections a file keeps in a narrower type: also
+ * converted to F32 (which the engine packs for its fastest many-row kernel,
+ * 2x their F32 bytes in all on AVX-512), or read in the file's type at every
+ * batch size (the same logits; 7-14% slower at batch 16-64 on the bench
+ * model's Q4_K_M, and about 11 GB less for Mixtral's). AUTO converts when the
+ * copies and the file take at most half the memory available at load. */
+typedef enum { MOE_PROJ_AUTO, MOE_PROJ_F32, MOE_PROJ_FILE } moe_proj_mode;
+int moe_proj_mode_parse(const char *s, moe_proj_mode *out);   /* "auto", "f32", "file"; -1 else */
+
+typedef struct {
+    gguf_load_mode weights;
+    moe_proj_mode projections;
+} moe_load_opts;
+int moe_model_load_opts(const char *path, const moe_load_opts *o, moe_model **out, char *err, size_t errlen);
 void moe_model_free(moe_model *m);
 
 #endif

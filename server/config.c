@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef enum { OPT_INT, OPT_LONG, OPT_SEC, OPT_STR, OPT_MODEL, OPT_LOGFMT, OPT_WEIGHTS, OPT_FLAG } opt_kind;
+typedef enum { OPT_INT, OPT_LONG, OPT_SEC, OPT_STR, OPT_MODEL, OPT_LOGFMT, OPT_WEIGHTS, OPT_PROJ, OPT_FLAG } opt_kind;
 
 typedef struct {
     const char *flag;  /* without the leading dashes */
@@ -39,6 +39,7 @@ static const opt_def opts[] = {
     {"log-format", OPT_LOGFMT, OFF(log_fmt), 0, 0, "text|json  log format (default text)"},
     {"weights", OPT_WEIGHTS, OFF(weights), 0, 0, "auto|mmap|copy  where model files go: auto (default) maps them and, where the kernel maps them in 4 KiB pages, copies them into huge pages when the copy takes at most half the free memory (faster decode, by a few percent to a third depending on the CPU; costs the copy at load); mmap always maps, copy always copies. The load line says which"},
     {"quiet", OPT_FLAG, OFF(quiet), 0, 0, "  no per-request log lines"},
+    {"projections", OPT_PROJ, OFF(projections), 0, 0, "auto|f32|file  the attention and output projections of a quantized (or F16) file: f32 also converts them to F32 (which the fastest many-row kernel packs: twice their F32 bytes in memory), file reads them in the file's type at every batch size (the same results; 7-14% slower at 16-64 sequences on the bench model's Q4_K_M, 11 GB less memory for Mixtral's); auto (default) converts when the copies and the file take at most half the free memory. The load line says which"},
     {"no-preload", OPT_FLAG, OFF(no_preload), 0, 0, "  say ready as soon as a model file is mapped, without reading its weights first: the first requests then wait for the disk (seconds for a few GB; by default they are read before /ready answers 200, unless the file is larger than the free memory)"},
     {"no-packed-projections", OPT_FLAG, OFF(no_packed_projections), 0, 0, "  keep no packed copy of the attention and output projection weights: saves their memory again (445 MiB for the bench model; the load line gives it), costs speed from a few rows a step up; results are the same"},
 };
@@ -55,6 +56,7 @@ void server_config_default(server_config *c)
     c->request_timeout = 600;
     c->drain_timeout = 30;
     c->weights = GGUF_LOAD_AUTO;
+    c->projections = MOE_PROJ_AUTO;
 }
 
 void server_config_free(server_config *c)
@@ -196,6 +198,12 @@ static int set_opt(server_config *c, const opt_def *o, const char *v, const char
     case OPT_WEIGHTS:
         if (gguf_load_mode_parse(v, (gguf_load_mode *)base)) {
             snprintf(err, errlen, "%s --weights '%s': want auto, mmap or copy", src, v);
+            return -1;
+        }
+        return 0;
+    case OPT_PROJ:
+        if (moe_proj_mode_parse(v, (moe_proj_mode *)base)) {
+            snprintf(err, errlen, "%s --projections '%s': want auto, f32 or file", src, v);
             return -1;
         }
         return 0;

@@ -11,6 +11,7 @@
 #include <stddef.h>
 
 #include "models/gguf.h"
+#include "models/model_file.h"
 
 #define SERVER_MAX_MODELS 16
 
@@ -43,6 +44,7 @@ typedef struct {
     log_format log_fmt;
     int quiet;               /* no per-request log lines */
     gguf_load_mode weights;  /* --weights auto|mmap|copy (models/gguf.h) */
+    moe_proj_mode projections; /* --projections auto|f32|file (models/model_file.h) */
     int no_packed_projections; /* --no-packed-projections: no packed copy (core/packed.h) */
     int no_preload;          /* --no-preload: /ready before the weights are read from disk */
 } server_config;

@@ -662,7 +662,7 @@ static void *loader_main(void *arg)
         char err[400];
         double t0 = mono_now();
         moe_model *m;
-        if (moe_model_load_mode(c->models[i].path, c->weights, &m, err,
+        if (moe_model_load_opts(c->models[i].path, &(moe_load_opts){c->weights, c->projections}, &m, err,
                                 sizeof err)) {
             snprintf(s->load_err, sizeof s->load_err, "model '%s' (%s): %s", c->models[i].name, c->models[i].path, err);
             atomic_store(&s->load_failed, 1);
@@ -698,13 +698,15 @@ static void *loader_main(void *arg)
                   "model '%s' loaded from %s: %s, %.1fM parameters (%.1fM active), %d experts (top-%d), "
                   "%d layers, vocabulary %d, context %d, KV cache %.1f MiB (%d positions), %s, "
                   "steps of up to %d tokens / %d sequences, weights %s (FFNs read as %s, %.1f MiB converted "
-                  "to F32), %.0f ms",
+                  "to F32%s), %.0f ms",
                   c->models[i].name, c->models[i].path, moe_arch_get(hp->arch)->name,
                   moe_hparams_n_params(hp, m->tied_output) / 1e6, moe_hparams_n_params_active(hp, m->tied_output) / 1e6,
                   hp->n_expert, hp->n_expert_used, hp->n_layer, hp->n_vocab, sched_max_seq_len(sc),
                   moe_engine_kv_bytes(e) / 1048576.0, sched_kv_positions(sc), packed, sp.max_batch_tokens,
                   sp.max_seqs < sp.max_batch_tokens ? sp.max_seqs : sp.max_batch_tokens,
                   gguf_placement(m->gguf), ffn_types(&m->weights, ftypes, sizeof ftypes), m->converted_bytes / 1048576.0,
+                  moe_weights_f32_projections(&m->weights) || !m->weights.layers[0].wq_raw.raw
+                      ? "" : "; projections read in the file's type",
                   secs * 1e3);
         s->models[i] = m;
         s->scheds[i] = sc;

@@ -179,7 +179,7 @@ START_TEST(multi_equals_separate_calls)
             /* below the switch the F32 weights must not be read: a decoy there */
             if (h[i] && m < matmul_sgemm_min_rows()) memset(w[i], 0, nw * sizeof(float));
         }
-        matmul_multi(p, x, m, k, outs, 6);
+        matmul_multi(p, x, m, k, outs, 6, NULL, 1);
         for (int i = 0; i < 6; i++) {
             size_t ny = (size_t)m * (size_t)(ns[i] ? ns[i] : 1);
             ck_assert_msg(memcmp(y[i], want[i], ny * sizeof(float)) == 0, "m=%d output %d", m, i);

@@ -329,6 +329,26 @@ static float *experts_f32(const moe_layer_weights *L, int which, size_t n)
     return ffn_f32(L->exp_gate, L->exp_up, L->exp_down, &L->exp_raw, which, n);
 }
 
+static void assert_close_f16(const float *a, const float *b, size_t n, const char *what);
+
+/* A projection's n weights in F32, allocated: its F32 form, or (read only in
+ * the file's type) its raw copy widened. */
+static float *proj_f32(const float *w, moe_wraw raw, size_t n)
+{
+    float *out = malloc(n * sizeof *out);
+    ck_assert_ptr_nonnull(out);
+    if (w) memcpy(out, w, n * sizeof *out);
+    else wconv_rows(out, raw.raw, n, raw.type);
+    return out;
+}
+
+static void assert_close_f16_proj(const float *a, const float *w, moe_wraw raw, size_t n, const char *what)
+{
+    float *b = proj_f32(w, raw, n);
+    assert_close_f16(a, b, n, what);
+    free(b);
+}
+
 static void assert_close_f16(const float *a, const float *b, size_t n, const char *what)
 {
     for (size_t i = 0; i < n; i++) {
@@ -347,19 +367,24 @@ START_TEST(f16_equals_f32_to_f16_precision)
     ck_assert_int_eq(synth_write(&p, fx.other, err, sizeof err), 0);
     moe_model *a, *b;
     ck_assert_msg(moe_model_load(fx.path, &a, err, sizeof err) == 0, "%s", err);
-    ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
+    moe_load_opts file_proj = {GGUF_LOAD_MMAP, MOE_PROJ_FILE};
+    ck_assert_msg(moe_model_load_opts(fx.other, &file_proj, &b, err, sizeof err) == 0, "%s", err);
     const moe_hparams *hp = &a->weights.hp;
     ck_assert(memcmp(hp, &b->weights.hp, sizeof *hp) == 0);
     size_t e = (size_t)hp->n_embd, v = (size_t)hp->n_vocab, q = (size_t)hp->n_head * hp->head_dim;
     size_t kv = (size_t)hp->n_head_kv * hp->head_dim, ff = (size_t)hp->n_ff, ne = (size_t)hp->n_expert;
     size_t sh = (size_t)hp->n_ff_shexp;
     assert_close_f16(a->weights.tok_embd, b->weights.tok_embd, v * e, "tok_embd");
-    assert_close_f16(a->weights.output, b->weights.output, v * e, "output");
+    /* the projections stay F16 in the file, read there at every batch size */
+    ck_assert_ptr_null(b->weights.output);
+    ck_assert_int_eq(b->weights.output_raw.type, MOE_WT_F16);
+    assert_close_f16_proj(a->weights.output, b->weights.output, b->weights.output_raw, v * e, "output");
     for (int l = 0; l < hp->n_layer; l++) {
         const moe_layer_weights *x = &a->weights.layers[l], *y = &b->weights.layers[l];
-        assert_close_f16(x->wq, y->wq, q * e, "wq");
-        assert_close_f16(x->wk, y->wk, kv * e, "wk");
-        assert_close_f16(x->wo, y->wo, e * q, "wo");
+        ck_assert(!y->wq && !y->wk && !y->wv && !y->wo);
+        assert_close_f16_proj(x->wq, y->wq, y->wq_raw, q * e, "wq");
+        assert_close_f16_proj(x->wk, y->wk, y->wk_raw, kv * e, "wk");
+        assert_close_f16_proj(x->wo, y->wo, y->wo_raw, e * q, "wo");
         assert_close_f16(x->router, y->router, ne * e, "router");
         /* the experts stay F16 in the file, read where they are */
         ck_assert_int_eq(x->exp_raw.type, MOE_WT_F32);
@@ -378,10 +403,9 @@ START_TEST(f16_equals_f32_to_f16_precision)
         ck_assert(memcmp(x->bq, y->bq, q * sizeof(float)) == 0);
         ck_assert(memcmp(x->attn_norm, y->attn_norm, e * sizeof(float)) == 0);
     }
-    /* every other matrix converted once: embeddings, output and per layer the
-     * attention matrices (the router stays F32, as llama.cpp's converters keep it) */
-    size_t per_layer = 2 * q * e + 2 * kv * e;
-    ck_assert_uint_eq(b->converted_bytes, 4 * (2 * v * e + (size_t)hp->n_layer * per_layer));
+    /* only the embeddings are converted (the router stays F32, as llama.cpp's
+     * converters keep it) */
+    ck_assert_uint_eq(b->converted_bytes, 4 * v * e);
     ck_assert_uint_eq(a->converted_bytes, 0);
     ck_assert(b->mapped_bytes < a->mapped_bytes);
     moe_model_free(a);
@@ -635,6 +659,17 @@ START_TEST(experts_narrow_equal_their_f32_widening)
         size_t diff = 0;
         for (size_t i = 0; i < n; i++) diff += memcmp(&la[i], &lb[i], sizeof(float)) != 0;
         ck_assert_msg(diff == 0, "case %zu (%s): %zu of %zu logits differ", ci, moe_wtype_name(c->want), diff, n);
+        /* and with the projections read only in the file's type (MOE_PROJ_FILE) */
+        moe_model *af;
+        moe_load_opts file_proj = {GGUF_LOAD_MMAP, MOE_PROJ_FILE};
+        ck_assert_msg(moe_model_load_opts(src, &file_proj, &af, err, sizeof err) == 0, "%s", err);
+        ck_assert_int_eq(af->proj_f32, 0);
+        ck_assert(!af->weights.layers[0].wq || !af->weights.layers[0].wq_raw.raw);
+        engine_run_all(af, la);
+        for (size_t i = 0; i < n; i++) diff += memcmp(&la[i], &lb[i], sizeof(float)) != 0;
+        ck_assert_msg(diff == 0, "case %zu (%s), projections in the file's type: %zu of %zu logits differ", ci,
+                      moe_wtype_name(c->want), diff, n);
+        moe_model_free(af);
         free(la);
         free(lb);
         moe_model_free(a);
@@ -659,10 +694,12 @@ START_TEST(bf16_equals_f32_to_bf16_precision)
     size_t q = (size_t)hp->n_head * hp->head_dim, kv = (size_t)hp->n_head_kv * hp->head_dim;
     ck_assert_int_eq(b->weights.layers[1].exp_raw.type, MOE_WT_BF16);
     float *up = experts_f32(&b->weights.layers[1], 1, ne * (size_t)hp->n_ff * e_);
+    float *out = proj_f32(b->weights.output, b->weights.output_raw, v * e_);
+    float *wv = proj_f32(b->weights.layers[0].wv, b->weights.layers[0].wv_raw, kv * e_);
     const float *pairs[][2] = {
-        {a->weights.tok_embd, b->weights.tok_embd}, {a->weights.output, b->weights.output},
+        {a->weights.tok_embd, b->weights.tok_embd}, {a->weights.output, out},
         {a->weights.layers[1].exp_up, up},
-        {a->weights.layers[0].wv, b->weights.layers[0].wv},
+        {a->weights.layers[0].wv, wv},
     };
     size_t sizes[] = {v * e_, v * e_, ne * (size_t)hp->n_ff * e_, kv * e_};
     for (int p = 0; p < 4; p++)
@@ -674,10 +711,14 @@ START_TEST(bf16_equals_f32_to_bf16_precision)
         }
     /* the full q/k norms of OLMoE are vectors: still F32, used in place */
     ck_assert(memcmp(a->weights.layers[0].q_norm, b->weights.layers[0].q_norm, q * sizeof(float)) == 0);
-    /* the embeddings and output are converted, the experts are not */
+    /* the embeddings, output and projections are converted (a small model: by
+     * MOE_PROJ_AUTO), the experts are not */
+    ck_assert_int_eq(b->proj_f32, 1);
     ck_assert_uint_gt(b->converted_bytes, 4 * 2 * v * e_);
     ck_assert_uint_lt(b->converted_bytes, 4 * (2 * v * e_ + ne * 3 * (size_t)hp->n_ff * e_));
     free(up);
+    free(out);
+    free(wv);
     moe_model_free(a);
     moe_model_free(b);
     fixture_done(&fx);
@@ -1249,8 +1290,12 @@ static void auto_against_mmap(int f16)
     ck_assert(memcmp(da, db, n_exp * sizeof(float)) == 0);
     free(da);
     free(db);
-    ck_assert(memcmp(a->weights.output, b->weights.output,
-                     (size_t)h->n_vocab * (size_t)h->n_embd * sizeof(float)) == 0);
+    size_t n_out = (size_t)h->n_vocab * (size_t)h->n_embd;
+    float *oa = proj_f32(a->weights.output, a->weights.output_raw, n_out);
+    float *ob = proj_f32(b->weights.output, b->weights.output_raw, n_out);
+    ck_assert(memcmp(oa, ob, n_out * sizeof(float)) == 0);
+    free(oa);
+    free(ob);
     moe_model_free(a);
     moe_model_free(b);
     munmap(pin, size);

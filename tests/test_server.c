@@ -757,6 +757,45 @@ START_TEST(config_flags_and_environment)
     ck_assert_int_eq(server_config_parse(&c, 5, argv4, err, sizeof err), -1);
     ck_assert(strstr(err, "auto, mmap or copy"));
     server_config_free(&c);
+    char *argv6[] = {"moeserve", "--model", "m.gguf", "--projections", "file", NULL};
+    server_config_default(&c);
+    ck_assert_int_eq(c.projections, MOE_PROJ_AUTO);
+    ck_assert_int_eq(server_config_parse(&c, 5, argv6, err, sizeof err), 0);
+    ck_assert_int_eq(c.projections, MOE_PROJ_FILE);
+    server_config_free(&c);
+    argv6[4] = "f16";
+    server_config_default(&c);
+    ck_assert_int_eq(server_config_parse(&c, 5, argv6, err, sizeof err), -1);
+    ck_assert(strstr(err, "auto, f32 or file"));
+    server_config_free(&c);
+}
+END_TEST
+
+/* A quantized model served with its projections read only in the file's type
+ * (--projections file) answers as with their F32 copies, and the load line
+ * says which it did. */
+START_TEST(projections_in_the_file_type_serve_the_same)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/q8.gguf", g_dir);
+    synth_params p = {.arch = "qwen2moe", .preset = "tiny", .seed = 4, .wtype = GGML_TYPE_Q8_0};
+    char err[256];
+    ck_assert_msg(synth_write(&p, path, err, sizeof err) == 0, "%s", err);
+    const char *body = "{\"prompt\":\"the projections\",\"max_tokens\":8,\"logits\":\"all\",\"top_logprobs\":3}";
+    server s;
+    server_start(&s, (const char *[]){"--model", path, "--projections", "f32", NULL});
+    json_t *a = infer_ok(s.port, body);
+    server_stop(&s);
+    ck_assert_msg(!log_has(&s, "projections read in the file's type"), "log %s", s.log);
+    server_start(&s, (const char *[]){"--model", path, "--projections", "file", NULL});
+    json_t *b = infer_ok(s.port, body);
+    server_stop(&s);
+    ck_assert_msg(log_has(&s, "projections read in the file's type"), "log %s", s.log);
+    ck_assert(json_equal(json_object_get(a, "tokens"), json_object_get(b, "tokens")));
+    ck_assert(json_equal(json_object_get(a, "logits"), json_object_get(b, "logits")));
+    json_decref(a);
+    json_decref(b);
+    unlink(path);
 }
 END_TEST
 
@@ -904,6 +943,8 @@ int main(void)
     if (want(only, "hostile_bodies_get_4xx")) tcase_add_test(tc, hostile_bodies_get_4xx);
     if (want(only, "config_flags_and_environment")) tcase_add_test(tc, config_flags_and_environment);
     if (want(only, "weights_copy_serves_the_same")) tcase_add_test(tc, weights_copy_serves_the_same);
+    if (want(only, "projections_in_the_file_type_serve_the_same"))
+        tcase_add_test(tc, projections_in_the_file_type_serve_the_same);
     if (want(only, "weights_read_in_before_ready")) tcase_add_test(tc, weights_read_in_before_ready);
     if (want(only, "utf8_cleaning")) tcase_add_test(tc, utf8_cleaning);
     if (want(only, "metrics_pass_promtool_and_logs_are_json")) tcase_add_test(tc, metrics_pass_promtool_and_logs_are_json);
