@@ -219,10 +219,12 @@ static double forward_flops(const moe_hparams *hp, double n_tokens, double n_log
 }
 
 /* Bytes of a projection of `rows` outputs over k inputs as a step of n_tokens
- * rows reads it: in the file's narrower type where the engine reads that. */
-static double proj_bytes(moe_wraw raw, uint64_t rows, uint64_t k, int n_tokens)
+ * rows reads it: in the file's narrower type where the engine reads that (up
+ * to MOE_RAW_PROJ_MAX_ROWS rows, or always when it has no F32 form). */
+static double proj_bytes(const float *f32, moe_wraw raw, uint64_t rows, uint64_t k, int n_tokens)
 {
-    if (raw.raw && n_tokens <= MOE_RAW_PROJ_MAX_ROWS) return (double)rows * (double)moe_wtype_row_bytes(raw.type, k);
+    if (raw.raw && (n_tokens <= MOE_RAW_PROJ_MAX_ROWS || !f32))
+        return (double)rows * (double)moe_wtype_row_bytes(raw.type, k);
     return (double)f32_bytes(rows * k);
 }
 
@@ -242,11 +244,11 @@ static double step_weight_bytes(const bench_state *s, int n_tokens)
     const moe_arch_info *a = moe_arch_get(hp->arch);
     uint64_t e = (uint64_t)hp->n_embd, q = (uint64_t)hp->n_head * hp->head_dim;
     uint64_t kv = (uint64_t)hp->n_head_kv * hp->head_dim;
-    double bytes = proj_bytes(w->output_raw, (uint64_t)hp->n_vocab, e, n_tokens);
+    double bytes = proj_bytes(w->output, w->output_raw, (uint64_t)hp->n_vocab, e, n_tokens);
     for (int l = 0; l < hp->n_layer; l++) {
         const moe_layer_weights *L = &w->layers[l];
-        bytes += proj_bytes(L->wq_raw, q, e, n_tokens) + proj_bytes(L->wk_raw, kv, e, n_tokens) +
-                 proj_bytes(L->wv_raw, kv, e, n_tokens) + proj_bytes(L->wo_raw, e, q, n_tokens);
+        bytes += proj_bytes(L->wq, L->wq_raw, q, e, n_tokens) + proj_bytes(L->wk, L->wk_raw, kv, e, n_tokens) +
+                 proj_bytes(L->wv, L->wv_raw, kv, e, n_tokens) + proj_bytes(L->wo, L->wo_raw, e, q, n_tokens);
     }
     if (hp->n_expert == 0) {
         for (int l = 0; l < hp->n_layer; l++) bytes += ffn_bytes(&w->layers[l].ffn_raw, e, (uint64_t)hp->n_ff);

@@ -68,7 +68,9 @@ struct moe_engine {
     packed_scratch *pk_scratch;
     float *proj_wide;        /* projections read only in the file's type: (n_threads) slices
                               * widened at once (matmul_multi_scratch_floats), else NULL */
-    int proj_sgemm;          /* and sgemm takes their many-row products (else the row kernels) */
+    int proj_sgemm;          /* sgemm takes the projections' many-row products, else (only
+                              * some in the file's type, where F32 ones would be packed)
+                              * the row kernels, whose bits the packed kernel has */
     atomic_int pk_ready;
     atomic_int pk_stop;         /* engine free: the packer stops at the next matrix */
     pthread_t pk_thread;
@@ -315,6 +317,7 @@ int moe_engine_create(const moe_weights *w, const moe_engine_params *p,
      * sgemm: use_packed), the few-rows kernels, whose bits the packed kernel
      * has, at every size; else sgemm from the switch up. Both widen a slice
      * into proj_wide where that pays. */
+    e->proj_sgemm = 1;
     if (!moe_weights_f32_projections(w)) {
         e->proj_sgemm = !(e->p.packed_projections && packed_supported() && !matmul_blas_512_bit());
         e->p.packed_projections = MOE_PACK_OFF;

@@ -743,8 +743,10 @@ static void multi_task(void *ctx, int task, int thread)
         wq_rows(j->x, j->m, j->k, o->raw.raw, o->raw.type, n0, n1, o->y, o->n, scratch);
     } else if (raw && !o->w) {   /* only the narrow copy, many rows: sgemm on a widened slice */
         matmul_range_wq(j->x, j->m, j->k, o->raw.raw, o->raw.type, n0, n1, o->y, o->n, scratch);
-    } else {
+    } else if (j->sgemm) {
         matmul_range(j->x, j->m, j->k, o->w, n0, n1, o->y, o->n);
+    } else {                     /* F32 beside narrow-only outputs on the row kernels: the same path */
+        matmul_few_rows(j->x, j->m, j->k, o->w, n0, n1, o->y, o->n);
     }
 }
 

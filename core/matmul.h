@@ -33,7 +33,8 @@ void matmul(pool *p, const float *x, int m, int k, const float *w, int n, float 
  * (w, n, y) of outs, from raw where an output has it and m is below
  * matmul_sgemm_min_rows(), or where it has no w: from the sgemm switch up raw
  * then goes to sgemm (a slice widened into the thread's part of scratch) when
- * sgemm is set and scratch given, else to the few-rows kernels at every m.
+ * sgemm is set and scratch given, else to the few-rows kernels at every m (and
+ * without sgemm so do the F32 outputs: the bits of the packed kernel).
  * scratch (matmul_multi_scratch_floats(k) floats a pool thread, or NULL) also
  * lets those widen a k-quant slice once for many rows. The same bits every way
  * as the F32 weights on the same path. One run instead of several saves the barriers between them

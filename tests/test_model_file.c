@@ -1024,6 +1024,33 @@ START_TEST(wrong_key_types_and_values)
 }
 END_TEST
 
+/* A quantized model with a tied output (token_embd also the output matrix),
+ * its projections read only in the file's type: the embeddings and the tied
+ * output stay F32 beside them, and the logits of every row, past the sgemm
+ * switch, are those of the F32 rewrite to the bit. */
+START_TEST(tied_output_beside_file_type_projections)
+{
+    fixture fx;
+    fixture_synth(&fx, "qwen2moe", "tiny", GGML_TYPE_Q8_0);
+    char tied[160];
+    snprintf(tied, sizeof tied, "%s/tied.gguf", fx.dir);
+    edit drop = {.drop_tensor = "output.weight"};
+    rewrite(fx.path, tied, &drop);
+    edit f32 = {.to_f32 = 1};
+    rewrite(tied, fx.other, &f32);
+    moe_model *a, *b;
+    moe_load_opts file_proj = {GGUF_LOAD_MMAP, MOE_PROJ_FILE};
+    ck_assert_msg(moe_model_load_opts(tied, &file_proj, &a, err, sizeof err) == 0, "%s", err);
+    ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
+    ck_assert(a->tied_output && !a->weights.layers[0].wq && a->weights.output);
+    ck_assert(same_logits(a, b));
+    moe_model_free(a);
+    moe_model_free(b);
+    unlink(tied);
+    fixture_done(&fx);
+}
+END_TEST
+
 /* Qwen1.5-MoE files converted before the expert width keys existed: the widths
  * come from the gate tensors, and the model is the one with the keys, to the
  * bit. Without the keys and the tensor to take them from, the error says so. */
@@ -1538,6 +1565,7 @@ int main(void)
     tcase_add_test(tc, experts_narrow_equal_their_f32_widening);
     tcase_add_test(tc, split_experts_are_merged);
     tcase_add_test(tc, expert_widths_from_tensors_without_keys);
+    tcase_add_test(tc, tied_output_beside_file_type_projections);
     tcase_add_test(tc, split_files_load_from_the_first_part);
     tcase_add_loop_test(tc, decode_reads_projections_in_the_file_type, 0, 2);
     tcase_add_test(tc, misaligned_f32_is_copied);
