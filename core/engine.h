@@ -88,8 +88,9 @@ int moe_engine_packed_ready(const moe_engine *e);
 size_t moe_engine_packed_bytes_for(const moe_hparams *hp);
 
 /* Batches of at most this many rows read the attention and output projections
- * where the file keeps them in F16, BF16 or Q8_0 (moe_wraw in core/model.h);
- * larger ones read the F32 conversion or its packed copy. */
+ * where the file keeps them in a narrower type (moe_wraw in core/model.h);
+ * larger ones read the F32 conversion or its packed copy, where the model has
+ * them (models/model_file.h, moe_proj_mode), else the file's type as well. */
 #define MOE_RAW_PROJ_MAX_ROWS 8
 
 #endif
