@@ -85,8 +85,10 @@ int moe_weights_validate(const moe_weights *w, char *err, size_t errlen)
     const moe_hparams *hp = &w->hp;
     if (hparams_validate(hp, err, errlen)) return -1;
     const moe_arch_info *a = moe_arch_get(hp->arch);
-    if (!w->tok_embd || !w->output_norm || !(w->output || w->output_raw.raw) || !w->layers)
+    if (!(w->tok_embd || w->tok_embd_raw.raw) || !w->output_norm || !(w->output || w->output_raw.raw) || !w->layers)
         return fail(err, errlen, "missing token embedding, output norm or output", -1);
+    if (!raw_ok(&w->tok_embd_raw, hp->n_embd))
+        return fail(err, errlen, "token embedding in a type or shape the kernels cannot read", -1);
     if (!raw_ok(&w->output_raw, hp->n_embd))
         return fail(err, errlen, "output weights in a type or shape the kernels cannot read", -1);
     for (int l = 0; l < hp->n_layer; l++) {

@@ -37,6 +37,7 @@
 #include "core/packed.h"
 #include "core/pool.h"
 #include "core/vexp.h"
+#include "core/wconv.h"
 
 /* Attention tiling (see attend()). */
 #define ATT_RUN 16   /* rows per run */
@@ -998,6 +999,20 @@ static void output_logits(moe_engine *e, const moe_batch *b, int n_logits, float
     project(e, e->xb, n_logits, hp->n_embd, &o, 1);
 }
 
+/* The batch's token embeddings into e->x: rows of the F32 table, or of the
+ * file's narrower one widened (the values of its F32 conversion). */
+static void embed(moe_engine *e, const moe_batch *b)
+{
+    size_t d = (size_t)e->w.hp.n_embd;
+    const moe_wraw *r = &e->w.tok_embd_raw;
+    for (int i = 0; i < b->n_tokens; i++) {
+        float *x = e->x + (size_t)i * d;
+        size_t t = (size_t)b->token[i];
+        if (e->w.tok_embd) memcpy(x, e->w.tok_embd + t * d, d * sizeof(float));
+        else wconv_rows(x, r->raw + t * moe_wtype_row_bytes(r->type, d), d, r->type);
+    }
+}
+
 int moe_engine_forward(moe_engine *e, const moe_batch *b, float *logits, char *err, size_t errlen)
 {
     if (!b) {
@@ -1009,10 +1024,8 @@ int moe_engine_forward(moe_engine *e, const moe_batch *b, float *logits, char *e
     int n = b->n_tokens;
     if (n == 0) return 0;
     const moe_hparams *hp = &e->w.hp;
-    size_t d = (size_t)hp->n_embd;
 
-    for (int i = 0; i < n; i++)
-        memcpy(e->x + (size_t)i * d, e->w.tok_embd + (size_t)b->token[i] * d, d * sizeof(float));
+    embed(e, b);
     rope_table(e, b);
     attention_runs(e, b);
     for (int l = 0; l < hp->n_layer; l++) {

@@ -231,6 +231,8 @@ typedef struct {
 typedef struct {
     moe_hparams hp;
     const float *tok_embd;    /* (n_vocab, n_embd) */
+    moe_wraw tok_embd_raw;    /* optional: token_embd in the file's type (then tok_embd may be
+                               * NULL: the rows a batch looks up are widened) */
     const float *output_norm; /* (n_embd) */
     const float *output;      /* (n_vocab, n_embd); == tok_embd when tied */
     moe_wraw output_raw;      /* optional: output in the file's type (then output may be NULL) */

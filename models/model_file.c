@@ -525,7 +525,9 @@ static int tensors_want(tensor_loader *L, moe_model *m)
     }
     hp->n_vocab = (int)te->ne[1];
     uint64_t v = (uint64_t)hp->n_vocab;
-    if (tensor_want(L, "token_embd.weight", 1, &w->tok_embd, 2, e, v, 1)) return -1;
+    /* the embeddings, like the projections: in the file's type only unless
+     * L->proj_f32 (the rows a batch uses are widened as it looks them up) */
+    if (proj_want(L, "token_embd.weight", 1, &w->tok_embd, &w->tok_embd_raw, e, v)) return -1;
     if (tensor_want(L, "output_norm.weight", 1, &w->output_norm, 1, e, 1, 1)) return -1;
     if (proj_want(L, "output.weight", 0, &w->output, &w->output_raw, e, v)) return -1;
     m->tied_output = parts_find(L->parts, L->n_parts, "output.weight") == NULL;

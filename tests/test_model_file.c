@@ -75,6 +75,7 @@ typedef struct {
     const char *halve_tensor;   /* tensor written with its outermost dim halved */
     int to_bf16;                /* every F32 matrix written as BF16 */
     int to_f32;                 /* every F16/BF16/Q8_0 tensor written as F32 (exactly) */
+    const char *to_f32_tensor;  /* only this one */
     uint32_t alignment;         /* general.alignment, 0: unchanged */
     int pad_len;                /* length of an extra string key (shifts the data section) */
 } edit;
@@ -163,7 +164,7 @@ static void rewrite(const char *src, const char *dst, const edit *e)
             data = h;
             type = GGML_TYPE_BF16;
         }
-        if (e->to_f32 && t->type != GGML_TYPE_F32) {
+        if ((e->to_f32 || (e->to_f32_tensor && !strcmp(name, e->to_f32_tensor))) && t->type != GGML_TYPE_F32) {
             ck_assert_int_lt(n_bf16, 256);
             float *fl = malloc(t->n_elements * sizeof *fl);
             ck_assert_ptr_nonnull(fl);
@@ -374,7 +375,7 @@ START_TEST(f16_equals_f32_to_f16_precision)
     size_t e = (size_t)hp->n_embd, v = (size_t)hp->n_vocab, q = (size_t)hp->n_head * hp->head_dim;
     size_t kv = (size_t)hp->n_head_kv * hp->head_dim, ff = (size_t)hp->n_ff, ne = (size_t)hp->n_expert;
     size_t sh = (size_t)hp->n_ff_shexp;
-    assert_close_f16(a->weights.tok_embd, b->weights.tok_embd, v * e, "tok_embd");
+    assert_close_f16_proj(a->weights.tok_embd, b->weights.tok_embd, b->weights.tok_embd_raw, v * e, "tok_embd");
     /* the projections stay F16 in the file, read there at every batch size */
     ck_assert_ptr_null(b->weights.output);
     ck_assert_int_eq(b->weights.output_raw.type, MOE_WT_F16);
@@ -403,9 +404,10 @@ START_TEST(f16_equals_f32_to_f16_precision)
         ck_assert(memcmp(x->bq, y->bq, q * sizeof(float)) == 0);
         ck_assert(memcmp(x->attn_norm, y->attn_norm, e * sizeof(float)) == 0);
     }
-    /* only the embeddings are converted (the router stays F32, as llama.cpp's
-     * converters keep it) */
-    ck_assert_uint_eq(b->converted_bytes, 4 * v * e);
+    /* nothing is converted: the embeddings' rows are widened as a batch looks
+     * them up (the router stays F32, as llama.cpp's converters keep it) */
+    ck_assert_ptr_null(b->weights.tok_embd);
+    ck_assert_uint_eq(b->converted_bytes, 0);
     ck_assert_uint_eq(a->converted_bytes, 0);
     ck_assert(b->mapped_bytes < a->mapped_bytes);
     moe_model_free(a);
@@ -1025,9 +1027,10 @@ START_TEST(wrong_key_types_and_values)
 END_TEST
 
 /* A quantized model with a tied output (token_embd also the output matrix),
- * its projections read only in the file's type: the embeddings and the tied
- * output stay F32 beside them, and the logits of every row, past the sgemm
- * switch, are those of the F32 rewrite to the bit. */
+ * its projections and embeddings read only in the file's type: the logits of
+ * every row, past the sgemm switch, are those of the F32 rewrite to the bit;
+ * and so with only the output tied to F32 embeddings (an F32 token_embd beside
+ * the file-type projections). */
 START_TEST(tied_output_beside_file_type_projections)
 {
     fixture fx;
@@ -1042,9 +1045,20 @@ START_TEST(tied_output_beside_file_type_projections)
     moe_load_opts file_proj = {GGUF_LOAD_MMAP, MOE_PROJ_FILE};
     ck_assert_msg(moe_model_load_opts(tied, &file_proj, &a, err, sizeof err) == 0, "%s", err);
     ck_assert_msg(moe_model_load(fx.other, &b, err, sizeof err) == 0, "%s", err);
-    ck_assert(a->tied_output && !a->weights.layers[0].wq && a->weights.output);
+    ck_assert(a->tied_output && !a->weights.layers[0].wq && !a->weights.tok_embd && !a->weights.output);
+    ck_assert(a->weights.output_raw.raw == a->weights.tok_embd_raw.raw);
     ck_assert(same_logits(a, b));
     moe_model_free(a);
+    /* token_embd in F32, the rest Q8_0 */
+    char mixed[160];
+    snprintf(mixed, sizeof mixed, "%s/mixed.gguf", fx.dir);
+    edit embd_f32 = {.to_f32_tensor = "token_embd.weight"};
+    rewrite(tied, mixed, &embd_f32);
+    ck_assert_msg(moe_model_load_opts(mixed, &file_proj, &a, err, sizeof err) == 0, "%s", err);
+    ck_assert(a->tied_output && !a->weights.layers[0].wq && a->weights.output == a->weights.tok_embd);
+    ck_assert(same_logits(a, b));
+    moe_model_free(a);
+    unlink(mixed);
     moe_model_free(b);
     unlink(tied);
     fixture_done(&fx);
