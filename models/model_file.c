@@ -377,7 +377,7 @@ static void raw_want(const tensor_loader *L, const char *name, moe_wraw *r)
 /* An attention or output projection: where the file keeps it in a type the
  * kernels read, its raw copy, and unless L->proj_f32 only that (*slot stays
  * NULL: read there at every batch size; an F32 copy of a quantized model's
- * projections, and the packed copy the engine makes of it, cost 11 GB more
+ * projections, and the packed copy the engine makes of it, cost 12 GB more
  * than the file for Mixtral's Q4_K_M). Else wanted in F32 as tensor_want does. */
 static int proj_want(tensor_loader *L, const char *name, int required, const float **slot, moe_wraw *raw,
                      uint64_t ne0, uint64_t ne1)
