@@ -654,8 +654,9 @@ static int proj_f32_wanted(const moe_model *m, moe_proj_mode mode)
     if (mode != MOE_PROJ_AUTO) return mode == MOE_PROJ_F32;
     const moe_hparams *hp = &m->weights.hp;
     double e = hp->n_embd, q = (double)hp->n_head * hp->head_dim, kv = (double)hp->n_head_kv * hp->head_dim;
-    double floats = hp->n_layer * (2 * q * e + 2 * kv * e) + (double)hp->n_vocab * e;
-    double copies = 2 * 4 * floats, avail = (double)pages_mem_available();
+    double proj = hp->n_layer * (2 * q * e + 2 * kv * e) + (double)hp->n_vocab * e;   /* and the output */
+    double copies = 4 * (2 * proj + (double)hp->n_vocab * e);   /* F32 and packed; F32 embeddings */
+    double avail = (double)pages_mem_available();
     return avail > 0 && copies + (double)m->mapped_bytes <= avail / 2;
 }
 

@@ -43,12 +43,13 @@ int moe_model_load(const char *path, moe_model **out, char *err, size_t errlen);
  * gguf_placement(m->gguf) says which happened. */
 int moe_model_load_mode(const char *path, gguf_load_mode mode, moe_model **out, char *err, size_t errlen);
 
-/* The attention and output projections a file keeps in a narrower type: also
- * converted to F32 (which the engine packs for its fastest many-row kernel,
- * 2x their F32 bytes in all on AVX-512), or read in the file's type at every
- * batch size (the same logits; 7-14% slower at batch 16-64 on the bench
- * model's Q4_K_M, and about 12 GB less for Mixtral's). AUTO converts when the
- * copies and the file take at most half the memory available at load. */
+/* The attention and output projections and the token embeddings a file keeps
+ * in a narrower type: also converted to F32 (which the engine packs for its
+ * fastest many-row kernel, 2x their F32 bytes in all on AVX-512), or read in
+ * the file's type at every batch size (the same logits; 7-14% slower at batch
+ * 16-64 on the bench model's Q4_K_M, and about 12 GB less for Mixtral's). AUTO
+ * converts when the copies and the file take at most half the memory available
+ * at load. */
 typedef enum { MOE_PROJ_AUTO, MOE_PROJ_F32, MOE_PROJ_FILE } moe_proj_mode;
 int moe_proj_mode_parse(const char *s, moe_proj_mode *out);   /* "auto", "f32", "file"; -1 else */
 
