@@ -382,19 +382,6 @@ static inline vf widen_n(const uint16_t *p, int r, const moe_wtype t)
     return widen(h, t);
 }
 
-/* The F16 at blk (a block's scale d, or its min m), in every lane. */
-static inline vf f16_lanes(const unsigned char *blk)
-{
-    float d = wconv_f16_at(blk);
-#if VL == 16
-    return _mm512_set1_ps(d);
-#elif VL == 8
-    return _mm256_set1_ps(d);
-#else
-    return d;
-#endif
-}
-
 /* The kernels walk a row a step at a time: a block of 32 weights (its scale,
  * and min, read once a step), a k-quant super-block (256 weights, its
  * sub-blocks' factors computed once a step) or one vector of 16-bit weights. */
@@ -402,6 +389,23 @@ static inline vf f16_lanes(const unsigned char *blk)
 #define BLOCK32(wt) wconv_b32(wt)
 #define WSTEP(wt) (BLOCK32(wt) ? MOE_Q8_0_BLOCK : KQUANT(wt) ? MOE_QK_K : VL)
 #define WSTEP_BYTES(wt) (BLOCK32(wt) || KQUANT(wt) ? (int)moe_wtype_row_bytes(wt, WSTEP(wt)) : VL * 2)
+
+/* A block's d and m for wload (wconv_b32_factors where the widening has this
+ * kernel's width; the scalar widening reads them from the block itself). */
+static inline void b32_factors(const unsigned char *blk, moe_wtype wt, vf *d, vf *m)
+{
+#if defined(WCONV_VL) && WCONV_VL == VL
+    if (BLOCK32(wt)) {
+        wconv_b32_factors(blk, wt, d, m);
+        return;
+    }
+#else
+    (void)blk;
+    (void)wt;
+#endif
+    *d = vzero();
+    *m = vzero();
+}
 
 /* VL weights at element i of the step at p: 16-bit, or a block of 32 with its
  * scale d and min m (unused without one) in every lane. (A k-quant step is
@@ -485,7 +489,8 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
                 }
                 continue;
             }
-            vf d = BLOCK32(wt) ? f16_lanes(p) : vzero(), m = wconv_b32_has_min(wt) ? f16_lanes(p + 2) : vzero();
+            vf d, m;
+            b32_factors(p, wt, &d, &m);
             for (int i = 0; i < WSTEP(wt); i += VL) {
                 vf wv = wload(p, i, wt, d, m);
                 VREG(wv);
@@ -534,8 +539,7 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
                 /* as an integer: the next tile may lie past the end of W */
                 for (size_t l = 0; l < (size_t)WSTEP_BYTES(wt); l += 64)
                     VPREFETCH((uintptr_t)p[r] + (size_t)R * rb + l, 0);
-                d[r] = BLOCK32(wt) ? f16_lanes(p[r]) : vzero();
-                m[r] = wconv_b32_has_min(wt) ? f16_lanes(p[r] + 2) : vzero();
+                b32_factors(p[r], wt, &d[r], &m[r]);
                 if (KQUANT(wt)) kquant_step(p[r], wt, wb[r]);
             }
             for (int i = 0; i < WSTEP(wt); i += VL) {

@@ -37,10 +37,12 @@ static void wconv_b32_rows(float *dst, const unsigned char *b, size_t n, moe_wty
     for (size_t i = 0; i < n; i += MOE_Q8_0_BLOCK, b += bytes) {
         int j = 0;
 #if defined(WCONV_VL) && WCONV_VL == 16
-        __m512 d = _mm512_set1_ps(wconv_f16_at(b)), m = _mm512_set1_ps(wconv_f16_at(b + 2));
+        __m512 d, m;
+        wconv_b32_factors(b, t, &d, &m);
         for (; j < 32; j += 16) _mm512_storeu_ps(dst + i + (size_t)j, wconv_b32_vec(b, t, j, d, m));
 #elif defined(WCONV_VL) && WCONV_VL == 8
-        __m256 d = _mm256_set1_ps(wconv_f16_at(b)), m = _mm256_set1_ps(wconv_f16_at(b + 2));
+        __m256 d, m;
+        wconv_b32_factors(b, t, &d, &m);
         for (; j < 32; j += 8) _mm256_storeu_ps(dst + i + (size_t)j, wconv_b32_vec(b, t, j, d, m));
 #endif
         for (; j < 32; j++) dst[i + (size_t)j] = wconv_b32_weight(b, t, j);

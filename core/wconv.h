@@ -113,33 +113,62 @@ static inline float wconv_b32_weight(const unsigned char *b, moe_wtype t, int j)
     return wconv_b32_has_min(t) ? p + wconv_f16_at(b + 2) : p;
 }
 
-/* WCONV_VL weights from element i (a multiple of WCONV_VL) of the block at b,
- * whose scale d and min m (unused without one) are in every lane. */
+/* What wconv_b32_vec widens the block at b with, into d and m. With AVX-512 and
+ * q of 4 or 5 bits: the weight of every q level, computed as wconv_b32_weight
+ * does (d: q 0-15, m: q 16-31), so that a vector of weights is one permute;
+ * per vector, the integer conversion, offset and products cost more than the
+ * FMA of one x row. Otherwise the block's scale d and min m in every lane. */
 #if defined(__AVX512F__)
+static inline void wconv_b32_factors(const unsigned char *b, moe_wtype t, __m512 *d, __m512 *m)
+{
+    __m512 sd = _mm512_set1_ps(wconv_f16_at(b));
+    __m512 sm = wconv_b32_has_min(t) ? _mm512_set1_ps(wconv_f16_at(b + 2)) : _mm512_setzero_ps();
+    if (t == MOE_WT_Q8_0) {
+        *d = sd;
+        *m = sm;
+        return;
+    }
+    __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(16));
+    if (t == MOE_WT_IQ4_NL) lo = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)wconv_iq4nl_levels));
+    if (t == MOE_WT_Q4_0) lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(8));
+    if (t == MOE_WT_Q5_0) {
+        lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(16));
+        hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(16));
+    }
+    *d = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), sd);
+    *m = _mm512_mul_ps(_mm512_cvtepi32_ps(hi), sd);
+    if (wconv_b32_has_min(t)) {
+        *d = _mm512_add_ps(*d, sm);
+        *m = _mm512_add_ps(*m, sm);
+    }
+}
+
+/* WCONV_VL weights from element i (a multiple of WCONV_VL) of the block at b,
+ * with d and m from wconv_b32_factors. */
 static inline __m512 wconv_b32_vec(const unsigned char *b, moe_wtype t, int i, __m512 d, __m512 m)
 {
     const unsigned char *q = b + wconv_b32_qs(t);
-    __m512i v;
     if (t == MOE_WT_Q8_0) {
-        v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i)));
-    } else {
-        v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
-        v = i >= 16 ? _mm512_srli_epi32(v, 4) : _mm512_and_si512(v, _mm512_set1_epi32(15));
-        if (t == MOE_WT_Q5_0 || t == MOE_WT_Q5_1) {
-            __m512i at = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(i));
-            __m512i h = _mm512_srlv_epi32(_mm512_set1_epi32((int)wconv_b32_qh(b, t)), at);
-            v = _mm512_or_si512(v, _mm512_slli_epi32(_mm512_and_si512(h, _mm512_set1_epi32(1)), 4));
-        }
-        if (t == MOE_WT_IQ4_NL)
-            v = _mm512_permutexvar_epi32(v, _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)wconv_iq4nl_levels)));
-        else if (t == MOE_WT_Q4_0 || t == MOE_WT_Q5_0)
-            v = _mm512_sub_epi32(v, _mm512_set1_epi32(t == MOE_WT_Q4_0 ? 8 : 16));
+        __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i)));
+        return _mm512_mul_ps(_mm512_cvtepi32_ps(v), d);
     }
-    __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(v), d);
-    return wconv_b32_has_min(t) ? _mm512_add_ps(p, m) : p;
+    /* the permutes read an index's low 4 bits: the low nibble, or the high one shifted down */
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+    if (i >= 16) v = _mm512_srli_epi32(v, 4);
+    __m512 w = _mm512_permutexvar_ps(v, d);
+    if (t != MOE_WT_Q5_0 && t != MOE_WT_Q5_1) return w;
+    return _mm512_mask_permutexvar_ps(w, (__mmask16)(wconv_b32_qh(b, t) >> i), v, m);   /* the fifth bits */
 }
 #elif defined(__AVX2__) && defined(__F16C__)
+static inline void wconv_b32_factors(const unsigned char *b, moe_wtype t, __m256 *d, __m256 *m)
+{
+    *d = _mm256_set1_ps(wconv_f16_at(b));
+    *m = wconv_b32_has_min(t) ? _mm256_set1_ps(wconv_f16_at(b + 2)) : _mm256_setzero_ps();
+}
+
+/* WCONV_VL weights from element i (a multiple of WCONV_VL) of the block at b,
+ * whose scale d and min m (unused without one) are in every lane. */
 static inline __m256 wconv_b32_vec(const unsigned char *b, moe_wtype t, int i, __m256 d, __m256 m)
 {
     const unsigned char *q = b + wconv_b32_qs(t);
