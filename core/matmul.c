@@ -510,41 +510,64 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
 /* From 5 x rows each x load feeds two FMAs: tiles of 2 weight rows by nx x rows
  * (as pair_tiles), the next tile's rows prefetched (the hardware prefetcher does
  * not follow rows read side by side); an odd last row goes to narrow_dot. Same
- * chains, same bits. Tiles of 4 weight rows for 1-2 x rows, which gave one
- * weight row 4 FMA chains and ran 1.75x as fast with the weights hot in L2,
- * streamed slower in the engine: a batch-1 Q8_0 step 126-162 tok/s against
- * 175-186 on narrow_dot, F16 79-81 against 87-109 (3 alternated rounds; without
- * the prefetch 56-68 for Q8_0). */
+ * chains, same bits. */
 #define NARROW_TILE_R 2
+#define TILE_R_MAX 4
+
+/* 1-4 x rows (decode at batch 1-4, small expert queues) on the 4- and 5-bit
+ * types: narrow_dot's nx chains of FMAs a weight row, 4 cycles an FMA, bound
+ * it at 4 nx weights a cycle, below the rate at which those types are widened
+ * (a permute a vector), so tiles of 4 weight rows (2 from 3 x rows) run more
+ * chains side by side. The rows are short (576 bytes at k 1024 for Q4_0), a
+ * tile reads 1-2 KB in a row, and the prefetch goes FEW_X_PF_AHEAD bytes
+ * ahead, past the end of the task's slice too (the next slice is the next
+ * rows): one tile ahead left the loads waiting, and stopping at the slice's
+ * end lost nearly all of the gain. Bench preset, `decode_bench`, batch 1 / 4 /
+ * 16 tok/s: Q4_0 177-181 / 287 / 402-413 -> 288-293 / 428-434 / 508-510;
+ * Q4_1, Q5_0 and IQ4_NL +30-65% / +25-60% / +10-30%. IQ4_XS, a k-quant widened
+ * into a buffer a super-block at a time, gains with one x row only (121-129 ->
+ * 157-172 at batch 1); Q4_K lost (a batch-4 step 8%). F16, Q8_0, Q5_K and Q6_K
+ * keep narrow_dot: with more bytes a weight one chain nearly keeps up with the
+ * memory, and 4 rows side by side streamed slower (F16 batch 1 76-91 against
+ * 85-113). docs/PERFORMANCE.md, "Few x rows on the 4- and 5-bit types". */
+#define FEW_X_PF_AHEAD 8192
+
+static inline int few_x_tile_rows(moe_wtype wt, int nx)
+{
+    int b4 = wt == MOE_WT_Q4_0 || wt == MOE_WT_Q4_1 || wt == MOE_WT_Q5_0 || wt == MOE_WT_Q5_1 || wt == MOE_WT_IQ4_NL;
+    if (nx == 1 && (b4 || wt == MOE_WT_IQ4_XS)) return 4;
+    if (!b4 || nx > 4) return 0;
+    return nx == 2 ? 4 : 2;
+}
 
 static inline __attribute__((always_inline))
 void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype wt, int n0, int n1, float *y,
-             int ldy, const int nx)
+             int ldy, const int nx, const int R)
 {
-    const int R = NARROW_TILE_R;
     size_t rb = moe_wtype_row_bytes(wt, (size_t)k);
+    size_t ahead = nx <= 4 ? FEW_X_PF_AHEAD : (size_t)R * rb;
     int j = n0;
     for (; j + R <= n1; j += R) {
-        const unsigned char *p[NARROW_TILE_R];
-        vf acc[NARROW_TILE_R][NARROW_XB];
-        for (int r = 0; r < R; r++) {
-            p[r] = w + (size_t)(j + r) * rb;
+        /* row r's step at p + r * rb: one pointer (an array of R pointers was
+         * kept in a vector register, each one extracted at every use) */
+        const unsigned char *p = w + (size_t)j * rb;
+        vf acc[TILE_R_MAX][NARROW_XB];
+        for (int r = 0; r < R; r++)
             for (int b = 0; b < nx; b++) acc[r][b] = vzero();
-        }
         int t = 0;
-        for (; t + WSTEP(wt) <= k; t += WSTEP(wt)) {
-            vf d[NARROW_TILE_R], m[NARROW_TILE_R], a[NARROW_TILE_R];
-            float wb[NARROW_TILE_R][MOE_QK_K];   /* a k-quant step's rows, widened */
+        for (; t + WSTEP(wt) <= k; t += WSTEP(wt), p += WSTEP_BYTES(wt)) {
+            vf d[TILE_R_MAX], m[TILE_R_MAX], a[TILE_R_MAX];
+            float wb[TILE_R_MAX][MOE_QK_K];   /* a k-quant step's rows, widened */
             for (int r = 0; r < R; r++) {
                 /* as an integer: the next tile may lie past the end of W */
                 for (size_t l = 0; l < (size_t)WSTEP_BYTES(wt); l += 64)
-                    VPREFETCH((uintptr_t)p[r] + (size_t)R * rb + l, 0);
-                b32_factors(p[r], wt, &d[r], &m[r]);
-                if (KQUANT(wt)) kquant_step(p[r], wt, wb[r]);
+                    VPREFETCH((uintptr_t)p + (size_t)r * rb + ahead + l, 0);
+                b32_factors(p + (size_t)r * rb, wt, &d[r], &m[r]);
+                if (KQUANT(wt)) kquant_step(p + (size_t)r * rb, wt, wb[r]);
             }
             for (int i = 0; i < WSTEP(wt); i += VL) {
                 for (int r = 0; r < R; r++) {
-                    a[r] = KQUANT(wt) ? vload(wb[r] + i) : wload(p[r], i, wt, d[r], m[r]);
+                    a[r] = KQUANT(wt) ? vload(wb[r] + i) : wload(p + (size_t)r * rb, i, wt, d[r], m[r]);
                     VREG(a[r]);
                 }
                 for (int b = 0; b < nx; b++) {
@@ -553,12 +576,11 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
                     for (int r = 0; r < R; r++) acc[r][b] = vfma(a[r], xv, acc[r][b]);
                 }
             }
-            for (int r = 0; r < R; r++) p[r] += WSTEP_BYTES(wt);
         }
 #if VL > 1
         if ((wt == MOE_WT_F16 || wt == MOE_WT_BF16) && t < k) {
             for (int r = 0; r < R; r++) {
-                vf a = widen_n((const uint16_t *)p[r], k - t, wt);
+                vf a = widen_n((const uint16_t *)(p + (size_t)r * rb), k - t, wt);
                 for (int b = 0; b < nx; b++) acc[r][b] = vfma(a, vload_n(x + (size_t)b * k + t, k - t), acc[r][b]);
             }
         }
@@ -569,37 +591,69 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
     if (j < n1) narrow_dot(x, k, w, wt, j, n1, y, ldy, nx);
 }
 
+#define FEW_X(WT, NX)                                                                  \
+    do {                                                                               \
+        if (few_x_tile_rows(WT, NX))                                                   \
+            narrow_tiles(x, k, w, WT, n0, n1, y, ldy, NX, few_x_tile_rows(WT, NX));    \
+        else                                                                           \
+            narrow_dot(x, k, w, WT, n0, n1, y, ldy, NX);                               \
+    } while (0)
+
 #define NARROW_CASES(WT)                                                               \
     switch (nx) {                                                                      \
-    case 1: narrow_dot(x, k, w, WT, n0, n1, y, ldy, 1); break;                         \
-    case 2: narrow_dot(x, k, w, WT, n0, n1, y, ldy, 2); break;                         \
-    case 3: narrow_dot(x, k, w, WT, n0, n1, y, ldy, 3); break;                         \
-    case 4: narrow_dot(x, k, w, WT, n0, n1, y, ldy, 4); break;                         \
-    case 5: narrow_tiles(x, k, w, WT, n0, n1, y, ldy, 5); break;                            \
-    case 6: narrow_tiles(x, k, w, WT, n0, n1, y, ldy, 6); break;                            \
-    case 7: narrow_tiles(x, k, w, WT, n0, n1, y, ldy, 7); break;                            \
-    default: narrow_tiles(x, k, w, WT, n0, n1, y, ldy, 8); break;                           \
+    case 1: FEW_X(WT, 1); break;                                                       \
+    case 2: FEW_X(WT, 2); break;                                                       \
+    case 3: FEW_X(WT, 3); break;                                                       \
+    case 4: FEW_X(WT, 4); break;                                                       \
+    case 5: narrow_tiles(x, k, w, WT, n0, n1, y, ldy, 5, NARROW_TILE_R); break;        \
+    case 6: narrow_tiles(x, k, w, WT, n0, n1, y, ldy, 6, NARROW_TILE_R); break;        \
+    case 7: narrow_tiles(x, k, w, WT, n0, n1, y, ldy, 7, NARROW_TILE_R); break;        \
+    default: narrow_tiles(x, k, w, WT, n0, n1, y, ldy, 8, NARROW_TILE_R); break;       \
     }
+
+/* One function per type, so each kernel's widening is fixed at compile time.
+ * (As cases of one function, 14 types by 8 row counts, GCC gave up on the
+ * later ones: F16 decode at batch 4 ran at half speed, its accumulators on
+ * the stack.) */
+#define NARROW_TYPE(name, WT)                                                                     \
+    static void name(const float *x, int nx, int k, const unsigned char *w, int n0, int n1, float *y, \
+                     int ldy)                                                                     \
+    {                                                                                             \
+        NARROW_CASES(WT)                                                                          \
+    }
+NARROW_TYPE(narrow_f16, MOE_WT_F16)
+NARROW_TYPE(narrow_bf16, MOE_WT_BF16)
+NARROW_TYPE(narrow_q8_0, MOE_WT_Q8_0)
+NARROW_TYPE(narrow_q4_0, MOE_WT_Q4_0)
+NARROW_TYPE(narrow_q4_1, MOE_WT_Q4_1)
+NARROW_TYPE(narrow_q5_0, MOE_WT_Q5_0)
+NARROW_TYPE(narrow_q5_1, MOE_WT_Q5_1)
+NARROW_TYPE(narrow_iq4_nl, MOE_WT_IQ4_NL)
+NARROW_TYPE(narrow_q2_k, MOE_WT_Q2_K)
+NARROW_TYPE(narrow_q3_k, MOE_WT_Q3_K)
+NARROW_TYPE(narrow_q4_k, MOE_WT_Q4_K)
+NARROW_TYPE(narrow_q5_k, MOE_WT_Q5_K)
+NARROW_TYPE(narrow_q6_k, MOE_WT_Q6_K)
+NARROW_TYPE(narrow_iq4_xs, MOE_WT_IQ4_XS)
 
 static void narrow_block(const float *x, int nx, int k, const unsigned char *w, moe_wtype wt, int n0, int n1,
                          float *y, int ldy)
 {
-    /* one instance per type, so each kernel's widening is fixed at compile time */
     switch (wt) {
-    case MOE_WT_F16: NARROW_CASES(MOE_WT_F16) break;
-    case MOE_WT_BF16: NARROW_CASES(MOE_WT_BF16) break;
-    case MOE_WT_Q8_0: NARROW_CASES(MOE_WT_Q8_0) break;
-    case MOE_WT_Q4_0: NARROW_CASES(MOE_WT_Q4_0) break;
-    case MOE_WT_Q4_1: NARROW_CASES(MOE_WT_Q4_1) break;
-    case MOE_WT_Q5_0: NARROW_CASES(MOE_WT_Q5_0) break;
-    case MOE_WT_Q5_1: NARROW_CASES(MOE_WT_Q5_1) break;
-    case MOE_WT_IQ4_NL: NARROW_CASES(MOE_WT_IQ4_NL) break;
-    case MOE_WT_Q2_K: NARROW_CASES(MOE_WT_Q2_K) break;
-    case MOE_WT_Q3_K: NARROW_CASES(MOE_WT_Q3_K) break;
-    case MOE_WT_Q4_K: NARROW_CASES(MOE_WT_Q4_K) break;
-    case MOE_WT_Q5_K: NARROW_CASES(MOE_WT_Q5_K) break;
-    case MOE_WT_Q6_K: NARROW_CASES(MOE_WT_Q6_K) break;
-    case MOE_WT_IQ4_XS: NARROW_CASES(MOE_WT_IQ4_XS) break;
+    case MOE_WT_F16: narrow_f16(x, nx, k, w, n0, n1, y, ldy); break;
+    case MOE_WT_BF16: narrow_bf16(x, nx, k, w, n0, n1, y, ldy); break;
+    case MOE_WT_Q8_0: narrow_q8_0(x, nx, k, w, n0, n1, y, ldy); break;
+    case MOE_WT_Q4_0: narrow_q4_0(x, nx, k, w, n0, n1, y, ldy); break;
+    case MOE_WT_Q4_1: narrow_q4_1(x, nx, k, w, n0, n1, y, ldy); break;
+    case MOE_WT_Q5_0: narrow_q5_0(x, nx, k, w, n0, n1, y, ldy); break;
+    case MOE_WT_Q5_1: narrow_q5_1(x, nx, k, w, n0, n1, y, ldy); break;
+    case MOE_WT_IQ4_NL: narrow_iq4_nl(x, nx, k, w, n0, n1, y, ldy); break;
+    case MOE_WT_Q2_K: narrow_q2_k(x, nx, k, w, n0, n1, y, ldy); break;
+    case MOE_WT_Q3_K: narrow_q3_k(x, nx, k, w, n0, n1, y, ldy); break;
+    case MOE_WT_Q4_K: narrow_q4_k(x, nx, k, w, n0, n1, y, ldy); break;
+    case MOE_WT_Q5_K: narrow_q5_k(x, nx, k, w, n0, n1, y, ldy); break;
+    case MOE_WT_Q6_K: narrow_q6_k(x, nx, k, w, n0, n1, y, ldy); break;
+    case MOE_WT_IQ4_XS: narrow_iq4_xs(x, nx, k, w, n0, n1, y, ldy); break;
     default: assert(!"narrow_block: not a narrow type");
     }
 }
