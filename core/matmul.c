@@ -428,7 +428,7 @@ static inline vf wload(const unsigned char *p, int i, const moe_wtype wt, vf d, 
  * masks of its packed formats cost as much per vector as the FMAs of several x
  * rows, so they are done once a step, not per x row and vector. */
 #define KQUANT_STEP_OF(T, name)                                 \
-    static void name(const unsigned char *p, float *wb)         \
+    static inline __attribute__((always_inline)) void name(const unsigned char *p, float *wb) \
     {                                                           \
         float ks[32];                                           \
         wconv_k_scales(p, T, ks);                               \
@@ -443,7 +443,10 @@ KQUANT_STEP_OF(MOE_WT_IQ4_XS, kquant_step_iq4_xs)
 
 /* One function per type, each with its unpacking fixed at compile time (a
  * shared one, too large to inline, tested the type at every step: a Q3_K_M
- * batch-1 step spent a fifth of its time in it). */
+ * batch-1 step spent a fifth of its time in it), and inlined into the
+ * kernels: since each type's kernels are a function of their own GCC left
+ * some of them as calls, one a super-block (Q2_K mix batch 1 131-133 tok/s
+ * called, 152 inlined; Q3_K_M 124-139 against 142-152). */
 static inline void kquant_step(const unsigned char *p, const moe_wtype wt, float *wb)
 {
     switch (wt) {
