@@ -527,17 +527,28 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
  * rows): one tile ahead left the loads waiting, and stopping at the slice's
  * end lost nearly all of the gain. Bench preset, `decode_bench`, batch 1 / 4 /
  * 16 tok/s: Q4_0 177-181 / 287 / 402-413 -> 288-293 / 428-434 / 508-510;
- * Q4_1, Q5_0 and IQ4_NL +30-65% / +25-60% / +10-30%. IQ4_XS, a k-quant widened
- * into a buffer a super-block at a time, gains with one x row only (121-129 ->
- * 157-172 at batch 1); Q4_K lost (a batch-4 step 8%). F16, Q8_0, Q5_K and Q6_K
+ * Q4_1, Q5_0 and IQ4_NL +30-65% / +25-60% / +10-30%. Q4_K, widened in
+ * registers by its sub-blocks' tables (wconv_q4k_vec): Q4_K_M 137-149 / 204-233
+ * / 371-377 -> 178-187 / 284-293 / 415-421 (through its buffer, as the other
+ * k-quants are widened, the tiles lost 8% at batch 4). IQ4_XS, widened into a
+ * buffer a super-block at a time, gains with one x row only (121-129 -> 157-172
+ * at batch 1). F16, Q8_0, Q5_K and Q6_K
  * keep narrow_dot: with more bytes a weight one chain nearly keeps up with the
  * memory, and 4 rows side by side streamed slower (F16 batch 1 76-91 against
  * 85-113). docs/PERFORMANCE.md, "Few x rows on the 4- and 5-bit types". */
 #define FEW_X_PF_AHEAD 8192
+/* Q4_K is widened in registers where AVX-512 has the table permute
+ * (wconv_q4k_vec), and then takes the tiles as the blocks of 32 do. */
+#if defined(WCONV_VL) && WCONV_VL == VL && VL == 16
+#define Q4K_IN_REGISTERS 1
+#else
+#define Q4K_IN_REGISTERS 0
+#endif
 
 static inline int few_x_tile_rows(moe_wtype wt, int nx)
 {
-    int b4 = wt == MOE_WT_Q4_0 || wt == MOE_WT_Q4_1 || wt == MOE_WT_Q5_0 || wt == MOE_WT_Q5_1 || wt == MOE_WT_IQ4_NL;
+    int b4 = wt == MOE_WT_Q4_0 || wt == MOE_WT_Q4_1 || wt == MOE_WT_Q5_0 || wt == MOE_WT_Q5_1 ||
+             wt == MOE_WT_IQ4_NL || (Q4K_IN_REGISTERS && wt == MOE_WT_Q4_K);
     if (nx == 1 && (b4 || wt == MOE_WT_IQ4_XS)) return 4;
     if (!b4 || nx > 4) return 0;
     return nx == 2 ? 4 : 2;
@@ -561,6 +572,28 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
         for (; t + WSTEP(wt) <= k; t += WSTEP(wt), p += WSTEP_BYTES(wt)) {
             vf d[TILE_R_MAX], m[TILE_R_MAX], a[TILE_R_MAX];
             float wb[TILE_R_MAX][MOE_QK_K];   /* a k-quant step's rows, widened */
+#if Q4K_IN_REGISTERS
+            if (wt == MOE_WT_Q4_K) {   /* each vector of weights made where it is used */
+                float ks[TILE_R_MAX][32];
+                for (int r = 0; r < R; r++) {
+                    for (size_t l = 0; l < (size_t)WSTEP_BYTES(wt); l += 64)
+                        VPREFETCH((uintptr_t)p + (size_t)r * rb + ahead + l, 0);
+                    wconv_k_scales(p + (size_t)r * rb, wt, ks[r]);
+                }
+                for (int h = 0; h < MOE_QK_K / VL; h++) {
+                    for (int r = 0; r < R; r++) {
+                        a[r] = wconv_q4k_vec(p + (size_t)r * rb, ks[r], h);
+                        VREG(a[r]);
+                    }
+                    for (int b = 0; b < nx; b++) {
+                        vf xv = vload(x + (size_t)b * k + t + h * VL);
+                        VREG(xv);
+                        for (int r = 0; r < R; r++) acc[r][b] = vfma(a[r], xv, acc[r][b]);
+                    }
+                }
+                continue;
+            }
+#endif
             for (int r = 0; r < R; r++) {
                 /* as an integer: the next tile may lie past the end of W */
                 for (size_t l = 0; l < (size_t)WSTEP_BYTES(wt); l += 64)

@@ -362,6 +362,21 @@ static inline __m512i wconv_bytes16(const unsigned char *p)
 {
     return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
 }
+
+/* Q4_K's weights 16h .. 16h + 15 (h 0..15) of the super-block at b, whose
+ * factors are ks, without a buffer: sub-block s = h / 2 has 16 possible
+ * weights, made as wconv_k_store makes them, and the vector is a permute of
+ * them by the nibbles (bytes 32 (s / 2) + 16 (h % 2) .. of the q, the low
+ * nibbles for an even s). The same bits as wconv_k_block. */
+static inline __m512 wconv_q4k_vec(const unsigned char *b, const float ks[32], int h)
+{
+    int s = h / 2;
+    __m512i v = wconv_bytes16(b + 16 + 32 * (s / 2) + 16 * (h % 2));
+    if (s % 2) v = _mm512_srli_epi32(v, 4);
+    __m512 q = _mm512_cvtepi32_ps(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512 tab = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(ks[s]), q), _mm512_set1_ps(ks[8 + s]));
+    return _mm512_permutexvar_ps(v, tab);
+}
 #endif
 
 /* The 256 weights of the k-quant super-block at b (any address) into out,
