@@ -518,7 +518,7 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
 #define TILE_R_MAX 4
 
 /* 1-4 x rows (decode at batch 1-4, small expert queues) on the 4- and 5-bit
- * types: narrow_dot's nx chains of FMAs a weight row, 4 cycles an FMA, bound
+ * types and Q6_K: narrow_dot's nx chains of FMAs a weight row, 4 cycles an FMA, bound
  * it at 4 nx weights a cycle, below the rate at which those types are widened
  * (a permute a vector), so tiles of 4 weight rows (2 from 3 x rows) run more
  * chains side by side. The rows are short (576 bytes at k 1024 for Q4_0), a
@@ -527,30 +527,31 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
  * rows): one tile ahead left the loads waiting, and stopping at the slice's
  * end lost nearly all of the gain. Bench preset, `decode_bench`, batch 1 / 4 /
  * 16 tok/s: Q4_0 177-181 / 287 / 402-413 -> 288-293 / 428-434 / 508-510;
- * Q4_1, Q5_0 and IQ4_NL +30-65% / +25-60% / +10-30%. Q4_K, widened in
- * registers by its sub-blocks' tables (wconv_q4k_vec): Q4_K_M 137-149 / 204-233
- * / 371-377 -> 178-187 / 284-293 / 415-421 (through its buffer, as the other
- * k-quants are widened, the tiles lost 8% at batch 4). IQ4_XS, widened into a
- * buffer a super-block at a time, gains with one x row only (121-129 -> 157-172
- * at batch 1). F16, Q8_0, Q5_K and Q6_K
+ * Q4_1, Q5_0 and IQ4_NL +30-65% / +25-60% / +10-30%. Q4_K and Q6_K, widened
+ * in registers: Q4_K_M 140-143 / 224-229 / 372-396 -> 182-188 / 294-297 /
+ * 407-419 (through the super-block buffer, as the other k-quants are widened,
+ * the tiles lost 8% at batch 4). IQ4_XS, widened into the buffer, gains with
+ * one x row only (121-129 -> 157-172 at batch 1). F16, Q8_0 and Q5_K
  * keep narrow_dot: with more bytes a weight one chain nearly keeps up with the
  * memory, and 4 rows side by side streamed slower (F16 batch 1 76-91 against
  * 85-113). docs/PERFORMANCE.md, "Few x rows on the 4- and 5-bit types". */
 #define FEW_X_PF_AHEAD 8192
-/* Q4_K is widened in registers where AVX-512 has the table permute
- * (wconv_q4k_vec), and then takes the tiles as the blocks of 32 do. */
+
+/* Q4_K and Q6_K are widened in registers where AVX-512 has it (wconv_q4k_vec,
+ * by table, and wconv_q6k_vec), and then take the tiles as the blocks of 32
+ * do; through the super-block buffer the tiles lost. */
 #if defined(WCONV_VL) && WCONV_VL == VL && VL == 16
-#define Q4K_IN_REGISTERS 1
+#define K_IN_REGISTERS 1
 #else
-#define Q4K_IN_REGISTERS 0
+#define K_IN_REGISTERS 0
 #endif
 
 static inline int few_x_tile_rows(moe_wtype wt, int nx)
 {
-    int b4 = wt == MOE_WT_Q4_0 || wt == MOE_WT_Q4_1 || wt == MOE_WT_Q5_0 || wt == MOE_WT_Q5_1 ||
-             wt == MOE_WT_IQ4_NL || (Q4K_IN_REGISTERS && wt == MOE_WT_Q4_K);
-    if (nx == 1 && (b4 || wt == MOE_WT_IQ4_XS)) return 4;
-    if (!b4 || nx > 4) return 0;
+    int tiled = wt == MOE_WT_Q4_0 || wt == MOE_WT_Q4_1 || wt == MOE_WT_Q5_0 || wt == MOE_WT_Q5_1 ||
+                wt == MOE_WT_IQ4_NL || (K_IN_REGISTERS && (wt == MOE_WT_Q4_K || wt == MOE_WT_Q6_K));
+    if (nx == 1 && (tiled || wt == MOE_WT_IQ4_XS)) return 4;
+    if (!tiled || nx > 4) return 0;
     return nx == 2 ? 4 : 2;
 }
 
@@ -572,8 +573,8 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
         for (; t + WSTEP(wt) <= k; t += WSTEP(wt), p += WSTEP_BYTES(wt)) {
             vf d[TILE_R_MAX], m[TILE_R_MAX], a[TILE_R_MAX];
             float wb[TILE_R_MAX][MOE_QK_K];   /* a k-quant step's rows, widened */
-#if Q4K_IN_REGISTERS
-            if (wt == MOE_WT_Q4_K) {   /* each vector of weights made where it is used */
+#if K_IN_REGISTERS
+            if (wt == MOE_WT_Q4_K || wt == MOE_WT_Q6_K) {   /* each vector made where it is used */
                 float ks[TILE_R_MAX][32];
                 for (int r = 0; r < R; r++) {
                     for (size_t l = 0; l < (size_t)WSTEP_BYTES(wt); l += 64)
@@ -582,7 +583,8 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
                 }
                 for (int h = 0; h < MOE_QK_K / VL; h++) {
                     for (int r = 0; r < R; r++) {
-                        a[r] = wconv_q4k_vec(p + (size_t)r * rb, ks[r], h);
+                        const unsigned char *q = p + (size_t)r * rb;
+                        a[r] = wt == MOE_WT_Q4_K ? wconv_q4k_vec(q, ks[r], h) : wconv_q6k_vec(q, ks[r], h);
                         VREG(a[r]);
                     }
                     for (int b = 0; b < nx; b++) {

@@ -377,6 +377,18 @@ static inline __m512 wconv_q4k_vec(const unsigned char *b, const float ks[32], i
     __m512 tab = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(ks[s]), q), _mm512_set1_ps(ks[8 + s]));
     return _mm512_permutexvar_ps(v, tab);
 }
+/* Q6_K's weights 16v .. 16v + 15 (v 0..15) of the super-block at b, whose
+ * factors are ks, without a buffer: the low 4 bits from ql, the high 2 from
+ * qh, as wconv_k_block puts them together. The same bits. */
+static inline __m512 wconv_q6k_vec(const unsigned char *b, const float ks[32], int v)
+{
+    int h = v / 8, part = (v % 8) / 2, at = 16 * (v % 2);
+    __m512i lo = wconv_bytes16(b + 64 * h + 32 * (part & 1) + at), hi = wconv_bytes16(b + 128 + 32 * h + at);
+    lo = part < 2 ? _mm512_and_si512(lo, _mm512_set1_epi32(15)) : _mm512_srli_epi32(lo, 4);
+    hi = _mm512_and_si512(_mm512_srli_epi32(hi, (unsigned)(2 * part)), _mm512_set1_epi32(3));
+    __m512i q = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), _mm512_set1_epi32(32));
+    return _mm512_mul_ps(_mm512_set1_ps(ks[v]), _mm512_cvtepi32_ps(q));
+}
 #endif
 
 /* The 256 weights of the k-quant super-block at b (any address) into out,
