@@ -518,7 +518,7 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
 #define TILE_R_MAX 4
 
 /* 1-4 x rows (decode at batch 1-4, small expert queues) on the 4- and 5-bit
- * types and Q6_K: narrow_dot's nx chains of FMAs a weight row, 4 cycles an FMA, bound
+ * types and Q2_K, Q3_K and Q6_K: narrow_dot's nx chains of FMAs a weight row, 4 cycles an FMA, bound
  * it at 4 nx weights a cycle, below the rate at which those types are widened
  * (a permute a vector), so tiles of 4 weight rows (2 from 3 x rows) run more
  * chains side by side. The rows are short (576 bytes at k 1024 for Q4_0), a
@@ -527,19 +527,21 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
  * rows): one tile ahead left the loads waiting, and stopping at the slice's
  * end lost nearly all of the gain. Bench preset, `decode_bench`, batch 1 / 4 /
  * 16 tok/s: Q4_0 177-181 / 287 / 402-413 -> 288-293 / 428-434 / 508-510;
- * Q4_1, Q5_0 and IQ4_NL +30-65% / +25-60% / +10-30%. Q4_K and Q6_K, widened
- * in registers: Q4_K_M 140-143 / 224-229 / 372-396 -> 182-188 / 294-297 /
- * 407-419 (through the super-block buffer, as the other k-quants are widened,
- * the tiles lost 8% at batch 4). IQ4_XS, widened into the buffer, gains with
+ * Q4_1, Q5_0 and IQ4_NL +30-65% / +25-60% / +10-30%. Q2_K, Q3_K, Q4_K and
+ * Q6_K, widened in registers: Q4_K_M 140-143 / 224-229 / 372-396 -> 182-188 /
+ * 294-297 / 407-419, the Q2_K mix 135-142 / 224-230 / 373-378 -> 170-176 /
+ * 271-284 / 404-416 (through the super-block buffer, as the other k-quants are
+ * widened, the tiles lost 8% at batch 4). IQ4_XS, widened into the buffer, gains with
  * one x row only (121-129 -> 157-172 at batch 1). F16, Q8_0 and Q5_K
  * keep narrow_dot: with more bytes a weight one chain nearly keeps up with the
  * memory, and 4 rows side by side streamed slower (F16 batch 1 76-91 against
  * 85-113). docs/PERFORMANCE.md, "Few x rows on the 4- and 5-bit types". */
 #define FEW_X_PF_AHEAD 8192
 
-/* Q4_K and Q6_K are widened in registers where AVX-512 has it (wconv_q4k_vec,
- * by table, and wconv_q6k_vec), and then take the tiles as the blocks of 32
- * do; through the super-block buffer the tiles lost. */
+/* Q2_K, Q3_K, Q4_K and Q6_K are widened in registers where AVX-512 has it
+ * (wconv_q23k_vec, wconv_q4k_vec by table, wconv_q6k_vec), and then take the
+ * tiles as the blocks of 32 do; through the super-block buffer the tiles lost. */
+#define K_IN_REG(wt) ((wt) == MOE_WT_Q2_K || (wt) == MOE_WT_Q3_K || (wt) == MOE_WT_Q4_K || (wt) == MOE_WT_Q6_K)
 #if defined(WCONV_VL) && WCONV_VL == VL && VL == 16
 #define K_IN_REGISTERS 1
 #else
@@ -549,7 +551,7 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
 static inline int few_x_tile_rows(moe_wtype wt, int nx)
 {
     int tiled = wt == MOE_WT_Q4_0 || wt == MOE_WT_Q4_1 || wt == MOE_WT_Q5_0 || wt == MOE_WT_Q5_1 ||
-                wt == MOE_WT_IQ4_NL || (K_IN_REGISTERS && (wt == MOE_WT_Q4_K || wt == MOE_WT_Q6_K));
+                wt == MOE_WT_IQ4_NL || (K_IN_REGISTERS && K_IN_REG(wt));
     if (nx == 1 && (tiled || wt == MOE_WT_IQ4_XS)) return 4;
     if (!tiled || nx > 4) return 0;
     return nx == 2 ? 4 : 2;
@@ -574,7 +576,7 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
             vf d[TILE_R_MAX], m[TILE_R_MAX], a[TILE_R_MAX];
             float wb[TILE_R_MAX][MOE_QK_K];   /* a k-quant step's rows, widened */
 #if K_IN_REGISTERS
-            if (wt == MOE_WT_Q4_K || wt == MOE_WT_Q6_K) {   /* each vector made where it is used */
+            if (K_IN_REG(wt)) {   /* each vector made where it is used */
                 float ks[TILE_R_MAX][32];
                 for (int r = 0; r < R; r++) {
                     for (size_t l = 0; l < (size_t)WSTEP_BYTES(wt); l += 64)
@@ -584,7 +586,9 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
                 for (int h = 0; h < MOE_QK_K / VL; h++) {
                     for (int r = 0; r < R; r++) {
                         const unsigned char *q = p + (size_t)r * rb;
-                        a[r] = wt == MOE_WT_Q4_K ? wconv_q4k_vec(q, ks[r], h) : wconv_q6k_vec(q, ks[r], h);
+                        a[r] = wt == MOE_WT_Q4_K   ? wconv_q4k_vec(q, ks[r], h)
+                               : wt == MOE_WT_Q6_K ? wconv_q6k_vec(q, ks[r], h)
+                                                   : wconv_q23k_vec(q, wt, ks[r], h);
                         VREG(a[r]);
                     }
                     for (int b = 0; b < nx; b++) {

@@ -389,6 +389,23 @@ static inline __m512 wconv_q6k_vec(const unsigned char *b, const float ks[32], i
     __m512i q = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), _mm512_set1_epi32(32));
     return _mm512_mul_ps(_mm512_set1_ps(ks[v]), _mm512_cvtepi32_ps(q));
 }
+/* Q2_K's or Q3_K's weights 16v .. 16v + 15 (v 0..15) of the super-block at b,
+ * whose factors are ks, without a buffer: as wconv_k_block makes them (the 2
+ * bits at 2j of bytes 32n + 16h .. of the q, v = 8n + 2j + h; Q3_K's - 4 unless
+ * the third bit). The same bits. */
+static inline __m512 wconv_q23k_vec(const unsigned char *b, moe_wtype t, const float ks[32], int v)
+{
+    int n = v / 8, j = (v % 8) / 2, h = v % 2;
+    __m512i q = wconv_bytes16(b + (t == MOE_WT_Q2_K ? 16 : 32) + 32 * n + 16 * h);
+    q = _mm512_and_si512(_mm512_srli_epi32(q, (unsigned)(2 * j)), _mm512_set1_epi32(3));
+    if (t == MOE_WT_Q3_K) {
+        __mmask16 low = _mm512_testn_epi32_mask(wconv_bytes16(b + 16 * h), _mm512_set1_epi32(1 << (4 * n + j)));
+        q = _mm512_mask_sub_epi32(q, low, q, _mm512_set1_epi32(4));
+    }
+    __m512 p = _mm512_mul_ps(_mm512_set1_ps(ks[v]), _mm512_cvtepi32_ps(q));
+    int m = wconv_k_min_at(t);
+    return m ? _mm512_sub_ps(p, _mm512_set1_ps(ks[m + v])) : p;
+}
 #endif
 
 /* The 256 weights of the k-quant super-block at b (any address) into out,
