@@ -518,7 +518,7 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
 #define TILE_R_MAX 4
 
 /* 1-4 x rows (decode at batch 1-4, small expert queues) on the 4- and 5-bit
- * types and Q2_K, Q3_K and Q6_K: narrow_dot's nx chains of FMAs a weight row, 4 cycles an FMA, bound
+ * types and the other k-quants: narrow_dot's nx chains of FMAs a weight row, 4 cycles an FMA, bound
  * it at 4 nx weights a cycle, below the rate at which those types are widened
  * (a permute a vector), so tiles of 4 weight rows (2 from 3 x rows) run more
  * chains side by side. The rows are short (576 bytes at k 1024 for Q4_0), a
@@ -527,21 +527,22 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
  * rows): one tile ahead left the loads waiting, and stopping at the slice's
  * end lost nearly all of the gain. Bench preset, `decode_bench`, batch 1 / 4 /
  * 16 tok/s: Q4_0 177-181 / 287 / 402-413 -> 288-293 / 428-434 / 508-510;
- * Q4_1, Q5_0 and IQ4_NL +30-65% / +25-60% / +10-30%. Q2_K, Q3_K, Q4_K and
- * Q6_K, widened in registers: Q4_K_M 140-143 / 224-229 / 372-396 -> 182-188 /
- * 294-297 / 407-419, the Q2_K mix 135-142 / 224-230 / 373-378 -> 170-176 /
- * 271-284 / 404-416 (through the super-block buffer, as the other k-quants are
- * widened, the tiles lost 8% at batch 4). IQ4_XS, widened into the buffer, gains with
- * one x row only (121-129 -> 157-172 at batch 1). F16, Q8_0 and Q5_K
+ * Q4_1, Q5_0 and IQ4_NL +30-65% / +25-60% / +10-30%. The k-quants, widened in
+ * registers: Q4_K_M 140-143 / 224-229 / 372-396 -> 182-188 / 294-297 /
+ * 407-419, the Q2_K mix 135-142 / 224-230 / 373-378 -> 170-176 / 271-284 /
+ * 404-416 (through the super-block buffer, as IQ4_XS still is, the tiles lost
+ * 8% at batch 4). IQ4_XS gains with one x row only (121-129 -> 157-172 at batch
+ * 1). F16 and Q8_0
  * keep narrow_dot: with more bytes a weight one chain nearly keeps up with the
  * memory, and 4 rows side by side streamed slower (F16 batch 1 76-91 against
  * 85-113). docs/PERFORMANCE.md, "Few x rows on the 4- and 5-bit types". */
 #define FEW_X_PF_AHEAD 8192
 
-/* Q2_K, Q3_K, Q4_K and Q6_K are widened in registers where AVX-512 has it
- * (wconv_q23k_vec, wconv_q4k_vec by table, wconv_q6k_vec), and then take the
- * tiles as the blocks of 32 do; through the super-block buffer the tiles lost. */
-#define K_IN_REG(wt) ((wt) == MOE_WT_Q2_K || (wt) == MOE_WT_Q3_K || (wt) == MOE_WT_Q4_K || (wt) == MOE_WT_Q6_K)
+/* The k-quants but IQ4_XS are widened in registers where AVX-512 has it
+ * (wconv_q23k_vec, wconv_q4k_vec by table, wconv_q5k_vec, wconv_q6k_vec), and
+ * then take the tiles as the blocks of 32 do; through the super-block buffer
+ * the tiles lost. */
+#define K_IN_REG(wt) (wconv_kquant(wt) && (wt) != MOE_WT_IQ4_XS)
 #if defined(WCONV_VL) && WCONV_VL == VL && VL == 16
 #define K_IN_REGISTERS 1
 #else
@@ -588,6 +589,7 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
                         const unsigned char *q = p + (size_t)r * rb;
                         a[r] = wt == MOE_WT_Q4_K   ? wconv_q4k_vec(q, ks[r], h)
                                : wt == MOE_WT_Q6_K ? wconv_q6k_vec(q, ks[r], h)
+                               : wt == MOE_WT_Q5_K ? wconv_q5k_vec(q, ks[r], h)
                                                    : wconv_q23k_vec(q, wt, ks[r], h);
                         VREG(a[r]);
                     }

@@ -389,6 +389,19 @@ static inline __m512 wconv_q6k_vec(const unsigned char *b, const float ks[32], i
     __m512i q = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), _mm512_set1_epi32(32));
     return _mm512_mul_ps(_mm512_set1_ps(ks[v]), _mm512_cvtepi32_ps(q));
 }
+/* Q5_K's weights 16v .. 16v + 15 (v 0..15) of the super-block at b, whose
+ * factors are ks, without a buffer: as wconv_k_block makes them. */
+static inline __m512 wconv_q5k_vec(const unsigned char *b, const float ks[32], int v)
+{
+    int s = v / 2;
+    __m512i q = wconv_bytes16(b + 48 + 32 * (s / 2) + 16 * (v % 2));
+    q = s % 2 ? _mm512_srli_epi32(q, 4) : _mm512_and_si512(q, _mm512_set1_epi32(15));
+    __m512i h = _mm512_and_si512(_mm512_srli_epi32(wconv_bytes16(b + 16 + 16 * (v % 2)), (unsigned)s), _mm512_set1_epi32(1));
+    q = _mm512_or_si512(q, _mm512_slli_epi32(h, 4));
+    __m512 p = _mm512_mul_ps(_mm512_set1_ps(ks[s]), _mm512_cvtepi32_ps(q));
+    return _mm512_sub_ps(p, _mm512_set1_ps(ks[8 + s]));
+}
+
 /* Q2_K's or Q3_K's weights 16v .. 16v + 15 (v 0..15) of the super-block at b,
  * whose factors are ks, without a buffer: as wconv_k_block makes them (the 2
  * bits at 2j of bytes 32n + 16h .. of the q, v = 8n + 2j + h; Q3_K's - 4 unless
