@@ -538,11 +538,9 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
  * 85-113). docs/PERFORMANCE.md, "Few x rows on the 4- and 5-bit types". */
 #define FEW_X_PF_AHEAD 8192
 
-/* The k-quants but IQ4_XS are widened in registers where AVX-512 has it
- * (wconv_q23k_vec, wconv_q4k_vec by table, wconv_q5k_vec, wconv_q6k_vec), and
- * then take the tiles as the blocks of 32 do; through the super-block buffer
- * the tiles lost. */
-#define K_IN_REG(wt) (wconv_kquant(wt) && (wt) != MOE_WT_IQ4_XS)
+/* The k-quants with wconv_k_vec are widened in registers where AVX-512 has
+ * it, and then take the tiles as the blocks of 32 do; through the super-block
+ * buffer the tiles lost. */
 #if defined(WCONV_VL) && WCONV_VL == VL && VL == 16
 #define K_IN_REGISTERS 1
 #else
@@ -551,8 +549,8 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
 
 static inline int few_x_tile_rows(moe_wtype wt, int nx)
 {
-    int tiled = wt == MOE_WT_Q4_0 || wt == MOE_WT_Q4_1 || wt == MOE_WT_Q5_0 || wt == MOE_WT_Q5_1 ||
-                wt == MOE_WT_IQ4_NL || (K_IN_REGISTERS && K_IN_REG(wt));
+    /* the blocks of 32 of 4 and 5 bits, and the k-quants made in registers */
+    int tiled = (BLOCK32(wt) && wt != MOE_WT_Q8_0) || (K_IN_REGISTERS && wconv_k_vec_has(wt));
     if (nx == 1 && (tiled || wt == MOE_WT_IQ4_XS)) return 4;
     if (!tiled || nx > 4) return 0;
     return nx == 2 ? 4 : 2;
@@ -576,21 +574,16 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
         for (; t + WSTEP(wt) <= k; t += WSTEP(wt), p += WSTEP_BYTES(wt)) {
             vf d[TILE_R_MAX], m[TILE_R_MAX], a[TILE_R_MAX];
             float wb[TILE_R_MAX][MOE_QK_K];   /* a k-quant step's rows, widened */
+            for (int r = 0; r < R; r++)   /* as an integer: the next tile may lie past the end of W */
+                for (size_t l = 0; l < (size_t)WSTEP_BYTES(wt); l += 64)
+                    VPREFETCH((uintptr_t)p + (size_t)r * rb + ahead + l, 0);
 #if K_IN_REGISTERS
-            if (K_IN_REG(wt)) {   /* each vector made where it is used */
+            if (wconv_k_vec_has(wt)) {   /* each vector made where it is used */
                 float ks[TILE_R_MAX][32];
-                for (int r = 0; r < R; r++) {
-                    for (size_t l = 0; l < (size_t)WSTEP_BYTES(wt); l += 64)
-                        VPREFETCH((uintptr_t)p + (size_t)r * rb + ahead + l, 0);
-                    wconv_k_scales(p + (size_t)r * rb, wt, ks[r]);
-                }
+                for (int r = 0; r < R; r++) wconv_k_scales(p + (size_t)r * rb, wt, ks[r]);
                 for (int h = 0; h < MOE_QK_K / VL; h++) {
                     for (int r = 0; r < R; r++) {
-                        const unsigned char *q = p + (size_t)r * rb;
-                        a[r] = wt == MOE_WT_Q4_K   ? wconv_q4k_vec(q, ks[r], h)
-                               : wt == MOE_WT_Q6_K ? wconv_q6k_vec(q, ks[r], h)
-                               : wt == MOE_WT_Q5_K ? wconv_q5k_vec(q, ks[r], h)
-                                                   : wconv_q23k_vec(q, wt, ks[r], h);
+                        a[r] = wconv_k_vec(p + (size_t)r * rb, wt, ks[r], h);
                         VREG(a[r]);
                     }
                     for (int b = 0; b < nx; b++) {
@@ -603,9 +596,6 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
             }
 #endif
             for (int r = 0; r < R; r++) {
-                /* as an integer: the next tile may lie past the end of W */
-                for (size_t l = 0; l < (size_t)WSTEP_BYTES(wt); l += 64)
-                    VPREFETCH((uintptr_t)p + (size_t)r * rb + ahead + l, 0);
                 b32_factors(p + (size_t)r * rb, wt, &d[r], &m[r]);
                 if (KQUANT(wt)) kquant_step(p + (size_t)r * rb, wt, wb[r]);
             }

@@ -419,7 +419,22 @@ static inline __m512 wconv_q23k_vec(const unsigned char *b, moe_wtype t, const f
     int m = wconv_k_min_at(t);
     return m ? _mm512_sub_ps(p, _mm512_set1_ps(ks[m + v])) : p;
 }
+/* Weights 16v .. 16v + 15 (v 0..15) of the k-quant super-block at b, whose
+ * factors are ks, made in registers: the bits of wconv_k_block. */
+static inline __m512 wconv_k_vec(const unsigned char *b, moe_wtype t, const float ks[32], int v)
+{
+    switch (t) {
+    case MOE_WT_Q4_K: return wconv_q4k_vec(b, ks, v);
+    case MOE_WT_Q5_K: return wconv_q5k_vec(b, ks, v);
+    case MOE_WT_Q6_K: return wconv_q6k_vec(b, ks, v);
+    default: return wconv_q23k_vec(b, t, ks, v);
+    }
+}
 #endif
+
+/* Whether wconv_k_vec (AVX-512) makes type t's vectors: all k-quants but
+ * IQ4_XS, whose super-blocks the kernels widen into a buffer first. */
+static inline int wconv_k_vec_has(moe_wtype t) { return wconv_kquant(t) && t != MOE_WT_IQ4_XS; }
 
 /* The 256 weights of the k-quant super-block at b (any address) into out,
  * with factors ks from wconv_k_scales: the bits of wconv_k_weight, 16 at a
