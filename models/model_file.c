@@ -384,13 +384,8 @@ static int proj_want(tensor_loader *L, const char *name, int required, const flo
 {
     const gguf_tensor *t = find_tensor(L, name);
     if (t && kept_type(t) != MOE_WT_F32) {
-        if (L->proj_f32) {
-            raw_want(L, name, raw);
-            return tensor_want(L, name, required, slot, 2, ne0, ne1, 1);
-        }
-        if (tensor_check(L, name, t, 2, ne0, ne1, 1)) return -1;
         *raw = (moe_wraw){t->data, kept_type(t)};
-        return 0;
+        if (!L->proj_f32) return tensor_check(L, name, t, 2, ne0, ne1, 1) ? -1 : 0;
     }
     return tensor_want(L, name, required, slot, 2, ne0, ne1, 1);
 }
