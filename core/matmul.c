@@ -532,11 +532,19 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
  * 407-419, the Q2_K mix 135-142 / 224-230 / 373-378 -> 170-176 / 271-284 /
  * 404-416 (through the super-block buffer, as IQ4_XS still is, the tiles lost
  * 8% at batch 4). IQ4_XS gains with one x row only (121-129 -> 157-172 at batch
- * 1). F16 and Q8_0
- * keep narrow_dot: with more bytes a weight one chain nearly keeps up with the
+ * 1). Q8_0 too since the prefetch runs 16 rows ahead (2026-11-29, below). F16
+ * keeps narrow_dot: with two bytes a weight one chain nearly keeps up with the
  * memory, and 4 rows side by side streamed slower (F16 batch 1 76-91 against
- * 85-113). docs/PERFORMANCE.md, "Few x rows on the 4- and 5-bit types". */
+ * 85-113; again on 2026-11-29 with the prefetch 16 rows ahead, 83-117 against
+ * 96-125). The prefetch goes 16 rows ahead, at least FEW_X_PF_AHEAD bytes:
+ * Q8_0's rows are 1088 bytes at k 1024, and at 8 KB ahead its tiles gained
+ * only at batch 4; 16 KB took batch 1 from 172-180 (one row at a time) to
+ * 240-251 tok/s with the host at 78-82 GB/s (batch 4 250 -> 368-388), and
+ * cost 10-15% at batch 1 with the host at 43-48 GB/s (165-175 -> 141-162),
+ * where one chain had kept up with the memory (batch 4 still 250 -> 260-291).
+ * docs/PERFORMANCE.md, "Few x rows on the 4- and 5-bit types". */
 #define FEW_X_PF_AHEAD 8192
+#define FEW_X_PF_ROWS ((size_t)16)
 
 /* The k-quants with wconv_k_vec are widened in registers where AVX-512 has
  * it, and then take the tiles as the blocks of 32 do; through the super-block
@@ -549,8 +557,8 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
 
 static inline int few_x_tile_rows(moe_wtype wt, int nx)
 {
-    /* the blocks of 32 of 4 and 5 bits, and the k-quants made in registers */
-    int tiled = (BLOCK32(wt) && wt != MOE_WT_Q8_0) || (K_IN_REGISTERS && wconv_k_vec_has(wt));
+    /* the blocks of 32, and the k-quants made in registers */
+    int tiled = BLOCK32(wt) || (K_IN_REGISTERS && wconv_k_vec_has(wt));
     if (nx == 1 && (tiled || wt == MOE_WT_IQ4_XS)) return 4;
     if (!tiled || nx > 4) return 0;
     return nx == 2 ? 4 : 2;
@@ -561,7 +569,8 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
              int ldy, const int nx, const int R)
 {
     size_t rb = moe_wtype_row_bytes(wt, (size_t)k);
-    size_t ahead = nx <= 4 ? FEW_X_PF_AHEAD : (size_t)R * rb;
+    size_t ahead = (size_t)R * rb;
+    if (nx <= 4) ahead = FEW_X_PF_ROWS * rb > FEW_X_PF_AHEAD ? FEW_X_PF_ROWS * rb : FEW_X_PF_AHEAD;
     int j = n0;
     for (; j + R <= n1; j += R) {
         /* row r's step at p + r * rb: one pointer (an array of R pointers was
