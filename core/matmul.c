@@ -532,17 +532,20 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
  * 407-419, the Q2_K mix 135-142 / 224-230 / 373-378 -> 170-176 / 271-284 /
  * 404-416 (through the super-block buffer, as IQ4_XS still is, the tiles lost
  * 8% at batch 4). IQ4_XS gains with one x row only (121-129 -> 157-172 at batch
- * 1). Q8_0 too since the prefetch runs 16 rows ahead (2026-11-29, below). F16
- * keeps narrow_dot: with two bytes a weight one chain nearly keeps up with the
- * memory, and 4 rows side by side streamed slower (F16 batch 1 76-91 against
- * 85-113; again on 2026-11-29 with the prefetch 16 rows ahead, 83-117 against
- * 96-125). The prefetch goes 16 rows ahead, at least FEW_X_PF_AHEAD bytes:
- * Q8_0's rows are 1088 bytes at k 1024, and at 8 KB ahead its tiles gained
- * only at batch 4; 16 KB took batch 1 from 172-180 (one row at a time) to
- * 240-251 tok/s with the host at 78-82 GB/s (batch 4 250 -> 368-388), and
- * cost 10-15% at batch 1 with the host at 43-48 GB/s (165-175 -> 141-162),
- * where one chain had kept up with the memory (batch 4 still 250 -> 260-291).
- * docs/PERFORMANCE.md, "Few x rows on the 4- and 5-bit types". */
+ * 1). Q8_0 too since the prefetch runs 16 rows ahead, and F16 and BF16 from 2
+ * x rows (2026-11-29, below). The prefetch goes 16 rows ahead (at least
+ * FEW_X_PF_AHEAD bytes) in address order over the tile's R rows, which lie
+ * R * rb bytes in a row, rather than at the same column of each: with Q8_0's
+ * 1088-byte rows (k 1024) 8 KB was under two tiles, and the tiles then gained at
+ * batch 4 only; 16 rows ahead, column-wise, batch 1 rose from 172-180 (one row
+ * at a time) to 240-251 tok/s with the host at 78-82 GB/s but fell 10-15% at
+ * 43-48 GB/s, where one chain had kept up; in address order it reads 171-175
+ * there, 229-239 at 70-81 GB/s, batch 4 250 -> 301-315 / 371-383. F16 at one x
+ * row keeps narrow_dot: with two bytes a weight one chain nearly keeps up with
+ * the memory, and its tiles read 123-125 against 127-135 tok/s at batch 1 with
+ * fast memory; from 2 x rows they gain (batch 4 191-200 -> 236-243).
+ * docs/PERFORMANCE.md, "Few x rows on the 4- and 5-bit types" and "Q8_0 and
+ * F16 tiled too". */
 #define FEW_X_PF_AHEAD 8192
 #define FEW_X_PF_ROWS ((size_t)16)
 
@@ -560,6 +563,7 @@ static inline int few_x_tile_rows(moe_wtype wt, int nx)
     /* the blocks of 32, and the k-quants made in registers */
     int tiled = BLOCK32(wt) || (K_IN_REGISTERS && wconv_k_vec_has(wt));
     if (nx == 1 && (tiled || wt == MOE_WT_IQ4_XS)) return 4;
+    if (nx > 1 && (wt == MOE_WT_F16 || wt == MOE_WT_BF16)) tiled = 1;
     if (!tiled || nx > 4) return 0;
     return nx == 2 ? 4 : 2;
 }
@@ -575,7 +579,7 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
     for (; j + R <= n1; j += R) {
         /* row r's step at p + r * rb: one pointer (an array of R pointers was
          * kept in a vector register, each one extracted at every use) */
-        const unsigned char *p = w + (size_t)j * rb;
+        const unsigned char *row0 = w + (size_t)j * rb, *p = row0;
         vf acc[TILE_R_MAX][NARROW_XB];
         for (int r = 0; r < R; r++)
             for (int b = 0; b < nx; b++) acc[r][b] = vzero();
@@ -583,9 +587,15 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
         for (; t + WSTEP(wt) <= k; t += WSTEP(wt), p += WSTEP_BYTES(wt)) {
             vf d[TILE_R_MAX], m[TILE_R_MAX], a[TILE_R_MAX];
             float wb[TILE_R_MAX][MOE_QK_K];   /* a k-quant step's rows, widened */
-            for (int r = 0; r < R; r++)   /* as an integer: the next tile may lie past the end of W */
-                for (size_t l = 0; l < (size_t)WSTEP_BYTES(wt); l += 64)
-                    VPREFETCH((uintptr_t)p + (size_t)r * rb + ahead + l, 0);
+            /* as integers: the next tile may lie past the end of W */
+            if (nx <= 4) {   /* the tile's R rows are R * rb bytes in a row: fetch them in that order */
+                uintptr_t at = (uintptr_t)row0 + ahead + ((uintptr_t)p - (uintptr_t)row0) * (size_t)R;
+                for (size_t l = 0; l < (size_t)R * WSTEP_BYTES(wt); l += 64) VPREFETCH(at + l, 0);
+            } else {
+                for (int r = 0; r < R; r++)
+                    for (size_t l = 0; l < (size_t)WSTEP_BYTES(wt); l += 64)
+                        VPREFETCH((uintptr_t)p + (size_t)r * rb + ahead + l, 0);
+            }
 #if K_IN_REGISTERS
             if (wconv_k_vec_has(wt)) {   /* each vector made where it is used */
                 float ks[TILE_R_MAX][32];
