@@ -531,9 +531,10 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
  * Q4_1, Q5_0 and IQ4_NL +30-65% / +25-60% / +10-30%. The k-quants, widened in
  * registers: Q4_K_M 140-143 / 224-229 / 372-396 -> 182-188 / 294-297 /
  * 407-419, the Q2_K mix 135-142 / 224-230 / 373-378 -> 170-176 / 271-284 /
- * 404-416 (through the super-block buffer, as IQ4_XS still is, the tiles lost
- * 8% at batch 4). IQ4_XS gains with one x row only (121-129 -> 157-172 at batch
- * 1). Q8_0 too since the prefetch runs 16 rows ahead, and F16 and BF16 from 2
+ * 404-416 (through the super-block buffer the tiles lost 8% at batch 4); IQ4_XS
+ * in registers too, 137-167 / 204-226 / 341-345 -> 203-231 / 356-370 / 469-477
+ * (through the buffer it gained with one x row only, and without AVX-512 takes
+ * the tiles there still). Q8_0 too since the prefetch runs 16 rows ahead, and F16 and BF16 from 2
  * x rows (2026-11-29, below). The prefetch goes 16 rows ahead (at least
  * FEW_X_PF_AHEAD bytes) in address order over the tile's R rows, which lie
  * R * rb bytes in a row, rather than at the same column of each: with Q8_0's

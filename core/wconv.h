@@ -419,6 +419,20 @@ static inline __m512 wconv_q23k_vec(const unsigned char *b, moe_wtype t, const f
     int m = wconv_k_min_at(t);
     return m ? _mm512_sub_ps(p, _mm512_set1_ps(ks[m + v])) : p;
 }
+/* IQ4_XS's weights 16v .. 16v + 15 (v 0..15) of the super-block at b, whose
+ * factors are ks, without a buffer: sub-block s = v / 2 has 16 possible
+ * weights (its factor times each level, as wconv_k_store makes them), and the
+ * vector is a permute of them by the nibbles of bytes 8 + 16 s .. (the low ones
+ * for an even v). The same bits as wconv_k_block. */
+static inline __m512 wconv_iq4xs_vec(const unsigned char *b, const float ks[32], int v)
+{
+    int s = v / 2;
+    __m512i q = wconv_bytes16(b + 8 + 16 * s);
+    if (v % 2) q = _mm512_srli_epi32(q, 4);   /* the permute reads an index's low 4 bits */
+    __m512 lv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)wconv_iq4nl_levels)));
+    return _mm512_permutexvar_ps(q, _mm512_mul_ps(_mm512_set1_ps(ks[s]), lv));
+}
+
 /* Weights 16v .. 16v + 15 (v 0..15) of the k-quant super-block at b, whose
  * factors are ks, made in registers: the bits of wconv_k_block. */
 static inline __m512 wconv_k_vec(const unsigned char *b, moe_wtype t, const float ks[32], int v)
@@ -427,14 +441,15 @@ static inline __m512 wconv_k_vec(const unsigned char *b, moe_wtype t, const floa
     case MOE_WT_Q4_K: return wconv_q4k_vec(b, ks, v);
     case MOE_WT_Q5_K: return wconv_q5k_vec(b, ks, v);
     case MOE_WT_Q6_K: return wconv_q6k_vec(b, ks, v);
+    case MOE_WT_IQ4_XS: return wconv_iq4xs_vec(b, ks, v);
     default: return wconv_q23k_vec(b, t, ks, v);
     }
 }
 #endif
 
-/* Whether wconv_k_vec (AVX-512) makes type t's vectors: all k-quants but
- * IQ4_XS, whose super-blocks the kernels widen into a buffer first. */
-static inline int wconv_k_vec_has(moe_wtype t) { return wconv_kquant(t) && t != MOE_WT_IQ4_XS; }
+/* Whether wconv_k_vec (AVX-512) makes type t's vectors: every k-quant (and
+ * IQ4_XS); without AVX-512 the kernels widen a super-block into a buffer first. */
+static inline int wconv_k_vec_has(moe_wtype t) { return wconv_kquant(t); }
 
 /* The 256 weights of the k-quant super-block at b (any address) into out,
  * with factors ks from wconv_k_scales: the bits of wconv_k_weight, 16 at a
