@@ -451,6 +451,53 @@ static inline __m512 wconv_k_vec(const unsigned char *b, moe_wtype t, const floa
  * IQ4_XS); without AVX-512 the kernels widen a super-block into a buffer first. */
 static inline int wconv_k_vec_has(moe_wtype t) { return wconv_kquant(t); }
 
+#if !defined(__AVX512F__) && defined(__AVX2__)
+#include <immintrin.h>
+/* 8 bytes from p, each in a 32-bit lane. */
+static inline __m256i wconv_bytes8(const unsigned char *p)
+{
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+}
+
+/* wconv_k_q of weights e .. e + 7 (e a multiple of 8: they share their
+ * sub-block and read 8 consecutive bytes of each array), as AVX2 lanes. */
+static inline __m256i wconv_k_q8(const unsigned char *b, moe_wtype t, int e)
+{
+    const __m256i m2 = _mm256_set1_epi32(3), m4 = _mm256_set1_epi32(15);
+    int n = e / 128, j = (e % 128) / 32, l = e % 32;
+    switch (t) {
+    case MOE_WT_Q2_K:
+        return _mm256_and_si256(_mm256_srli_epi32(wconv_bytes8(b + 16 + 32 * n + l), 2 * j), m2);
+    case MOE_WT_Q3_K: {   /* - 4 unless the third bit, bit e / 32 of hmask[l] */
+        __m256i q = _mm256_and_si256(_mm256_srli_epi32(wconv_bytes8(b + 32 + 32 * n + l), 2 * j), m2);
+        __m256i h = _mm256_and_si256(_mm256_srli_epi32(wconv_bytes8(b + l), e / 32), _mm256_set1_epi32(1));
+        return _mm256_add_epi32(_mm256_sub_epi32(q, _mm256_set1_epi32(4)), _mm256_slli_epi32(h, 2));
+    }
+    case MOE_WT_IQ4_XS: {   /* the levels are int8: a byte shuffle looks them up */
+        __m128i v = _mm_loadl_epi64((const __m128i *)(b + 8 + 16 * (e / 32) + e % 16));
+        v = _mm_and_si128(l < 16 ? v : _mm_srli_epi16(v, 4), _mm_set1_epi8(15));
+        __m128i lv = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)wconv_iq4nl_levels), v);
+        return _mm256_cvtepi8_epi32(lv);
+    }
+    case MOE_WT_Q4_K:
+    case MOE_WT_Q5_K: {
+        int q5 = t == MOE_WT_Q5_K;
+        __m256i v = wconv_bytes8(b + (q5 ? 48 : 16) + 32 * (e / 64) + l);
+        __m256i q = (e / 32) % 2 ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, m4);
+        if (!q5) return q;
+        __m256i h = _mm256_and_si256(_mm256_srli_epi32(wconv_bytes8(b + 16 + l), e / 32), _mm256_set1_epi32(1));
+        return _mm256_or_si256(q, _mm256_slli_epi32(h, 4));
+    }
+    default: {   /* Q6_K: the low 4 bits from ql, the high 2 from qh */
+        __m256i lo = wconv_bytes8(b + 64 * n + 32 * (j & 1) + l), hi = wconv_bytes8(b + 128 + 32 * n + l);
+        lo = j < 2 ? _mm256_and_si256(lo, m4) : _mm256_srli_epi32(lo, 4);
+        hi = _mm256_and_si256(_mm256_srli_epi32(hi, 2 * j), m2);
+        return _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
+    }
+    }
+}
+#endif
+
 /* The 256 weights of the k-quant super-block at b (any address) into out,
  * with factors ks from wconv_k_scales: the bits of wconv_k_weight, 16 at a
  * time where AVX-512 has it. */
@@ -533,6 +580,13 @@ static inline void wconv_k_block(const unsigned char *b, moe_wtype t, const floa
                 wconv_k_store(out + e, _mm512_sub_epi32(q[part], off), t, ks, e / 16);
             }
         }
+#elif defined(__AVX2__)
+#pragma GCC unroll 32
+    for (int e = 0; e < 256; e += 8) {   /* unrolled: each e's offsets constants */
+        int s = e / wconv_k_sub(t), m = wconv_k_min_at(t);
+        __m256 p = _mm256_mul_ps(_mm256_set1_ps(ks[s]), _mm256_cvtepi32_ps(wconv_k_q8(b, t, e)));
+        _mm256_storeu_ps(out + e, m ? _mm256_sub_ps(p, _mm256_set1_ps(ks[m + s])) : p);
+    }
 #else
     for (int e = 0; e < 256; e++) out[e] = wconv_k_weight(b, t, ks, e);
 #endif
