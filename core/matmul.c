@@ -511,49 +511,35 @@ void narrow_dot(const float *x, int k, const unsigned char *w, const moe_wtype w
 }
 
 /* From 5 x rows each x load feeds two FMAs: tiles of 2 weight rows by nx x rows
- * (as pair_tiles), prefetched 16 rows ahead as below (the hardware prefetcher
- * does not follow rows read side by side; the next tile's rows at the same
- * column, as before, left Q8_0 and F16 at batch 64 8-14% slower); an odd last
- * row goes to narrow_dot. Same chains, same bits. */
+ * (as pair_tiles), prefetched as below (the hardware prefetcher does not follow
+ * rows read side by side; the same column of the next tile's rows left Q8_0 and
+ * F16 at batch 64 5-14% slower); an odd last row goes to narrow_dot. Same
+ * chains, same bits. */
 #define NARROW_TILE_R 2
 #define TILE_R_MAX 4
 
-/* 1-4 x rows (decode at batch 1-4, small expert queues) on the 4- and 5-bit
- * types and the other k-quants: narrow_dot's nx chains of FMAs a weight row, 4 cycles an FMA, bound
- * it at 4 nx weights a cycle, below the rate at which those types are widened
- * (a permute a vector), so tiles of 4 weight rows (2 from 3 x rows) run more
- * chains side by side. The rows are short (576 bytes at k 1024 for Q4_0), a
- * tile reads 1-2 KB in a row, and the prefetch goes FEW_X_PF_AHEAD bytes
- * ahead, past the end of the task's slice too (the next slice is the next
- * rows): one tile ahead left the loads waiting, and stopping at the slice's
- * end lost nearly all of the gain. Bench preset, `decode_bench`, batch 1 / 4 /
- * 16 tok/s: Q4_0 177-181 / 287 / 402-413 -> 288-293 / 428-434 / 508-510;
- * Q4_1, Q5_0 and IQ4_NL +30-65% / +25-60% / +10-30%. The k-quants, widened in
- * registers: Q4_K_M 140-143 / 224-229 / 372-396 -> 182-188 / 294-297 /
- * 407-419, the Q2_K mix 135-142 / 224-230 / 373-378 -> 170-176 / 271-284 /
- * 404-416 (through the super-block buffer the tiles lost 8% at batch 4); IQ4_XS
- * in registers too, 137-167 / 204-226 / 341-345 -> 203-231 / 356-370 / 469-477
- * (through the buffer it gained with one x row only, and without AVX-512 takes
- * the tiles there still). Q8_0 too since the prefetch runs 16 rows ahead, and F16 and BF16 from 2
- * x rows (2026-11-29, below). The prefetch goes 16 rows ahead (at least
- * FEW_X_PF_AHEAD bytes) in address order over the tile's R rows, which lie
- * R * rb bytes in a row, rather than at the same column of each: with Q8_0's
- * 1088-byte rows (k 1024) 8 KB was under two tiles, and the tiles then gained at
- * batch 4 only; 16 rows ahead, column-wise, batch 1 rose from 172-180 (one row
- * at a time) to 240-251 tok/s with the host at 78-82 GB/s but fell 10-15% at
- * 43-48 GB/s, where one chain had kept up; in address order it reads 171-175
- * there, 229-239 at 70-81 GB/s, batch 4 250 -> 301-315 / 371-383. F16 at one x
- * row keeps narrow_dot: with two bytes a weight one chain nearly keeps up with
- * the memory, and its tiles read 123-125 against 127-135 tok/s at batch 1 with
- * fast memory; from 2 x rows they gain (batch 4 191-200 -> 236-243).
- * docs/PERFORMANCE.md, "Few x rows on the 4- and 5-bit types" and "Q8_0 and
- * F16 tiled too". */
+/* 1-4 x rows (decode at batch 1-4, small expert queues): narrow_dot's nx
+ * chains of FMAs a weight row, 4 cycles an FMA, bound it at 4 nx weights a
+ * cycle, below the rate at which the block and k-quant types are widened and,
+ * for Q8_0, the rate of fast memory; so tiles of 4 weight rows (2 from 3 x
+ * rows) run more chains side by side. F16 and BF16 take them from 2 x rows: at
+ * one, with two bytes a weight, one chain nearly keeps up with the memory and
+ * the tiles read 3-8% less. A tile's R rows are R * rb bytes in a row, and the
+ * prefetch walks them in that order 16 rows ahead (at least FEW_X_PF_AHEAD
+ * bytes), past the end of the task's slice too (the next slice is the next
+ * rows): one tile ahead left the loads waiting, stopping at the slice's end
+ * lost nearly all of the gain, and the same column of each row (R streams side
+ * by side) cost Q8_0 10-15% at batch 1 when the memory is slow. Bench preset,
+ * `decode_bench`, batch 1 / 4 tok/s: Q4_0 177-181 / 287 -> 288-293 / 428-434,
+ * Q4_K_M 140-143 / 224-229 -> 190-198 / 314-319, Q8_0 with fast memory 172-180
+ * / 250 -> 229-239 / 371-383. docs/PERFORMANCE.md, "Few x rows on the 4- and
+ * 5-bit types" and the sections after it. */
 #define FEW_X_PF_AHEAD 8192
 #define FEW_X_PF_ROWS ((size_t)16)
 
-/* The k-quants with wconv_k_vec are widened in registers where AVX-512 has
- * it, and then take the tiles as the blocks of 32 do; through the super-block
- * buffer the tiles lost. */
+/* With AVX-512 the k-quants' vectors are made in registers where the FMAs use
+ * them (wconv_k_vec); otherwise a super-block is widened into a buffer first
+ * (through the buffer the AVX-512 tiles had lost 8% at batch 4). */
 #if defined(WCONV_VL) && WCONV_VL == VL && VL == 16
 #define K_IN_REGISTERS 1
 #else
@@ -595,7 +581,7 @@ void narrow_tiles(const float *x, int k, const unsigned char *w, const moe_wtype
             uintptr_t at = (uintptr_t)row0 + ahead + ((uintptr_t)p - (uintptr_t)row0) * (size_t)R;
             for (size_t l = 0; l < (size_t)R * WSTEP_BYTES(wt); l += 64) VPREFETCH(at + l, 0);
 #if K_IN_REGISTERS
-            if (wconv_k_vec_has(wt)) {   /* each vector made where it is used */
+            if (KQUANT(wt)) {   /* each vector made where it is used */
                 float ks[TILE_R_MAX][32];
                 for (int r = 0; r < R; r++) wconv_k_scales(p + (size_t)r * rb, wt, ks[r]);
                 /* unrolled, each vector's offsets in the super-block are constants:

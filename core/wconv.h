@@ -447,10 +447,6 @@ static inline __m512 wconv_k_vec(const unsigned char *b, moe_wtype t, const floa
 }
 #endif
 
-/* Whether wconv_k_vec (AVX-512) makes type t's vectors: every k-quant (and
- * IQ4_XS); without AVX-512 the kernels widen a super-block into a buffer first. */
-static inline int wconv_k_vec_has(moe_wtype t) { return wconv_kquant(t); }
-
 #if !defined(__AVX512F__) && defined(__AVX2__)
 #include <immintrin.h>
 /* 8 bytes from p, each in a 32-bit lane. */
@@ -500,7 +496,7 @@ static inline __m256i wconv_k_q8(const unsigned char *b, moe_wtype t, int e)
 
 /* The 256 weights of the k-quant super-block at b (any address) into out,
  * with factors ks from wconv_k_scales: the bits of wconv_k_weight, 16 at a
- * time where AVX-512 has it. */
+ * time with AVX-512, 8 with AVX2. */
 static inline void wconv_k_block(const unsigned char *b, moe_wtype t, const float ks[32], float out[256])
 {
 #if defined(__AVX512F__)
