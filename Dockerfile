@@ -10,16 +10,22 @@ RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-# A portable baseline (AVX2 + FMA) instead of the build machine's -march=native.
-ARG ARCHFLAGS=-march=x86-64-v3
-RUN make ARCHFLAGS="$ARCHFLAGS" build/moeserve build/moe
+# Two builds instead of the build machine's -march=native: the portable AVX2
+# baseline and the AVX-512 one; deploy/isa-exec.sh runs the one the CPU can.
+RUN for isa in x86-64-v3 x86-64-v4; do \
+        make ARCHFLAGS=-march=$isa BUILD=build/$isa build/$isa/moeserve build/$isa/moe || exit 1; \
+    done
 
 FROM debian:12-slim
 RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends \
         libopenblas0-pthread libjansson4 libuv1 libmicrohttpd12 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --no-create-home --shell /usr/sbin/nologin moeserve
-COPY --from=build /src/build/moeserve /src/build/moe /usr/local/bin/
+COPY --from=build /src/build/x86-64-v3/moeserve /src/build/x86-64-v3/moe /usr/local/lib/moeserve/x86-64-v3/
+COPY --from=build /src/build/x86-64-v4/moeserve /src/build/x86-64-v4/moe /usr/local/lib/moeserve/x86-64-v4/
+COPY --from=build /src/deploy/isa-exec.sh /usr/local/bin/moeserve
+COPY --from=build /src/deploy/isa-exec.sh /usr/local/bin/moe
+RUN chmod 755 /usr/local/bin/moeserve /usr/local/bin/moe
 COPY --from=build /src/models/tinyshakespeare-moe.gguf /usr/local/share/moeserve/
 USER moeserve
 ENV MOESERVE_HOST=0.0.0.0 \
