@@ -350,24 +350,16 @@ static inline float wconv_k_weight(const unsigned char *b, moe_wtype t, const fl
 }
 
 #if defined(__AVX512F__)
-/* 16 weights of sub-block s from their integer q: ks[s] * q (- the min). */
-static inline void wconv_k_store(float *out, __m512i q, moe_wtype t, const float ks[32], int s)
-{
-    __m512 p = _mm512_mul_ps(_mm512_set1_ps(ks[s]), _mm512_cvtepi32_ps(q));
-    int m = wconv_k_min_at(t);
-    _mm512_storeu_ps(out, m ? _mm512_sub_ps(p, _mm512_set1_ps(ks[m + s])) : p);
-}
-
 static inline __m512i wconv_bytes16(const unsigned char *p)
 {
     return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
 }
 
 /* Q4_K's weights 16h .. 16h + 15 (h 0..15) of the super-block at b, whose
- * factors are ks, without a buffer: sub-block s = h / 2 has 16 possible
- * weights, made as wconv_k_store makes them, and the vector is a permute of
+ * factors are ks: sub-block s = h / 2 has 16 possible
+ * weights, made as wconv_k_weight makes them, and the vector is a permute of
  * them by the nibbles (bytes 32 (s / 2) + 16 (h % 2) .. of the q, the low
- * nibbles for an even s). The same bits as wconv_k_block. */
+ * nibbles for an even s). The same bits as wconv_k_weight. */
 static inline __m512 wconv_q4k_vec(const unsigned char *b, const float ks[32], int h)
 {
     int s = h / 2;
@@ -378,8 +370,8 @@ static inline __m512 wconv_q4k_vec(const unsigned char *b, const float ks[32], i
     return _mm512_permutexvar_ps(v, tab);
 }
 /* Q6_K's weights 16v .. 16v + 15 (v 0..15) of the super-block at b, whose
- * factors are ks, without a buffer: the low 4 bits from ql, the high 2 from
- * qh, as wconv_k_block puts them together. The same bits. */
+ * factors are ks: the low 4 bits from ql, the high 2 from qh, put together as
+ * wconv_k_q does. The same bits as wconv_k_weight. */
 static inline __m512 wconv_q6k_vec(const unsigned char *b, const float ks[32], int v)
 {
     int h = v / 8, part = (v % 8) / 2, at = 16 * (v % 2);
@@ -390,7 +382,7 @@ static inline __m512 wconv_q6k_vec(const unsigned char *b, const float ks[32], i
     return _mm512_mul_ps(_mm512_set1_ps(ks[v]), _mm512_cvtepi32_ps(q));
 }
 /* Q5_K's weights 16v .. 16v + 15 (v 0..15) of the super-block at b, whose
- * factors are ks, without a buffer: as wconv_k_block makes them. */
+ * factors are ks: as wconv_k_weight makes them. */
 static inline __m512 wconv_q5k_vec(const unsigned char *b, const float ks[32], int v)
 {
     int s = v / 2;
@@ -403,7 +395,7 @@ static inline __m512 wconv_q5k_vec(const unsigned char *b, const float ks[32], i
 }
 
 /* Q2_K's or Q3_K's weights 16v .. 16v + 15 (v 0..15) of the super-block at b,
- * whose factors are ks, without a buffer: as wconv_k_block makes them (the 2
+ * whose factors are ks: as wconv_k_weight makes them (the 2
  * bits at 2j of bytes 32n + 16h .. of the q, v = 8n + 2j + h; Q3_K's - 4 unless
  * the third bit). The same bits. */
 static inline __m512 wconv_q23k_vec(const unsigned char *b, moe_wtype t, const float ks[32], int v)
@@ -420,10 +412,10 @@ static inline __m512 wconv_q23k_vec(const unsigned char *b, moe_wtype t, const f
     return m ? _mm512_sub_ps(p, _mm512_set1_ps(ks[m + v])) : p;
 }
 /* IQ4_XS's weights 16v .. 16v + 15 (v 0..15) of the super-block at b, whose
- * factors are ks, without a buffer: sub-block s = v / 2 has 16 possible
- * weights (its factor times each level, as wconv_k_store makes them), and the
+ * factors are ks: sub-block s = v / 2 has 16 possible
+ * weights (its factor times each level, as wconv_k_weight makes them), and the
  * vector is a permute of them by the nibbles of bytes 8 + 16 s .. (the low ones
- * for an even v). The same bits as wconv_k_block. */
+ * for an even v). The same bits as wconv_k_weight. */
 static inline __m512 wconv_iq4xs_vec(const unsigned char *b, const float ks[32], int v)
 {
     int s = v / 2;
@@ -434,7 +426,7 @@ static inline __m512 wconv_iq4xs_vec(const unsigned char *b, const float ks[32],
 }
 
 /* Weights 16v .. 16v + 15 (v 0..15) of the k-quant super-block at b, whose
- * factors are ks, made in registers: the bits of wconv_k_block. */
+ * factors are ks, the bits of wconv_k_weight (wconv_k_block stores them). */
 static inline __m512 wconv_k_vec(const unsigned char *b, moe_wtype t, const float ks[32], int v)
 {
     switch (t) {
@@ -492,6 +484,15 @@ static inline __m256i wconv_k_q8(const unsigned char *b, moe_wtype t, int e)
     }
     }
 }
+
+/* Weights 8v .. 8v + 7 (v 0..31) of the k-quant super-block at b, whose
+ * factors are ks: wconv_k_weight's products, 8 at a time. */
+static inline __m256 wconv_k_vec(const unsigned char *b, moe_wtype t, const float ks[32], int v)
+{
+    int s = 8 * v / wconv_k_sub(t), m = wconv_k_min_at(t);
+    __m256 p = _mm256_mul_ps(_mm256_set1_ps(ks[s]), _mm256_cvtepi32_ps(wconv_k_q8(b, t, 8 * v)));
+    return m ? _mm256_sub_ps(p, _mm256_set1_ps(ks[m + s])) : p;
+}
 #endif
 
 /* The 256 weights of the k-quant super-block at b (any address) into out,
@@ -500,89 +501,11 @@ static inline __m256i wconv_k_q8(const unsigned char *b, moe_wtype t, int e)
 static inline void wconv_k_block(const unsigned char *b, moe_wtype t, const float ks[32], float out[256])
 {
 #if defined(__AVX512F__)
-    const __m512i m4 = _mm512_set1_epi32(15), m2 = _mm512_set1_epi32(3);
-    if (t == MOE_WT_Q2_K || t == MOE_WT_Q3_K) {
-        /* weight 128n + 32j + 16h + l: bits 2j of byte 32n + 16h + l of the q */
-        const unsigned char *qs = b + (t == MOE_WT_Q2_K ? 16 : 32);
-        for (int h = 0; h < 2; h++) {
-            __m512i hm = t == MOE_WT_Q3_K ? wconv_bytes16(b + 16 * h) : _mm512_setzero_si512();
-            for (int n = 0; n < 2; n++) {
-                __m512i v = wconv_bytes16(qs + 32 * n + 16 * h);
-                for (int j = 0; j < 4; j++) {
-                    __m512i q = _mm512_and_si512(_mm512_srli_epi32(v, (unsigned)(2 * j)), m2);
-                    if (t == MOE_WT_Q3_K) {   /* - 4 unless the third bit, bit 4n + j of hmask[16h + l] */
-                        __mmask16 low = _mm512_testn_epi32_mask(hm, _mm512_set1_epi32(1 << (4 * n + j)));
-                        q = _mm512_mask_sub_epi32(q, low, q, _mm512_set1_epi32(4));
-                    }
-                    int e = 128 * n + 32 * j + 16 * h;
-                    wconv_k_store(out + e, q, t, ks, e / 16);
-                }
-            }
-        }
-        return;
-    }
-    if (t == MOE_WT_IQ4_XS) {
-        __m512i lv = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)wconv_iq4nl_levels));
-        for (int j = 0; j < 8; j++) {
-            __m512i v = wconv_bytes16(b + 8 + 16 * j);
-            wconv_k_store(out + 32 * j, _mm512_permutexvar_epi32(_mm512_and_si512(v, m4), lv), t, ks, j);
-            wconv_k_store(out + 32 * j + 16, _mm512_permutexvar_epi32(_mm512_srli_epi32(v, 4), lv), t, ks, j);
-        }
-        return;
-    }
-    if (t == MOE_WT_Q4_K || t == MOE_WT_Q5_K) {
-        int q5 = t == MOE_WT_Q5_K;
-        const __m512i one = _mm512_set1_epi32(1);
-        __m512i h0 = _mm512_setzero_si512(), h1 = h0;   /* Q5_K: the fifth bits, bit j for sub-block j */
-        if (q5) {
-            h0 = wconv_bytes16(b + 16);
-            h1 = wconv_bytes16(b + 32);
-        }
-        for (int c = 0; c < 4; c++) {          /* 64 weights: sub-blocks 2c (low nibbles), 2c + 1 */
-            const unsigned char *q = b + (q5 ? 48 : 16) + 32 * c;
-            __m512i v0 = wconv_bytes16(q), v1 = wconv_bytes16(q + 16);
-            __m512i q00 = _mm512_and_si512(v0, m4), q01 = _mm512_and_si512(v1, m4);
-            __m512i q10 = _mm512_srli_epi32(v0, 4), q11 = _mm512_srli_epi32(v1, 4);
-            if (q5) {
-                unsigned j0 = (unsigned)(2 * c), j1 = j0 + 1;
-                q00 = _mm512_or_si512(q00, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h0, j0), one), 4));
-                q01 = _mm512_or_si512(q01, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h1, j0), one), 4));
-                q10 = _mm512_or_si512(q10, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h0, j1), one), 4));
-                q11 = _mm512_or_si512(q11, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h1, j1), one), 4));
-            }
-            float *o = out + 64 * c;
-            wconv_k_store(o, q00, t, ks, 2 * c);
-            wconv_k_store(o + 16, q01, t, ks, 2 * c);
-            wconv_k_store(o + 32, q10, t, ks, 2 * c + 1);
-            wconv_k_store(o + 48, q11, t, ks, 2 * c + 1);
-        }
-        return;
-    }
-    const __m512i off = _mm512_set1_epi32(32);
-    for (int h = 0; h < 2; h++)
-        for (int at = 0; at < 32; at += 16) {  /* weights 128h + 32 part + at + 0..15, part 0..3 */
-            const unsigned char *ql = b + 64 * h + at, *qh = b + 128 + 32 * h + at;
-            __m512i la = wconv_bytes16(ql), lb = wconv_bytes16(ql + 32), hi = wconv_bytes16(qh);
-            __m512i q[4] = {
-                _mm512_or_si512(_mm512_and_si512(la, m4), _mm512_slli_epi32(_mm512_and_si512(hi, m2), 4)),
-                _mm512_or_si512(_mm512_and_si512(lb, m4),
-                                _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hi, 2), m2), 4)),
-                _mm512_or_si512(_mm512_srli_epi32(la, 4),
-                                _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hi, 4), m2), 4)),
-                _mm512_or_si512(_mm512_srli_epi32(lb, 4), _mm512_slli_epi32(_mm512_srli_epi32(hi, 6), 4)),
-            };
-            for (int part = 0; part < 4; part++) {
-                int e = 128 * h + 32 * part + at;
-                wconv_k_store(out + e, _mm512_sub_epi32(q[part], off), t, ks, e / 16);
-            }
-        }
+#pragma GCC unroll 16
+    for (int v = 0; v < 16; v++) _mm512_storeu_ps(out + 16 * v, wconv_k_vec(b, t, ks, v));   /* unrolled: constant offsets */
 #elif defined(__AVX2__)
 #pragma GCC unroll 32
-    for (int e = 0; e < 256; e += 8) {   /* unrolled: each e's offsets constants */
-        int s = e / wconv_k_sub(t), m = wconv_k_min_at(t);
-        __m256 p = _mm256_mul_ps(_mm256_set1_ps(ks[s]), _mm256_cvtepi32_ps(wconv_k_q8(b, t, e)));
-        _mm256_storeu_ps(out + e, m ? _mm256_sub_ps(p, _mm256_set1_ps(ks[m + s])) : p);
-    }
+    for (int v = 0; v < 32; v++) _mm256_storeu_ps(out + 8 * v, wconv_k_vec(b, t, ks, v));
 #else
     for (int e = 0; e < 256; e++) out[e] = wconv_k_weight(b, t, ks, e);
 #endif
