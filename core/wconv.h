@@ -270,6 +270,16 @@ static inline void wconv_k_scales(const unsigned char *b, moe_wtype t, float ks[
         _mm512_storeu_ps(ks, _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_or_si512(lo, hi))));
         return;
     }
+    if (t == MOE_WT_IQ4_XS) {   /* as the scalar loop below, 8 lanes */
+        __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 4)));
+        lo = _mm256_permutevar8x32_epi32(lo, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+        lo = _mm256_and_si256(_mm256_srlv_epi32(lo, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4)), _mm256_set1_epi32(15));
+        __m256i hi = _mm256_set1_epi32((int)((unsigned)b[2] | (unsigned)b[3] << 8));
+        hi = _mm256_and_si256(_mm256_srlv_epi32(hi, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)), _mm256_set1_epi32(3));
+        __m256i ls = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
+        _mm256_storeu_ps(ks, _mm256_mul_ps(_mm256_set1_ps(wconv_f16_at(b)), _mm256_cvtepi32_ps(ls)));
+        return;
+    }
 #endif
     if (t == MOE_WT_Q4_K || t == MOE_WT_Q5_K) {
         float d = wconv_f16_at(b), dmin = wconv_f16_at(b + 2);
