@@ -387,8 +387,10 @@ static inline __m512 wconv_q6k_vec(const unsigned char *b, const float ks[32], i
     int h = v / 8, part = (v % 8) / 2, at = 16 * (v % 2);
     __m512i lo = wconv_bytes16(b + 64 * h + 32 * (part & 1) + at), hi = wconv_bytes16(b + 128 + 32 * h + at);
     lo = part < 2 ? _mm512_and_si512(lo, _mm512_set1_epi32(15)) : _mm512_srli_epi32(lo, 4);
-    hi = _mm512_and_si512(_mm512_srli_epi32(hi, (unsigned)(2 * part)), _mm512_set1_epi32(3));
-    __m512i q = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), _mm512_set1_epi32(32));
+    /* the part's 2 bits of qh moved to bits 4-5, then lo | (hi & 0x30) in one ternary op (0xF8: a | (b & c)) */
+    hi = part < 2 ? _mm512_slli_epi32(hi, (unsigned)(4 - 2 * part)) : part > 2 ? _mm512_srli_epi32(hi, 2) : hi;
+    __m512i q = _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi32(0x30), 0xF8);
+    q = _mm512_sub_epi32(q, _mm512_set1_epi32(32));
     return _mm512_mul_ps(_mm512_set1_ps(ks[v]), _mm512_cvtepi32_ps(q));
 }
 /* Q5_K's weights 16v .. 16v + 15 (v 0..15) of the super-block at b, whose
@@ -398,28 +400,38 @@ static inline __m512 wconv_q5k_vec(const unsigned char *b, const float ks[32], i
     int s = v / 2;
     __m512i q = wconv_bytes16(b + 48 + 32 * (s / 2) + 16 * (v % 2));
     q = s % 2 ? _mm512_srli_epi32(q, 4) : _mm512_and_si512(q, _mm512_set1_epi32(15));
-    __m512i h = _mm512_and_si512(_mm512_srli_epi32(wconv_bytes16(b + 16 + 16 * (v % 2)), (unsigned)s), _mm512_set1_epi32(1));
-    q = _mm512_or_si512(q, _mm512_slli_epi32(h, 4));
+    /* bit s of qh moved to bit 4, then q | (h & 16) in one ternary op (0xF8: a | (b & c)) */
+    __m512i h = wconv_bytes16(b + 16 + 16 * (v % 2));
+    h = s < 4 ? _mm512_slli_epi32(h, (unsigned)(4 - s)) : s > 4 ? _mm512_srli_epi32(h, (unsigned)(s - 4)) : h;
+    q = _mm512_ternarylogic_epi32(q, h, _mm512_set1_epi32(16), 0xF8);
     __m512 p = _mm512_mul_ps(_mm512_set1_ps(ks[s]), _mm512_cvtepi32_ps(q));
     return _mm512_sub_ps(p, _mm512_set1_ps(ks[8 + s]));
 }
 
 /* Q2_K's or Q3_K's weights 16v .. 16v + 15 (v 0..15) of the super-block at b,
- * whose factors are ks: as wconv_k_weight makes them (the 2
- * bits at 2j of bytes 32n + 16h .. of the q, v = 8n + 2j + h; Q3_K's - 4 unless
- * the third bit). The same bits. */
+ * whose factors are ks: as wconv_k_weight makes them (the 2 bits at 2j of bytes
+ * 32n + 16h .. of the q, v = 8n + 2j + h; Q3_K's - 4 unless the third bit, bit
+ * 4n + j of hmask byte). Sub-block v has 4 (Q2_K) or 8 (Q3_K) possible weights:
+ * a table of them, repeated over the 16 lanes, is permuted by an index whose
+ * low bits are q's (the permute reads 4 bits; the ones above q's do not change
+ * the entry). The same bits. */
 static inline __m512 wconv_q23k_vec(const unsigned char *b, moe_wtype t, const float ks[32], int v)
 {
     int n = v / 8, j = (v % 8) / 2, h = v % 2;
-    __m512i q = wconv_bytes16(b + (t == MOE_WT_Q2_K ? 16 : 32) + 32 * n + 16 * h);
-    q = _mm512_and_si512(_mm512_srli_epi32(q, (unsigned)(2 * j)), _mm512_set1_epi32(3));
-    if (t == MOE_WT_Q3_K) {
-        __mmask16 low = _mm512_testn_epi32_mask(wconv_bytes16(b + 16 * h), _mm512_set1_epi32(1 << (4 * n + j)));
-        q = _mm512_mask_sub_epi32(q, low, q, _mm512_set1_epi32(4));
+    __m512i idx = wconv_bytes16(b + (t == MOE_WT_Q2_K ? 16 : 32) + 32 * n + 16 * h);
+    if (j) idx = _mm512_srli_epi32(idx, (unsigned)(2 * j));
+    if (t == MOE_WT_Q2_K) {
+        __m512 q = _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+        __m512 tab = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(ks[v]), q), _mm512_set1_ps(ks[16 + v]));
+        return _mm512_permutexvar_ps(idx, tab);
     }
-    __m512 p = _mm512_mul_ps(_mm512_set1_ps(ks[v]), _mm512_cvtepi32_ps(q));
-    int m = wconv_k_min_at(t);
-    return m ? _mm512_sub_ps(p, _mm512_set1_ps(ks[m + v])) : p;
+    /* index bit 2 the third bit: 0 -> q - 4 */
+    int at = 4 * n + j;
+    __m512i hm = wconv_bytes16(b + 16 * h);
+    hm = at < 2 ? _mm512_slli_epi32(hm, (unsigned)(2 - at)) : at > 2 ? _mm512_srli_epi32(hm, (unsigned)(at - 2)) : hm;
+    idx = _mm512_ternarylogic_epi32(idx, hm, _mm512_set1_epi32(3), 0xE4);   /* (a & c) | (b & ~c) */
+    __m512 q = _mm512_setr_ps(-4, -3, -2, -1, 0, 1, 2, 3, -4, -3, -2, -1, 0, 1, 2, 3);
+    return _mm512_permutexvar_ps(idx, _mm512_mul_ps(_mm512_set1_ps(ks[v]), q));
 }
 /* IQ4_XS's weights 16v .. 16v + 15 (v 0..15) of the super-block at b, whose
  * factors are ks: sub-block s = v / 2 has 16 possible
