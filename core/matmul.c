@@ -555,7 +555,14 @@ static inline int few_x_tile_rows(moe_wtype wt, int nx)
     if (nx == 1 && tiled) return 4;
     if (nx > 1 && (wt == MOE_WT_F16 || wt == MOE_WT_BF16)) tiled = 1;
     if (!tiled || nx > 4) return 0;
-    return nx == 2 ? 4 : 2;
+    /* 3-4 x rows: 4 weight rows for the k-quants made by one permute a vector
+     * with AVX-512 (hot, one core, 4 x rows: Q4_K, IQ4_XS, Q2_K +14-20%; decode
+     * at batch 4 +2-10%); the others' own temporaries would spill (Q5_K, Q6_K
+     * -15 to -59% hot), F16 read slower at batch 4 (196 against 248 tok/s), and
+     * AVX2's 16 registers do not hold 16 accumulators (-20%) */
+    if (nx == 2) return 4;
+    if (K_IN_REGISTERS && (wt == MOE_WT_Q4_K || wt == MOE_WT_IQ4_XS || wt == MOE_WT_Q2_K)) return 4;
+    return 2;
 }
 
 static inline __attribute__((always_inline))
