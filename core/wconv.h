@@ -422,7 +422,7 @@ static inline __m512 wconv_q23k_vec(const unsigned char *b, moe_wtype t, const f
     if (j) idx = _mm512_srli_epi32(idx, (unsigned)(2 * j));
     if (t == MOE_WT_Q2_K) {
         __m512 q = _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
-        __m512 tab = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(ks[v]), q), _mm512_set1_ps(ks[16 + v]));
+        __m512 tab = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(ks[v]), q), _mm512_set1_ps(ks[wconv_k_min_at(t) + v]));
         return _mm512_permutexvar_ps(idx, tab);
     }
     /* index bit 2 the third bit: 0 -> q - 4 */
