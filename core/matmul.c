@@ -552,7 +552,11 @@ static inline int few_x_tile_rows(moe_wtype wt, int nx)
      * through the super-block buffer (AVX2: Q4_K_M batch 1 / 4 64 / 114 -> 87-92
      * / 139-146 tok/s; one chain of 8-wide FMAs is 2 weights a cycle) */
     int tiled = BLOCK32(wt) || KQUANT(wt);
-    if (nx == 1 && tiled) return 4;
+    /* one x row: 4 weight rows, but 2 for AVX2's blocks of 32 with a 4- or 5-bit
+     * q, whose widening temporaries and 4 rows' factors spill 16 registers (hot,
+     * one core, x86-64-v3 build: Q4_1 6.7 -> 9.7 GB/s, Q5_1 6.9 -> 7.7, the
+     * others +4-6%; Q8_0 and the k-quants slower) */
+    if (nx == 1 && tiled) return VL == 8 && BLOCK32(wt) && wt != MOE_WT_Q8_0 ? 2 : 4;
     if (nx > 1 && (wt == MOE_WT_F16 || wt == MOE_WT_BF16)) tiled = 1;
     if (!tiled || nx > 4) return 0;
     /* 3-4 x rows: 4 weight rows for the k-quants made by one permute a vector
