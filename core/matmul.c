@@ -552,19 +552,20 @@ static inline int few_x_tile_rows(moe_wtype wt, int nx)
      * through the super-block buffer (AVX2: Q4_K_M batch 1 / 4 64 / 114 -> 87-92
      * / 139-146 tok/s; one chain of 8-wide FMAs is 2 weights a cycle) */
     int tiled = BLOCK32(wt) || KQUANT(wt);
-    /* one x row: 4 weight rows, but 2 for AVX2's blocks of 32 with a 4- or 5-bit
-     * q, whose widening temporaries and 4 rows' factors spill 16 registers (hot,
-     * one core, x86-64-v3 build: Q4_1 6.7 -> 9.7 GB/s, Q5_1 6.9 -> 7.7, the
-     * others +4-6%; Q8_0 and the k-quants slower) */
-    if (nx == 1 && tiled) return VL == 8 && BLOCK32(wt) && wt != MOE_WT_Q8_0 ? 2 : 4;
     if (nx > 1 && (wt == MOE_WT_F16 || wt == MOE_WT_BF16)) tiled = 1;
     if (!tiled || nx > 4) return 0;
+    /* AVX2's blocks of 32 at 1-2 x rows: 2 weight rows, whose accumulators,
+     * factors and widening temporaries fit 16 registers where 4 rows' spilled
+     * (hot, one core, x86-64-v3 build: one x row Q4_1 6.7 -> 9.7 GB/s, Q5_1 6.9
+     * -> 7.7, the others +4-6%; two x rows +12-28%, Q8_0 too; Q8_0 at one, the
+     * k-quants and F16 slower with 2) */
+    if (VL == 8 && BLOCK32(wt) && nx <= 2 && (nx == 2 || wt != MOE_WT_Q8_0)) return 2;
+    if (nx <= 2) return 4;
     /* 3-4 x rows: 4 weight rows for the k-quants made by one permute a vector
      * with AVX-512 (hot, one core, 4 x rows: Q4_K, IQ4_XS, Q2_K +14-20%; decode
      * at batch 4 +2-10%); the others' own temporaries would spill (Q5_K, Q6_K
      * -15 to -59% hot), F16 read slower at batch 4 (196 against 248 tok/s), and
      * AVX2's 16 registers do not hold 16 accumulators (-20%) */
-    if (nx == 2) return 4;
     if (K_IN_REGISTERS && (wt == MOE_WT_Q4_K || wt == MOE_WT_IQ4_XS || wt == MOE_WT_Q2_K)) return 4;
     return 2;
 }
