@@ -365,6 +365,15 @@ static inline __m512i wconv_bytes16(const unsigned char *p)
     return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
 }
 
+/* Each lane of x shifted so that its bit `from` lands at bit `to` (one shift,
+ * or none; the bits around it move too, for the caller to mask). */
+static inline __m512i wconv_bit_to(__m512i x, int from, int to)
+{
+    if (from < to) return _mm512_slli_epi32(x, (unsigned)(to - from));
+    if (from > to) return _mm512_srli_epi32(x, (unsigned)(from - to));
+    return x;
+}
+
 /* Q4_K's weights 16h .. 16h + 15 (h 0..15) of the super-block at b, whose
  * factors are ks: sub-block s = h / 2 has 16 possible
  * weights, made as wconv_k_weight makes them, and the vector is a permute of
@@ -388,7 +397,7 @@ static inline __m512 wconv_q6k_vec(const unsigned char *b, const float ks[32], i
     __m512i lo = wconv_bytes16(b + 64 * h + 32 * (part & 1) + at), hi = wconv_bytes16(b + 128 + 32 * h + at);
     lo = part < 2 ? _mm512_and_si512(lo, _mm512_set1_epi32(15)) : _mm512_srli_epi32(lo, 4);
     /* the part's 2 bits of qh moved to bits 4-5, then lo | (hi & 0x30) in one ternary op (0xF8: a | (b & c)) */
-    hi = part < 2 ? _mm512_slli_epi32(hi, (unsigned)(4 - 2 * part)) : part > 2 ? _mm512_srli_epi32(hi, 2) : hi;
+    hi = wconv_bit_to(hi, 2 * part, 4);
     __m512i q = _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi32(0x30), 0xF8);
     q = _mm512_sub_epi32(q, _mm512_set1_epi32(32));
     return _mm512_mul_ps(_mm512_set1_ps(ks[v]), _mm512_cvtepi32_ps(q));
@@ -402,7 +411,7 @@ static inline __m512 wconv_q5k_vec(const unsigned char *b, const float ks[32], i
     q = s % 2 ? _mm512_srli_epi32(q, 4) : _mm512_and_si512(q, _mm512_set1_epi32(15));
     /* bit s of qh moved to bit 4, then q | (h & 16) in one ternary op (0xF8: a | (b & c)) */
     __m512i h = wconv_bytes16(b + 16 + 16 * (v % 2));
-    h = s < 4 ? _mm512_slli_epi32(h, (unsigned)(4 - s)) : s > 4 ? _mm512_srli_epi32(h, (unsigned)(s - 4)) : h;
+    h = wconv_bit_to(h, s, 4);
     q = _mm512_ternarylogic_epi32(q, h, _mm512_set1_epi32(16), 0xF8);
     __m512 p = _mm512_mul_ps(_mm512_set1_ps(ks[s]), _mm512_cvtepi32_ps(q));
     return _mm512_sub_ps(p, _mm512_set1_ps(ks[8 + s]));
@@ -426,9 +435,7 @@ static inline __m512 wconv_q23k_vec(const unsigned char *b, moe_wtype t, const f
         return _mm512_permutexvar_ps(idx, tab);
     }
     /* index bit 2 the third bit: 0 -> q - 4 */
-    int at = 4 * n + j;
-    __m512i hm = wconv_bytes16(b + 16 * h);
-    hm = at < 2 ? _mm512_slli_epi32(hm, (unsigned)(2 - at)) : at > 2 ? _mm512_srli_epi32(hm, (unsigned)(at - 2)) : hm;
+    __m512i hm = wconv_bit_to(wconv_bytes16(b + 16 * h), 4 * n + j, 2);
     idx = _mm512_ternarylogic_epi32(idx, hm, _mm512_set1_epi32(3), 0xE4);   /* (a & c) | (b & ~c) */
     __m512 q = _mm512_setr_ps(-4, -3, -2, -1, 0, 1, 2, 3, -4, -3, -2, -1, 0, 1, 2, 3);
     return _mm512_permutexvar_ps(idx, _mm512_mul_ps(_mm512_set1_ps(ks[v]), q));
