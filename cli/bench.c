@@ -196,6 +196,7 @@ typedef struct {
     float *logits;       /* (max_tokens, n_vocab) */
     int max_tokens;
     uint8_t *used;       /* (n_layer, n_expert) scratch for the step's expert union */
+    kv_type kv;          /* the KV cache's element type */
 } bench_state;
 
 static size_t f32_bytes(uint64_t n) { return (size_t)n * sizeof(float); }
@@ -327,7 +328,8 @@ static int bench_decode(bench_state *s, int B, int ctx0, int steps, double *secs
         total += now_s() - t0;
         bytes += step_weight_bytes(s, B);
         /* KV read: every sequence attends over its whole context */
-        bytes += (double)B * (ctx0 + st + 1) * 2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim * 4;
+        bytes += (double)B * (ctx0 + st + 1) * 2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim *
+                 (double)kv_type_size(s->kv);
     }
     for (int q = 0; q < B; q++) moe_engine_seq_release(s->e, q);
     *secs = total;
@@ -342,10 +344,12 @@ static void bench_state_free(bench_state *s)
     free(s->trace); free(s->logits); free(s->used);
 }
 
-static int bench_state_init(bench_state *s, const moe_model *m, int threads, char *err, size_t errlen)
+static int bench_state_init(bench_state *s, const moe_model *m, int threads, kv_type kv,
+                            char *err, size_t errlen)
 {
     const moe_hparams *hp = &m->weights.hp;
     s->m = m;
+    s->kv = kv;
     s->max_tokens = 512;
     moe_engine_params ep = moe_engine_default_params(hp);
     ep.n_threads = threads;
@@ -354,6 +358,7 @@ static int bench_state_init(bench_state *s, const moe_model *m, int threads, cha
     ep.max_seq_len = hp->n_ctx_train < 600 ? hp->n_ctx_train : 600;
     ep.kv_n_blocks = 64 * ((128 + ep.kv_block_size - 1) / ep.kv_block_size) +
                      (ep.max_seq_len + ep.kv_block_size - 1) / ep.kv_block_size;
+    ep.kv_type = kv;
     size_t n = (size_t)s->max_tokens;
     int k = hp->n_expert_used > 0 ? hp->n_expert_used : 1;
     s->tok = malloc(n * sizeof *s->tok); s->pos = malloc(n * sizeof *s->pos);
@@ -430,12 +435,12 @@ static void rounds_print(const double *ratio, int n, const int *order)
 }
 
 static int bench_engine(const moe_model *m, pool *p, bw_ctx *x, peak_ctx *pc, int threads, int quick,
-                        char *err, size_t errlen)
+                        kv_type kv, char *err, size_t errlen)
 {
     const moe_hparams *hp = &m->weights.hp;
     bench_state s = {0};
     int rc = -1;
-    if (bench_state_init(&s, m, threads, err, errlen)) goto done;
+    if (bench_state_init(&s, m, threads, kv, err, errlen)) goto done;
     int n_prefill = hp->n_ctx_train >= 512 ? 512 : hp->n_ctx_train;
     double secs = 0;
     if (bench_prefill(&s, 32, &secs, err, errlen)) goto done;              /* warm-up */
@@ -527,12 +532,13 @@ int bench_run(const bench_opts *o, char *err, size_t errlen)
            PEAK_KERNEL_ROWS, pc.packed, PEAK_KERNEL_ROWS, PEAK_PACKED_ROWS);
     if (moe_model_load_opts(o->model, &(moe_load_opts){o->weights, o->projections}, &m, err, errlen)) goto done;
     const moe_hparams *hp = &m->weights.hp;
-    printf("model: %s, %s, %.2f G params (%.2f G active), %d experts top-%d, %d layers; weights %s in %.0f ms\n",
+    printf("model: %s, %s, %.2f G params (%.2f G active), %d experts top-%d, %d layers; weights %s in %.0f ms; "
+           "KV cache %s\n",
            o->model, moe_arch_get(hp->arch)->name,
            moe_hparams_n_params(hp, m->tied_output) / 1e9,
            moe_hparams_n_params_active(hp, m->tied_output) / 1e9, hp->n_expert,
-           hp->n_expert_used, hp->n_layer, gguf_placement(m->gguf), m->load_ms);
-    if (bench_engine(m, p, &bw, &pc, o->threads, o->quick, err, errlen)) goto done;
+           hp->n_expert_used, hp->n_layer, gguf_placement(m->gguf), m->load_ms, kv_type_name(o->kv));
+    if (bench_engine(m, p, &bw, &pc, o->threads, o->quick, o->kv, err, errlen)) goto done;
     bench_tokenizer(m, o->text);
     rc = 0;
 done:

@@ -5,6 +5,7 @@
 
 #include <stddef.h>
 
+#include "core/kv_cache.h"
 #include "models/gguf.h"
 #include "models/model_file.h"
 
@@ -15,6 +16,7 @@ typedef struct {
     int quick;          /* fewer repetitions (smoke runs) */
     gguf_load_mode weights; /* --weights auto|mmap|copy (models/gguf.h) */
     moe_proj_mode projections; /* --projections auto|f32|file (models/model_file.h) */
+    kv_type kv;         /* --kv-type f32|f16 (core/kv_cache.h) */
 } bench_opts;
 
 typedef struct {

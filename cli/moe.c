@@ -34,7 +34,7 @@ static int usage(void)
         "  info FILE                                  describe a GGUF model\n"
         "  generate -m FILE (-p TEXT | --tokens IDS) [-n N] [--temp T] [--top-k K]\n"
         "           [--top-p P] [--min-p P] [--repeat-penalty R] [--seed S]\n"
-        "           [--threads N] [--json]            generate a continuation\n"
+        "           [--threads N] [--kv-type f32|f16] [--json]  generate a continuation\n"
         "  tokenize -m FILE [--ids-only] [--add-special] [--parse-special] TEXT\n"
         "  tokenize -m FILE --bench TEXTFILE           tokenizer throughput\n"
         "  synth --arch llama|qwen2moe|olmoe|qwen3moe --preset tiny|small|bench|dense|tiny256|tiny256odd\n"
@@ -43,7 +43,7 @@ static int usage(void)
         "                                           write a synthetic model\n"
         "  eval -m FILE --text FILE [--ctx N] [--threads N]  bits per byte of a text\n"
         "  bench -m FILE [--threads N] [--quick] [--weights auto|mmap|copy] [--projections auto|f32|file]\n"
-        "                                              throughput and rooflines\n");
+        "        [--kv-type f32|f16]                   throughput and rooflines\n");
     return 2;
 }
 
@@ -139,8 +139,9 @@ static int cmd_info(int argc, char **argv)
     if (packed)
         printf("packed copy:    %.1f MiB more when it runs: the attention and output projections packed\n"
                "                for the many-row kernel (core/packed.h)\n", packed / 1048576.0);
-    printf("kv cache:       %.1f KiB per token (F32)\n",
-           2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim * 4 / 1024.0);
+    printf("kv cache:       %.1f KiB per token (F32), %.1f with --kv-type f16\n",
+           2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim * 4 / 1024.0,
+           2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim * 2 / 1024.0);
     printf("load time:      %.1f ms\n", m->load_ms);
     moe_model_free(m);
     return 0;
@@ -153,6 +154,7 @@ typedef struct {
     long n_predict, threads;
     sampler_params sp;
     int json;
+    kv_type kv;
 } gen_opts;
 
 static int parse_ids(const char *s, int32_t **ids, size_t *n)
@@ -199,6 +201,7 @@ static int parse_gen_opts(int argc, char **argv, gen_opts *o)
         else if (!strcmp(f, "--tokens")) o->tokens = v;
         else if (!strcmp(f, "-n")) { if (parse_int(v, 0, 1 << 20, &o->n_predict)) goto bad; }
         else if (!strcmp(f, "--threads")) { if (parse_int(v, 1, 256, &o->threads)) goto bad; }
+        else if (!strcmp(f, "--kv-type")) { if (kv_type_parse(v, &o->kv)) goto bad; }
         else if (!strcmp(f, "--top-k")) { if (parse_int(v, 0, INT_MAX, &l)) goto bad; o->sp.top_k = (int)l; }
         else if (!strcmp(f, "--seed")) { if (parse_int(v, 0, LONG_MAX, &l)) goto bad; o->sp.seed = (uint64_t)l; }
         else if (!strcmp(f, "--temp")) { if (parse_float(v, &o->sp.temperature)) goto bad; }
@@ -312,6 +315,7 @@ static int run_generate(const gen_opts *o, gen_state *g, char *err, size_t errle
     ep.max_seq_len = (int)n_ctx;
     ep.max_batch_tokens = (int)n_prompt;
     ep.kv_n_blocks = (int)((n_ctx + (size_t)ep.kv_block_size - 1) / (size_t)ep.kv_block_size);
+    ep.kv_type = o->kv;
     if (moe_engine_create(&g->model->weights, &ep, &g->engine, err, errlen)) return -1;
     if (moe_engine_seq_reserve(g->engine, 0, (int)n_ctx, err, errlen)) return -1;
     if (sampler_create(hp->n_vocab, &o->sp, &g->smp, err, errlen)) return -1;
@@ -586,6 +590,11 @@ static int cmd_bench(int argc, char **argv)
         } else if (!strcmp(argv[i], "--projections")) {
             if (moe_proj_mode_parse(v, &o.projections)) {
                 fprintf(stderr, "moe: bench: --projections %s: want auto, f32 or file\n", v);
+                return 2;
+            }
+        } else if (!strcmp(argv[i], "--kv-type")) {
+            if (kv_type_parse(v, &o.kv)) {
+                fprintf(stderr, "moe: bench: --kv-type %s: want f32 or f16\n", v);
                 return 2;
             }
         } else { fprintf(stderr, "moe: bench: unknown option %s %s\n", argv[i], v); return 2; }

@@ -95,8 +95,8 @@ struct moe_engine {
     int att_ld;                 /* max_seq_len rounded up to ATT_T */
     size_t att_scratch_stride;  /* floats per thread: Kt (head_dim, att_ld), w (ATT_Q, att_ld) */
     float *att_scratch;         /* (n_threads, att_scratch_stride) */
-    const float **att_vrow;     /* (n_threads, att_ld) V row of each position */
-    const float **att_kp;       /* (n_threads, att_ld / ATT_T) keys of each ATT_T positions */
+    const void **att_vrow;      /* (n_threads, att_ld) V row of each position (cache elements) */
+    const void **att_kp;        /* (n_threads, att_ld / ATT_T) keys of each ATT_T positions */
     int32_t *run_start;         /* (B) first row of each attention run */
     int32_t *run_len;           /* (B) rows in it */
     int n_runs;
@@ -117,6 +117,7 @@ moe_engine_params moe_engine_default_params(const moe_hparams *hp)
         .max_seqs = 8,
         .max_batch_tokens = 512,
         .kv_block_size = 16,
+        .kv_type = KV_F32,
         .max_seq_len = len,
         .capacity_factor = 0.0f,
         .packed_projections = packed_supported() ? MOE_PACK_AT_CREATE : MOE_PACK_OFF,
@@ -278,7 +279,7 @@ int moe_engine_create(const moe_weights *w, const moe_engine_params *p,
     if (pool_create(p->n_threads, &e->pool, err, errlen)) goto fail;
     if (moe_ffn_create(hp, p->max_batch_tokens, p->n_threads, &e->ffn, err, errlen)) goto fail;
     if (kv_cache_create(hp->n_layer, hp->n_head_kv, hp->head_dim, p->kv_block_size, p->kv_n_blocks,
-                        p->max_seqs, p->max_seq_len, &e->kv, err, errlen)) goto fail;
+                        p->max_seqs, p->max_seq_len, p->kv_type, &e->kv, err, errlen)) goto fail;
 
     size_t B = (size_t)p->max_batch_tokens;
     size_t n_le = (size_t)hp->n_layer * (size_t)(hp->n_expert > 0 ? hp->n_expert : 1);
@@ -510,7 +511,7 @@ static void qkv_row(void *ctx, int i, int thread)
     int seq = j->b->seq[i], pos = j->b->pos[i];
     for (int h = 0; h < hp->n_head_kv; h++) {
         kv_cache_k_store(e->kv, j->layer, seq, pos, h, k + h * hd);
-        memcpy(kv_cache_v(e->kv, j->layer, seq, pos, h), v + h * hd, (size_t)hd * sizeof(float));
+        kv_cache_v_store(e->kv, j->layer, seq, pos, h, v + h * hd);
     }
 }
 
@@ -522,7 +523,9 @@ static void qkv_row(void *ctx, int i, int thread)
  * heads, the run's rows) per pass over the tiles. Every score and output element
  * is one multiply-add chain in a fixed order (over d, then over t <= the row's
  * position) that does not depend on which run, lane or thread computes it, so
- * results do not depend on batch composition or thread count. */
+ * results do not depend on batch composition or thread count. The kernels take
+ * the cache's element type as a constant `h` (0 F32, 1 F16, widened exactly as
+ * loaded), so each type gets its own inlined copy and F32 is what it was. */
 
 /* 16 floats as one vector (AVX-512), two (AVX2 + FMA) or a plain array. Each lane
  * is an independent multiply-add chain, so lanes never mix. */
@@ -535,6 +538,10 @@ static inline v16 v16_madd(float s, v16 x, v16 acc)
 {
     return (v16){_mm512_fmadd_ps(_mm512_set1_ps(s), x.a, acc.a)};
 }
+static inline v16 v16_load_h(const uint16_t *p)
+{
+    return (v16){_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)p))};
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 typedef struct { __m256 a, b; } v16;
 static inline v16 v16_zero(void) { return (v16){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
@@ -545,6 +552,20 @@ static inline v16 v16_madd(float s, v16 x, v16 acc)
     __m256 sv = _mm256_set1_ps(s);
     return (v16){_mm256_fmadd_ps(sv, x.a, acc.a), _mm256_fmadd_ps(sv, x.b, acc.b)};
 }
+#if defined(__F16C__)
+static inline v16 v16_load_h(const uint16_t *p)
+{
+    return (v16){_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p)),
+                 _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(p + 8)))};
+}
+#else
+static inline v16 v16_load_h(const uint16_t *p)
+{
+    float f[16];
+    for (int l = 0; l < 16; l++) f[l] = wconv_f16(p[l]);
+    return v16_load(f);
+}
+#endif
 #else
 typedef struct { float a[16]; } v16;
 static inline v16 v16_zero(void) { v16 r = {{0}}; return r; }
@@ -555,15 +576,33 @@ static inline v16 v16_madd(float s, v16 x, v16 acc)
     for (int l = 0; l < 16; l++) acc.a[l] = s * x.a[l] + acc.a[l];
     return acc;
 }
+static inline v16 v16_load_h(const uint16_t *p)
+{
+    v16 r;
+    for (int l = 0; l < 16; l++) r.a[l] = wconv_f16(p[l]);
+    return r;
+}
 #endif
 
-/* Asks for the n floats at p to be brought into L2. Attention uses it for the
+/* 16 cache elements from element i of p, widened: F32 (h 0) or F16 (h 1). */
+static inline v16 kv_load(const void *p, size_t i, const int h)
+{
+    return h ? v16_load_h((const uint16_t *)p + i) : v16_load((const float *)p + i);
+}
+
+/* One cache element, widened. */
+static inline float kv_elem(const void *p, size_t i, const int h)
+{
+    return h ? wconv_f16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* Asks for the n bytes at p to be brought into L2. Attention uses it for the
  * values before the scores (keys_locate) and for the next task's keys
  * (key_prefetch). */
-static inline void prefetch_l2(const float *p, int n)
+static inline void prefetch_l2(const void *p, size_t n)
 {
 #if HAVE_PREFETCH
-    for (int i = 0; i < n; i += 16) _mm_prefetch((const char *)(p + i), _MM_HINT_T1);
+    for (size_t i = 0; i < n; i += 64) _mm_prefetch((const char *)p + i, _MM_HINT_T1);
 #else
     (void)p; (void)n;
 #endif
@@ -586,7 +625,7 @@ typedef struct {
     int layer, seq, head, n_pos;    /* n_pos 0: nothing to fetch */
     int block_size, lines_per_tile;
     int pos, line;                  /* the next line: `line` of the tile of the block at `pos` */
-    const float *tile;
+    const char *tile;
 } key_prefetch;
 
 /* The next line; without a prefetch instruction, nothing (not even the
@@ -596,7 +635,7 @@ static inline void key_prefetch_step(key_prefetch *p)
 #if HAVE_PREFETCH
     if (p->pos >= p->n_pos) return;
     if (p->line == 0) p->tile = kv_cache_k_tile(p->kv, p->layer, p->seq, p->pos, p->head);
-    prefetch_l2(p->tile + (size_t)p->line * 16, 1);
+    prefetch_l2(p->tile + (size_t)p->line * 64, 1);
     if (++p->line == p->lines_per_tile) {
         p->line = 0;
         p->pos += p->block_size;
@@ -614,8 +653,8 @@ static inline void key_prefetch_step(key_prefetch *p)
  * multiply-adds instead of two (prefill attention -7%). Every score is the same
  * chain over d whichever pass computes it. */
 static inline __attribute__((always_inline))
-void att_scores_blocks(const float *const *q, const int na, const float *const *kp, int ldk, int hd,
-                       int g0, float *sc, int lds, const int nb, key_prefetch *pf)
+void att_scores_blocks(const float *const *q, const int na, const void *const *kp, int ldk, int hd,
+                       int g0, float *sc, int lds, const int nb, key_prefetch *pf, const int h)
 {
     v16 acc[ATT_NB][ATT_Q];
     for (int c = 0; c < nb; c++)
@@ -623,7 +662,7 @@ void att_scores_blocks(const float *const *q, const int na, const float *const *
     for (int d = 0; d < hd; d++) {
         key_prefetch_step(pf);
         v16 kv[ATT_NB];
-        for (int c = 0; c < nb; c++) kv[c] = v16_load(kp[g0 + c] + (size_t)d * (size_t)ldk);
+        for (int c = 0; c < nb; c++) kv[c] = kv_load(kp[g0 + c], (size_t)d * (size_t)ldk, h);
         for (int a = 0; a < na; a++)
             for (int c = 0; c < nb; c++) acc[c][a] = v16_madd(q[a][d], kv[c], acc[c][a]);
     }
@@ -633,13 +672,13 @@ void att_scores_blocks(const float *const *q, const int na, const float *const *
 
 /* sc[a * lds + t] = q[a] . key t for the n_groups groups of ATT_T positions. */
 static inline __attribute__((always_inline))
-void att_scores(const float *const *q, const int na, const float *const *kp, int ldk, int hd,
-                int n_groups, float *sc, int lds, key_prefetch *pf)
+void att_scores(const float *const *q, const int na, const void *const *kp, int ldk, int hd,
+                int n_groups, float *sc, int lds, key_prefetch *pf, const int h)
 {
     int g = 0;
-    for (; g + ATT_NB <= n_groups; g += ATT_NB) att_scores_blocks(q, na, kp, ldk, hd, g, sc, lds, ATT_NB, pf);
-    for (; g + 2 <= n_groups; g += 2) att_scores_blocks(q, na, kp, ldk, hd, g, sc, lds, 2, pf);
-    if (g < n_groups) att_scores_blocks(q, na, kp, ldk, hd, g, sc, lds, 1, pf);
+    for (; g + ATT_NB <= n_groups; g += ATT_NB) att_scores_blocks(q, na, kp, ldk, hd, g, sc, lds, ATT_NB, pf, h);
+    for (; g + 2 <= n_groups; g += 2) att_scores_blocks(q, na, kp, ldk, hd, g, sc, lds, 2, pf, h);
+    if (g < n_groups) att_scores_blocks(q, na, kp, ldk, hd, g, sc, lds, 1, pf, h);
 }
 
 /* Outputs of nb (1, 2 or ATT_NB) blocks of ATT_T dims from d0, for the same
@@ -647,7 +686,8 @@ void att_scores(const float *const *q, const int na, const float *const *kp, int
  * o[a][d] = sum over t <= last[a] of w[a][t] * vrow[t][d], in order of t. */
 static inline __attribute__((always_inline))
 void att_values_blocks(float *const *o, const int na, const float *w, int ldw, const int *last,
-                       const float *const *vrow, int tmax, int d0, const int nb, key_prefetch *pf)
+                       const void *const *vrow, int tmax, int d0, const int nb, key_prefetch *pf,
+                       const int h)
 {
     v16 acc[ATT_NB][ATT_Q];
     for (int c = 0; c < nb; c++)
@@ -655,7 +695,7 @@ void att_values_blocks(float *const *o, const int na, const float *w, int ldw, c
     for (int t = 0; t < tmax; t++) {
         key_prefetch_step(pf);
         v16 v[ATT_NB];
-        for (int c = 0; c < nb; c++) v[c] = v16_load(vrow[t] + d0 + c * ATT_T);
+        for (int c = 0; c < nb; c++) v[c] = kv_load(vrow[t], (size_t)(d0 + c * ATT_T), h);
         for (int a = 0; a < na; a++) {
             if (t > last[a]) continue;
             float wt = w[(size_t)a * (size_t)ldw + t];
@@ -669,22 +709,22 @@ void att_values_blocks(float *const *o, const int na, const float *w, int ldw, c
 /* o[a][d] = sum over t <= last[a] of w[a][t] * vrow[t][d], in order of t. */
 static inline __attribute__((always_inline))
 void att_values(float *const *o, const int na, const float *w, int ldw, const int *last,
-                const float *const *vrow, int hd, key_prefetch *pf)
+                const void *const *vrow, int hd, key_prefetch *pf, const int h)
 {
     int tmax = 0;
     for (int a = 0; a < na; a++) if (last[a] + 1 > tmax) tmax = last[a] + 1;
     int d0 = 0;
     for (; d0 + ATT_NB * ATT_T <= hd; d0 += ATT_NB * ATT_T)
-        att_values_blocks(o, na, w, ldw, last, vrow, tmax, d0, ATT_NB, pf);
-    for (; d0 + 2 * ATT_T <= hd; d0 += 2 * ATT_T) att_values_blocks(o, na, w, ldw, last, vrow, tmax, d0, 2, pf);
+        att_values_blocks(o, na, w, ldw, last, vrow, tmax, d0, ATT_NB, pf, h);
+    for (; d0 + 2 * ATT_T <= hd; d0 += 2 * ATT_T) att_values_blocks(o, na, w, ldw, last, vrow, tmax, d0, 2, pf, h);
     if (d0 + ATT_T <= hd) {
-        att_values_blocks(o, na, w, ldw, last, vrow, tmax, d0, 1, pf);
+        att_values_blocks(o, na, w, ldw, last, vrow, tmax, d0, 1, pf, h);
         d0 += ATT_T;
     }
     for (; d0 < hd; d0++)   /* head sizes that are not a multiple of ATT_T */
         for (int a = 0; a < na; a++) {
             float acc = 0.0f;
-            for (int t = 0; t <= last[a]; t++) acc += w[(size_t)a * (size_t)ldw + t] * vrow[t][d0];
+            for (int t = 0; t <= last[a]; t++) acc += w[(size_t)a * (size_t)ldw + t] * kv_elem(vrow[t], (size_t)d0, h);
             o[a][d0] = acc;
         }
 }
@@ -739,56 +779,73 @@ static void att_softmax(float *w, int n, float scale)
 #endif
 }
 
-/* Up to ATT_Q query vectors against the located keys and values. */
-static void att_pass(const float *const *q, float *const *o, const int *last, int na,
-                     const float *const *kp, int ldk, const float *const *vrow, int hd, float scale,
-                     float *w, int ldw, key_prefetch *pf)
+/* Up to ATT_Q query vectors against the located keys and values, of element type h. */
+static inline __attribute__((always_inline))
+void att_pass_typed(const float *const *q, float *const *o, const int *last, int na,
+                    const void *const *kp, int ldk, const void *const *vrow, int hd, float scale,
+                    float *w, int ldw, key_prefetch *pf, const int h)
 {
     int limit = 0;
     for (int a = 0; a < na; a++) if (last[a] + 1 > limit) limit = last[a] + 1;
     int n_groups = (limit + ATT_T - 1) / ATT_T;
     switch (na) {
-    case 1: att_scores(q, 1, kp, ldk, hd, n_groups, w, ldw, pf); break;
-    case 2: att_scores(q, 2, kp, ldk, hd, n_groups, w, ldw, pf); break;
-    case 3: att_scores(q, 3, kp, ldk, hd, n_groups, w, ldw, pf); break;
-    default: att_scores(q, ATT_Q, kp, ldk, hd, n_groups, w, ldw, pf); break;
+    case 1: att_scores(q, 1, kp, ldk, hd, n_groups, w, ldw, pf, h); break;
+    case 2: att_scores(q, 2, kp, ldk, hd, n_groups, w, ldw, pf, h); break;
+    case 3: att_scores(q, 3, kp, ldk, hd, n_groups, w, ldw, pf, h); break;
+    default: att_scores(q, ATT_Q, kp, ldk, hd, n_groups, w, ldw, pf, h); break;
     }
     for (int a = 0; a < na; a++) att_softmax(w + (size_t)a * (size_t)ldw, last[a] + 1, scale);
     switch (na) {
-    case 1: att_values(o, 1, w, ldw, last, vrow, hd, pf); break;
-    case 2: att_values(o, 2, w, ldw, last, vrow, hd, pf); break;
-    case 3: att_values(o, 3, w, ldw, last, vrow, hd, pf); break;
-    default: att_values(o, ATT_Q, w, ldw, last, vrow, hd, pf); break;
+    case 1: att_values(o, 1, w, ldw, last, vrow, hd, pf, h); break;
+    case 2: att_values(o, 2, w, ldw, last, vrow, hd, pf, h); break;
+    case 3: att_values(o, 3, w, ldw, last, vrow, hd, pf, h); break;
+    default: att_values(o, ATT_Q, w, ldw, last, vrow, hd, pf, h); break;
     }
+}
+
+static void att_pass(const float *const *q, float *const *o, const int *last, int na,
+                     const void *const *kp, int ldk, const void *const *vrow, int hd, float scale,
+                     float *w, int ldw, key_prefetch *pf, kv_type type)
+{
+    if (type == KV_F16) att_pass_typed(q, o, last, na, kp, ldk, vrow, hd, scale, w, ldw, pf, 1);
+    else att_pass_typed(q, o, last, na, kp, ldk, vrow, hd, scale, w, ldw, pf, 0);
 }
 
 
 /* Where the keys of KV head g of seq for positions [0, n_pos) are, a pointer per
- * ATT_T positions (kp), with element d of those keys at kp[i] + d * ldk; returns
- * ldk. The cache keeps keys transposed (core/kv_cache.h), so with a block size
- * that is a multiple of ATT_T the groups are read where they are, a line per d
- * (the scores of the positions past n_pos in the last group are never used).
- * Other block sizes are copied into kt, (head_dim, ldkt), zeros past n_pos.
+ * ATT_T positions (kp), with element d of those keys at element kp[i] + d * ldk;
+ * returns ldk. The cache keeps keys transposed (core/kv_cache.h), so with a block
+ * size that is a multiple of ATT_T the groups are read where they are, a line per
+ * d (the scores of the positions past n_pos in the last group are never used).
+ * Other block sizes are copied into kt, (head_dim, ldkt) elements of the cache's
+ * type, zeros past n_pos.
  * Also each position's V row, asked for into L2: the values are read only after
  * all the scores, and their loads were the largest stall of decode attention at
  * batch 64, where the KV cache is 300+ MB a step and none of it in cache. */
-static int keys_locate(const moe_engine *e, int layer, int seq, int g, int n_pos, float *kt, int ldkt,
-                       const float **kp, const float **vrow)
+static int keys_locate(const moe_engine *e, int layer, int seq, int g, int n_pos, void *kt, int ldkt,
+                       const void **kp, const void **vrow)
 {
     int hd = e->w.hp.head_dim, bs = kv_cache_block_size(e->kv);
+    size_t es = kv_type_size(kv_cache_type(e->kv));
     for (int t = 0; t < n_pos; t++) {
         vrow[t] = kv_cache_v(e->kv, layer, seq, t, g);
-        prefetch_l2(vrow[t], hd);
+        prefetch_l2(vrow[t], (size_t)hd * es);
     }
     if (bs % ATT_T == 0) {
-        for (int t = 0; t < n_pos; t += ATT_T) kp[t / ATT_T] = kv_cache_k_tile(e->kv, layer, seq, t, g) + t % bs;
+        for (int t = 0; t < n_pos; t += ATT_T)
+            kp[t / ATT_T] = (const char *)kv_cache_k_tile(e->kv, layer, seq, t, g) + (size_t)(t % bs) * es;
         return bs;
     }
+    char *dst = kt;
     for (int t = 0; t < ldkt; t++) {
-        const float *col = t < n_pos ? kv_cache_k_tile(e->kv, layer, seq, t, g) + t % bs : NULL;
-        for (int d = 0; d < hd; d++) kt[(size_t)d * (size_t)ldkt + t] = col ? col[(size_t)d * (size_t)bs] : 0.0f;
+        const char *col = t < n_pos ? (const char *)kv_cache_k_tile(e->kv, layer, seq, t, g) + (size_t)(t % bs) * es : NULL;
+        for (int d = 0; d < hd; d++) {
+            char *at = dst + ((size_t)d * (size_t)ldkt + (size_t)t) * es;
+            if (col) memcpy(at, col + (size_t)d * (size_t)bs * es, es);
+            else memset(at, 0, es);
+        }
     }
-    for (int t = 0; t < n_pos; t += ATT_T) kp[t / ATT_T] = kt + t;
+    for (int t = 0; t < n_pos; t += ATT_T) kp[t / ATT_T] = dst + (size_t)t * es;
     return ldkt;
 }
 
@@ -804,12 +861,14 @@ static void attend(void *ctx, int task, int thread)
     int n_pos = pos0 + nr;                       /* positions [0, n_pos) are read */
     float *kt = e->att_scratch + (size_t)thread * e->att_scratch_stride;
     float *w = kt + (size_t)hd * (size_t)e->att_ld;
-    const float **vrow = e->att_vrow + (size_t)thread * (size_t)e->att_ld;
-    const float **kp = e->att_kp + (size_t)thread * (size_t)(e->att_ld / ATT_T);
+    const void **vrow = e->att_vrow + (size_t)thread * (size_t)e->att_ld;
+    const void **kp = e->att_kp + (size_t)thread * (size_t)(e->att_ld / ATT_T);
 
     int bs = kv_cache_block_size(e->kv);
+    kv_type type = kv_cache_type(e->kv);
     int ldk = keys_locate(e, j->layer, seq, g, n_pos, kt, (n_pos + ATT_T - 1) / ATT_T * ATT_T, kp, vrow);
-    key_prefetch pf = {.kv = e->kv, .block_size = bs, .lines_per_tile = (hd * bs + 15) / 16};
+    size_t tile_bytes = (size_t)hd * (size_t)bs * kv_type_size(type);
+    key_prefetch pf = {.kv = e->kv, .block_size = bs, .lines_per_tile = (int)((tile_bytes + 63) / 64)};
     if (task + 1 < e->n_runs * hp->n_head_kv) {
         int r1 = (task + 1) / hp->n_head_kv, row1 = e->run_start[r1];
         pf.layer = j->layer;
@@ -828,11 +887,11 @@ static void attend(void *ctx, int task, int thread)
             o[na] = e->att + off;
             last[na] = pos0 + i;
             if (++na == ATT_Q) {
-                att_pass(q, o, last, na, kp, ldk, vrow, hd, scale, w, e->att_ld, &pf);
+                att_pass(q, o, last, na, kp, ldk, vrow, hd, scale, w, e->att_ld, &pf, type);
                 na = 0;
             }
         }
-    if (na) att_pass(q, o, last, na, kp, ldk, vrow, hd, scale, w, e->att_ld, &pf);
+    if (na) att_pass(q, o, last, na, kp, ldk, vrow, hd, scale, w, e->att_ld, &pf, type);
 }
 
 /* Splits the batch into runs: consecutive rows of one sequence, at most ATT_RUN. */

@@ -18,6 +18,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/kv_cache.h"
 #include "core/model.h"
 
 typedef struct moe_engine moe_engine;
@@ -28,6 +29,8 @@ typedef struct {
     int max_batch_tokens;    /* largest batch forward accepts (scratch sized once) */
     int kv_block_size;       /* positions per KV block (e.g. 16) */
     int kv_n_blocks;         /* blocks in the pool */
+    kv_type kv_type;         /* KV_F32 (default) or KV_F16: half the memory a position, and
+                              * half the bytes attention reads; K and V rounded to F16 */
     int max_seq_len;         /* longest sequence (<= context length) */
     float capacity_factor;   /* <= 0: dropless (default) */
     int packed_projections;  /* moe_pack_mode: Q/K/V, attention output and logits on copies of
@@ -42,7 +45,7 @@ typedef struct {
  * need not wait for the copy). */
 enum { MOE_PACK_OFF = 0, MOE_PACK_AT_CREATE = 1, MOE_PACK_BACKGROUND = 2 };
 
-/* Defaults for a model: 1 thread, 8 seqs, 512 tokens, KV for 8 full contexts. */
+/* Defaults for a model: 1 thread, 8 seqs, 512 tokens, KV (F32) for 8 full contexts. */
 moe_engine_params moe_engine_default_params(const moe_hparams *hp);
 
 typedef struct {

@@ -1,4 +1,4 @@
-/* kv_cache.c -- a fixed pool of F32 KV blocks handed to sequences.
+/* kv_cache.c -- a fixed pool of KV blocks (F32 or F16) handed to sequences.
  *
  * One block holds block_size consecutive positions of one sequence for every layer:
  *   block b: [layer][K|V][KV head] then, for K, [head_dim][position in block]
@@ -20,8 +20,10 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "core/hugemem.h"
+#include "core/wconv.h"
 
 struct kv_cache {
     int n_layer;
@@ -32,18 +34,35 @@ struct kv_cache {
     int max_seqs;
     int max_seq_len;
     int blocks_per_seq;   /* ceil(max_seq_len / block_size): length of each block table */
-    size_t block_floats;  /* 2 * n_layer * block_size * kv_dim */
-    float *data;          /* (n_blocks, block_floats) */
+    kv_type type;
+    size_t elem;          /* bytes of an element */
+    size_t block_elems;   /* 2 * n_layer * block_size * kv_dim */
+    unsigned char *data;  /* (n_blocks, block_elems) elements */
     int32_t *free_stack;  /* (n_blocks) ids of free blocks; top at n_free - 1 */
     int n_free;
     int32_t *table;       /* (max_seqs, blocks_per_seq) block ids of each sequence */
     int32_t *n_held;      /* (max_seqs) blocks each sequence holds */
 };
 
+const char *kv_type_name(kv_type t) { return t == KV_F16 ? "f16" : "f32"; }
+
+int kv_type_parse(const char *s, kv_type *out)
+{
+    if (strcmp(s, "f32") == 0) *out = KV_F32;
+    else if (strcmp(s, "f16") == 0) *out = KV_F16;
+    else return -1;
+    return 0;
+}
+
 int kv_cache_create(int n_layer, int n_head_kv, int head_dim, int block_size, int n_blocks,
-                    int max_seqs, int max_seq_len, kv_cache **out, char *err, size_t errlen)
+                    int max_seqs, int max_seq_len, kv_type type, kv_cache **out,
+                    char *err, size_t errlen)
 {
     *out = NULL;
+    if (type != KV_F32 && type != KV_F16) {
+        snprintf(err, errlen, "kv cache: unknown element type %d", (int)type);
+        return -1;
+    }
     if (n_layer <= 0 || n_head_kv <= 0 || head_dim <= 0 || block_size <= 0 || n_blocks <= 0 ||
         max_seqs <= 0 || max_seq_len <= 0) {
         snprintf(err, errlen, "kv cache: layers, heads, head size, block size, blocks, "
@@ -56,8 +75,8 @@ int kv_cache_create(int n_layer, int n_head_kv, int head_dim, int block_size, in
     }
     size_t kv_dim = (size_t)n_head_kv * (size_t)head_dim;
     size_t per_block = 2 * (size_t)n_layer * (size_t)block_size;
-    if (per_block > SIZE_MAX / sizeof(float) / kv_dim ||
-        per_block * kv_dim > SIZE_MAX / sizeof(float) / (size_t)n_blocks) {
+    size_t elem = kv_type_size(type);
+    if (per_block > SIZE_MAX / elem / kv_dim || per_block * kv_dim > SIZE_MAX / elem / (size_t)n_blocks) {
         snprintf(err, errlen, "kv cache: %d blocks of %d positions overflow the address space",
                  n_blocks, block_size);
         return -1;
@@ -73,8 +92,10 @@ int kv_cache_create(int n_layer, int n_head_kv, int head_dim, int block_size, in
     kv->max_seqs = max_seqs;
     kv->max_seq_len = max_seq_len;
     kv->blocks_per_seq = (int)(((int64_t)max_seq_len + block_size - 1) / block_size);
-    kv->block_floats = per_block * kv_dim;
-    kv->data = hugemem_alloc((size_t)n_blocks * kv->block_floats * sizeof(float));
+    kv->type = type;
+    kv->elem = elem;
+    kv->block_elems = per_block * kv_dim;
+    kv->data = hugemem_alloc((size_t)n_blocks * kv->block_elems * elem);
     kv->free_stack = malloc((size_t)n_blocks * sizeof *kv->free_stack);
     kv->table = malloc((size_t)max_seqs * (size_t)kv->blocks_per_seq * sizeof *kv->table);
     kv->n_held = calloc((size_t)max_seqs, sizeof *kv->n_held);
@@ -87,7 +108,8 @@ int kv_cache_create(int n_layer, int n_head_kv, int head_dim, int block_size, in
 oom:
     kv_cache_free(kv);
     snprintf(err, errlen, "kv cache: out of memory (%d blocks of %d positions, %d layers, "
-             "%zu floats per position)", n_blocks, block_size, n_layer, 2 * kv_dim);
+             "%zu %s elements per position)", n_blocks, block_size, n_layer, 2 * kv_dim,
+             kv_type_name(type));
     return -1;
 }
 
@@ -140,40 +162,63 @@ int kv_cache_seq_capacity(const kv_cache *kv, int seq)
     return cap > kv->max_seq_len ? kv->max_seq_len : (int)cap;
 }
 
-/* The block_size * head_dim floats of head `head` of (layer, K or V) in the
+/* The block_size * head_dim elements of head `head` of (layer, K or V) in the
  * block holding seq's pos: K as a tile (head_dim rows of block_size), V as
- * block_size rows of head_dim. */
-static float *kv_head_block(kv_cache *kv, int layer, int is_v, int seq, int pos, int head)
+ * block_size rows of head_dim; as an element offset into data. */
+static size_t kv_head_block(const kv_cache *kv, int layer, int is_v, int seq, int pos, int head)
 {
     int32_t block = kv->table[(size_t)seq * (size_t)kv->blocks_per_seq + (size_t)(pos / kv->block_size)];
     size_t layer_part = (size_t)layer * 2 + (size_t)is_v;                    /* block_size * kv_dim each */
     size_t head_part = layer_part * (size_t)kv->n_head_kv + (size_t)head;
-    size_t off = (size_t)block * kv->block_floats + head_part * (size_t)kv->block_size * (size_t)kv->head_dim;
-    return kv->data + off;
+    return (size_t)block * kv->block_elems + head_part * (size_t)kv->block_size * (size_t)kv->head_dim;
 }
 
-float *kv_cache_k_tile(kv_cache *kv, int layer, int seq, int pos, int head)
+/* Stores x as element i of data in the cache's type. */
+static inline void kv_put(kv_cache *kv, size_t i, float x)
 {
-    return kv_head_block(kv, layer, 0, seq, pos, head);
+    if (kv->type == KV_F32) {
+        ((float *)(void *)kv->data)[i] = x;
+        return;
+    }
+    if (x > 65504.0f) x = 65504.0f;          /* NaN fails both tests and stays NaN */
+    else if (x < -65504.0f) x = -65504.0f;
+    ((uint16_t *)(void *)kv->data)[i] = wconv_to_f16(x);
+}
+
+const void *kv_cache_k_tile(const kv_cache *kv, int layer, int seq, int pos, int head)
+{
+    return kv->data + kv_head_block(kv, layer, 0, seq, pos, head) * kv->elem;
 }
 
 void kv_cache_k_store(kv_cache *kv, int layer, int seq, int pos, int head, const float *k)
 {
-    float *t = kv_head_block(kv, layer, 0, seq, pos, head) + pos % kv->block_size;
+    size_t t = kv_head_block(kv, layer, 0, seq, pos, head) + (size_t)(pos % kv->block_size);
     size_t bs = (size_t)kv->block_size;
-    for (int d = 0; d < kv->head_dim; d++) t[(size_t)d * bs] = k[d];
+    for (int d = 0; d < kv->head_dim; d++) kv_put(kv, t + (size_t)d * bs, k[d]);
 }
 
-float *kv_cache_v(kv_cache *kv, int layer, int seq, int pos, int head)
+static size_t kv_v_at(const kv_cache *kv, int layer, int seq, int pos, int head)
 {
     return kv_head_block(kv, layer, 1, seq, pos, head) + (size_t)(pos % kv->block_size) * (size_t)kv->head_dim;
+}
+
+const void *kv_cache_v(const kv_cache *kv, int layer, int seq, int pos, int head)
+{
+    return kv->data + kv_v_at(kv, layer, seq, pos, head) * kv->elem;
+}
+
+void kv_cache_v_store(kv_cache *kv, int layer, int seq, int pos, int head, const float *v)
+{
+    size_t at = kv_v_at(kv, layer, seq, pos, head);
+    for (int d = 0; d < kv->head_dim; d++) kv_put(kv, at + (size_t)d, v[d]);
 }
 
 int kv_cache_blocks_total(const kv_cache *kv) { return kv->n_blocks; }
 int kv_cache_blocks_free(const kv_cache *kv) { return kv->n_free; }
 int kv_cache_block_size(const kv_cache *kv) { return kv->block_size; }
+kv_type kv_cache_type(const kv_cache *kv) { return kv->type; }
 
 size_t kv_cache_bytes(const kv_cache *kv)
 {
-    return (size_t)kv->n_blocks * kv->block_floats * sizeof(float);
+    return (size_t)kv->n_blocks * kv->block_elems * kv->elem;
 }

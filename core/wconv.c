@@ -26,6 +26,34 @@ float wconv_f16(uint16_t h)
     return bits_f32(sign | (e << 23) | ((m & 0x3ff) << 13));
 }
 
+static uint32_t f32_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+uint16_t wconv_to_f16(float f)
+{
+    uint32_t x = f32_bits(f);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    uint32_t a = x & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00 | (uint16_t)((a >> 13) & 0x3ff);
+    if (a >= 0x477ff000u) return sign | 0x7c00;       /* >= 65520 rounds to inf */
+    if (a >= 0x38800000u) {                           /* >= 2^-14: normal half */
+        uint32_t r = a - 0x38000000u;                 /* rebias exponent 127 -> 15 */
+        r += 0x0fff + ((r >> 13) & 1);
+        return sign | (uint16_t)(r >> 13);
+    }
+    if (a < 0x33000000u) return sign;                 /* < 2^-25: rounds to zero */
+    /* subnormal half: count units of 2^-24 */
+    uint32_t e = a >> 23, m = (a & 0x7fffffu) | 0x800000u;
+    uint32_t shift = 126 - e;                         /* 14..24 */
+    uint32_t q = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (q & 1))) q++;
+    return sign | (uint16_t)q;
+}
+
 float wconv_bf16(uint16_t h)
 {
     return bits_f32((uint32_t)h << 16); /* BF16 is the high half of an F32 */

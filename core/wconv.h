@@ -43,6 +43,9 @@ static inline __m256 wconv_vec(const uint16_t *p, moe_wtype t)
 
 /* One F16 value, exactly (subnormals normalised, infinities and NaN payloads kept). */
 float wconv_f16(uint16_t h);
+/* The F16 nearest f (ties to even; from 65520 up, infinity; NaN stays NaN): the
+ * rounding of F16C's vcvtps2ph, and of the GGUF writers. */
+uint16_t wconv_to_f16(float f);
 
 #if defined(__F16C__)
 #include <immintrin.h>

@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef enum { OPT_INT, OPT_LONG, OPT_SEC, OPT_STR, OPT_MODEL, OPT_LOGFMT, OPT_WEIGHTS, OPT_PROJ, OPT_FLAG } opt_kind;
+typedef enum { OPT_INT, OPT_LONG, OPT_SEC, OPT_STR, OPT_MODEL, OPT_LOGFMT, OPT_WEIGHTS, OPT_PROJ, OPT_KVTYPE, OPT_FLAG } opt_kind;
 
 typedef struct {
     const char *flag;  /* without the leading dashes */
@@ -29,6 +29,7 @@ static const opt_def opts[] = {
     {"batch-wait-us", OPT_INT, OFF(batch_wait_us), 0, 10000000, "N  wait this long for more arrivals before an idle step (default 0)"},
     {"kv-cache-mb", OPT_INT, OFF(kv_cache_mb), 0, 1 << 22, "N  KV cache pool per model in MiB (default: max-seqs full contexts, at most 1024)"},
     {"kv-cache-tokens", OPT_INT, OFF(kv_cache_tokens), 0, 1 << 28, "N  KV cache pool per model in positions (instead of --kv-cache-mb)"},
+    {"kv-type", OPT_KVTYPE, OFF(kv_type), 0, 0, "f32|f16  KV cache elements (default f32). f16 holds twice the positions in the same memory and halves what attention reads (long contexts decode faster); keys and values are rounded to F16, so logits differ slightly from f32's"},
     {"ctx", OPT_INT, OFF(ctx), 0, 1 << 24, "N  longest sequence, prompt + generated (default: model context, at most 4096)"},
     {"max-queue", OPT_INT, OFF(max_queue), 0, 1 << 20, "N  waiting requests per model before 503 (default 256)"},
     {"max-body-bytes", OPT_LONG, OFF(max_body_bytes), 1, 1L << 30, "N  largest request body (default 1048576)"},
@@ -204,6 +205,12 @@ static int set_opt(server_config *c, const opt_def *o, const char *v, const char
     case OPT_PROJ:
         if (moe_proj_mode_parse(v, (moe_proj_mode *)base)) {
             snprintf(err, errlen, "%s --projections '%s': want auto, f32 or file", src, v);
+            return -1;
+        }
+        return 0;
+    case OPT_KVTYPE:
+        if (kv_type_parse(v, (kv_type *)base)) {
+            snprintf(err, errlen, "%s --kv-type '%s': want f32 or f16", src, v);
             return -1;
         }
         return 0;

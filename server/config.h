@@ -10,6 +10,7 @@
 
 #include <stddef.h>
 
+#include "core/kv_cache.h"
 #include "models/gguf.h"
 #include "models/model_file.h"
 
@@ -34,6 +35,7 @@ typedef struct {
     int batch_wait_us;       /* window for near-simultaneous arrivals */
     int kv_cache_mb;         /* KV pool per model in MiB (0: from kv_cache_tokens or auto) */
     int kv_cache_tokens;     /* KV pool per model in positions (0: auto) */
+    kv_type kv_type;         /* --kv-type f32|f16 (core/kv_cache.h) */
     int ctx;                 /* longest sequence (0: the model's context length) */
     int max_queue;           /* waiting requests per model before 503 */
     long max_body_bytes;

@@ -152,7 +152,7 @@ static void text_append(sched_req *r, const char *s, size_t n)
 
 static int kv_blocks_for(const moe_hparams *hp, const sched_params *p, int max_seq_len)
 {
-    double pos_bytes = 2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim * sizeof(float);
+    double pos_bytes = 2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim * (double)kv_type_size(p->kv_type);
     double positions;
     if (p->kv_cache_mb > 0) positions = (double)p->kv_cache_mb * 1048576.0 / pos_bytes;
     else if (p->kv_cache_tokens > 0) positions = (double)p->kv_cache_tokens;
@@ -193,6 +193,7 @@ int sched_create(const sched_params *p, const moe_model *model, metrics *m, int 
     ep.max_batch_tokens = s->p.max_batch_tokens;
     ep.kv_block_size = KV_BLOCK_SIZE;
     ep.kv_n_blocks = kv_blocks_for(&s->hp, &s->p, s->p.max_seq_len);
+    ep.kv_type = s->p.kv_type;
     ep.max_seq_len = s->p.max_seq_len;
     /* packed copies made while the server already answers: /ready does not wait
      * for them, and a step before they are done gives the same bits without them */

@@ -110,6 +110,7 @@ typedef struct {
     long kv_cache_tokens;       /* 0 (with mb 0): max_seqs full contexts, at most 1 GiB */
     int max_queue;
     int no_packed;              /* no packed projection copies (--no-packed-projections) */
+    kv_type kv_type;            /* the KV cache's elements (--kv-type) */
 } sched_params;
 
 typedef void (*sched_notify_fn)(void *ctx);

@@ -675,7 +675,7 @@ static void *loader_main(void *arg)
         }
         sched_params sp = {c->threads > 0 ? c->threads : (int)sysconf(_SC_NPROCESSORS_ONLN), c->max_seqs,
                            c->max_batch_tokens > 0 ? c->max_batch_tokens : auto_batch_tokens(), c->batch_wait_us, c->ctx, c->kv_cache_mb, c->kv_cache_tokens,
-                           c->max_queue, c->no_packed_projections};
+                           c->max_queue, c->no_packed_projections, c->kv_type};
         if (sp.n_threads < 1) sp.n_threads = 1;
         sched *sc;
         if (sched_create(&sp, m, s->metrics, i, notify_loop, &s->async, &sc, err, sizeof err)) {
@@ -696,13 +696,14 @@ static void *loader_main(void *arg)
                      moe_engine_packed_bytes(e) / 1048576.0);
         log_event(c->log_fmt, "info",
                   "model '%s' loaded from %s: %s, %.1fM parameters (%.1fM active), %d experts (top-%d), "
-                  "%d layers, vocabulary %d, context %d, KV cache %.1f MiB (%d positions), %s, "
+                  "%d layers, vocabulary %d, context %d, KV cache %.1f MiB (%d positions, %s), %s, "
                   "steps of up to %d tokens / %d sequences, weights %s (FFNs read as %s, %.1f MiB converted "
                   "to F32%s), %.0f ms",
                   c->models[i].name, c->models[i].path, moe_arch_get(hp->arch)->name,
                   moe_hparams_n_params(hp, m->tied_output) / 1e6, moe_hparams_n_params_active(hp, m->tied_output) / 1e6,
                   hp->n_expert, hp->n_expert_used, hp->n_layer, hp->n_vocab, sched_max_seq_len(sc),
-                  moe_engine_kv_bytes(e) / 1048576.0, sched_kv_positions(sc), packed, sp.max_batch_tokens,
+                  moe_engine_kv_bytes(e) / 1048576.0, sched_kv_positions(sc), kv_type_name(sp.kv_type), packed,
+                  sp.max_batch_tokens,
                   sp.max_seqs < sp.max_batch_tokens ? sp.max_seqs : sp.max_batch_tokens,
                   gguf_placement(m->gguf), ffn_types(&m->weights, ftypes, sizeof ftypes), m->converted_bytes / 1048576.0,
                   moe_weights_f32_projections(&m->weights) || !m->weights.layers[0].wq_raw.raw

@@ -34,38 +34,44 @@ typedef struct {
     ggml_type wtype;  /* the matrices' type (synth_params.wtype) */
     int spm_vocab;  /* tokenizer (and 32000-token vocabulary) from ../shared */
     int split;      /* each expert's matrices as tensors of their own (old Mixtral files) */
+    int kv_f16;     /* the engine's KV cache in F16, the reference rounding K and V alike */
 } golden_case;
 
 static const golden_case cases[] = {
-    {"llama", "tiny", GGML_TYPE_F32, 0, 0},
-    {"llama", "dense", GGML_TYPE_F32, 0, 0},
-    {"qwen2moe", "tiny", GGML_TYPE_F32, 0, 0},
-    {"olmoe", "tiny", GGML_TYPE_F32, 0, 0},
-    {"qwen3moe", "tiny", GGML_TYPE_F32, 0, 0},
-    {"qwen2moe", "tiny", GGML_TYPE_F16, 0, 0},
-    {"llama", "tiny", GGML_TYPE_Q8_0, 0, 0},
-    {"llama", "dense", GGML_TYPE_Q8_0, 0, 0},
-    {"qwen2moe", "tiny", GGML_TYPE_Q8_0, 0, 0},
-    {"olmoe", "tiny", GGML_TYPE_Q8_0, 0, 0},
-    {"qwen3moe", "tiny", GGML_TYPE_Q8_0, 0, 0},
-    {"llama", "tiny", GGML_TYPE_Q4_0, 0, 0},
-    {"qwen2moe", "tiny", GGML_TYPE_Q4_0, 0, 0},
-    {"qwen2moe", "tiny256", GGML_TYPE_Q4_K, 0, 0},  /* the Q4_K_M mix: Q4_K and Q6_K */
-    {"qwen3moe", "tiny256", GGML_TYPE_Q4_K, 0, 0},
-    {"olmoe", "tiny256", GGML_TYPE_Q5_K, 0, 0},     /* Q5_K_M: Q5_K and Q6_K */
-    {"llama", "tiny256", GGML_TYPE_Q6_K, 0, 0},
-    {"llama", "tiny", GGML_TYPE_Q4_1, 0, 0},
-    {"qwen3moe", "tiny", GGML_TYPE_IQ4_NL, 0, 0},
-    {"qwen2moe", "tiny", GGML_TYPE_Q4_K, 0, 0},     /* rows not whole super-blocks: Q5_0 and Q8_0 */
-    {"olmoe", "tiny", GGML_TYPE_Q5_K, 0, 0},        /* likewise: Q5_1 and Q8_0 */
-    {"llama", "tiny256", GGML_TYPE_Q2_K, 0, 0},     /* the Q2_K mix: Q2_K, Q3_K and Q6_K */
-    {"qwen2moe", "tiny256", GGML_TYPE_Q3_K, 0, 0},  /* Q3_K_M: Q3_K, Q4_K and Q6_K */
-    {"olmoe", "tiny256", GGML_TYPE_IQ4_XS, 0, 0},
-    {"qwen2moe", "tiny256odd", GGML_TYPE_Q4_K, 0, 0},  /* Qwen1.5-MoE's Q4_K_M: experts' down in Q8_0 */
-    {"qwen2moe", "tiny256odd", GGML_TYPE_Q3_K, 0, 0},  /* and Q3_K_M: Q3_K gate and up, Q5_0 down */
-    {"llama", "tiny", GGML_TYPE_F32, 1, 0},
-    {"llama", "tiny", GGML_TYPE_F32, 0, 1},
-    {"llama", "tiny256", GGML_TYPE_Q4_K, 0, 1},   /* an old Mixtral Q4_K_M file's layout */
+    {"llama", "tiny", GGML_TYPE_F32, 0, 0, 0},
+    {"llama", "dense", GGML_TYPE_F32, 0, 0, 0},
+    {"qwen2moe", "tiny", GGML_TYPE_F32, 0, 0, 0},
+    {"olmoe", "tiny", GGML_TYPE_F32, 0, 0, 0},
+    {"qwen3moe", "tiny", GGML_TYPE_F32, 0, 0, 0},
+    {"qwen2moe", "tiny", GGML_TYPE_F16, 0, 0, 0},
+    {"llama", "tiny", GGML_TYPE_Q8_0, 0, 0, 0},
+    {"llama", "dense", GGML_TYPE_Q8_0, 0, 0, 0},
+    {"qwen2moe", "tiny", GGML_TYPE_Q8_0, 0, 0, 0},
+    {"olmoe", "tiny", GGML_TYPE_Q8_0, 0, 0, 0},
+    {"qwen3moe", "tiny", GGML_TYPE_Q8_0, 0, 0, 0},
+    {"llama", "tiny", GGML_TYPE_Q4_0, 0, 0, 0},
+    {"qwen2moe", "tiny", GGML_TYPE_Q4_0, 0, 0, 0},
+    {"qwen2moe", "tiny256", GGML_TYPE_Q4_K, 0, 0, 0},  /* the Q4_K_M mix: Q4_K and Q6_K */
+    {"qwen3moe", "tiny256", GGML_TYPE_Q4_K, 0, 0, 0},
+    {"olmoe", "tiny256", GGML_TYPE_Q5_K, 0, 0, 0},     /* Q5_K_M: Q5_K and Q6_K */
+    {"llama", "tiny256", GGML_TYPE_Q6_K, 0, 0, 0},
+    {"llama", "tiny", GGML_TYPE_Q4_1, 0, 0, 0},
+    {"qwen3moe", "tiny", GGML_TYPE_IQ4_NL, 0, 0, 0},
+    {"qwen2moe", "tiny", GGML_TYPE_Q4_K, 0, 0, 0},     /* rows not whole super-blocks: Q5_0 and Q8_0 */
+    {"olmoe", "tiny", GGML_TYPE_Q5_K, 0, 0, 0},        /* likewise: Q5_1 and Q8_0 */
+    {"llama", "tiny256", GGML_TYPE_Q2_K, 0, 0, 0},     /* the Q2_K mix: Q2_K, Q3_K and Q6_K */
+    {"qwen2moe", "tiny256", GGML_TYPE_Q3_K, 0, 0, 0},  /* Q3_K_M: Q3_K, Q4_K and Q6_K */
+    {"olmoe", "tiny256", GGML_TYPE_IQ4_XS, 0, 0, 0},
+    {"qwen2moe", "tiny256odd", GGML_TYPE_Q4_K, 0, 0, 0},  /* Qwen1.5-MoE's Q4_K_M: experts' down in Q8_0 */
+    {"qwen2moe", "tiny256odd", GGML_TYPE_Q3_K, 0, 0, 0},  /* and Q3_K_M: Q3_K gate and up, Q5_0 down */
+    {"llama", "tiny", GGML_TYPE_F32, 1, 0, 0},
+    {"llama", "tiny", GGML_TYPE_F32, 0, 1, 0},
+    {"llama", "tiny256", GGML_TYPE_Q4_K, 0, 1, 0},   /* an old Mixtral Q4_K_M file's layout */
+    {"llama", "tiny", GGML_TYPE_F32, 0, 0, 1},
+    {"qwen2moe", "tiny", GGML_TYPE_F32, 0, 0, 1},
+    {"olmoe", "tiny", GGML_TYPE_F32, 0, 0, 1},
+    {"qwen3moe", "tiny", GGML_TYPE_F32, 0, 0, 1},
+    {"qwen3moe", "tiny256", GGML_TYPE_Q4_K, 0, 0, 1},
 };
 
 /* "" for F32, else the type's name, for messages. */
@@ -95,14 +101,14 @@ static void ids_csv(char *buf, size_t cap, const int32_t *ids, int n)
 /* Runs the reference: logits of the prompt into logits_path, and the greedy
  * continuation into greedy[N_GREEDY]. */
 static void run_reference(const char *model, const int32_t *prompt, const char *logits_path,
-                          int32_t *greedy)
+                          int kv_f16, int32_t *greedy)
 {
     const char *py = getenv("PYTHON");
     char ids[1024], cmd[2048];
     ids_csv(ids, sizeof ids, prompt, N_PROMPT);
     snprintf(cmd, sizeof cmd, "%s tests/reference/ref.py %s --tokens %s --logits-out %s "
-             "--greedy %d --print-json", py && *py ? py : "/usr/bin/python3", model, ids,
-             logits_path, N_GREEDY);
+             "--greedy %d --print-json%s", py && *py ? py : "/usr/bin/python3", model, ids,
+             logits_path, N_GREEDY, kv_f16 ? " --kv-f16" : "");
     FILE *p = popen(cmd, "r");
     ck_assert_msg(p != NULL, "cannot run %s", cmd);
     char out[4096] = "";
@@ -161,7 +167,7 @@ static int argmax_f(const float *x, int n, float *margin)
 
 /* The engine's logits for every prompt position, then greedy decoding one token
  * per forward through the KV cache. Returns the smallest top-1 margin seen. */
-static float run_engine(const moe_model *m, const int32_t *prompt, float *logits, int32_t *greedy)
+static float run_engine(const moe_model *m, const int32_t *prompt, int kv_f16, float *logits, int32_t *greedy)
 {
     const moe_hparams *hp = &m->weights.hp;
     moe_engine_params ep = moe_engine_default_params(hp);
@@ -170,6 +176,7 @@ static float run_engine(const moe_model *m, const int32_t *prompt, float *logits
     ep.max_batch_tokens = N_PROMPT;
     ep.max_seq_len = N_PROMPT + N_GREEDY;
     ep.kv_n_blocks = (ep.max_seq_len + ep.kv_block_size - 1) / ep.kv_block_size;
+    ep.kv_type = kv_f16 ? KV_F16 : KV_F32;
     moe_engine *e;
     ck_assert_msg(moe_engine_create(&m->weights, &ep, &e, err, sizeof err) == 0, "%s", err);
     ck_assert_msg(moe_engine_seq_reserve(e, 0, ep.max_seq_len, err, sizeof err) == 0, "%s", err);
@@ -226,22 +233,24 @@ START_TEST(engine_matches_reference)
     make_prompt(prompt, N_PROMPT, n_vocab, 1234u + (uint32_t)_i);
     float *logits = malloc((size_t)N_PROMPT * n_vocab * sizeof *logits);
     ck_assert_ptr_nonnull(logits);
-    float margin = run_engine(m, prompt, logits, greedy_c);
-    run_reference(model, prompt, ref_logits, greedy_r);
+    float margin = run_engine(m, prompt, gc->kv_f16, logits, greedy_c);
+    run_reference(model, prompt, ref_logits, gc->kv_f16, greedy_r);
 
     float *ref = read_floats(ref_logits, (size_t)N_PROMPT * n_vocab);
     double worst = 0;
     for (int t = 0; t < N_PROMPT; t++) {
         double r = row_rel_err(logits + (size_t)t * n_vocab, ref + (size_t)t * n_vocab, n_vocab);
-        ck_assert_msg(r <= MAX_REL_ERR, "%s/%s/%s position %d: relative error %.3g > %g",
-                      gc->arch, gc->preset, type_tag(gc->wtype), t, r, MAX_REL_ERR);
+        ck_assert_msg(r <= MAX_REL_ERR, "%s/%s/%s%s position %d: relative error %.3g > %g",
+                      gc->arch, gc->preset, type_tag(gc->wtype), gc->kv_f16 ? "/kv-f16" : "", t, r,
+                      MAX_REL_ERR);
         if (r > worst) worst = r;
     }
     for (int i = 0; i < N_GREEDY; i++)
         ck_assert_msg(greedy_c[i] == greedy_r[i], "%s/%s/%s greedy token %d: engine %d, reference %d",
                       gc->arch, gc->preset, type_tag(gc->wtype), i, greedy_c[i], greedy_r[i]);
     printf("golden %-8s %-7s %-4s%s: max relative error %.2e, smallest greedy top-1 margin %.3f\n",
-           gc->arch, gc->preset, type_tag(gc->wtype), gc->spm_vocab ? " spm-vocab" : gc->split ? " split-experts" : "",
+           gc->arch, gc->preset, type_tag(gc->wtype),
+           gc->spm_vocab ? " spm-vocab" : gc->split ? " split-experts" : gc->kv_f16 ? " kv-f16" : "",
            worst, (double)margin);
     free(ref);
     free(logits);

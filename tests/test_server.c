@@ -156,7 +156,7 @@ START_TEST(help_and_bad_flags)
     ck_assert_int_eq(pclose(p), 0);
     const char *flags[] = {"--model", "--host", "--port", "--max-batch-tokens", "--batch-wait-us", "--kv-cache-mb",
                            "--max-queue", "--max-body-bytes", "--request-timeout", "--api-key", "--drain-delay",
-                           "--drain-timeout", "--log-format", "MOESERVE_"};
+                           "--drain-timeout", "--log-format", "--kv-type", "MOESERVE_"};
     for (size_t i = 0; i < sizeof flags / sizeof *flags; i++)
         ck_assert_msg(strstr(buf, flags[i]), "--help lacks %s", flags[i]);
     snprintf(cmd, sizeof cmd, "%s/moeserve --model %s --max-queue -3 2>/dev/null", tu_build_dir(), g_model_a);
@@ -454,6 +454,44 @@ START_TEST(kv_admission_waits_for_blocks)
     expect_error(&r, 413, "kv-cache");
     http_resp_free(&r);
     server_stop(&s);
+}
+END_TEST
+
+/* --kv-type f16 (here from the environment): the same --kv-cache-mb holds twice
+ * the positions, the load line says f16, and concurrent requests still get
+ * what each gets alone. */
+START_TEST(kv_f16_holds_twice_the_positions)
+{
+    server s;
+    server_start(&s, (const char *[]){"--model", g_model_a, "--kv-cache-mb", "2", NULL});
+    double b32 = metric(s.port, "moeserve_kv_cache_blocks_capacity", NULL, NULL);
+    double bytes32 = metric(s.port, "moeserve_kv_cache_size_bytes", NULL, NULL);
+    server_stop(&s);
+    ck_assert_msg(log_has(&s, "positions, f32)"), "log %s", s.log);
+    server_start_env(&s, (const char *[]){"MOESERVE_KV_TYPE=f16", NULL}, 1,
+                     (const char *[]){"--model", g_model_a, "--kv-cache-mb", "2", NULL});
+    double b16 = metric(s.port, "moeserve_kv_cache_blocks_capacity", NULL, NULL);
+    double bytes16 = metric(s.port, "moeserve_kv_cache_size_bytes", NULL, NULL);
+    ck_assert_msg(b16 == 2 * b32 || b16 == 2 * b32 - 1, "f32 %g blocks, f16 %g", b32, b16);
+    ck_assert_msg(fabs(bytes16 - bytes32) <= bytes32 / b32, "f32 %g bytes, f16 %g", bytes32, bytes16);
+    const char *body = "{\"prompt\":\"half the bytes\",\"max_tokens\":12,\"logits\":\"last\"}";
+    client alone = {s.port, body, NULL, NULL};
+    client_main(&alone);
+    ck_assert(alone.answer);
+    client c[3];
+    pthread_t th[3];
+    for (int i = 0; i < 3; i++) {
+        c[i] = (client){s.port, body, NULL, NULL};
+        pthread_create(&th[i], NULL, client_main, &c[i]);
+    }
+    for (int i = 0; i < 3; i++) {
+        pthread_join(th[i], NULL);
+        ck_assert_msg(c[i].answer && !strcmp(c[i].answer, alone.answer), "client %d", i);
+        free(c[i].answer);
+    }
+    free(alone.answer);
+    server_stop(&s);
+    ck_assert_msg(log_has(&s, "positions, f16)"), "log %s", s.log);
 }
 END_TEST
 
@@ -768,6 +806,17 @@ START_TEST(config_flags_and_environment)
     ck_assert_int_eq(server_config_parse(&c, 5, argv6, err, sizeof err), -1);
     ck_assert(strstr(err, "auto, f32 or file"));
     server_config_free(&c);
+    char *argv7[] = {"moeserve", "--model", "m.gguf", "--kv-type", "f16", NULL};
+    server_config_default(&c);
+    ck_assert_int_eq(c.kv_type, KV_F32);
+    ck_assert_int_eq(server_config_parse(&c, 5, argv7, err, sizeof err), 0);
+    ck_assert_int_eq(c.kv_type, KV_F16);
+    server_config_free(&c);
+    argv7[4] = "q8_0";
+    server_config_default(&c);
+    ck_assert_int_eq(server_config_parse(&c, 5, argv7, err, sizeof err), -1);
+    ck_assert(strstr(err, "f32 or f16"));
+    server_config_free(&c);
 }
 END_TEST
 
@@ -934,6 +983,7 @@ int main(void)
     if (want(only, "request_errors")) tcase_add_test(tc, request_errors);
     if (want(only, "batching_gives_the_same_answers")) tcase_add_test(tc, batching_gives_the_same_answers);
     if (want(only, "kv_admission_waits_for_blocks")) tcase_add_test(tc, kv_admission_waits_for_blocks);
+    if (want(only, "kv_f16_holds_twice_the_positions")) tcase_add_test(tc, kv_f16_holds_twice_the_positions);
     if (want(only, "disconnect_frees_the_sequence")) tcase_add_test(tc, disconnect_frees_the_sequence);
     if (want(only, "overload_and_deadline")) tcase_add_test(tc, overload_and_deadline);
     if (want(only, "auth_on_and_off")) tcase_add_test(tc, auth_on_and_off);

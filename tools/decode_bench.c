@@ -1,6 +1,6 @@
 /* decode_bench.c -- throwaway timing of decode steps on a model file, for A/B work
  * on the kernels (faster than `moe bench`: no bandwidth/sgemm/prefill runs).
- * Usage: [DECODE_CTX=N] decode_bench MODEL THREADS STEPS REPS B1 [B2 ...]
+ * Usage: [DECODE_CTX=N] [DECODE_KV=f32|f16] decode_bench MODEL THREADS STEPS REPS B1 [B2 ...]
  * Each sequence is prefilled with N tokens (default 64, at most 2048: the KV
  * cache is sized for 64 sequences of N + STEPS positions) before its steps, so
  * long contexts show what attention costs. Prints, per batch size, tok/s of each
@@ -54,6 +54,11 @@ int main(int argc, char **argv)
     ep.max_batch_tokens = 512;
     ep.max_seq_len = ctx0 + steps;
     ep.kv_n_blocks = 64 * ((ctx0 + steps + ep.kv_block_size - 1) / ep.kv_block_size);
+    const char *kv_env = getenv("DECODE_KV");
+    if (kv_env && kv_type_parse(kv_env, &ep.kv_type)) {
+        fprintf(stderr, "DECODE_KV must be f32 or f16\n");
+        return 2;
+    }
     moe_engine *e;
     if (moe_engine_create(&m->weights, &ep, &e, err, sizeof err)) {
         fprintf(stderr, "%s\n", err);

@@ -8,10 +8,14 @@ the hyperparameters, and a plain whole-sequence forward pass (no KV cache: every
 greedy step recomputes the sequence from scratch).
 
   ref.py MODEL.gguf --tokens 1,2,3 [--logits-out FILE.npy|FILE.bin] [--greedy N --print-json]
+         [--kv-f16]
 
 --logits-out writes float32 logits of shape (n_tokens, n_vocab) for the given tokens
 (.npy via numpy, anything else raw little-endian float32). --greedy N appends N
-argmax tokens; --print-json prints {"tokens": [the N new tokens]}.
+argmax tokens; --print-json prints {"tokens": [the N new tokens]}. --kv-f16 models
+an F16 KV cache: every key (after its norm and RoPE) and value is rounded to float32,
+clipped to the largest finite float16 (+-65504) and rounded to float16 (to nearest,
+ties to even) before attention uses it.
 """
 import argparse
 import json
@@ -33,10 +37,16 @@ ARCHS = {
 }
 
 
+def f16_cached(a):
+    """What an F16 KV cache keeps of the float64 array a (see --kv-f16)."""
+    return np.clip(a.astype(np.float32), -65504, 65504).astype(np.float16).astype(np.float64)
+
+
 class Model:
     """Hyperparameters and float64 weights of one GGUF model."""
 
-    def __init__(self, path):
+    def __init__(self, path, kv_f16=False):
+        self.kv_f16 = kv_f16
         g = GGUF(path)
         self.g = g
         arch = g.kv.get("general.architecture")
@@ -158,6 +168,8 @@ def attention(m, L, h):
         k = rms_norm(k, L["k_norm"], m.eps)
     q = rope(q, m.n_rot, m.rope_base, m.cfg["neox"])
     k = rope(k, m.n_rot, m.rope_base, m.cfg["neox"])
+    if m.kv_f16:
+        k, v = f16_cached(k), f16_cached(v)
     group = m.n_head // m.n_head_kv
     mask = np.triu(np.full((T, T), -np.inf), 1)
     out = np.zeros((T, m.n_head, D))
@@ -228,9 +240,10 @@ def main():
     ap.add_argument("--logits-out")
     ap.add_argument("--greedy", type=int, default=0)
     ap.add_argument("--print-json", action="store_true")
+    ap.add_argument("--kv-f16", action="store_true", help="keys and values rounded to float16")
     a = ap.parse_args()
     try:
-        m = Model(a.model)
+        m = Model(a.model, kv_f16=a.kv_f16)
     except (GGUFError, KeyError, ValueError, OSError) as e:
         print("ref.py: %s: %s" % (a.model, e), file=sys.stderr)
         return 1
