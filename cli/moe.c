@@ -24,6 +24,7 @@
 #include "models/model_file.h"
 #include "models/synth.h"
 #include "models/tokenizer.h"
+#include "models/unicode.h"
 
 #define ERRLEN 512
 
@@ -221,18 +222,24 @@ static int parse_gen_opts(int argc, char **argv, gen_opts *o)
     return 0;
 }
 
-/* Prints a JSON string literal (UTF-8 passed through, controls escaped). */
+/* Prints a JSON string literal: valid UTF-8 passed through, controls escaped, and
+ * each byte that is not part of a valid sequence as U+FFFD (a byte-level
+ * tokenizer's tokens can end inside a character, and JSON must be UTF-8). */
 static void json_string(FILE *out, const char *s, size_t n)
 {
     fputc('"', out);
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < n;) {
+        uint32_t cp;
+        size_t len = unicode_utf8_decode(s + i, n - i, &cp);
         unsigned char c = (unsigned char)s[i];
-        if (c == '"' || c == '\\') fprintf(out, "\\%c", c);
+        if (cp >= UNICODE_BAD_BYTE) fputs("\\ufffd", out);
+        else if (c == '"' || c == '\\') fprintf(out, "\\%c", c);
         else if (c == '\n') fputs("\\n", out);
         else if (c == '\t') fputs("\\t", out);
         else if (c == '\r') fputs("\\r", out);
         else if (c < 0x20) fprintf(out, "\\u%04x", c);
-        else fputc(c, out);
+        else fwrite(s + i, 1, len, out);
+        i += len;
     }
     fputc('"', out);
 }
