@@ -424,6 +424,26 @@ START_TEST(batching_gives_the_same_answers)
 }
 END_TEST
 
+/* n clients sending body at once each get the answer one client gets alone. */
+static void concurrent_equal_alone(int port, const char *body, int n)
+{
+    client alone = {port, body, NULL, NULL}, c[8];
+    pthread_t th[8];
+    ck_assert_int_le(n, 8);
+    client_main(&alone);
+    ck_assert(alone.answer);
+    for (int i = 0; i < n; i++) {
+        c[i] = (client){port, body, NULL, NULL};
+        pthread_create(&th[i], NULL, client_main, &c[i]);
+    }
+    for (int i = 0; i < n; i++) {
+        pthread_join(th[i], NULL);
+        ck_assert_msg(c[i].answer && !strcmp(c[i].answer, alone.answer), "client %d", i);
+        free(c[i].answer);
+    }
+    free(alone.answer);
+}
+
 START_TEST(kv_admission_waits_for_blocks)
 {
     server s;
@@ -431,21 +451,7 @@ START_TEST(kv_admission_waits_for_blocks)
      * runs at a time and the others wait for its blocks, yet all complete alike. */
     server_start(&s, (const char *[]){"--model", g_model_a, "--kv-cache-tokens", "64", NULL});
     const char *body = "{\"prompt\":\"blocks please\",\"max_tokens\":30,\"logits\":\"last\"}";
-    client alone = {s.port, body, NULL, NULL};
-    client_main(&alone);
-    ck_assert(alone.answer);
-    client c[4];
-    pthread_t th[4];
-    for (int i = 0; i < 4; i++) {
-        c[i] = (client){s.port, body, NULL, NULL};
-        pthread_create(&th[i], NULL, client_main, &c[i]);
-    }
-    for (int i = 0; i < 4; i++) {
-        pthread_join(th[i], NULL);
-        ck_assert_msg(c[i].answer && !strcmp(c[i].answer, alone.answer), "client %d", i);
-        free(c[i].answer);
-    }
-    free(alone.answer);
+    concurrent_equal_alone(s.port, body, 4);
     ck_assert(metric(s.port, "moeserve_kv_cache_blocks_capacity", NULL, NULL) == 4);
     ck_assert(metric(s.port, "moeserve_kv_cache_blocks_used", NULL, NULL) == 0);
     /* A request that could never fit the pool is refused up front. */
@@ -475,21 +481,7 @@ START_TEST(kv_f16_holds_twice_the_positions)
     ck_assert_msg(b16 == 2 * b32 || b16 == 2 * b32 - 1, "f32 %g blocks, f16 %g", b32, b16);
     ck_assert_msg(fabs(bytes16 - bytes32) <= bytes32 / b32, "f32 %g bytes, f16 %g", bytes32, bytes16);
     const char *body = "{\"prompt\":\"half the bytes\",\"max_tokens\":12,\"logits\":\"last\"}";
-    client alone = {s.port, body, NULL, NULL};
-    client_main(&alone);
-    ck_assert(alone.answer);
-    client c[3];
-    pthread_t th[3];
-    for (int i = 0; i < 3; i++) {
-        c[i] = (client){s.port, body, NULL, NULL};
-        pthread_create(&th[i], NULL, client_main, &c[i]);
-    }
-    for (int i = 0; i < 3; i++) {
-        pthread_join(th[i], NULL);
-        ck_assert_msg(c[i].answer && !strcmp(c[i].answer, alone.answer), "client %d", i);
-        free(c[i].answer);
-    }
-    free(alone.answer);
+    concurrent_equal_alone(s.port, body, 3);
     server_stop(&s);
     ck_assert_msg(log_has(&s, "positions, f16)"), "log %s", s.log);
 }
