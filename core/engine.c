@@ -681,9 +681,22 @@ void att_scores(const float *const *q, const int na, const void *const *kp, int 
     if (g < n_groups) att_scores_blocks(q, na, kp, ldk, hd, g, sc, lds, 1, pf, h);
 }
 
+/* Positions ahead whose V rows the value loop asks into L1 (see att_values_blocks). */
+#define ATT_V_AHEAD 32
+
 /* Outputs of nb (1, 2 or ATT_NB) blocks of ATT_T dims from d0, for the same
  * reasons (and with four, two passes over the V rows at head_dim 128, not four):
- * o[a][d] = sum over t <= last[a] of w[a][t] * vrow[t][d], in order of t. */
+ * o[a][d] = sum over t <= last[a] of w[a][t] * vrow[t][d], in order of t.
+ * keys_locate asked for the V rows into L2, but one row's few lines per
+ * iteration then each waited on L2 (or on memory, where the score loop's keys
+ * had pushed them out): at context 2000 the value loop took more of attention
+ * than the score loop. Asking for the part of the row ATT_V_AHEAD positions on
+ * into L1 took decode attention there (16 sequences) from 69-78 to 48-65 ms a
+ * step (F32) and from 29-35 to 25-33 (F16), whole steps 154 -> 168-172 and
+ * 190-233 -> 258-265 tok/s on the bench model's Q4_K_M; 16 or 64 ahead did
+ * about as well; spreading keys_locate's requests over the score loop instead
+ * slowed the scores more than it saved. (Written through a helper function, GCC
+ * dropped these prefetches; inline they stay.) */
 static inline __attribute__((always_inline))
 void att_values_blocks(float *const *o, const int na, const float *w, int ldw, const int *last,
                        const void *const *vrow, int tmax, int d0, const int nb, key_prefetch *pf,
@@ -694,6 +707,12 @@ void att_values_blocks(float *const *o, const int na, const float *w, int ldw, c
         for (int a = 0; a < na; a++) acc[c][a] = v16_zero();
     for (int t = 0; t < tmax; t++) {
         key_prefetch_step(pf);
+#if HAVE_PREFETCH
+        if (t + ATT_V_AHEAD < tmax) {
+            const char *pv = (const char *)vrow[t + ATT_V_AHEAD] + (size_t)d0 * (h ? 2 : 4);
+            for (int c = 0; c < nb * (h ? 32 : 64); c += 64) _mm_prefetch(pv + c, _MM_HINT_T0);
+        }
+#endif
         v16 v[ATT_NB];
         for (int c = 0; c < nb; c++) v[c] = kv_load(vrow[t], (size_t)(d0 + c * ATT_T), h);
         for (int a = 0; a < na; a++) {
