@@ -328,8 +328,8 @@ static int bench_decode(bench_state *s, int B, int ctx0, int steps, double *secs
         total += now_s() - t0;
         bytes += step_weight_bytes(s, B);
         /* KV read: every sequence attends over its whole context */
-        bytes += (double)B * (ctx0 + st + 1) * 2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim *
-                 (double)kv_type_size(s->kv);
+        bytes += (double)B * (ctx0 + st + 1) *
+                 (double)kv_position_bytes(hp->n_layer, hp->n_head_kv, hp->head_dim, s->kv);
     }
     for (int q = 0; q < B; q++) moe_engine_seq_release(s->e, q);
     *secs = total;

@@ -141,8 +141,8 @@ static int cmd_info(int argc, char **argv)
         printf("packed copy:    %.1f MiB more when it runs: the attention and output projections packed\n"
                "                for the many-row kernel (core/packed.h)\n", packed / 1048576.0);
     printf("kv cache:       %.1f KiB per token (F32), %.1f with --kv-type f16\n",
-           2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim * 4 / 1024.0,
-           2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim * 2 / 1024.0);
+           kv_position_bytes(hp->n_layer, hp->n_head_kv, hp->head_dim, KV_F32) / 1024.0,
+           kv_position_bytes(hp->n_layer, hp->n_head_kv, hp->head_dim, KV_F16) / 1024.0);
     printf("load time:      %.1f ms\n", m->load_ms);
     moe_model_free(m);
     return 0;

@@ -27,7 +27,7 @@
 
 struct kv_cache {
     int n_layer;
-    int kv_dim;           /* n_head_kv * head_dim: floats per position per layer, K or V */
+    int kv_dim;           /* n_head_kv * head_dim: elements per position per layer, K or V */
     int n_head_kv, head_dim;
     int block_size;       /* positions per block */
     int n_blocks;
@@ -35,7 +35,6 @@ struct kv_cache {
     int max_seq_len;
     int blocks_per_seq;   /* ceil(max_seq_len / block_size): length of each block table */
     kv_type type;
-    size_t elem;          /* bytes of an element */
     size_t block_elems;   /* 2 * n_layer * block_size * kv_dim */
     unsigned char *data;  /* (n_blocks, block_elems) elements */
     int32_t *free_stack;  /* (n_blocks) ids of free blocks; top at n_free - 1 */
@@ -93,7 +92,6 @@ int kv_cache_create(int n_layer, int n_head_kv, int head_dim, int block_size, in
     kv->max_seq_len = max_seq_len;
     kv->blocks_per_seq = (int)(((int64_t)max_seq_len + block_size - 1) / block_size);
     kv->type = type;
-    kv->elem = elem;
     kv->block_elems = per_block * kv_dim;
     kv->data = hugemem_alloc((size_t)n_blocks * kv->block_elems * elem);
     kv->free_stack = malloc((size_t)n_blocks * sizeof *kv->free_stack);
@@ -187,7 +185,7 @@ static inline void kv_put(kv_cache *kv, size_t i, float x)
 
 const void *kv_cache_k_tile(const kv_cache *kv, int layer, int seq, int pos, int head)
 {
-    return kv->data + kv_head_block(kv, layer, 0, seq, pos, head) * kv->elem;
+    return kv->data + kv_head_block(kv, layer, 0, seq, pos, head) * kv_type_size(kv->type);
 }
 
 void kv_cache_k_store(kv_cache *kv, int layer, int seq, int pos, int head, const float *k)
@@ -204,7 +202,7 @@ static size_t kv_v_at(const kv_cache *kv, int layer, int seq, int pos, int head)
 
 const void *kv_cache_v(const kv_cache *kv, int layer, int seq, int pos, int head)
 {
-    return kv->data + kv_v_at(kv, layer, seq, pos, head) * kv->elem;
+    return kv->data + kv_v_at(kv, layer, seq, pos, head) * kv_type_size(kv->type);
 }
 
 void kv_cache_v_store(kv_cache *kv, int layer, int seq, int pos, int head, const float *v)
@@ -220,5 +218,5 @@ kv_type kv_cache_type(const kv_cache *kv) { return kv->type; }
 
 size_t kv_cache_bytes(const kv_cache *kv)
 {
-    return (size_t)kv->n_blocks * kv->block_elems * kv->elem;
+    return (size_t)kv->n_blocks * kv->block_elems * kv_type_size(kv->type);
 }

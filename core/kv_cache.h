@@ -20,6 +20,11 @@ typedef enum { KV_F32 = 0, KV_F16 = 1 } kv_type;
 
 /* Bytes of one element of type t. */
 static inline size_t kv_type_size(kv_type t) { return t == KV_F16 ? 2 : 4; }
+/* Bytes one position takes: its key and value in every layer. */
+static inline size_t kv_position_bytes(int n_layer, int n_head_kv, int head_dim, kv_type t)
+{
+    return 2 * (size_t)n_layer * (size_t)n_head_kv * (size_t)head_dim * kv_type_size(t);
+}
 /* "f32" or "f16". */
 const char *kv_type_name(kv_type t);
 /* The type named s ("f32", "f16"); 0, or -1 for another name. */

@@ -152,7 +152,7 @@ static void text_append(sched_req *r, const char *s, size_t n)
 
 static int kv_blocks_for(const moe_hparams *hp, const sched_params *p, int max_seq_len)
 {
-    double pos_bytes = 2.0 * hp->n_layer * hp->n_head_kv * hp->head_dim * (double)kv_type_size(p->kv_type);
+    double pos_bytes = (double)kv_position_bytes(hp->n_layer, hp->n_head_kv, hp->head_dim, p->kv_type);
     double positions;
     if (p->kv_cache_mb > 0) positions = (double)p->kv_cache_mb * 1048576.0 / pos_bytes;
     else if (p->kv_cache_tokens > 0) positions = (double)p->kv_cache_tokens;
