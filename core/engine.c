@@ -705,10 +705,10 @@ void att_values_blocks(float *const *o, const int na, const float *w, int ldw, c
     v16 acc[ATT_NB][ATT_Q];
     for (int c = 0; c < nb; c++)
         for (int a = 0; a < na; a++) acc[c][a] = v16_zero();
-    const size_t es = h ? 2 : 4;
     for (int t = 0; t < tmax; t++) {
         key_prefetch_step(pf);
 #if HAVE_PREFETCH
+        const size_t es = h ? 2 : 4;
         if (t + ATT_V_AHEAD < tmax) {
             const char *pv = (const char *)vrow[t + ATT_V_AHEAD] + (size_t)d0 * es;
             for (size_t c = 0; c < (size_t)nb * ATT_T * es; c += 64) _mm_prefetch(pv + c, _MM_HINT_T0);
