@@ -737,31 +737,54 @@ static void matmul_sgemm(const float *x, int m, int k, const float *w, int n0, i
                 w + (size_t)n0 * k, k, 0.0f, y + n0, ldy);
 }
 
-/* Under an AVX-512 build of the kernel: with 256-bit OpenBLAS kernels (what
- * OpenBLAS runs when it does not know the CPU, or when OPENBLAS_CORETYPE pins
- * them) the kernel stays ahead up to 128 rows and more (Zen 5, 2 threads, W
- * 1024x2048 / 2048x1024: m 64 245-288 vs 206-224 GFLOP/s, m 128 251-286 vs
- * 221-230, m 192 226-287 vs 236-238). With 512-bit ones (SkylakeX, Cooperlake,
- * SapphireRapids) sgemm takes over at 96: since the k-chunked tiles the kernel
- * leads at 64 rows (hot, 332-351 vs 322-324 GFLOP/s), the two are even at 72-88,
- * and sgemm leads from 96 (362-366 vs 307-347). Moving this switch from 64 to 96
- * took `moe bench` with Cooperlake kernels from 384 to 426-427 tok/s at batch 64
- * (its 64-row projections) and prefill from 74.3-74.9 to 76.2-76.3% of the sgemm
- * peak (two runs each, alternated). An AVX2 build of the kernel hands over at 64. */
-static pthread_once_t rows_once = PTHREAD_ONCE_INIT;
-static int min_rows_at_run_time;   /* written once, under rows_once */
-static int blas_512_at_run_time;   /* likewise: OpenBLAS runs 512-bit kernels */
-
+/* Which OpenBLAS kernel sets sgemm is worth switching to, and from how many rows.
+ *
+ * Under an AVX-512 build of the kernel: with 256-bit OpenBLAS kernels (Haswell,
+ * Zen; what OPENBLAS_CORETYPE=Haswell pins) the kernel stays ahead up to 128 rows
+ * and more (Zen 5, 2 threads, W 1024x2048 / 2048x1024: m 64 245-288 vs 206-224
+ * GFLOP/s, m 128 251-286 vs 221-230, m 192 226-287 vs 236-238). With 512-bit ones
+ * (SkylakeX, Cooperlake, SapphireRapids) sgemm takes over at 96: since the
+ * k-chunked tiles the kernel leads at 64 rows (hot, 332-351 vs 322-324 GFLOP/s),
+ * the two are even at 72-88, and sgemm leads from 96 (362-366 vs 307-347). Moving
+ * this switch from 64 to 96 took `moe bench` with Cooperlake kernels from 384 to
+ * 426-427 tok/s at batch 64 (its 64-row projections) and prefill from 74.3-74.9
+ * to 76.2-76.3% of the sgemm peak (two runs each, alternated). An AVX2 build of
+ * the kernel hands over at 64.
+ *
+ * Any other set is one OpenBLAS fell back to: Debian 12's OpenBLAS 0.3.21 does
+ * not know Emerald Rapids (family 6, model 207) and runs its SSE3 Prescott
+ * kernels there, sgemm 21-51 GFLOP/s on a 2048 square against 165-248 for its
+ * SkylakeX and Cooperlake sets on the same CPU, so `moe bench` prefilled at 144
+ * tok/s against 266-323 on the engine's own kernels (docs/PERFORMANCE.md). A
+ * vector build never hands work to such a set; only the scalar build, which has
+ * nothing faster, keeps sgemm from 64 rows whatever the set. */
 static int blas_is_512_bit(const char *name)
 {
     return name && (strstr(name, "SkylakeX") || strstr(name, "Cooperlake") || strstr(name, "SapphireRapids"));
 }
 
+static int blas_is_256_bit(const char *name)
+{
+    return name && (strstr(name, "Haswell") || strstr(name, "Zen"));
+}
+
+int matmul_sgemm_rows_for(const char *corename)
+{
+    if (VL == 1) return 64;
+    if (blas_is_512_bit(corename)) return VL == 16 ? 96 : 64;
+    if (blas_is_256_bit(corename)) return VL == 16 ? 128 : 64;
+    return MATMUL_SGEMM_NEVER;
+}
+
+static pthread_once_t rows_once = PTHREAD_ONCE_INIT;
+static int min_rows_at_run_time;   /* written once, under rows_once */
+static int blas_512_at_run_time;   /* likewise: OpenBLAS runs 512-bit kernels */
+
 static void decide_min_rows(void)
 {
-    blas_512_at_run_time = blas_is_512_bit(openblas_get_corename());
-    if (VL < 16) min_rows_at_run_time = 64;
-    else min_rows_at_run_time = blas_512_at_run_time ? 96 : 128;
+    const char *name = openblas_get_corename();
+    blas_512_at_run_time = blas_is_512_bit(name);
+    min_rows_at_run_time = matmul_sgemm_rows_for(name);
 }
 
 static int sgemm_min_rows(void)
@@ -834,6 +857,32 @@ void matmul(pool *p, const float *x, int m, int k, const float *w, int n, float 
 {
     matmul_out o = {w, n, y, {NULL, MOE_WT_F32}};
     matmul_multi(p, x, m, k, &o, 1, NULL, 1);
+}
+
+typedef struct {
+    const float *x, *w;
+    int m, k, n;
+    float *y;
+} blas_job;
+
+static void blas_task(void *ctx, int task, int thread)
+{
+    (void)thread;
+    const blas_job *j = ctx;
+    int n0 = task * SLICE_SGEMM, n1 = n0 + SLICE_SGEMM < j->n ? n0 + SLICE_SGEMM : j->n;
+    matmul_sgemm(j->x, j->m, j->k, j->w, n0, n1, j->y, j->n);
+}
+
+void matmul_blas(pool *p, const float *x, int m, int k, const float *w, int n, float *y)
+{
+    if (m <= 0 || n <= 0) return;
+    blas_job j = {x, w, m, k, n, y};
+    int tasks = (n + SLICE_SGEMM - 1) / SLICE_SGEMM;
+    if (p) {
+        pool_run(p, tasks, blas_task, &j);
+    } else {
+        for (int t = 0; t < tasks; t++) blas_task(&j, t, 0);
+    }
 }
 
 #define MULTI_MAX 4

@@ -9,6 +9,7 @@
 #ifndef MOE_CORE_MATMUL_H
 #define MOE_CORE_MATMUL_H
 
+#include <limits.h>
 #include <stdint.h>
 
 #include "core/model.h"
@@ -28,6 +29,10 @@ void matmul_range_wq(const float *x, int m, int k, const void *w, moe_wtype wt, 
 
 /* Parallel over slices of n on the pool (p may be NULL: serial). */
 void matmul(pool *p, const float *x, int m, int k, const float *w, int n, float *y);
+
+/* The same on OpenBLAS sgemm whatever the switch says: for `moe bench`, which
+ * measures the library's peak beside the engine's own. */
+void matmul_blas(pool *p, const float *x, int m, int k, const float *w, int n, float *y);
 
 /* Several products of the same x in one parallel run: y_i = x W_i^T for each
  * (w, n, y) of outs, from raw where an output has it and m is below
@@ -59,8 +64,16 @@ void matmul_ref(const float *x, int m, int k, const float *w, int n, float *y);
  * benchmark and the server's ready line say which one runs. */
 const char *matmul_blas_corename(void);
 
-/* Rows at or above which matmul_range uses sgemm (measured, see docs/PERFORMANCE.md). */
+/* Rows at or above which matmul_range uses sgemm (measured, see docs/PERFORMANCE.md),
+ * or MATMUL_SGEMM_NEVER when the kernel set OpenBLAS runs is slower than the
+ * engine's own kernels at every size (a set it fell back to on a CPU it does not
+ * know, such as Prescott). */
+#define MATMUL_SGEMM_NEVER INT_MAX
 int matmul_sgemm_min_rows(void);
+
+/* The switch for an OpenBLAS kernel set of that name (NULL: unknown) in this
+ * build: what matmul_sgemm_min_rows() decides from matmul_blas_corename(). */
+int matmul_sgemm_rows_for(const char *corename);
 
 /* Nonzero when OpenBLAS runs its 512-bit kernels (SkylakeX, Cooperlake,
  * SapphireRapids): then its sgemm is as fast as the engine's best kernels on

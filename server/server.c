@@ -567,8 +567,9 @@ static void on_async(uv_async_t *a)
     if (n == s->n_models && !s->ready) {
         s->ready = 1;
         metrics_set_state(s->metrics, is_ready(s), s->draining);
-        log_event(s->cfg->log_fmt, "info", "ready: %d model(s) loaded (matmul: OpenBLAS %s kernels)", n,
-                  matmul_blas_corename());
+        log_event(s->cfg->log_fmt, "info", "ready: %d model(s) loaded (matmul: OpenBLAS %s kernels%s)", n,
+                  matmul_blas_corename(),
+                  matmul_sgemm_min_rows() == MATMUL_SGEMM_NEVER ? ", not used: the engine's own are faster" : "");
     }
     if (atomic_load(&s->load_failed) && !s->shutting_down) {
         log_event(s->cfg->log_fmt, "error", "%s", s->load_err);
@@ -601,11 +602,13 @@ static void notify_loop(void *ctx) { uv_async_send(ctx); }
 /* The default step budget: core/matmul switches to OpenBLAS sgemm at
  * matmul_sgemm_min_rows() rows and the two paths round differently, so a step that
  * stays below the switch computes every row exactly as it would alone (the issue's
- * "results do not depend on batching"). Larger budgets are allowed by flag. */
+ * "results do not depend on batching"); where sgemm is never used, 127 as with
+ * 256-bit kernels, which keeps a long prompt's chunks from stalling the decodes
+ * that share its steps. Larger budgets are allowed by flag. */
 static int auto_batch_tokens(void)
 {
     int n = matmul_sgemm_min_rows() - 1;
-    if (n > 512) n = 512;
+    if (n > 127) n = 127;
     if (n < 8) n = 8;
     return n;
 }

@@ -48,11 +48,11 @@ START_TEST(few_rows_and_sgemm_match_reference)
     static const int ns[] = {1, 3, 4, 5, 63, 64, 65, 130};
     int ms[40], nm = 0;
     for (int m = 1; m <= 20; m++) ms[nm++] = m;
-    ms[nm++] = matmul_sgemm_min_rows() - 1;
-    ms[nm++] = matmul_sgemm_min_rows();
+    ms[nm++] = tu_many_rows() - 1;
+    ms[nm++] = tu_many_rows();
     ms[nm++] = 33;
     ms[nm++] = 64;
-    ms[nm++] = matmul_sgemm_min_rows() + 7;
+    ms[nm++] = tu_many_rows() + 7;
     char err[128];
     pool *p = NULL;
     ck_assert_int_eq(pool_create(2, &p, err, sizeof err), 0);
@@ -69,7 +69,7 @@ START_TEST(range_writes_only_its_columns)
 {
     rng_state = 7;
     int k = 37, n = 50, ldy = 61;
-    int rows[] = {1, 3, 6, matmul_sgemm_min_rows() + 3};
+    int rows[] = {1, 3, 6, tu_many_rows() + 3};
     for (size_t r = 0; r < sizeof rows / sizeof rows[0]; r++) {
         int m = rows[r];
         float *x = rand_array((size_t)m * k), *w = rand_array((size_t)n * k);
@@ -94,7 +94,7 @@ START_TEST(bit_identical_across_thread_counts)
 {
     rng_state = 3;
     int k = 129, n = 517;
-    int rows[] = {1, 2, 5, 11, 40, matmul_sgemm_min_rows(), matmul_sgemm_min_rows() + 5};
+    int rows[] = {1, 2, 5, 11, 40, tu_many_rows(), tu_many_rows() + 5};
     char err[128];
     pool *pools[3];
     for (int t = 0; t < 3; t++) ck_assert_int_eq(pool_create(t + 1, &pools[t], err, sizeof err), 0);
@@ -127,7 +127,7 @@ START_TEST(few_rows_result_independent_of_m)
     rng_state = 11;
     static const int ks[] = {77, 3000, 6000};
     for (size_t c = 0; c < sizeof ks / sizeof ks[0]; c++) {
-        int k = ks[c], n = 23, m = ks[c] > 100 ? 12 : matmul_sgemm_min_rows() - 1;
+        int k = ks[c], n = 23, m = ks[c] > 100 ? 12 : tu_many_rows() - 1;
         ck_assert_int_ge(m, 2);
         float *x = rand_array((size_t)m * k), *w = rand_array((size_t)n * k);
         float *y = malloc((size_t)m * n * sizeof *y), *y1 = malloc((size_t)9 * n * sizeof *y1);
@@ -154,7 +154,7 @@ START_TEST(multi_equals_separate_calls)
     char err[128];
     pool *p;
     ck_assert_int_eq(pool_create(2, &p, err, sizeof err), 0);
-    int rows[] = {1, 3, 7, matmul_sgemm_min_rows()};
+    int rows[] = {1, 3, 7, tu_many_rows()};
     for (size_t r = 0; r < sizeof rows / sizeof rows[0]; r++) {
         int m = rows[r];
         float *x = rand_array((size_t)m * k), *w[6], *y[6], *want[6];
@@ -177,7 +177,7 @@ START_TEST(multi_equals_separate_calls)
             for (size_t t = 0; t < ny; t++) y[i][t] = want[i][t] = -7.0f;
             matmul(NULL, x, m, k, w[i], ns[i], want[i]);
             /* below the switch the F32 weights must not be read: a decoy there */
-            if (h[i] && m < matmul_sgemm_min_rows()) memset(w[i], 0, nw * sizeof(float));
+            if (h[i] && m < tu_many_rows()) memset(w[i], 0, nw * sizeof(float));
         }
         matmul_multi(p, x, m, k, outs, 6, NULL, 1);
         for (int i = 0; i < 6; i++) {
@@ -299,7 +299,7 @@ START_TEST(wq_equals_widened_f32)
 {
     rng_state = 77;
     int ms[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 40, 0};
-    ms[14] = matmul_sgemm_min_rows() + 3;
+    ms[14] = tu_many_rows() + 3;
     for (size_t t = 0; t < sizeof wq_cases / sizeof wq_cases[0]; t++) {
         const wq_case *c = &wq_cases[t];
         moe_wtype wt = c->wt;
@@ -466,6 +466,42 @@ START_TEST(widening_equals_scalar_definition)
 }
 END_TEST
 
+/* OpenBLAS's kernel sets: the 512- and 256-bit ones get work from their switch,
+ * a set it fell back to (Prescott on a CPU it does not know) never does in a
+ * vector build; the scalar build has nothing faster than any of them. And a
+ * matmul at many rows equals the reference whichever path the switch picks. */
+START_TEST(sgemm_switch_by_kernel_set)
+{
+    static const char *slow[] = {"Prescott", "Core2", "Nehalem", "Sandybridge", "Atom", "", NULL};
+#if defined(__AVX512F__)
+    ck_assert_int_eq(matmul_sgemm_rows_for("Cooperlake"), 96);
+    ck_assert_int_eq(matmul_sgemm_rows_for("SkylakeX"), 96);
+    ck_assert_int_eq(matmul_sgemm_rows_for("Haswell"), 128);
+    ck_assert_int_eq(matmul_sgemm_rows_for("Zen"), 128);
+    int slow_rows = MATMUL_SGEMM_NEVER;
+#elif defined(__AVX2__) && defined(__FMA__)
+    ck_assert_int_eq(matmul_sgemm_rows_for("Cooperlake"), 64);
+    ck_assert_int_eq(matmul_sgemm_rows_for("Haswell"), 64);
+    int slow_rows = MATMUL_SGEMM_NEVER;
+#else
+    ck_assert_int_eq(matmul_sgemm_rows_for("Cooperlake"), 64);
+    int slow_rows = 64;
+#endif
+    for (size_t i = 0; i < sizeof slow / sizeof slow[0]; i++)
+        ck_assert_int_eq(matmul_sgemm_rows_for(slow[i]), slow_rows);
+    ck_assert_int_eq(matmul_sgemm_min_rows(), matmul_sgemm_rows_for(matmul_blas_corename()));
+    rng_state = 23;
+    int m = 300, k = 70, n = 40;
+    float *x = rand_array((size_t)m * k), *w = rand_array((size_t)n * k);
+    float *y = malloc((size_t)m * n * sizeof *y), *ref = malloc((size_t)m * n * sizeof *ref);
+    ck_assert(y && ref);
+    matmul_ref(x, m, k, w, n, ref);
+    matmul_blas(NULL, x, m, k, w, n, y);
+    check_close(x, m, k, w, n, y, n, ref);
+    free(x); free(w); free(y); free(ref);
+}
+END_TEST
+
 START_TEST(empty_shapes_do_nothing)
 {
     float x[4] = {1, 2, 3, 4}, w[4] = {1, 1, 1, 1}, y[4] = {9, 9, 9, 9};
@@ -490,6 +526,7 @@ int main(void)
     tcase_add_test(tc, range_writes_only_its_columns);
     tcase_add_test(tc, bit_identical_across_thread_counts);
     tcase_add_test(tc, few_rows_result_independent_of_m);
+    tcase_add_test(tc, sgemm_switch_by_kernel_set);
     tcase_add_test(tc, multi_equals_separate_calls);
     tcase_add_test(tc, empty_shapes_do_nothing);
     tcase_add_test(tc, q8_0_blocks_round_trip);

@@ -516,7 +516,7 @@ static void engine_run_all(const moe_model *m, float *out)
     uint64_t most = 0; /* some queue of the prompt (or the dense FFN) took the sgemm path */
     for (int i = 0; i < hp->n_layer * hp->n_expert; i++)
         if (moe_engine_expert_routed(e)[i] > most) most = moe_engine_expert_routed(e)[i];
-    ck_assert_uint_ge(hp->n_expert ? most : N_PROMPT, (uint64_t)matmul_sgemm_min_rows());
+    ck_assert_uint_ge(hp->n_expert ? most : N_PROMPT, (uint64_t)tu_many_rows());
     for (int i = 0; i < N_SEQ * N_EACH; i++) {
         seq[i] = 1 + i % N_SEQ;
         pos[i] = i / N_SEQ;

@@ -44,7 +44,7 @@ START_TEST(same_bits_as_the_row_kernel)
     ck_assert_int_eq(pool_create(2, &p, err, sizeof err), 0);
     static const int ks[] = {1, 15, 16, 17, 100, 1024, 1100, 2053};
     static const int ns[] = {1, 17, 64, 65, 130};
-    int sw = matmul_sgemm_min_rows();
+    int sw = tu_many_rows();
     int ms[] = {1, 2, 3, 5, 6, 7, 12, 13, 63, 64, 65, sw - 1, sw, sw + 70};
     for (size_t a = 0; a < sizeof ks / sizeof ks[0]; a++)
         for (size_t b = 0; b < sizeof ns / sizeof ns[0]; b++)

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "core/matmul.h"
 #include "core/sampler.h"
 
 /* Sampling at temperature temp with every filter (top-k, top-p, min-p, penalty)
@@ -23,6 +24,15 @@ static inline sampler_params tu_sampler_plain(float temp, uint64_t seed)
     p.repeat_penalty = 1.0f;
     p.seed = seed;
     return p;
+}
+
+/* The row count from which matmul_range takes its many-rows path (sgemm), or
+ * 128 where this build and OpenBLAS's kernel set never use sgemm: the tests'
+ * "many rows" either way, so the large sizes stay covered on every machine. */
+static inline int tu_many_rows(void)
+{
+    int n = matmul_sgemm_min_rows();
+    return n == MATMUL_SGEMM_NEVER ? 128 : n;
 }
 
 /* Path of ../shared (beside the project root), or NULL when absent. Tests that
