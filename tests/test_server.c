@@ -487,6 +487,39 @@ START_TEST(kv_f16_holds_twice_the_positions)
 }
 END_TEST
 
+/* The ready line names the kernel set OpenBLAS runs and says when the engine
+ * does not use it: Prescott (what OpenBLAS falls back to on a CPU it does not
+ * know, forced here through OPENBLAS_CORETYPE, which it reads when it loads)
+ * against Haswell. The answers are the same to the bit either way: the default
+ * steps stay below any switch. */
+START_TEST(ready_line_names_the_blas_kernels)
+{
+    static const char *sets[] = {"Prescott", "Haswell"};
+    const char *body = "{\"prompt\":\"which kernels\",\"max_tokens\":10,\"logits\":\"last\"}";
+    char *answer[2];
+    for (int i = 0; i < 2; i++) {
+        char env[64], want[96];
+        snprintf(env, sizeof env, "OPENBLAS_CORETYPE=%s", sets[i]);
+        server s;
+        server_start_env(&s, (const char *[]){env, NULL}, 1, (const char *[]){"--model", g_model_a, NULL});
+        client c = {s.port, body, NULL, NULL};
+        client_main(&c);
+        answer[i] = c.answer;
+        ck_assert_msg(answer[i], "no answer with %s", sets[i]);
+        server_stop(&s);
+        int unused = matmul_sgemm_rows_for(sets[i]) == MATMUL_SGEMM_NEVER;
+        snprintf(want, sizeof want, "(matmul: OpenBLAS %s kernels%s", sets[i], unused ? ", not used" : ")");
+        ck_assert_msg(log_has(&s, want), "'%s' in log %s", want, s.log);
+    }
+#if defined(__AVX2__) && defined(__FMA__)
+    ck_assert_int_eq(matmul_sgemm_rows_for("Prescott"), MATMUL_SGEMM_NEVER);   /* a vector build */
+#endif
+    ck_assert_str_eq(answer[0], answer[1]);
+    free(answer[0]);
+    free(answer[1]);
+}
+END_TEST
+
 /* A long request: 64 prompts of 400 tokens each, one sequence at a time. */
 static const char *long_body(void)
 {
@@ -976,6 +1009,7 @@ int main(void)
     if (want(only, "batching_gives_the_same_answers")) tcase_add_test(tc, batching_gives_the_same_answers);
     if (want(only, "kv_admission_waits_for_blocks")) tcase_add_test(tc, kv_admission_waits_for_blocks);
     if (want(only, "kv_f16_holds_twice_the_positions")) tcase_add_test(tc, kv_f16_holds_twice_the_positions);
+    if (want(only, "ready_line_names_the_blas_kernels")) tcase_add_test(tc, ready_line_names_the_blas_kernels);
     if (want(only, "disconnect_frees_the_sequence")) tcase_add_test(tc, disconnect_frees_the_sequence);
     if (want(only, "overload_and_deadline")) tcase_add_test(tc, overload_and_deadline);
     if (want(only, "auth_on_and_off")) tcase_add_test(tc, auth_on_and_off);
