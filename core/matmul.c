@@ -911,12 +911,7 @@ void matmul_blas(pool *p, const float *x, int m, int k, const float *w, int n, f
 {
     if (m <= 0 || n <= 0) return;
     blas_job j = {x, w, m, k, n, y};
-    int tasks = (n + SLICE_SGEMM - 1) / SLICE_SGEMM;
-    if (p) {
-        pool_run(p, tasks, blas_task, &j);
-    } else {
-        for (int t = 0; t < tasks; t++) blas_task(&j, t, 0);
-    }
+    pool_run(p, (n + SLICE_SGEMM - 1) / SLICE_SGEMM, blas_task, &j);   /* p NULL: serial */
 }
 
 #define MULTI_MAX 4

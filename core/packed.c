@@ -169,11 +169,7 @@ int packed_w_create(pool *p, const float *w, int n, int k, packed_w **out, char 
     pw->p = hugemem_alloc(pw->bytes);
     if (!pw->p) goto oom;
     pack_job job = {pw, w};
-    if (p) {
-        pool_run(p, pw->n_panels, pack_panel, &job);
-    } else {
-        for (int i = 0; i < pw->n_panels; i++) pack_panel(&job, i, 0);
-    }
+    pool_run(p, pw->n_panels, pack_panel, &job);   /* p NULL: serial */
     *out = pw;
     return 0;
 oom:
@@ -347,11 +343,7 @@ void packed_matmul(pool *p, packed_scratch *s, const float *x, int m, int k,
         job.first[i + 1] = job.first[i] + outs[i].w->n_panels;
     }
     pack_x(x, m, k, s->x);
-    if (p) {
-        pool_run(p, job.first[n_outs], matmul_task, &job);
-    } else {
-        for (int t = 0; t < job.first[n_outs]; t++) matmul_task(&job, t, 0);
-    }
+    pool_run(p, job.first[n_outs], matmul_task, &job);   /* p NULL: serial */
 }
 
 #else /* no AVX-512: the engine keeps its projections on core/matmul.c */

@@ -7,7 +7,8 @@
  * The calling thread takes part, so n_threads == 1 means no extra thread. Tasks are
  * claimed dynamically; a task's result must not depend on which thread ran it (use
  * `thread` only to pick per-thread scratch), which is how the engine stays
- * bit-identical across thread counts. One pool_run at a time per pool.
+ * bit-identical across thread counts. One pool_run at a time per pool; a NULL
+ * pool runs the tasks serially on the calling thread.
  */
 #ifndef MOE_CORE_POOL_H
 #define MOE_CORE_POOL_H
