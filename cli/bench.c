@@ -120,7 +120,8 @@ typedef struct {
     float *x, *w, *y;             /* (n, n) each */
     packed_w *pw;                 /* w packed, when the build has the kernel */
     packed_scratch *ps;
-    double sgemm, kernel, packed; /* GFLOP/s of the last measure (packed 0: none) */
+    double sgemm, kernel, packed; /* GFLOP/s of the last measure (packed 0: none; sgemm
+                                   * the first, where the engine never calls it) */
 } peak_ctx;
 
 #define PEAK_KERNEL_ROWS 48
@@ -174,7 +175,9 @@ static double best_gflops(pool *p, const peak_ctx *c, int m, int reps, int packe
 /* Returns the roof in GFLOP/s; c->sgemm, c->kernel and c->packed keep the parts. */
 static double peak_measure(pool *p, peak_ctx *c, int quick)
 {
-    c->sgemm = best_gflops(p, c, c->n, quick ? 2 : 3, 0);
+    /* an sgemm the engine never calls bounds nothing: measured once, for the
+     * machine line (on Prescott kernels its runs took about 1.3 s a measure) */
+    if (matmul_blas_used() || c->sgemm == 0.0) c->sgemm = best_gflops(p, c, c->n, quick ? 2 : 3, 0);
     c->kernel = best_gflops(p, c, PEAK_KERNEL_ROWS, quick ? 4 : 10, 0);
     /* the packed kernel at decode's and prefill's row counts: its x is re-read
      * for every panel, so it is slower on the whole square (docs/PERFORMANCE.md) */
@@ -184,7 +187,7 @@ static double peak_measure(pool *p, peak_ctx *c, int quick)
         if (g > c->packed) c->packed = g;
     }
     /* sgemm is a roof only where the engine uses it (core/matmul.h) */
-    double sg = matmul_sgemm_min_rows() == MATMUL_SGEMM_NEVER ? 0.0 : c->sgemm;
+    double sg = matmul_blas_used() ? c->sgemm : 0.0;
     double roof = sg > c->kernel ? sg : c->kernel;
     return roof > c->packed ? roof : c->packed;
 }
@@ -460,16 +463,15 @@ static int bench_engine(const moe_model *m, pool *p, bw_ctx *x, peak_ctx *pc, in
      * share of the best matmul of this process is printed beside it. Where the
      * engine never calls sgemm (OpenBLAS fell back to slow kernels on this CPU),
      * its peak bounds nothing, and the bound is the best matmul. */
-    int blas_used = matmul_sgemm_min_rows() != MATMUL_SGEMM_NEVER;
     double pf_secs[MAX_ROUNDS], pf_sgemm[MAX_ROUNDS], pf_best[MAX_ROUNDS], pf_ratio[MAX_ROUNDS];
     for (int r = 0; r < rounds; r++) {
         pf_best[r] = peak_measure(p, pc, quick);
         pf_sgemm[r] = pc->sgemm;
         if (bench_prefill(&s, n_prefill, &pf_secs[r], err, errlen)) goto done;
-        pf_ratio[r] = flops / ((blas_used ? pf_sgemm[r] : pf_best[r]) * 1e9) / pf_secs[r];
+        pf_ratio[r] = flops / ((matmul_blas_used() ? pf_sgemm[r] : pf_best[r]) * 1e9) / pf_secs[r];
     }
     int pm = rounds_sort(pf_ratio, rounds, order);
-    if (blas_used)
+    if (matmul_blas_used())
         printf("prefill  %4d tokens: %9.1f tok/s   bound %9.1f tok/s (%.1f GFLOP at %.0f GFLOP/s sgemm peak; "
                "%.0f%% of the best matmul, %.0f GFLOP/s)   %5.1f%%",
                n_prefill, n_prefill / pf_secs[pm], n_prefill / (flops / (pf_sgemm[pm] * 1e9)), flops / 1e9,
@@ -542,7 +544,7 @@ int bench_run(const bench_opts *o, char *err, size_t errlen)
     printf("machine: %d threads, memory read %.1f GB/s, triad %.1f GB/s (%zu MB arrays), matmul peak %.1f GFLOP/s "
            "(OpenBLAS sgemm %.1f with its %s kernels%s, engine kernel %.1f at %d rows, packed kernel %.1f at %d or %d)\n",
            o->threads, rd, triad, bw.n * sizeof(float) >> 20, peak, pc.sgemm, matmul_blas_corename(),
-           matmul_sgemm_min_rows() == MATMUL_SGEMM_NEVER ? ", not used" : "", pc.kernel,
+           matmul_blas_used() ? "" : ", not used", pc.kernel,
            PEAK_KERNEL_ROWS, pc.packed, PEAK_KERNEL_ROWS, PEAK_PACKED_ROWS);
     if (moe_model_load_opts(o->model, &(moe_load_opts){o->weights, o->projections}, &m, err, errlen)) goto done;
     const moe_hparams *hp = &m->weights.hp;

@@ -841,6 +841,11 @@ int matmul_sgemm_min_rows(void)
     return sgemm_min_rows();
 }
 
+int matmul_blas_used(void)
+{
+    return sgemm_min_rows() != MATMUL_SGEMM_NEVER;
+}
+
 int matmul_blas_512_bit(void)
 {
     pthread_once(&rows_once, decide_min_rows);

@@ -75,6 +75,10 @@ int matmul_sgemm_min_rows(void);
  * build: what matmul_sgemm_min_rows() decides from matmul_blas_corename(). */
 int matmul_sgemm_rows_for(const char *corename);
 
+/* Nonzero when the engine calls OpenBLAS at all (the switch is not
+ * MATMUL_SGEMM_NEVER): what `moe bench` and the server's ready line report. */
+int matmul_blas_used(void);
+
 /* Nonzero when OpenBLAS runs its 512-bit kernels (SkylakeX, Cooperlake,
  * SapphireRapids): then its sgemm is as fast as the engine's best kernels on
  * many rows, and the engine keeps using it there. */

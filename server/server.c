@@ -569,7 +569,7 @@ static void on_async(uv_async_t *a)
         metrics_set_state(s->metrics, is_ready(s), s->draining);
         log_event(s->cfg->log_fmt, "info", "ready: %d model(s) loaded (matmul: OpenBLAS %s kernels%s)", n,
                   matmul_blas_corename(),
-                  matmul_sgemm_min_rows() == MATMUL_SGEMM_NEVER ? ", not used: the engine's own are faster" : "");
+                  matmul_blas_used() ? "" : ", not used: the engine's own are faster");
     }
     if (atomic_load(&s->load_failed) && !s->shutting_down) {
         log_event(s->cfg->log_fmt, "error", "%s", s->load_err);

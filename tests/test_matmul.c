@@ -494,6 +494,7 @@ START_TEST(sgemm_switch_by_kernel_set)
     for (size_t i = 0; i < sizeof slow / sizeof slow[0]; i++)
         ck_assert_int_eq(matmul_sgemm_rows_for(slow[i]), slow_rows);
     ck_assert_int_eq(matmul_sgemm_min_rows(), matmul_sgemm_rows_for(matmul_blas_corename()));
+    ck_assert_int_eq(matmul_blas_used(), matmul_sgemm_min_rows() != MATMUL_SGEMM_NEVER);
     rng_state = 23;
     compare_shape_on(NULL, 300, 70, 40, 1);
     compare_shape_on(NULL, 5, 1100, 300, 1);   /* two sgemm slices */
