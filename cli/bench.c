@@ -305,9 +305,30 @@ static int bench_prefill(bench_state *s, int n, double *secs, char *err, size_t 
     return rc;
 }
 
+/* Read passes taken between decode steps, outside their timing: the host's
+ * bandwidth moves within the seconds a round of steps takes (a round of batch 64
+ * read anywhere from 54% to 87% of a bound set by passes right before it), so the
+ * bound takes the mean of passes before the first step, every `every` steps and
+ * after the last. */
+typedef struct {
+    pool *p;
+    membw *read;
+    int every;
+    double sum;
+    int n;
+} bw_probe;
+
+static void bw_probe_take(bw_probe *b)
+{
+    if (!b) return;
+    b->sum += membw_read_gbs(b->p, b->read, 1);
+    b->n++;
+}
+
 /* B sequences, each prefilled with `ctx0` tokens, then `steps` decode steps of B
- * tokens; returns seconds of the decode steps and the mean bytes per step. */
-static int bench_decode(bench_state *s, int B, int ctx0, int steps, double *secs,
+ * tokens; returns seconds of the decode steps and the mean bytes per step, and
+ * takes probe's read passes (probe may be NULL). */
+static int bench_decode(bench_state *s, int B, int ctx0, int steps, bw_probe *probe, double *secs,
                         double *bytes_per_step, char *err, size_t errlen)
 {
     const moe_hparams *hp = &s->m->weights.hp;
@@ -325,6 +346,7 @@ static int bench_decode(bench_state *s, int B, int ctx0, int steps, double *secs
         }
     if (n && forward(s, n, err, errlen)) return -1;
     double total = 0, bytes = 0;
+    bw_probe_take(probe);
     for (int st = 0; st < steps; st++) {
         for (int q = 0; q < B; q++) {
             s->tok[q] = (int32_t)((q * 31 + st * 17 + 5) % hp->n_vocab);
@@ -337,6 +359,7 @@ static int bench_decode(bench_state *s, int B, int ctx0, int steps, double *secs
         /* KV read: every sequence attends over its whole context */
         bytes += (double)B * (ctx0 + st + 1) *
                  (double)kv_position_bytes(hp->n_layer, hp->n_head_kv, hp->head_dim, s->kv);
+        if (probe && ((st + 1) % probe->every == 0 || st + 1 == steps)) bw_probe_take(probe);
     }
     for (int q = 0; q < B; q++) moe_engine_seq_release(s->e, q);
     *secs = total;
@@ -381,9 +404,9 @@ static int bench_state_init(bench_state *s, const moe_model *m, int threads, kv_
 }
 
 /* One decode figure: B sequences, `steps` steps, with the read bandwidth measured
- * right before it. */
+ * among them (bw_probe) and the matmul peak right before. */
 typedef struct {
-    double bw;            /* GB/s, read pass just before */
+    double bw;            /* GB/s, the mean of the read passes among the steps */
     double peak;          /* GFLOP/s, matmul roof measured just before */
     double tps;           /* generated tok/s */
     double bound_tps;     /* roofline */
@@ -396,10 +419,11 @@ static int decode_measure(bench_state *s, pool *p, bw_ctx *x, peak_ctx *pc, int 
                           decode_round *r, char *err, size_t errlen)
 {
     const moe_hparams *hp = &s->m->weights.hp;
-    r->bw = membw_read_gbs(p, &x->read, 3);
     r->peak = peak_measure(p, pc, quick);
+    bw_probe probe = {.p = p, .read = &x->read, .every = 4};
     double secs;
-    if (bench_decode(s, B, 64, steps, &secs, &r->bytes, err, errlen)) return -1;
+    if (bench_decode(s, B, 64, steps, &probe, &secs, &r->bytes, err, errlen)) return -1;
+    r->bw = probe.sum / probe.n;
     /* Roofline: a step takes at least its bytes over the bandwidth and at least
      * its FLOPs over the matmul peak; small batches hit the first, big ones the second. */
     double ctx = 64 + (steps + 1) / 2.0;   /* mean positions attended per step */
@@ -415,9 +439,9 @@ static int decode_measure(bench_state *s, pool *p, bw_ctx *x, peak_ctx *pc, int 
 
 /* The shared host's bandwidth and share of the cores move by tens of percent
  * within a minute, so a figure is only comparable with a roof measured beside it:
- * each figure runs `rounds` times, each round measuring its roof (read pass,
- * matmul peak) right before its timing, and the round with the median ratio is
- * printed, all ratios after it. */
+ * each figure runs `rounds` times, each round measuring its roof beside its
+ * timing (the matmul peak right before, a decode round's read passes among its
+ * steps), and the round with the median ratio is printed, all ratios after it. */
 enum { MAX_ROUNDS = 5 };
 
 /* order[] = round indices by ascending ratio; returns the median round. */
@@ -454,7 +478,7 @@ static int bench_engine(const moe_model *m, pool *p, bw_ctx *x, peak_ctx *pc, in
     /* and the KV pool: it faults in at first use (core/hugemem.h), which a server
      * pays once in its life; the timed rounds should see it as a server does */
     double bytes_unused;
-    if (bench_decode(&s, 64, 64, 2, &secs, &bytes_unused, err, errlen)) goto done;
+    if (bench_decode(&s, 64, 64, 2, NULL, &secs, &bytes_unused, err, errlen)) goto done;
     int rounds = quick ? 1 : 3, steps = quick ? 4 : 16, order[MAX_ROUNDS];
     /* causal: token i attends to i + 1 positions; only the last row wants logits */
     double flops = forward_flops(hp, n_prefill, 1, n_prefill * (n_prefill + 1.0) / 2);
