@@ -31,8 +31,7 @@ static inline sampler_params tu_sampler_plain(float temp, uint64_t seed)
  * "many rows" either way, so the large sizes stay covered on every machine. */
 static inline int tu_many_rows(void)
 {
-    int n = matmul_sgemm_min_rows();
-    return n == MATMUL_SGEMM_NEVER ? 128 : n;
+    return matmul_blas_used() ? matmul_sgemm_min_rows() : 128;
 }
 
 /* Path of ../shared (beside the project root), or NULL when absent. Tests that
