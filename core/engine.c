@@ -30,6 +30,7 @@
 #define HAVE_PREFETCH 0
 #endif
 
+#include "core/clock.h"
 #include "core/kv_cache.h"
 #include "core/matmul.h"
 #include "core/moe_layer.h"
@@ -81,6 +82,8 @@ struct moe_engine {
     int32_t *next_pos;          /* (max_seqs) validation scratch */
     uint64_t *routed;           /* (n_layer, n_expert) cumulative */
     uint64_t *dropped;          /* (n_layer, n_expert) cumulative */
+    double phase_s[MOE_PHASE_COUNT];   /* cumulative wall seconds; OTHER holds the total */
+    moe_ffn_times ffn_s;               /* routing, experts, combine of the MoE layers */
     double *inv_freq;           /* (rope_dim / 2) base^(-2i / rope_dim) */
 
     /* scratch, B = max_batch_tokens rows */
@@ -1031,11 +1034,17 @@ static void attention_layer(moe_engine *e, const moe_batch *b, int l)
     proj_out qkv[3] = {{L->wq, pk_at(e, e->pk_q, l), e->q_dim, e->q, L->wq_raw},
                        {L->wk, pk_at(e, e->pk_k, l), e->kv_dim, e->k, L->wk_raw},
                        {L->wv, pk_at(e, e->pk_v, l), e->kv_dim, e->v, L->wv_raw}};
+    double t0 = clock_mono_s();
     project(e, e->xb, n, hp->n_embd, qkv, 3);
+    double t1 = clock_mono_s();
     pool_run(e->pool, n, qkv_row, &job);
     pool_run(e->pool, e->n_runs * hp->n_head_kv, attend, &job);
+    double t2 = clock_mono_s();
     proj_out wo = {L->wo, pk_at(e, e->pk_o, l), hp->n_embd, e->out, L->wo_raw};
     project(e, e->att, n, e->q_dim, &wo, 1);
+    double t3 = clock_mono_s();
+    e->phase_s[MOE_PHASE_PROJECTIONS] += (t1 - t0) + (t3 - t2);
+    e->phase_s[MOE_PHASE_ATTENTION] += t2 - t1;
     rows_add(e->x, e->out, (size_t)n * (size_t)hp->n_embd);
 }
 
@@ -1046,7 +1055,9 @@ static void ffn_layer(moe_engine *e, const moe_batch *b, int l)
     int n = b->n_tokens;
     rows_rmsnorm(e->xb, e->x, L->ffn_norm, n, hp->n_embd, hp->rms_eps);
     if (hp->n_expert == 0) {
+        double t0 = clock_mono_s();
         dense_ffn_forward(e->ffn, e->pool, L, e->xb, n, e->out);
+        e->ffn_s.experts += clock_mono_s() - t0;
     } else {
         int k = hp->n_expert_used, stride = hp->n_layer * k;
         moe_ffn_opts o = {
@@ -1056,6 +1067,7 @@ static void ffn_layer(moe_engine *e, const moe_batch *b, int l)
             .trace_stride = stride,
             .routed = e->routed + (size_t)l * (size_t)hp->n_expert,
             .dropped = e->dropped + (size_t)l * (size_t)hp->n_expert,
+            .times = &e->ffn_s,
         };
         moe_ffn_forward(e->ffn, e->pool, e->arch, L, e->xb, n, e->out, &o);
     }
@@ -1104,6 +1116,7 @@ int moe_engine_forward(moe_engine *e, const moe_batch *b, float *logits, char *e
     if (n == 0) return 0;
     const moe_hparams *hp = &e->w.hp;
 
+    double t0 = clock_mono_s();
     embed(e, b);
     rope_table(e, b);
     attention_runs(e, b);
@@ -1111,12 +1124,35 @@ int moe_engine_forward(moe_engine *e, const moe_batch *b, float *logits, char *e
         attention_layer(e, b, l);
         ffn_layer(e, b, l);
     }
+    double t1 = clock_mono_s();
     if (n_logits > 0) output_logits(e, b, n_logits, logits);
     for (int i = 0; i < n; i++) e->n_past[b->seq[i]] = b->pos[i] + 1;
+    double t2 = clock_mono_s();
+    e->phase_s[MOE_PHASE_LOGITS] += t2 - t1;
+    e->phase_s[MOE_PHASE_OTHER] += t2 - t0;
     return 0;
 }
 
 /* Accessors -------------------------------------------------------------- */
+
+const char *moe_phase_name(moe_phase ph)
+{
+    static const char *const names[MOE_PHASE_COUNT] = {
+        "projections", "attention", "routing", "experts", "combine", "logits", "other"};
+    return (unsigned)ph < MOE_PHASE_COUNT ? names[ph] : "?";
+}
+
+/* OTHER is kept as the total and reported as what the timed phases leave of it. */
+void moe_engine_phase_seconds(const moe_engine *e, double *out)
+{
+    for (int i = 0; i < MOE_PHASE_COUNT; i++) out[i] = e->phase_s[i];
+    out[MOE_PHASE_ROUTING] = e->ffn_s.routing;
+    out[MOE_PHASE_EXPERTS] = e->ffn_s.experts;
+    out[MOE_PHASE_COMBINE] = e->ffn_s.combine;
+    double rest = e->phase_s[MOE_PHASE_OTHER];
+    for (int i = 0; i < MOE_PHASE_OTHER; i++) rest -= out[i];
+    out[MOE_PHASE_OTHER] = rest > 0 ? rest : 0;
+}
 
 const moe_hparams *moe_engine_hparams(const moe_engine *e) { return &e->w.hp; }
 const uint64_t *moe_engine_expert_routed(const moe_engine *e) { return e->routed; }

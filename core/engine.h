@@ -74,6 +74,25 @@ int moe_engine_seq_truncate(moe_engine *e, int seq, int n_pos, char *err, size_t
 int moe_engine_forward(moe_engine *e, const moe_batch *b, float *logits,
                        char *err, size_t errlen);
 
+/* Where forwards spend their time, by phase of the pass. */
+typedef enum {
+    MOE_PHASE_PROJECTIONS = 0,  /* attention's Q, K, V and output projections */
+    MOE_PHASE_ATTENTION,        /* biases, q/k norms, RoPE, K/V into the cache, softmax(QK^T)V */
+    MOE_PHASE_ROUTING,          /* router GEMM, top-k, expert queues, gathering their rows */
+    MOE_PHASE_EXPERTS,          /* each expert over its queue (+ shared expert; a dense FFN) */
+    MOE_PHASE_COMBINE,          /* each row's weighted sum of its experts' outputs */
+    MOE_PHASE_LOGITS,           /* final norm and output projection of the rows that want logits */
+    MOE_PHASE_OTHER,            /* the rest: embeddings, norms, residual adds, batch setup */
+    MOE_PHASE_COUNT
+} moe_phase;
+
+/* "projections", "attention", "routing", "experts", "combine", "logits", "other". */
+const char *moe_phase_name(moe_phase ph);
+
+/* Wall seconds of every successful forward so far, by phase (out has
+ * MOE_PHASE_COUNT entries; they add up to the forwards' total). */
+void moe_engine_phase_seconds(const moe_engine *e, double *out);
+
 const moe_hparams *moe_engine_hparams(const moe_engine *e);
 /* Cumulative rows routed to / dropped by each (layer, expert): (n_layer, n_expert). */
 const uint64_t *moe_engine_expert_routed(const moe_engine *e);

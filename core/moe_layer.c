@@ -25,6 +25,7 @@
 #include <immintrin.h>
 #endif
 
+#include "core/clock.h"
 #include "core/matmul.h"
 #include "core/ops.h"
 #include "core/vexp.h"
@@ -539,7 +540,9 @@ void moe_ffn_forward(moe_ffn *f, pool *p, const moe_arch_info *a, const moe_laye
     assert(f->hp.n_expert > 0 && n >= 0 && n <= f->max_rows);
     assert(!a->shared_expert || f->has_shexp);
     if (n == 0) return;
+    double t0 = clock_mono_s();
     route(f, p, a, L, x, n, opts);
+    double t1 = clock_mono_s();
 
     f->n_units = 0;
     units_from_queues(f, L);
@@ -551,11 +554,17 @@ void moe_ffn_forward(moe_ffn *f, pool *p, const moe_arch_info *a, const moe_laye
                                            L->shexp_down, &L->shexp_raw, zero_at, f->sh_g, f->sh_u, f->sh_y);
     }
     units_run(f, p);
+    double t2 = clock_mono_s();
 
     f->n_rows = n;
     f->out = out;
     pool_run(p, (n + COMBINE_ROWS - 1) / COMBINE_ROWS, combine_task, f);
     f->out = NULL;
+    if (opts && opts->times) {
+        opts->times->routing += t1 - t0;
+        opts->times->experts += t2 - t1;
+        opts->times->combine += clock_mono_s() - t2;
+    }
 }
 
 void dense_ffn_forward(moe_ffn *f, pool *p, const moe_layer_weights *L,

@@ -56,6 +56,13 @@ int moe_ffn_create(const moe_hparams *hp, int max_rows, int n_threads,
                    moe_ffn **out, char *err, size_t errlen);
 void moe_ffn_free(moe_ffn *f);
 
+/* Wall seconds of a layer's parts, added to by moe_ffn_forward (moe_ffn_opts). */
+typedef struct {
+    double routing;          /* router GEMM, top-k, expert queues, gathering each queue's rows */
+    double experts;          /* every expert once over its queue (and the shared expert) */
+    double combine;          /* each row's weighted sum of its experts' outputs */
+} moe_ffn_times;
+
 typedef struct {
     float capacity_factor;   /* <= 0: dropless */
     int32_t *trace_expert;   /* optional: row r writes k ids at trace_expert[r * trace_stride] */
@@ -63,6 +70,7 @@ typedef struct {
     int trace_stride;
     uint64_t *routed;        /* optional (n_expert): += rows each expert processed */
     uint64_t *dropped;       /* optional (n_expert): += rows dropped by capacity */
+    moe_ffn_times *times;    /* optional: += this call's wall seconds by part */
 } moe_ffn_opts;
 
 /* out (n, n_embd) = MoE FFN of x (n, n_embd, already normalised). out is

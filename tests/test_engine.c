@@ -12,6 +12,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "core/clock.h"
 #include "core/engine.h"
 #include "core/packed.h"
 #include "core/matmul.h"
@@ -1027,6 +1028,63 @@ START_TEST(capacity_factor_drops_are_counted)
 }
 END_TEST
 
+/* The phase timings: zero before any forward, each phase that ran counted,
+ * none negative, their sum the forwards' time (so no more than the wall time
+ * around the calls), and a rejected batch adds nothing. */
+static void phases_check(int cfg)
+{
+    tmodel *m = model_make(cfg, 700);
+    const moe_hparams *hp = &m->w.hp;
+    int V = hp->n_vocab;
+    enum { N = 10, STEPS = 3 };
+    moe_engine *e = engine_make(m, 2, 0.0f);
+    double ph[MOE_PHASE_COUNT], after[MOE_PHASE_COUNT];
+    moe_engine_phase_seconds(e, ph);
+    for (int i = 0; i < MOE_PHASE_COUNT; i++) ck_assert(ph[i] == 0.0);
+    ck_assert_int_eq(moe_engine_seq_reserve(e, 0, N + STEPS, err, sizeof err), 0);
+    int32_t tok[N], pos[N], seq[N];
+    uint8_t want[N];
+    float *logits = malloc(sizeof(float) * N * V);
+    random_tokens(tok, N, V, 7);
+    for (int i = 0; i < N; i++) { pos[i] = i; seq[i] = 0; want[i] = i == N - 1; }
+    moe_batch b = {.n_tokens = N, .token = tok, .pos = pos, .seq = seq, .want_logits = want};
+    double t0 = clock_mono_s();
+    ck_assert_msg(moe_engine_forward(e, &b, logits, err, sizeof err) == 0, "%s", err);
+    for (int s = 0; s < STEPS; s++) {
+        moe_batch d = {.n_tokens = 1, .token = tok + s, .pos = (int32_t[]){N + s}, .seq = seq, .want_logits = want + N - 1};
+        ck_assert_msg(moe_engine_forward(e, &d, logits, err, sizeof err) == 0, "%s", err);
+    }
+    double wall = clock_mono_s() - t0, sum = 0;
+    moe_engine_phase_seconds(e, ph);
+    for (int i = 0; i < MOE_PHASE_COUNT; i++) {
+        ck_assert_msg(ph[i] >= 0.0, "%s: %g", moe_phase_name((moe_phase)i), ph[i]);
+        sum += ph[i];
+    }
+    ck_assert_msg(sum > 0.0 && sum <= wall, "phases add to %g s, the calls took %g s", sum, wall);
+    int moe = hp->n_expert > 0;
+    ck_assert(ph[MOE_PHASE_PROJECTIONS] > 0.0 && ph[MOE_PHASE_ATTENTION] > 0.0);
+    ck_assert(ph[MOE_PHASE_EXPERTS] > 0.0 && ph[MOE_PHASE_LOGITS] > 0.0);
+    ck_assert(moe ? ph[MOE_PHASE_ROUTING] > 0.0 : ph[MOE_PHASE_ROUTING] == 0.0);
+    ck_assert(moe ? ph[MOE_PHASE_COMBINE] > 0.0 : ph[MOE_PHASE_COMBINE] == 0.0);
+    /* a rejected batch: a token id past the vocabulary */
+    int32_t bad = V, p = N + STEPS;
+    moe_batch x = {.n_tokens = 1, .token = &bad, .pos = &p, .seq = seq, .want_logits = want};
+    ck_assert_int_ne(moe_engine_forward(e, &x, logits, err, sizeof err), 0);
+    moe_engine_phase_seconds(e, after);
+    for (int i = 0; i < MOE_PHASE_COUNT; i++) ck_assert(after[i] == ph[i]);
+    ck_assert_str_eq(moe_phase_name(MOE_PHASE_EXPERTS), "experts");
+    ck_assert_str_eq(moe_phase_name(MOE_PHASE_COUNT), "?");
+    free(logits);
+    moe_engine_free(e);
+    model_free(m);
+}
+
+START_TEST(phase_seconds_account_for_forwards)
+{
+    phases_check(_i);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("engine");
@@ -1043,6 +1101,7 @@ int main(void)
     tcase_add_test(tc, create_rejects_bad_input);
     tcase_add_test(tc, routed_counters_sum_to_tokens_times_k);
     tcase_add_test(tc, capacity_factor_drops_are_counted);
+    tcase_add_loop_test(tc, phase_seconds_account_for_forwards, 0, CFG_COUNT);
     suite_add_tcase(s, tc);
     return tu_run_suite(s);
 }
