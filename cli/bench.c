@@ -244,20 +244,15 @@ static double ffn_bytes(const moe_ffn_raw *r, uint64_t e, uint64_t ff)
            (double)e * (double)moe_wtype_row_bytes(r->down_type, ff);
 }
 
-/* Weight bytes one decode step must read, given which experts it selected. */
-static double step_weight_bytes(const bench_state *s, int n_tokens)
+/* Bytes of the FFN weights (the experts it selected, the shared expert; a
+ * dense model's FFN) one decode step must read, from the step's trace. */
+static double step_ffn_bytes(const bench_state *s, int n_tokens)
 {
     const moe_weights *w = &s->m->weights;
     const moe_hparams *hp = &w->hp;
     const moe_arch_info *a = moe_arch_get(hp->arch);
-    uint64_t e = (uint64_t)hp->n_embd, q = (uint64_t)hp->n_head * hp->head_dim;
-    uint64_t kv = (uint64_t)hp->n_head_kv * hp->head_dim;
-    double bytes = proj_bytes(w->output, w->output_raw, (uint64_t)hp->n_vocab, e, n_tokens);
-    for (int l = 0; l < hp->n_layer; l++) {
-        const moe_layer_weights *L = &w->layers[l];
-        bytes += proj_bytes(L->wq, L->wq_raw, q, e, n_tokens) + proj_bytes(L->wk, L->wk_raw, kv, e, n_tokens) +
-                 proj_bytes(L->wv, L->wv_raw, kv, e, n_tokens) + proj_bytes(L->wo, L->wo_raw, e, q, n_tokens);
-    }
+    uint64_t e = (uint64_t)hp->n_embd;
+    double bytes = 0;
     if (hp->n_expert == 0) {
         for (int l = 0; l < hp->n_layer; l++) bytes += ffn_bytes(&w->layers[l].ffn_raw, e, (uint64_t)hp->n_ff);
         return bytes;
@@ -278,8 +273,34 @@ static double step_weight_bytes(const bench_state *s, int n_tokens)
         bytes += (double)n_used * ffn_bytes(&w->layers[l].exp_raw, e, (uint64_t)hp->n_ff);
         if (a->shared_expert) bytes += ffn_bytes(&w->layers[l].shexp_raw, e, (uint64_t)hp->n_ff_shexp);
     }
-    bytes += (double)hp->n_layer * f32_bytes((uint64_t)hp->n_expert * e);
     return bytes;
+}
+
+/* Bytes of every layer's attention projections as a step of n_tokens rows reads them. */
+static double step_proj_bytes(const bench_state *s, int n_tokens)
+{
+    const moe_weights *w = &s->m->weights;
+    const moe_hparams *hp = &w->hp;
+    uint64_t e = (uint64_t)hp->n_embd, q = (uint64_t)hp->n_head * hp->head_dim;
+    uint64_t kv = (uint64_t)hp->n_head_kv * hp->head_dim;
+    double bytes = 0;
+    for (int l = 0; l < hp->n_layer; l++) {
+        const moe_layer_weights *L = &w->layers[l];
+        bytes += proj_bytes(L->wq, L->wq_raw, q, e, n_tokens) + proj_bytes(L->wk, L->wk_raw, kv, e, n_tokens) +
+                 proj_bytes(L->wv, L->wv_raw, kv, e, n_tokens) + proj_bytes(L->wo, L->wo_raw, e, q, n_tokens);
+    }
+    return bytes;
+}
+
+static double step_logit_bytes(const bench_state *s, int n_tokens)
+{
+    const moe_weights *w = &s->m->weights;
+    return proj_bytes(w->output, w->output_raw, (uint64_t)w->hp.n_vocab, (uint64_t)w->hp.n_embd, n_tokens);
+}
+
+static double router_bytes(const moe_hparams *hp)
+{
+    return (double)hp->n_layer * f32_bytes((uint64_t)hp->n_expert * (uint64_t)hp->n_embd);
 }
 
 static int forward(bench_state *s, int n, char *err, size_t errlen)
@@ -325,11 +346,20 @@ static void bw_probe_take(bw_probe *b)
     b->n++;
 }
 
+/* What the decode steps of bench_decode took, per step. */
+typedef struct {
+    double secs;                     /* wall seconds */
+    double bytes;                    /* weights and KV cache it must read, of which: */
+    double ffn_bytes;                /* the FFN weights (step_ffn_bytes) */
+    double proj_bytes, logit_bytes;  /* the attention and output projections */
+    double kv_bytes;                 /* the KV cache */
+    double phase[MOE_PHASE_COUNT];   /* seconds by phase (moe_engine_phase_seconds) */
+} decode_tally;
+
 /* B sequences, each prefilled with `ctx0` tokens, then `steps` decode steps of B
- * tokens; returns seconds of the decode steps and the mean bytes per step, and
- * takes probe's read passes (probe may be NULL). */
-static int bench_decode(bench_state *s, int B, int ctx0, int steps, bw_probe *probe, double *secs,
-                        double *bytes_per_step, char *err, size_t errlen)
+ * tokens, tallied in *t; takes probe's read passes (probe may be NULL). */
+static int bench_decode(bench_state *s, int B, int ctx0, int steps, bw_probe *probe, decode_tally *t,
+                        char *err, size_t errlen)
 {
     const moe_hparams *hp = &s->m->weights.hp;
     for (int q = 0; q < B; q++)
@@ -345,7 +375,8 @@ static int bench_decode(bench_state *s, int B, int ctx0, int steps, bw_probe *pr
             s->pos[n] = i; s->seq[n] = q; s->want[n] = 0;
         }
     if (n && forward(s, n, err, errlen)) return -1;
-    double total = 0, bytes = 0;
+    double total = 0, ffn = 0, kv = 0, ph0[MOE_PHASE_COUNT], ph1[MOE_PHASE_COUNT];
+    moe_engine_phase_seconds(s->e, ph0);
     bw_probe_take(probe);
     for (int st = 0; st < steps; st++) {
         for (int q = 0; q < B; q++) {
@@ -355,15 +386,18 @@ static int bench_decode(bench_state *s, int B, int ctx0, int steps, bw_probe *pr
         double t0 = now_s();
         if (forward(s, B, err, errlen)) return -1;
         total += now_s() - t0;
-        bytes += step_weight_bytes(s, B);
+        ffn += step_ffn_bytes(s, B);
         /* KV read: every sequence attends over its whole context */
-        bytes += (double)B * (ctx0 + st + 1) *
-                 (double)kv_position_bytes(hp->n_layer, hp->n_head_kv, hp->head_dim, s->kv);
+        kv += (double)B * (ctx0 + st + 1) *
+              (double)kv_position_bytes(hp->n_layer, hp->n_head_kv, hp->head_dim, s->kv);
         if (probe && ((st + 1) % probe->every == 0 || st + 1 == steps)) bw_probe_take(probe);
     }
+    moe_engine_phase_seconds(s->e, ph1);
     for (int q = 0; q < B; q++) moe_engine_seq_release(s->e, q);
-    *secs = total;
-    *bytes_per_step = bytes / steps;
+    *t = (decode_tally){.secs = total, .ffn_bytes = ffn / steps, .kv_bytes = kv / steps,
+                        .proj_bytes = step_proj_bytes(s, B), .logit_bytes = step_logit_bytes(s, B)};
+    t->bytes = t->ffn_bytes + t->kv_bytes + t->proj_bytes + t->logit_bytes + router_bytes(hp);
+    for (int i = 0; i < MOE_PHASE_COUNT; i++) t->phase[i] = (ph1[i] - ph0[i]) / steps;
     return 0;
 }
 
@@ -413,6 +447,7 @@ typedef struct {
     double ratio;         /* bound time / actual time */
     double bytes, flops;  /* per step */
     int mem_bound;        /* the bound is bandwidth (else the matmul peak) */
+    decode_tally tally;
 } decode_round;
 
 static int decode_measure(bench_state *s, pool *p, bw_ctx *x, peak_ctx *pc, int quick, int B, int steps,
@@ -421,8 +456,9 @@ static int decode_measure(bench_state *s, pool *p, bw_ctx *x, peak_ctx *pc, int 
     const moe_hparams *hp = &s->m->weights.hp;
     r->peak = peak_measure(p, pc, quick);
     bw_probe probe = {.p = p, .read = &x->read, .every = 4};
-    double secs;
-    if (bench_decode(s, B, 64, steps, &probe, &secs, &r->bytes, err, errlen)) return -1;
+    if (bench_decode(s, B, 64, steps, &probe, &r->tally, err, errlen)) return -1;
+    double secs = r->tally.secs;
+    r->bytes = r->tally.bytes;
     r->bw = probe.sum / probe.n;
     /* Roofline: a step takes at least its bytes over the bandwidth and at least
      * its FLOPs over the matmul peak; small batches hit the first, big ones the second. */
@@ -465,6 +501,30 @@ static void rounds_print(const double *ratio, int n, const int *order)
     printf("\n");
 }
 
+/* Where the printed round's steps went, phase by phase (moe_engine_phase_seconds),
+ * with the rates of those that read the step's bytes: GB/s of what each must
+ * read and, for the projections, GFLOP/s (the rate that bounds them at big batches). */
+static void phases_print(const moe_hparams *hp, int B, const decode_tally *t)
+{
+    double e = hp->n_embd, q = (double)hp->n_head * hp->head_dim, kv = (double)hp->n_head_kv * hp->head_dim;
+    double proj_flops = 2.0 * B * hp->n_layer * (2 * q * e + 2 * kv * e), logit_flops = 2.0 * B * hp->n_vocab * e;
+    printf("         per step:");
+    for (int i = 0; i < MOE_PHASE_COUNT; i++) {
+        double ph = t->phase[i];
+        printf("%s %s %.1f ms", i ? "," : "", moe_phase_name((moe_phase)i), ph * 1e3);
+        if (ph <= 0) continue;
+        if (i == MOE_PHASE_PROJECTIONS)
+            printf(" (%.0f GFLOP/s, %.1f GB/s)", proj_flops / ph / 1e9, t->proj_bytes / ph / 1e9);
+        else if (i == MOE_PHASE_LOGITS)
+            printf(" (%.0f GFLOP/s, %.1f GB/s)", logit_flops / ph / 1e9, t->logit_bytes / ph / 1e9);
+        else if (i == MOE_PHASE_EXPERTS)
+            printf(" (%.1f GB/s of %.0f MB)", t->ffn_bytes / ph / 1e9, t->ffn_bytes / 1e6);
+        else if (i == MOE_PHASE_ATTENTION)
+            printf(" (%.1f GB/s of KV cache)", t->kv_bytes / ph / 1e9);
+    }
+    printf("\n");
+}
+
 static int bench_engine(const moe_model *m, pool *p, bw_ctx *x, peak_ctx *pc, int threads, int quick,
                         kv_type kv, char *err, size_t errlen)
 {
@@ -477,8 +537,8 @@ static int bench_engine(const moe_model *m, pool *p, bw_ctx *x, peak_ctx *pc, in
     if (bench_prefill(&s, 32, &secs, err, errlen)) goto done;              /* warm-up */
     /* and the KV pool: it faults in at first use (core/hugemem.h), which a server
      * pays once in its life; the timed rounds should see it as a server does */
-    double bytes_unused;
-    if (bench_decode(&s, 64, 64, 2, NULL, &secs, &bytes_unused, err, errlen)) goto done;
+    decode_tally unused;
+    if (bench_decode(&s, 64, 64, 2, NULL, &unused, err, errlen)) goto done;
     int rounds = quick ? 1 : 3, steps = quick ? 4 : 16, order[MAX_ROUNDS];
     /* causal: token i attends to i + 1 positions; only the last row wants logits */
     double flops = forward_flops(hp, n_prefill, 1, n_prefill * (n_prefill + 1.0) / 2);
@@ -521,6 +581,7 @@ static int bench_engine(const moe_model *m, pool *p, bw_ctx *x, peak_ctx *pc, in
                B, med->tps, med->bound_tps, med->mem_bound ? "bandwidth" : "matmul peak",
                med->bytes / 1e6, med->bw, med->flops / 1e9, med->peak, 100.0 * med->ratio);
         rounds_print(ratio, rounds, order);
+        phases_print(hp, B, &med->tally);
     }
     rc = 0;
 done:
