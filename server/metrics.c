@@ -232,6 +232,13 @@ static void render_models(sbuf *b, const metrics *m)
     PER_MODEL(b, m, "moeserve_model_loaded", "gauge", "1 once the model is loaded and its scheduler runs.", "%d", mm->loaded);
     PER_MODEL(b, m, "moeserve_model_load_seconds", "gauge", "Time the model took to load.", "%.6g", mm->load_seconds);
 
+    family(b, "moeserve_forward_phase_seconds_total", "counter",
+           "Time of the forward passes by phase (projections, attention, routing, experts, combine, logits, other).");
+    for (int i = 0; i < m->n_models; i++)
+        for (int p = 0; p < MOE_PHASE_COUNT; p++)
+            sb_printf(b, "moeserve_forward_phase_seconds_total{model=\"%s\",phase=\"%s\"} %.9g\n",
+                      m->models[i].name, moe_phase_name((moe_phase)p), m->models[i].phase_seconds[p]);
+
     family(b, "moeserve_sequences_finished_total", "counter", "Sequences finished, by reason.");
     for (int i = 0; i < m->n_models; i++)
         for (int f = 0; f < FIN_COUNT; f++)

@@ -12,6 +12,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/engine.h"
+
 typedef enum {
     EP_INFER = 0, EP_MODELS, EP_HEALTH, EP_READY, EP_METRICS, EP_OTHER, EP_COUNT
 } metrics_endpoint;
@@ -40,6 +42,7 @@ typedef struct {
     int n_layer, n_expert;       /* 0 until the model is loaded */
     uint64_t *expert_routed;     /* (n_layer, n_expert) snapshot, owned */
     uint64_t *expert_dropped;    /* (n_layer, n_expert) snapshot, owned */
+    double phase_seconds[MOE_PHASE_COUNT];   /* forwards' time by phase, snapshot */
     int loaded;
     double load_seconds;
     uint64_t ens_overruled;      /* ensemble positions where this member's choice lost */

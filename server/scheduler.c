@@ -705,6 +705,7 @@ static void publish(sched *s, req_list *done, int n_dequeued, double fwd_s, int 
             memcpy(mm->expert_routed, moe_engine_expert_routed(s->engine), s->n_expert_cells * sizeof(uint64_t));
             memcpy(mm->expert_dropped, moe_engine_expert_dropped(s->engine), s->n_expert_cells * sizeof(uint64_t));
         }
+        moe_engine_phase_seconds(s->engine, mm->phase_seconds);
     }
     mm->prompt_tokens += (uint64_t)n_prompt_rows;
     mm->generated_tokens += (uint64_t)n_gen_tokens;

@@ -948,6 +948,12 @@ START_TEST(metrics_pass_promtool_and_logs_are_json)
     for (size_t i = 0; i < sizeof names / sizeof *names; i++)
         ck_assert_msg(strstr(r.body, names[i]), "/metrics lacks %s", names[i]);
     ck_assert(metric(s.port, "moeserve_expert_tokens_total", NULL, NULL) > 0);
+    /* the phases of the forwards: experts ran, and all of them add up to no more
+     * than the forwards' time the scheduler measured around the same calls */
+    ck_assert(metric(s.port, "moeserve_forward_phase_seconds_total", "phase=\"experts\"", NULL) > 0);
+    double phases = metric(s.port, "moeserve_forward_phase_seconds_total", "model=\"a\"", NULL);
+    double forwards = metric(s.port, "moeserve_forward_seconds_sum", "model=\"a\"", NULL);
+    ck_assert_msg(phases > 0 && phases <= forwards, "phases %g s, forwards %g s", phases, forwards);
     if (system("command -v promtool >/dev/null 2>&1") != 0) {
         printf("promtool absent (Debian package prometheus): skipping the promtool check\n");
     } else {
