@@ -82,8 +82,10 @@ struct moe_engine {
     int32_t *next_pos;          /* (max_seqs) validation scratch */
     uint64_t *routed;           /* (n_layer, n_expert) cumulative */
     uint64_t *dropped;          /* (n_layer, n_expert) cumulative */
-    double phase_s[MOE_PHASE_COUNT];   /* cumulative wall seconds; OTHER holds the total */
-    moe_ffn_times ffn_s;               /* routing, experts, combine of the MoE layers */
+    /* cumulative wall seconds of the forwards (moe_engine_phase_seconds): the
+     * whole pass, and the phases timed in it */
+    double total_s, proj_s, att_s, logits_s;
+    moe_ffn_times ffn_s;        /* routing, experts (the dense FFN too), combine */
     double *inv_freq;           /* (rope_dim / 2) base^(-2i / rope_dim) */
 
     /* scratch, B = max_batch_tokens rows */
@@ -1043,8 +1045,8 @@ static void attention_layer(moe_engine *e, const moe_batch *b, int l)
     proj_out wo = {L->wo, pk_at(e, e->pk_o, l), hp->n_embd, e->out, L->wo_raw};
     project(e, e->att, n, e->q_dim, &wo, 1);
     double t3 = clock_mono_s();
-    e->phase_s[MOE_PHASE_PROJECTIONS] += (t1 - t0) + (t3 - t2);
-    e->phase_s[MOE_PHASE_ATTENTION] += t2 - t1;
+    e->proj_s += (t1 - t0) + (t3 - t2);
+    e->att_s += t2 - t1;
     rows_add(e->x, e->out, (size_t)n * (size_t)hp->n_embd);
 }
 
@@ -1128,8 +1130,8 @@ int moe_engine_forward(moe_engine *e, const moe_batch *b, float *logits, char *e
     if (n_logits > 0) output_logits(e, b, n_logits, logits);
     for (int i = 0; i < n; i++) e->n_past[b->seq[i]] = b->pos[i] + 1;
     double t2 = clock_mono_s();
-    e->phase_s[MOE_PHASE_LOGITS] += t2 - t1;
-    e->phase_s[MOE_PHASE_OTHER] += t2 - t0;
+    e->logits_s += t2 - t1;
+    e->total_s += t2 - t0;
     return 0;
 }
 
@@ -1142,14 +1144,16 @@ const char *moe_phase_name(moe_phase ph)
     return (unsigned)ph < MOE_PHASE_COUNT ? names[ph] : "?";
 }
 
-/* OTHER is kept as the total and reported as what the timed phases leave of it. */
+/* OTHER is what the timed phases leave of the total. */
 void moe_engine_phase_seconds(const moe_engine *e, double *out)
 {
-    for (int i = 0; i < MOE_PHASE_COUNT; i++) out[i] = e->phase_s[i];
+    out[MOE_PHASE_PROJECTIONS] = e->proj_s;
+    out[MOE_PHASE_ATTENTION] = e->att_s;
     out[MOE_PHASE_ROUTING] = e->ffn_s.routing;
     out[MOE_PHASE_EXPERTS] = e->ffn_s.experts;
     out[MOE_PHASE_COMBINE] = e->ffn_s.combine;
-    double rest = e->phase_s[MOE_PHASE_OTHER];
+    out[MOE_PHASE_LOGITS] = e->logits_s;
+    double rest = e->total_s;
     for (int i = 0; i < MOE_PHASE_OTHER; i++) rest -= out[i];
     out[MOE_PHASE_OTHER] = rest > 0 ? rest : 0;
 }
