@@ -208,6 +208,13 @@ typedef struct {
 
 static size_t f32_bytes(uint64_t n) { return (size_t)n * sizeof(float); }
 
+/* Multiply-adds of one token through one layer's Q, K, V and output projections. */
+static double proj_macs(const moe_hparams *hp)
+{
+    double e = hp->n_embd, q = (double)hp->n_head * hp->head_dim, kv = (double)hp->n_head_kv * hp->head_dim;
+    return 2 * q * e + 2 * kv * e;
+}
+
 /* FLOPs a forward pass must do: 2 per multiply-add of every matmul a token goes
  * through (attention projections, router, its k experts, a shared expert), the
  * output projection only for the rows that want logits, and attention's scores and
@@ -216,9 +223,8 @@ static size_t f32_bytes(uint64_t n) { return (size_t)n * sizeof(float); }
 static double forward_flops(const moe_hparams *hp, double n_tokens, double n_logits, double attn_pairs)
 {
     const moe_arch_info *a = moe_arch_get(hp->arch);
-    double e = hp->n_embd, q = (double)hp->n_head * hp->head_dim;
-    double kv = (double)hp->n_head_kv * hp->head_dim, ffn = 3.0 * hp->n_ff * e;
-    double per_token = 2 * q * e + 2 * kv * e;
+    double e = hp->n_embd, ffn = 3.0 * hp->n_ff * e;
+    double per_token = proj_macs(hp);
     if (hp->n_expert == 0) per_token += ffn;
     else per_token += hp->n_expert * e + hp->n_expert_used * ffn;
     if (hp->n_expert && a->shared_expert) per_token += e + 3.0 * hp->n_ff_shexp * e;
@@ -445,9 +451,9 @@ typedef struct {
     double tps;           /* generated tok/s */
     double bound_tps;     /* roofline */
     double ratio;         /* bound time / actual time */
-    double bytes, flops;  /* per step */
+    double flops;         /* per step */
     int mem_bound;        /* the bound is bandwidth (else the matmul peak) */
-    decode_tally tally;
+    decode_tally tally;   /* the steps: time, bytes, phases */
 } decode_round;
 
 static int decode_measure(bench_state *s, pool *p, bw_ctx *x, peak_ctx *pc, int quick, int B, int steps,
@@ -457,14 +463,12 @@ static int decode_measure(bench_state *s, pool *p, bw_ctx *x, peak_ctx *pc, int 
     r->peak = peak_measure(p, pc, quick);
     bw_probe probe = {.p = p, .read = &x->read, .every = 4};
     if (bench_decode(s, B, 64, steps, &probe, &r->tally, err, errlen)) return -1;
-    double secs = r->tally.secs;
-    r->bytes = r->tally.bytes;
     r->bw = probe.sum / probe.n;
     /* Roofline: a step takes at least its bytes over the bandwidth and at least
      * its FLOPs over the matmul peak; small batches hit the first, big ones the second. */
     double ctx = 64 + (steps + 1) / 2.0;   /* mean positions attended per step */
     r->flops = forward_flops(hp, B, B, ctx * B);
-    double per_step = secs / steps, mem_s = r->bytes / (r->bw * 1e9), flop_s = r->flops / (r->peak * 1e9);
+    double per_step = r->tally.secs / steps, mem_s = r->tally.bytes / (r->bw * 1e9), flop_s = r->flops / (r->peak * 1e9);
     double bound_step = mem_s > flop_s ? mem_s : flop_s;
     r->mem_bound = mem_s >= flop_s;
     r->tps = B / per_step;
@@ -506,8 +510,7 @@ static void rounds_print(const double *ratio, int n, const int *order)
  * read and, for the projections, GFLOP/s (the rate that bounds them at big batches). */
 static void phases_print(const moe_hparams *hp, int B, const decode_tally *t)
 {
-    double e = hp->n_embd, q = (double)hp->n_head * hp->head_dim, kv = (double)hp->n_head_kv * hp->head_dim;
-    double proj_flops = 2.0 * B * hp->n_layer * (2 * q * e + 2 * kv * e), logit_flops = 2.0 * B * hp->n_vocab * e;
+    double proj_flops = 2.0 * B * hp->n_layer * proj_macs(hp), logit_flops = 2.0 * B * hp->n_vocab * (double)hp->n_embd;
     printf("         per step:");
     for (int i = 0; i < MOE_PHASE_COUNT; i++) {
         double ph = t->phase[i];
@@ -579,7 +582,7 @@ static int bench_engine(const moe_model *m, pool *p, bw_ctx *x, peak_ctx *pc, in
         const decode_round *med = &r[rounds_sort(ratio, rounds, order)];
         printf("decode   batch %2d:    %9.1f tok/s   bound %9.1f tok/s (%s: %.0f MB/step at %.1f GB/s, %.2f GFLOP/step at %.0f GFLOP/s)   %5.1f%%",
                B, med->tps, med->bound_tps, med->mem_bound ? "bandwidth" : "matmul peak",
-               med->bytes / 1e6, med->bw, med->flops / 1e9, med->peak, 100.0 * med->ratio);
+               med->tally.bytes / 1e6, med->bw, med->flops / 1e9, med->peak, 100.0 * med->ratio);
         rounds_print(ratio, rounds, order);
         phases_print(hp, B, &med->tally);
     }
