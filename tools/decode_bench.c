@@ -5,7 +5,9 @@
  * cache is sized for 64 sequences of N + STEPS positions) before its steps, so
  * long contexts show what attention costs. Prints, per batch size, tok/s of each
  * repetition and the best, each repetition preceded by its own read-bandwidth
- * pass ([raw GB/s]): the host's bandwidth moves from minute to minute, so an A/B
+ * pass ([raw GB/s]) and followed by its step's milliseconds by phase in
+ * moe_phase order (projections/attention/routing/experts/combine/logits/other,
+ * moe_engine_phase_seconds): the host's bandwidth moves from minute to minute, so an A/B
  * of two builds alternates them and compares rounds that met the same raw rate.
  * Built by `make tools` (and `make test`) as build/tools/decode_bench; the other
  * side of an A/B by `make tools BUILD=DIR` in the other tree.
@@ -102,6 +104,8 @@ int main(int argc, char **argv)
                 }
             }
             printf(" [raw %5.1f]", membw_read_gbs(bw_pool, &rd, 1));
+            double ph0[MOE_PHASE_COUNT], ph1[MOE_PHASE_COUNT];
+            moe_engine_phase_seconds(e, ph0);
             double t0 = now_s();
             for (int st = 0; st < steps; st++) {
                 for (int q = 0; q < B; q++) {
@@ -116,7 +120,11 @@ int main(int argc, char **argv)
             }
             double tps = B * steps / (now_s() - t0);
             if (tps > best) best = tps;
-            printf(" %6.1f", tps);
+            moe_engine_phase_seconds(e, ph1);
+            printf(" %6.1f (", tps);
+            for (int ph = 0; ph < MOE_PHASE_COUNT; ph++)
+                printf("%s%.1f", ph ? "/" : "", (ph1[ph] - ph0[ph]) * 1e3 / steps);
+            printf(" ms)");
             fflush(stdout);
         }
         printf("   best %6.1f tok/s\n", best);
