@@ -215,21 +215,34 @@ static double proj_macs(const moe_hparams *hp)
     return 2 * q * e + 2 * kv * e;
 }
 
-/* FLOPs a forward pass must do: 2 per multiply-add of every matmul a token goes
- * through (attention projections, router, its k experts, a shared expert), the
- * output projection only for the rows that want logits, and attention's scores and
- * weighted values over `attn_pairs` (query, key) pairs. The embedding is a lookup,
- * not a matmul, so it does not count. */
-static double forward_flops(const moe_hparams *hp, double n_tokens, double n_logits, double attn_pairs)
+/* FLOPs a forward pass must do, by the phase that does them: 2 per multiply-add
+ * of every matmul a token goes through (attention projections, router, its k
+ * experts, a shared expert), the output projection only for the rows that want
+ * logits, and attention's scores and weighted values over `attn_pairs` (query,
+ * key) pairs. The embedding is a lookup, not a matmul, so it does not count. */
+typedef struct {
+    double proj, attention, router, experts, logits;
+} phase_flops;
+
+static phase_flops forward_phase_flops(const moe_hparams *hp, double n_tokens, double n_logits, double attn_pairs)
 {
     const moe_arch_info *a = moe_arch_get(hp->arch);
-    double e = hp->n_embd, ffn = 3.0 * hp->n_ff * e;
-    double per_token = proj_macs(hp);
-    if (hp->n_expert == 0) per_token += ffn;
-    else per_token += hp->n_expert * e + hp->n_expert_used * ffn;
-    if (hp->n_expert && a->shared_expert) per_token += e + 3.0 * hp->n_ff_shexp * e;
-    return 2.0 * hp->n_layer * per_token * n_tokens + 2.0 * hp->n_vocab * e * n_logits +
-           4.0 * hp->n_layer * (double)hp->n_head * hp->head_dim * attn_pairs;
+    double e = hp->n_embd, L = hp->n_layer, ffn = 3.0 * hp->n_ff * e;
+    phase_flops f = {
+        .proj = 2.0 * L * proj_macs(hp) * n_tokens,
+        .attention = 4.0 * L * (double)hp->n_head * hp->head_dim * attn_pairs,
+        .router = 2.0 * L * hp->n_expert * e * n_tokens,
+        .experts = 2.0 * L * (hp->n_expert ? hp->n_expert_used * ffn : ffn) * n_tokens,
+        .logits = 2.0 * (double)hp->n_vocab * e * n_logits,
+    };
+    if (hp->n_expert && a->shared_expert) f.experts += 2.0 * L * (e + 3.0 * hp->n_ff_shexp * e) * n_tokens;
+    return f;
+}
+
+static double forward_flops(const moe_hparams *hp, double n_tokens, double n_logits, double attn_pairs)
+{
+    phase_flops f = forward_phase_flops(hp, n_tokens, n_logits, attn_pairs);
+    return f.proj + f.attention + f.router + f.experts + f.logits;
 }
 
 /* Bytes of a projection of `rows` outputs over k inputs as a step of n_tokens
@@ -452,6 +465,7 @@ typedef struct {
     double bound_tps;     /* roofline */
     double ratio;         /* bound time / actual time */
     double flops;         /* per step */
+    double attn_pairs;    /* (query, key) pairs attention scores per step */
     int mem_bound;        /* the bound is bandwidth (else the matmul peak) */
     decode_tally tally;   /* the steps: time, bytes, phases */
 } decode_round;
@@ -467,7 +481,8 @@ static int decode_measure(bench_state *s, pool *p, bw_ctx *x, peak_ctx *pc, int 
     /* Roofline: a step takes at least its bytes over the bandwidth and at least
      * its FLOPs over the matmul peak; small batches hit the first, big ones the second. */
     double ctx = 64 + (steps + 1) / 2.0;   /* mean positions attended per step */
-    r->flops = forward_flops(hp, B, B, ctx * B);
+    r->attn_pairs = ctx * B;
+    r->flops = forward_flops(hp, B, B, r->attn_pairs);
     double per_step = r->tally.secs / steps, mem_s = r->tally.bytes / (r->bw * 1e9), flop_s = r->flops / (r->peak * 1e9);
     double bound_step = mem_s > flop_s ? mem_s : flop_s;
     r->mem_bound = mem_s >= flop_s;
@@ -505,27 +520,52 @@ static void rounds_print(const double *ratio, int n, const int *order)
     printf("\n");
 }
 
+static double roof_s(double bytes, double flops, double gbs, double gflops)
+{
+    double m = bytes / (gbs * 1e9), c = flops / (gflops * 1e9);
+    return m > c ? m : c;
+}
+
+/* The step's time if each phase ran at its own roof (its bytes over the read
+ * bandwidth or its FLOPs over the matmul peak, whichever is longer), one phase
+ * after another, as a layer's data dependencies order them here. The round's
+ * bound lets the step's reads and FLOPs overlap across phases; this one does
+ * not, so it says how much of the gap to that bound the phases' order alone
+ * makes. */
+static double serial_roof_s(const moe_hparams *hp, int B, const decode_round *r)
+{
+    const decode_tally *t = &r->tally;
+    phase_flops f = forward_phase_flops(hp, B, B, r->attn_pairs);
+    return roof_s(t->proj_bytes, f.proj, r->bw, r->peak) + roof_s(t->kv_bytes, f.attention, r->bw, r->peak) +
+           roof_s(router_bytes(hp), f.router, r->bw, r->peak) + roof_s(t->ffn_bytes, f.experts, r->bw, r->peak) +
+           roof_s(t->logit_bytes, f.logits, r->bw, r->peak);
+}
+
 /* Where the printed round's steps went, phase by phase (moe_engine_phase_seconds),
  * with the rates of those that read the step's bytes: GB/s of what each must
- * read and, for the projections, GFLOP/s (the rate that bounds them at big batches). */
-static void phases_print(const moe_hparams *hp, int B, const decode_tally *t)
+ * read and, for the projections, GFLOP/s (the rate that bounds them at big
+ * batches); then the serial roof. */
+static void phases_print(const moe_hparams *hp, int B, const decode_round *r)
 {
-    double proj_flops = 2.0 * B * hp->n_layer * proj_macs(hp), logit_flops = 2.0 * B * hp->n_vocab * (double)hp->n_embd;
+    const decode_tally *t = &r->tally;
+    phase_flops f = forward_phase_flops(hp, B, B, r->attn_pairs);
     printf("         per step:");
     for (int i = 0; i < MOE_PHASE_COUNT; i++) {
         double ph = t->phase[i];
         printf("%s %s %.1f ms", i ? "," : "", moe_phase_name((moe_phase)i), ph * 1e3);
         if (ph <= 0) continue;
         if (i == MOE_PHASE_PROJECTIONS)
-            printf(" (%.0f GFLOP/s, %.1f GB/s)", proj_flops / ph / 1e9, t->proj_bytes / ph / 1e9);
+            printf(" (%.0f GFLOP/s, %.1f GB/s)", f.proj / ph / 1e9, t->proj_bytes / ph / 1e9);
         else if (i == MOE_PHASE_LOGITS)
-            printf(" (%.0f GFLOP/s, %.1f GB/s)", logit_flops / ph / 1e9, t->logit_bytes / ph / 1e9);
+            printf(" (%.0f GFLOP/s, %.1f GB/s)", f.logits / ph / 1e9, t->logit_bytes / ph / 1e9);
         else if (i == MOE_PHASE_EXPERTS)
             printf(" (%.1f GB/s of %.0f MB)", t->ffn_bytes / ph / 1e9, t->ffn_bytes / 1e6);
         else if (i == MOE_PHASE_ATTENTION)
             printf(" (%.1f GB/s of KV cache)", t->kv_bytes / ph / 1e9);
     }
-    printf("\n");
+    double serial = serial_roof_s(hp, B, r), bound = B / r->bound_tps, step = B / r->tps;
+    printf("\n         serial roof: %.1f ms/step (each phase at its own roof, in turn), %.1f%% of the bound; "
+           "these steps %.1f%% of it\n", serial * 1e3, 100.0 * bound / serial, 100.0 * serial / step);
 }
 
 static int bench_engine(const moe_model *m, pool *p, bw_ctx *x, peak_ctx *pc, int threads, int quick,
@@ -584,7 +624,7 @@ static int bench_engine(const moe_model *m, pool *p, bw_ctx *x, peak_ctx *pc, in
                B, med->tps, med->bound_tps, med->mem_bound ? "bandwidth" : "matmul peak",
                med->tally.bytes / 1e6, med->bw, med->flops / 1e9, med->peak, 100.0 * med->ratio);
         rounds_print(ratio, rounds, order);
-        phases_print(hp, B, &med->tally);
+        phases_print(hp, B, med);
     }
     rc = 0;
 done:
