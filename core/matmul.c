@@ -255,12 +255,17 @@ static void tile_one(const float *x, int nx, int k, const float *w, float *y, in
  * loads (one per FMA) cost more than the tile's reuse saves (m 5 69-92% against
  * 71-87%, m 6-8 down to 44-50% when the memory is fast). */
 #define ROW_MAX_X 4
-/* From 2 x rows each weight line costs more instructions than the reorder window
- * can hold enough of to keep the stream's misses in flight, so those rows_dot
- * calls prefetch the weights 8 KB ahead (A/B as above, alternated, 3 runs at
- * 54-68 GB/s: m 2 +4-10, m 3 +11-16, m 4 (then two passes of 2) +3-6 points of
- * the read rate; m 1 gains nothing). Past the end of the slice it touches the next task's
- * weights, harmlessly. */
+/* rows_dot prefetches the weights 8 KB ahead. From 2 x rows each weight line
+ * costs more instructions than the reorder window can hold enough of to keep the
+ * stream's misses in flight (Zen 4, A/B as above, alternated, 3 runs at 54-68
+ * GB/s: m 2 +4-10, m 3 +11-16, m 4 (then two passes of 2) +3-6 points of the
+ * read rate; m 1 gained nothing there). On Emerald Rapids one row gains too,
+ * likely because an expert task's stream restarts at every 256 KB slice (a gate
+ * slice, then an up slice) and the hardware prefetcher has to ramp up again:
+ * `decode_bench` alternated with the build before, the experts' time against
+ * the projections' in the same steps fell 16% at batch 1 (9 rounds each), 13% at
+ * batch 4 and 8% at batch 16 (6 rounds each). Past the end of the slice it
+ * touches the next task's weights, harmlessly. */
 #define ROW_PF_AHEAD 2048
 /* Rows of x whose stride is a multiple of 4 KB (k 1024, 2048, ...) sit in the
  * same L1 set at every step, together with the weight line being read and the
@@ -283,7 +288,7 @@ void rows_dot(const float *x, int ldx, int k, const float *w, int n0, int n1, fl
         for (int b = 0; b < nx; b++) acc[b] = vzero();
         int t = 0;
         for (; t + VL <= k; t += VL) {
-            if (nx >= 2) VPREFETCH(wr, (size_t)t + ROW_PF_AHEAD);
+            VPREFETCH(wr, (size_t)t + ROW_PF_AHEAD);
             vf wv = vload(wr + t);
             VREG(wv);
             for (int b = 0; b < nx; b++) acc[b] = vfma(wv, vload(x + (size_t)b * ldx + t), acc[b]);
