@@ -472,7 +472,7 @@ typedef struct {
 
 static double max2(double a, double b) { return a > b ? a : b; }
 
-/* The fastest rate a phase of the steps showed: bytes over its seconds, or FLOPs. */
+/* What a phase of the steps ran at, in G a second: its bytes or FLOPs over its seconds. */
 static double phase_rate(double amount, double secs) { return secs > 0 ? amount / secs / 1e9 : 0.0; }
 
 static int decode_measure(bench_state *s, pool *p, bw_ctx *x, peak_ctx *pc, int quick, int B, int steps,
