@@ -14,9 +14,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "core/clock.h"
 #include "core/engine.h"
 #include "core/hugemem.h"
 #include "core/matmul.h"
@@ -24,13 +24,6 @@
 #include "core/pool.h"
 #include "models/model_file.h"
 #include "models/tokenizer.h"
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 /* Memory bandwidth ------------------------------------------------------- */
 
@@ -162,11 +155,11 @@ static double best_gflops(pool *p, const peak_ctx *c, int m, int reps, int packe
     double best = 1e30;
     packed_out o = {c->pw, c->y};
     for (int r = 0; r < reps; r++) {
-        double t0 = now_s();
+        double t0 = clock_mono_s();
         if (packed) packed_matmul(p, c->ps, c->x, m, c->n, &o, 1);
         else if (m == c->n) matmul_blas(p, c->x, m, c->n, c->w, c->n, c->y);
         else matmul(p, c->x, m, c->n, c->w, c->n, c->y);
-        double dt = now_s() - t0;
+        double dt = clock_mono_s() - t0;
         if (dt < best) best = dt;
     }
     return 2.0 * m * (double)c->n * c->n / best / 1e9;
@@ -338,9 +331,9 @@ static int bench_prefill(bench_state *s, int n, double *secs, char *err, size_t 
         s->tok[i] = (int32_t)((i * 7919 + 13) % hp->n_vocab);
         s->pos[i] = i; s->seq[i] = 0; s->want[i] = (i == n - 1);
     }
-    double t0 = now_s();
+    double t0 = clock_mono_s();
     int rc = forward(s, n, err, errlen);
-    *secs = now_s() - t0;
+    *secs = clock_mono_s() - t0;
     moe_engine_seq_release(s->e, 0);
     return rc;
 }
@@ -402,9 +395,9 @@ static int bench_decode(bench_state *s, int B, int ctx0, int steps, bw_probe *pr
             s->tok[q] = (int32_t)((q * 31 + st * 17 + 5) % hp->n_vocab);
             s->pos[q] = ctx0 + st; s->seq[q] = q; s->want[q] = 1;
         }
-        double t0 = now_s();
+        double t0 = clock_mono_s();
         if (forward(s, B, err, errlen)) return -1;
-        total += now_s() - t0;
+        total += clock_mono_s() - t0;
         ffn += step_ffn_bytes(s, B);
         /* KV read: every sequence attends over its whole context */
         kv += (double)B * (ctx0 + st + 1) *
@@ -665,9 +658,9 @@ static int bench_tokenizer(const moe_model *m, const char *path)
     char err[256];
     int32_t *ids = NULL;
     size_t n = 0;
-    double t0 = now_s();
+    double t0 = clock_mono_s();
     int rc = tokenizer_encode(m->tokenizer, text, (size_t)len, 0, &ids, &n, err, sizeof err);
-    double dt = now_s() - t0;
+    double dt = clock_mono_s() - t0;
     if (rc == 0)
         printf("tokenizer: %.1f MB/s (%ld bytes -> %zu tokens, one core)\n", len / dt / 1e6, len, n);
     free(ids);
@@ -778,7 +771,7 @@ int eval_run(const eval_opts *o, char *err, size_t errlen)
     for (int i = 0; i < ctx; i++) pos[i] = i;
     double nats = 0;
     size_t scored = 0;
-    double t0 = now_s();
+    double t0 = clock_mono_s();
     for (size_t start = 0; start + 1 < n; start += (size_t)ctx) {
         int w = (int)(n - 1 - start < (size_t)ctx ? n - 1 - start : (size_t)ctx);
         if (moe_engine_seq_reserve(e, 0, w, err, errlen)) goto done;
@@ -788,7 +781,7 @@ int eval_run(const eval_opts *o, char *err, size_t errlen)
             nats -= logprob(logits + (size_t)i * hp->n_vocab, hp->n_vocab, ids[start + (size_t)i + 1]);
         scored += (size_t)w;
         moe_engine_seq_release(e, 0);
-        double dt = now_s() - t0;
+        double dt = clock_mono_s() - t0;
         fprintf(stderr, "\reval: %zu/%zu tokens, %.0f tok/s, bits/byte so far %.4f   ",
                 scored, n - 1, scored / dt, nats / log(2.0) / (double)len * (double)(n - 1) / (double)scored);
     }

@@ -1,15 +1,8 @@
 /* membw.c -- the memory read pass (see membw.h). */
 #include "cli/membw.h"
+#include "core/clock.h"
 
 #include <string.h>
-#include <time.h>
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 /* Eight independent vector sums, so the loop is limited by memory, not by the
  * latency of one chain of additions (a too-slow read loop would understate the
@@ -40,9 +33,9 @@ double membw_pass_gbs(pool *p, int n_tasks, pool_fn fn, void *ctx, double bytes_
 {
     double best = 1e30;
     for (int i = 0; i < reps; i++) {
-        double t0 = now_s();
+        double t0 = clock_mono_s();
         pool_run(p, n_tasks, fn, ctx);
-        double dt = now_s() - t0;
+        double dt = clock_mono_s() - t0;
         if (dt < best) best = dt;
     }
     return bytes_per_pass / best / 1e9;

@@ -1,6 +1,7 @@
-/* clock.h -- monotonic wall time in seconds, for the engine's phase timings
- * (moe_engine_phase_seconds): a vDSO call of tens of nanoseconds, a few hundred
- * of them a forward. */
+/* clock.h -- monotonic wall time in seconds: the one clock of the engine's
+ * phase timings (moe_engine_phase_seconds: a vDSO call of tens of nanoseconds,
+ * a few hundred of them a forward), the server's durations, the loader's and
+ * the benchmarks'. */
 #ifndef MOE_CORE_CLOCK_H
 #define MOE_CORE_CLOCK_H
 

@@ -10,6 +10,7 @@
 #include "models/model_file.h"
 #include "models/pages.h"
 
+#include "core/clock.h"
 #include "core/hugemem.h"
 #include "core/wconv.h"
 
@@ -19,7 +20,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 /* Limits far above any real model, so absurd values are rejected before they are
  * multiplied into sizes. */
@@ -634,13 +634,6 @@ static int model_tokenizer(moe_model *m, char *err, size_t errlen)
 
 /* Loading ------------------------------------------------------------------- */
 
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
 /* Whether to convert the narrow projections to F32 as well (moe_proj_mode):
  * AUTO when those copies (F32 and packed) and the file itself take at most
  * half the memory available. */
@@ -748,7 +741,7 @@ int moe_model_load_mode(const char *path, gguf_load_mode mode, moe_model **out, 
 int moe_model_load_opts(const char *path, const moe_load_opts *o, moe_model **out, char *err, size_t errlen)
 {
     gguf_load_mode mode = o->weights;
-    double t0 = now_ms();
+    double t0 = (clock_mono_s() * 1e3);
     *out = NULL;
     moe_model *m = calloc(1, sizeof *m);
     if (!m) return fail(err, errlen, "out of memory");
@@ -762,7 +755,7 @@ int moe_model_load_opts(const char *path, const moe_load_opts *o, moe_model **ou
         moe_model_free(m);
         return -1;
     }
-    m->load_ms = now_ms() - t0;
+    m->load_ms = (clock_mono_s() * 1e3) - t0;
     *out = m;
     return 0;
 }

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/clock.h"
 #include "core/ensemble.h"
 #include "server/ensemble_req.h"
 
@@ -51,13 +52,6 @@ struct sched {
     size_t n_expert_cells;       /* n_layer * n_expert */
     char piece[512];             /* detokenizer output of one token */
 };
-
-static double mono_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 /* Requests --------------------------------------------------------------- */
 
@@ -356,7 +350,7 @@ static void req_finish(sched *s, req_list *done, sched_req *r, int status, finis
     r->status = status;
     r->finish = fin;
     if (msg) snprintf(r->errmsg, sizeof r->errmsg, "%s", msg);
-    r->t_done = mono_now();
+    r->t_done = clock_mono_s();
     if (r->ens) ens_group_member_done(r->ens, r->ens_member, status, fin, msg);
     list_push(done, r);
 }
@@ -395,7 +389,7 @@ static int ens_take(sched *s, req_list *done, int i, double now, int *n_gen);
  * the token is taken first (the group closes only after it is handed out). */
 static void sweep(sched *s, req_list *done, int abort_all, int *n_dequeued, int *n_gen)
 {
-    double now = mono_now();
+    double now = clock_mono_s();
     int status; finish_kind fin; const char *msg;
     for (int i = 0; i < s->n_running;) {
         sched_req *r = s->running[i];
@@ -454,7 +448,7 @@ static void admit(sched *s, req_list *done, int *n_dequeued)
         (*n_dequeued)++;
         r->slot = slot;
         r->n_past = 0;
-        r->t_admit = mono_now();
+        r->t_admit = clock_mono_s();
         tokenizer_stream_init(&r->ts);
         r->ts.n_fed = 1;  /* output continues the prompt: its first space is real */
         s->running[s->n_running++] = r;
@@ -681,7 +675,7 @@ static int ens_take(sched *s, req_list *done, int i, double now, int *n_gen)
 /* Parked members whose group combined a token: apply it. */
 static void ens_poll(sched *s, req_list *done, int *n_gen)
 {
-    double now = mono_now();
+    double now = clock_mono_s();
     for (int i = 0; i < s->n_running;)
         if (!ens_take(s, done, i, now, n_gen)) i++;
 }
@@ -747,9 +741,9 @@ static int step(sched *s, int abort_all)
         moe_batch b = {n, s->b_token, s->b_pos, s->b_seq, s->b_want,
                        any_routing ? s->trace_expert : NULL, any_routing ? s->trace_weight : NULL};
         char err[256];
-        double t0 = mono_now();
+        double t0 = clock_mono_s();
         int rc = moe_engine_forward(s->engine, &b, s->logits, err, sizeof err);
-        double now = mono_now();
+        double now = clock_mono_s();
         fwd_s = now - t0;
         if (rc) {
             char msg[300];
@@ -833,8 +827,8 @@ static void *sched_main(void *arg)
         if (s->stop) break;
         /* Batching window: an idle scheduler waits a little for company. */
         if (!s->n_running && !s->waiting && s->inbox && s->p.batch_wait_us > 0) {
-            double until = mono_now() + s->p.batch_wait_us * 1e-6;
-            while (!s->stop && !s->abort_all && s->n_queued < s->p.max_seqs && mono_now() < until)
+            double until = clock_mono_s() + s->p.batch_wait_us * 1e-6;
+            while (!s->stop && !s->abort_all && s->n_queued < s->p.max_seqs && clock_mono_s() < until)
                 cond_wait_until(s, until);
         }
         splice_inbox(s);
@@ -846,7 +840,7 @@ static void *sched_main(void *arg)
         /* Every running sequence waits for its ensemble's other members: sleep
          * until one wakes us (or a tick, for deadlines) instead of spinning. */
         if (!worked && s->wakes == wakes && !s->inbox && !s->stop && !s->abort_all)
-            cond_wait_until(s, mono_now() + 0.05);
+            cond_wait_until(s, clock_mono_s() + 0.05);
     }
     /* Stopping: everything still inside goes back as 503. */
     splice_inbox(s);

@@ -21,6 +21,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "core/clock.h"
 #include "core/matmul.h"
 #include "models/pages.h"
 #include "server/api.h"
@@ -93,13 +94,6 @@ struct conn_ctx {
     char *resp_error;            /* for the log line */
     int orphan;                  /* MHD dropped the connection while we worked */
 };
-
-static double mono_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 static void mhd_pump(moe_server *s);
 static void drain_check(moe_server *s);
@@ -383,7 +377,7 @@ static void infer_finished(moe_server *s, conn_ctx *x)
 
 static void log_and_count(moe_server *s, conn_ctx *x)
 {
-    double dur = mono_now() - x->t_start;
+    double dur = clock_mono_s() - x->t_start;
     metrics_request(s->metrics, x->ep, x->resp_status, dur);
     if (s->cfg->quiet || (x->ep != EP_INFER && x->resp_status < 400)) return;
     log_request_fields f = {x->id[0] ? x->id : "-", x->method, x->path, NULL, x->resp_status, 0, 0, 0, 0, 0,
@@ -476,7 +470,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         if (!(x = calloc(1, sizeof *x))) return MHD_NO;
         x->srv = s;
         x->conn = c;
-        x->t_start = mono_now();
+        x->t_start = clock_mono_s();
         x->ep = endpoint_of(url);
         snprintf(x->method, sizeof x->method, "%s", method);
         size_t n;
@@ -637,14 +631,14 @@ static int preload(moe_server *s, int i, const moe_model *m)
                   "free memory; the first requests read them from disk", c->models[i].name, size / 1048576.0);
         return 0;
     }
-    double t0 = mono_now();
+    double t0 = clock_mono_s();
     for (int p = 0; p < m->n_parts; p++)
         for (size_t off = 0; off < gguf_file_size(m->parts[p]); off += PRELOAD_CHUNK) {
             if (atomic_load(&s->loader_cancel)) return -1;
             gguf_page_in(m->parts[p], off, PRELOAD_CHUNK);
         }
     log_event(c->log_fmt, "info", "model '%s': %.1f MiB of weights read in before ready in %.0f ms",
-              c->models[i].name, size / 1048576.0, (mono_now() - t0) * 1e3);
+              c->models[i].name, size / 1048576.0, (clock_mono_s() - t0) * 1e3);
     return 0;
 }
 
@@ -663,7 +657,7 @@ static void *loader_main(void *arg)
     }
     for (int i = 0; i < s->n_models && !atomic_load(&s->loader_cancel); i++) {
         char err[400];
-        double t0 = mono_now();
+        double t0 = clock_mono_s();
         moe_model *m;
         if (moe_model_load_opts(c->models[i].path, &(moe_load_opts){c->weights, c->projections}, &m, err,
                                 sizeof err)) {
@@ -688,7 +682,7 @@ static void *loader_main(void *arg)
             uv_async_send(&s->async);
             return NULL;
         }
-        double secs = mono_now() - t0;
+        double secs = clock_mono_s() - t0;
         const moe_hparams *hp = &m->weights.hp;
         const moe_engine *e = sched_engine(sc);
         metrics_model_loaded(s->metrics, i, hp->n_layer, hp->n_expert, moe_engine_kv_blocks_total(e),

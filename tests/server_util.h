@@ -21,15 +21,9 @@
 #include <time.h>
 
 #include "tests/testutil.h"
+#include "core/clock.h"
 
 #define DEADLINE_S 120.0  /* generous: sanitizer builds on a busy machine */
-
-static inline double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 static inline void nap(void) { usleep(5000); }  /* between polls of a condition */
 
@@ -73,8 +67,8 @@ static inline void server_start_env(server *s, const char *const *env, int want_
     }
     s->pid = pid;
     s->port = 0;
-    double t0 = now_s();
-    while (!s->port && now_s() - t0 < DEADLINE_S) {
+    double t0 = clock_mono_s();
+    while (!s->port && clock_mono_s() - t0 < DEADLINE_S) {
         FILE *f = fopen(s->log, "r");
         char line[1024];
         while (f && fgets(line, sizeof line, f)) {
@@ -88,7 +82,7 @@ static inline void server_start_env(server *s, const char *const *env, int want_
     }
     ck_assert_msg(s->port > 0, "moeserve did not log its port (log %s)", s->log);
     while (want_ready && http_status(s->port, "GET", "/ready") != 200) {
-        ck_assert_msg(now_s() - t0 < DEADLINE_S, "moeserve not ready in time (log %s)", s->log);
+        ck_assert_msg(clock_mono_s() - t0 < DEADLINE_S, "moeserve not ready in time (log %s)", s->log);
         nap();
     }
 }
@@ -98,9 +92,9 @@ static inline void server_start(server *s, const char *const *flags) { server_st
 /* Waits for the process; returns its exit status (or -1 on a signal/timeout). */
 static inline int server_wait(server *s)
 {
-    double t0 = now_s();
+    double t0 = clock_mono_s();
     int st;
-    while (now_s() - t0 < DEADLINE_S) {
+    while (clock_mono_s() - t0 < DEADLINE_S) {
         pid_t r = waitpid(s->pid, &st, WNOHANG);
         if (r == s->pid) return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
         nap();
@@ -291,9 +285,9 @@ static inline double metric(int port, const char *name, const char *labels, cons
 
 #define WAIT_FOR(cond, what)                                                             \
     do {                                                                                 \
-        double t0_ = now_s();                                                            \
+        double t0_ = clock_mono_s();                                                            \
         while (!(cond)) {                                                                \
-            ck_assert_msg(now_s() - t0_ < DEADLINE_S, "timed out waiting for %s", what); \
+            ck_assert_msg(clock_mono_s() - t0_ < DEADLINE_S, "timed out waiting for %s", what); \
             nap();                                                                       \
         }                                                                                \
     } while (0)

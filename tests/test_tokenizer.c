@@ -3,23 +3,16 @@
  * the Unicode tables. */
 #include <pthread.h>
 #include <stdint.h>
-#include <time.h>
 
 #include "models/gguf.h"
 #include "models/tokenizer.h"
 #include "models/unicode.h"
 #include "tests/testutil.h"
+#include "core/clock.h"
 
 static char err[512];
 
 /* ------------------------------------------------------------ helpers ---- */
-
-static double now_sec(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 static char *slurp(const char *path, size_t *n)
 {
@@ -536,9 +529,9 @@ static void encode_timed(const moe_tokenizer *t, const char *what, const char *s
 {
     int32_t *ids;
     size_t n_ids, len;
-    double t0 = now_sec();
+    double t0 = clock_mono_s();
     encode_ok(t, s, n, 0, &ids, &n_ids);
-    double dt = now_sec() - t0;
+    double dt = clock_mono_s() - t0;
     printf("  %-34s %8zu bytes -> %7zu tokens in %.3f s (%.1f MB/s)\n", what, n, n_ids, dt,
            n / (dt > 0 ? dt : 1e-9) / 1e6);
     char *text = decode_ok(t, ids, n_ids, 0, &len);

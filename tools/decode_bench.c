@@ -15,20 +15,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "cli/membw.h"
+#include "core/clock.h"
 #include "core/engine.h"
 #include "core/hugemem.h"
 #include "core/pool.h"
 #include "models/model_file.h"
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 int main(int argc, char **argv)
 {
@@ -106,7 +99,7 @@ int main(int argc, char **argv)
             printf(" [raw %5.1f]", membw_read_gbs(bw_pool, &rd, 1));
             double ph0[MOE_PHASE_COUNT], ph1[MOE_PHASE_COUNT];
             moe_engine_phase_seconds(e, ph0);
-            double t0 = now_s();
+            double t0 = clock_mono_s();
             for (int st = 0; st < steps; st++) {
                 for (int q = 0; q < B; q++) {
                     tok[q] = (q * 31 + st * 17 + 5) % hp->n_vocab;
@@ -118,7 +111,7 @@ int main(int argc, char **argv)
                     return 1;
                 }
             }
-            double tps = B * steps / (now_s() - t0);
+            double tps = B * steps / (clock_mono_s() - t0);
             if (tps > best) best = tps;
             moe_engine_phase_seconds(e, ph1);
             printf(" %6.1f (", tps);
