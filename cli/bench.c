@@ -232,10 +232,15 @@ static phase_flops forward_phase_flops(const moe_hparams *hp, double n_tokens, d
     return f;
 }
 
+static double phase_flops_sum(const phase_flops *f)
+{
+    return f->proj + f->attention + f->router + f->experts + f->logits;
+}
+
 static double forward_flops(const moe_hparams *hp, double n_tokens, double n_logits, double attn_pairs)
 {
     phase_flops f = forward_phase_flops(hp, n_tokens, n_logits, attn_pairs);
-    return f.proj + f.attention + f.router + f.experts + f.logits;
+    return phase_flops_sum(&f);
 }
 
 /* Bytes of a projection of `rows` outputs over k inputs as a step of n_tokens
@@ -458,12 +463,18 @@ typedef struct {
     double bound_tps;     /* roofline */
     double ratio;         /* bound time / actual time */
     double flops;         /* per step */
-    double attn_pairs;    /* (query, key) pairs attention scores per step */
+    phase_flops phase_fl; /* the same by phase */
     int mem_bound;        /* the bound is bandwidth (else the matmul peak) */
     decode_tally tally;   /* the steps: time, bytes, phases */
 } decode_round;
 
 static double max2(double a, double b) { return a > b ? a : b; }
+
+/* A roof's time: the bytes over the bandwidth or the FLOPs over the peak, the longer. */
+static double roof_s(double bytes, double flops, double gbs, double gflops)
+{
+    return max2(bytes / (gbs * 1e9), flops / (gflops * 1e9));
+}
 
 /* What a phase of the steps ran at, in G a second: its bytes or FLOPs over its seconds. */
 static double phase_rate(double amount, double secs) { return secs > 0 ? amount / secs / 1e9 : 0.0; }
@@ -477,24 +488,23 @@ static int decode_measure(bench_state *s, pool *p, bw_ctx *x, peak_ctx *pc, int 
     if (bench_decode(s, B, 64, steps, &probe, &r->tally, err, errlen)) return -1;
     const decode_tally *t = &r->tally;
     double ctx = 64 + (steps + 1) / 2.0;   /* mean positions attended per step */
-    r->attn_pairs = ctx * B;
-    r->flops = forward_flops(hp, B, B, r->attn_pairs);
+    const phase_flops *f = &r->phase_fl;
+    r->phase_fl = forward_phase_flops(hp, B, B, ctx * B);
+    r->flops = phase_flops_sum(f);
     /* The roofs are the best this host showed around and during the steps: the
      * peak measured before and after them, the read passes among them, and no
      * less than any phase of the steps ran at (a phase faster than its roof means
      * the host was faster than the measures caught, and a bound it beats bounds
      * nothing). */
-    phase_flops f = forward_phase_flops(hp, B, B, r->attn_pairs);
     const double *ph = t->phase;
     r->peak = max2(max2(peak_before, peak_measure(p, pc, quick)),
-                   max2(phase_rate(f.proj, ph[MOE_PHASE_PROJECTIONS]), phase_rate(f.logits, ph[MOE_PHASE_LOGITS])));
+                   max2(phase_rate(f->proj, ph[MOE_PHASE_PROJECTIONS]), phase_rate(f->logits, ph[MOE_PHASE_LOGITS])));
     r->bw = max2(max2(probe.sum / probe.n, phase_rate(t->ffn_bytes, ph[MOE_PHASE_EXPERTS])),
                  max2(phase_rate(t->proj_bytes, ph[MOE_PHASE_PROJECTIONS]), phase_rate(t->logit_bytes, ph[MOE_PHASE_LOGITS])));
     /* Roofline: a step takes at least its bytes over the bandwidth and at least
      * its FLOPs over the matmul peak; small batches hit the first, big ones the second. */
-    double per_step = t->secs / steps, mem_s = t->bytes / (r->bw * 1e9), flop_s = r->flops / (r->peak * 1e9);
-    double bound_step = mem_s > flop_s ? mem_s : flop_s;
-    r->mem_bound = mem_s >= flop_s;
+    double per_step = t->secs / steps, bound_step = roof_s(t->bytes, r->flops, r->bw, r->peak);
+    r->mem_bound = t->bytes / (r->bw * 1e9) >= r->flops / (r->peak * 1e9);
     r->tps = B / per_step;
     r->bound_tps = B / bound_step;
     r->ratio = bound_step / per_step;
@@ -530,25 +540,19 @@ static void rounds_print(const double *ratio, int n, const int *order)
     printf("\n");
 }
 
-static double roof_s(double bytes, double flops, double gbs, double gflops)
-{
-    double m = bytes / (gbs * 1e9), c = flops / (gflops * 1e9);
-    return m > c ? m : c;
-}
-
 /* The step's time if each phase ran at its own roof (its bytes over the read
  * bandwidth or its FLOPs over the matmul peak, whichever is longer), one phase
  * after another, as a layer's data dependencies order them here. The round's
  * bound lets the step's reads and FLOPs overlap across phases; this one does
  * not, so it says how much of the gap to that bound the phases' order alone
  * makes. */
-static double serial_roof_s(const moe_hparams *hp, int B, const decode_round *r)
+static double serial_roof_s(const moe_hparams *hp, const decode_round *r)
 {
     const decode_tally *t = &r->tally;
-    phase_flops f = forward_phase_flops(hp, B, B, r->attn_pairs);
-    return roof_s(t->proj_bytes, f.proj, r->bw, r->peak) + roof_s(t->kv_bytes, f.attention, r->bw, r->peak) +
-           roof_s(router_bytes(hp), f.router, r->bw, r->peak) + roof_s(t->ffn_bytes, f.experts, r->bw, r->peak) +
-           roof_s(t->logit_bytes, f.logits, r->bw, r->peak);
+    const phase_flops *f = &r->phase_fl;
+    return roof_s(t->proj_bytes, f->proj, r->bw, r->peak) + roof_s(t->kv_bytes, f->attention, r->bw, r->peak) +
+           roof_s(router_bytes(hp), f->router, r->bw, r->peak) + roof_s(t->ffn_bytes, f->experts, r->bw, r->peak) +
+           roof_s(t->logit_bytes, f->logits, r->bw, r->peak);
 }
 
 /* Where the printed round's steps went, phase by phase (moe_engine_phase_seconds),
@@ -558,22 +562,22 @@ static double serial_roof_s(const moe_hparams *hp, int B, const decode_round *r)
 static void phases_print(const moe_hparams *hp, int B, const decode_round *r)
 {
     const decode_tally *t = &r->tally;
-    phase_flops f = forward_phase_flops(hp, B, B, r->attn_pairs);
+    const phase_flops *f = &r->phase_fl;
     printf("         per step:");
     for (int i = 0; i < MOE_PHASE_COUNT; i++) {
         double ph = t->phase[i];
         printf("%s %s %.1f ms", i ? "," : "", moe_phase_name((moe_phase)i), ph * 1e3);
         if (ph <= 0) continue;
         if (i == MOE_PHASE_PROJECTIONS)
-            printf(" (%.0f GFLOP/s, %.1f GB/s)", f.proj / ph / 1e9, t->proj_bytes / ph / 1e9);
+            printf(" (%.0f GFLOP/s, %.1f GB/s)", phase_rate(f->proj, ph), phase_rate(t->proj_bytes, ph));
         else if (i == MOE_PHASE_LOGITS)
-            printf(" (%.0f GFLOP/s, %.1f GB/s)", f.logits / ph / 1e9, t->logit_bytes / ph / 1e9);
+            printf(" (%.0f GFLOP/s, %.1f GB/s)", phase_rate(f->logits, ph), phase_rate(t->logit_bytes, ph));
         else if (i == MOE_PHASE_EXPERTS)
-            printf(" (%.1f GB/s of %.0f MB)", t->ffn_bytes / ph / 1e9, t->ffn_bytes / 1e6);
+            printf(" (%.1f GB/s of %.0f MB)", phase_rate(t->ffn_bytes, ph), t->ffn_bytes / 1e6);
         else if (i == MOE_PHASE_ATTENTION)
-            printf(" (%.1f GB/s of KV cache)", t->kv_bytes / ph / 1e9);
+            printf(" (%.1f GB/s of KV cache)", phase_rate(t->kv_bytes, ph));
     }
-    double serial = serial_roof_s(hp, B, r), bound = B / r->bound_tps, step = B / r->tps;
+    double serial = serial_roof_s(hp, r), bound = B / r->bound_tps, step = B / r->tps;
     printf("\n         serial roof: %.1f ms/step (each phase at its own roof, in turn), %.1f%% of the bound; "
            "these steps %.1f%% of it\n", serial * 1e3, 100.0 * bound / serial, 100.0 * serial / step);
 }
