@@ -488,8 +488,8 @@ static int decode_measure(bench_state *s, pool *p, bw_ctx *x, peak_ctx *pc, int 
     if (bench_decode(s, B, 64, steps, &probe, &r->tally, err, errlen)) return -1;
     const decode_tally *t = &r->tally;
     double ctx = 64 + (steps + 1) / 2.0;   /* mean positions attended per step */
-    const phase_flops *f = &r->phase_fl;
     r->phase_fl = forward_phase_flops(hp, B, B, ctx * B);
+    const phase_flops *f = &r->phase_fl;
     r->flops = phase_flops_sum(f);
     /* The roofs are the best this host showed around and during the steps: the
      * peak measured before and after them, the read passes among them, and no

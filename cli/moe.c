@@ -338,10 +338,10 @@ static int gen_decode(const gen_opts *o, gen_state *g, int n_prompt, int *eos_hi
     tokenizer_stream_init(&ts);
     ts.n_fed = 1;  /* the output continues the prompt: keep its first leading space */
     *eos_hit = 0;
-    double t0 = (clock_mono_s() * 1e3), t_prefill = 0;
+    double t0 = clock_mono_s(), t_prefill = 0;   /* t_prefill, t_decode in ms */
     for (;;) {
         if (moe_engine_forward(g->engine, &b, g->logits, err, errlen)) goto done;
-        if (n == 0) t_prefill = (clock_mono_s() * 1e3) - t0;
+        if (n == 0) t_prefill = (clock_mono_s() - t0) * 1e3;
         if (n == o->n_predict) break;
         int32_t id = sampler_sample(g->smp, g->logits, g->ids, (size_t)(n_prompt + n));
         g->ids[n_prompt + n++] = id;
@@ -366,7 +366,7 @@ static int gen_decode(const gen_opts *o, gen_state *g, int n_prompt, int *eos_hi
         if (len > 0) fwrite(tail, 1, (size_t)len, stdout);
     }
     if (!o->json) putchar('\n');
-    double t_decode = (clock_mono_s() * 1e3) - t0 - t_prefill;
+    double t_decode = (clock_mono_s() - t0) * 1e3 - t_prefill;
     fprintf(stderr, "moe: prompt %d tokens in %.1f ms (%.1f tok/s), %d generated in %.1f ms (%.1f tok/s)\n",
             n_prompt, t_prefill, n_prompt / (t_prefill / 1e3 + 1e-9), n, t_decode,
             n > 1 ? (n - 1) / (t_decode / 1e3 + 1e-9) : 0.0);
@@ -451,12 +451,12 @@ static int tokenize_bench(const moe_tokenizer *t, const char *path, int flags,
     size_t n = 0;
     for (int r = 0; r < 3; r++) {
         int32_t *ids;
-        double t0 = (clock_mono_s() * 1e3);
+        double t0 = clock_mono_s();
         if (tokenizer_encode(t, text ? text : "", len, flags, &ids, &n, err, errlen)) {
             free(text);
             return -1;
         }
-        double dt = (clock_mono_s() * 1e3) - t0;
+        double dt = (clock_mono_s() - t0) * 1e3;
         free(ids);
         if (dt < best) best = dt;
     }

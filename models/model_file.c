@@ -741,7 +741,7 @@ int moe_model_load_mode(const char *path, gguf_load_mode mode, moe_model **out, 
 int moe_model_load_opts(const char *path, const moe_load_opts *o, moe_model **out, char *err, size_t errlen)
 {
     gguf_load_mode mode = o->weights;
-    double t0 = (clock_mono_s() * 1e3);
+    double t0 = clock_mono_s();
     *out = NULL;
     moe_model *m = calloc(1, sizeof *m);
     if (!m) return fail(err, errlen, "out of memory");
@@ -755,7 +755,7 @@ int moe_model_load_opts(const char *path, const moe_load_opts *o, moe_model **ou
         moe_model_free(m);
         return -1;
     }
-    m->load_ms = (clock_mono_s() * 1e3) - t0;
+    m->load_ms = (clock_mono_s() - t0) * 1e3;
     *out = m;
     return 0;
 }

@@ -18,10 +18,9 @@
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/wait.h>
-#include <time.h>
 
-#include "tests/testutil.h"
 #include "core/clock.h"
+#include "tests/testutil.h"
 
 #define DEADLINE_S 120.0  /* generous: sanitizer builds on a busy machine */
 
@@ -285,7 +284,7 @@ static inline double metric(int port, const char *name, const char *labels, cons
 
 #define WAIT_FOR(cond, what)                                                             \
     do {                                                                                 \
-        double t0_ = clock_mono_s();                                                            \
+        double t0_ = clock_mono_s();                                                     \
         while (!(cond)) {                                                                \
             ck_assert_msg(clock_mono_s() - t0_ < DEADLINE_S, "timed out waiting for %s", what); \
             nap();                                                                       \

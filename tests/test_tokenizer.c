@@ -4,11 +4,11 @@
 #include <pthread.h>
 #include <stdint.h>
 
+#include "core/clock.h"
 #include "models/gguf.h"
 #include "models/tokenizer.h"
 #include "models/unicode.h"
 #include "tests/testutil.h"
-#include "core/clock.h"
 
 static char err[512];
 
